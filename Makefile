@@ -1,0 +1,43 @@
+# fxopt developer commands. `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fxopt-installed
+PYTEST := $(PY) -m pytest
+# -n 2: the CI machine has two cores
+XDIST := -n 2 -p xdist
+
+.PHONY: venv demo test zoo fuzz slow bench lint wheel-check clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements-dev.txt
+	$(PY) -m pip install -e '.[dev]' -c requirements-dev.txt
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m fxopt.demo --out out/
+
+test: venv
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PYTEST) $(XDIST) -m "not zoo and not slow and not fuzz and not tensorrt" tests
+
+zoo: venv
+	$(PYTEST) -m zoo tests/zoo -v
+
+fuzz: venv
+	HYPOTHESIS_PROFILE=deep $(PYTEST) -m "fuzz or not (zoo or slow or tensorrt)" tests
+
+slow: venv
+	$(PYTEST) -m slow tests
+
+bench: venv
+	$(PY) bench/compile_time.py
+
+lint: venv
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info out
