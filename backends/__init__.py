@@ -1,1 +1,1 @@
-"""placeholder"""
+"""fxopt.backends: lowering of optimised graphs (ONNX export and verification, TensorRT plans)."""

@@ -1,1 +1,37 @@
-"""fxopt"""
+"""fxopt: a graph-rewriting model compiler over torch.fx for NVIDIA Jetson (Xavier first).
+
+    compiled = fxopt.compile(model, target="xavier", example_inputs=(x,))
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from fxopt.compiler import CompiledModel, compile, default_pipeline
+from fxopt.cost_model import CostSummary, NodeCost, estimate_costs
+from fxopt.errors import (
+    ExportError,
+    FxoptError,
+    InputError,
+    PassError,
+    PassOrderError,
+    PassRegistryError,
+    TargetError,
+    TraceError,
+    VerificationError,
+)
+from fxopt.pass_base import CompileContext, FxoptPass, PassResult, current_context
+from fxopt.pass_manager import PassManager, PassRecord
+from fxopt.registry import create_pass, pass_names, register_pass
+from fxopt.report import CompileReport
+from fxopt.targets import TargetProfile, get_target, register_target, target_names
+from fxopt.tracing import Leaf, leaves_of, trace
+
+__all__ = [
+    "CompileContext", "CompileReport", "CompiledModel", "CostSummary", "ExportError", "FxoptError",
+    "FxoptPass", "InputError", "Leaf", "NodeCost", "PassError", "PassManager", "PassOrderError",
+    "PassRecord", "PassRegistryError", "PassResult", "TargetError", "TargetProfile", "TraceError",
+    "VerificationError", "compile", "create_pass", "current_context", "default_pipeline",
+    "estimate_costs", "get_target", "leaves_of", "pass_names", "register_pass", "register_target",
+    "target_names", "trace", "__version__",
+]

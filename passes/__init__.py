@@ -1,1 +1,6 @@
-"""placeholder"""
+"""fxopt.passes: one module per transformation; importing this package registers them all."""
+
+from fxopt.passes.canonicalize import Canonicalize, EliminateDeadCode
+from fxopt.passes.fold_batchnorm import FoldBatchNorm
+
+__all__ = ["Canonicalize", "EliminateDeadCode", "FoldBatchNorm"]

@@ -1,0 +1,201 @@
+"""ONNX lowering: export at the target's opset, clean up with onnx-graphsurgeon, check, verify in ORT.
+
+The TorchScript-based exporter is used on purpose: the torch.export-based one writes opset 18
+and cannot always convert down, while TensorRT 8.5 (Xavier) parses opsets up to 17.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch.utils import _pytree as pytree
+
+from fxopt.errors import ExportError, VerificationError
+from fxopt.numerics import compare_outputs, flatten_outputs, run_model
+from fxopt.targets import TargetProfile, get_target
+
+__all__ = ["OnnxExport", "export_onnx", "verify_onnx", "lower", "opset_of"]
+
+# ONNX Runtime on CPU vs torch on CPU, fp32: max_abs <= ATOL + RTOL * max|reference|.
+ATOL, RTOL = 1e-4, 1e-4
+
+
+@dataclass
+class OnnxExport:
+    """An exported, checked and verified ONNX model."""
+
+    model: onnx.ModelProto
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    node_count: int = 0
+
+    def serialized(self) -> bytes:
+        return self.model.SerializeToString()
+
+    def op_types(self) -> set[str]:
+        return {n.op_type for n in self.model.graph.node}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "opset": self.opset,
+            "inputs": self.input_names,
+            "outputs": self.output_names,
+            "nodes": self.node_count,
+            "max_abs_error_vs_torch": self.max_abs_error,
+            "max_rel_error_vs_torch": self.max_rel_error,
+            "op_types": sorted(self.op_types()),
+        }
+
+
+def _output_names(outputs: Any) -> list[str]:
+    # a lone tensor is "output"; pytree paths name the rest: dict keys as they are, indices as output_<i>
+    names: list[str] = []
+    for path, leaf in pytree.tree_flatten_with_path(outputs)[0]:
+        if isinstance(leaf, torch.Tensor):
+            parts = [re.sub(r"\W+", "", str(getattr(k, "key", getattr(k, "idx", k)))) for k in path]
+            name = "_".join(parts) or "output"
+            names.append(f"output_{name}" if name[0].isdigit() else name)
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain opset a model imports."""
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    opset: int = 17,
+    cleanup: bool = True,
+) -> OnnxExport:
+    """Export `module` to an in-memory ONNX model at `opset`, cleaned and checked.
+
+    Args:
+        module: the module or graph module to export (evaluated in its current mode).
+        example_inputs: positional tensors; their shapes become the model's static shapes.
+        opset: the default-domain opset to write.
+        cleanup: fold constants and drop unused nodes with onnx-graphsurgeon.
+
+    Returns:
+        An `OnnxExport` (not yet verified: see `verify_onnx`).
+
+    Raises:
+        ExportError: the exporter failed, wrote another opset, or the checker rejected the file.
+    """
+    outputs = run_model(module, example_inputs)
+    input_names = [f"input_{i}" for i in range(len(example_inputs))] if len(example_inputs) > 1 else ["input"]
+    output_names = _output_names(outputs)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                tuple(example_inputs),
+                buffer,
+                opset_version=opset,
+                input_names=input_names,
+                output_names=output_names,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except Exception as exc:
+        raise ExportError(f"ONNX export at opset {opset} failed: {type(exc).__name__}: {exc}") from exc
+    model = onnx.load_from_string(buffer.getvalue())
+    if cleanup:
+        model = _cleanup(model)
+    written = opset_of(model)
+    if written > opset:
+        raise ExportError(f"the exporter wrote opset {written}, above the requested {opset}")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
+    graph_inputs = [i.name for i in model.graph.input]
+    return OnnxExport(model, written, graph_inputs, [o.name for o in model.graph.output], node_count=len(model.graph.node))
+
+
+def _cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    try:
+        graph.fold_constants()
+    except Exception as exc:  # noqa: BLE001 - folding is an optimisation; the unfolded graph is valid
+        warnings.warn(f"onnx-graphsurgeon constant folding skipped: {exc}", stacklevel=2)
+    graph.cleanup().toposort()
+    cleaned = gs.export_onnx(graph)
+    cleaned.ir_version = model.ir_version
+    del cleaned.opset_import[:]
+    cleaned.opset_import.extend(model.opset_import)
+    return cleaned
+
+
+def _session(model: onnx.ModelProto) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(exported: OnnxExport, example_inputs: tuple[Any, ...]) -> list[np.ndarray]:
+    """Run an exported model in ONNX Runtime (CPU) on tensors; returns its outputs."""
+    session = _session(exported.model)
+    feed_names = [i.name for i in session.get_inputs()]
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    feed = {name: t.detach().cpu().numpy() for name, t in zip(feed_names, tensors)}
+    return session.run(None, feed)
+
+
+def verify_onnx(
+    exported: OnnxExport,
+    module: torch.nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+) -> OnnxExport:
+    """Run the ONNX model in ONNX Runtime and compare with `module` on the same inputs.
+
+    Raises:
+        VerificationError: outputs differ beyond ``atol + rtol * max|reference|``, or ORT fails.
+    """
+    try:
+        ort_outputs = run_onnx(exported, example_inputs)
+    except Exception as exc:
+        raise VerificationError(f"ONNX Runtime cannot run the exported model: {exc}") from exc
+    reference = flatten_outputs(run_model(module, example_inputs))
+    deviation = compare_outputs([torch.from_numpy(np.asarray(o)) for o in ort_outputs], reference)
+    exported.max_abs_error, exported.max_rel_error = deviation.max_abs, deviation.max_rel
+    if not deviation.within(atol, rtol):
+        raise VerificationError(
+            f"ONNX Runtime output differs from torch: max abs error {deviation.max_abs:.3g} "
+            f"(allowed {atol:g} + {rtol:g} x {deviation.reference_scale:.3g}) {deviation.detail}"
+        )
+    return exported
+
+
+def lower(
+    module: torch.nn.Module,
+    example_inputs: tuple[Any, ...],
+    target: str | TargetProfile,
+    *,
+    verify: bool = True,
+) -> OnnxExport:
+    """Export at the target's highest opset and verify in ONNX Runtime."""
+    profile = get_target(target)
+    exported = export_onnx(module, example_inputs, opset=profile.max_onnx_opset)
+    return verify_onnx(exported, module, example_inputs) if verify else exported

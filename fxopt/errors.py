@@ -1,0 +1,54 @@
+"""The errors fxopt raises for anything a user can cause; each says what, where and what to do."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class FxoptError(Exception):
+    """Base class of every error a user of fxopt can cause."""
+
+
+class InputError(FxoptError):
+    """Bad arguments: example inputs, options, file paths."""
+
+
+class TraceError(FxoptError):
+    """The model cannot be symbolically traced, even with automatic leaves."""
+
+    def __init__(self, message: str, *, module_path: str = "", source_line: str = "") -> None:
+        self.module_path = module_path
+        self.source_line = source_line
+        where = f" in module '{module_path or '<root>'}'" if module_path or source_line else ""
+        line = f"\n  at: {source_line}" if source_line else ""
+        super().__init__(f"cannot trace model{where}: {message}{line}")
+
+
+class TargetError(FxoptError):
+    """An unknown target, or a target that cannot run what was asked."""
+
+
+class PassError(FxoptError):
+    """A pass raised or broke its contract; carries the pass name and the passes before it."""
+
+    def __init__(self, pass_name: str, message: str, *, ran_before: Sequence[str] = ()) -> None:
+        self.pass_name = pass_name
+        self.ran_before = tuple(ran_before)
+        before = ", ".join(self.ran_before) or "none"
+        super().__init__(f"pass '{pass_name}' failed: {message} (passes run before it: {before})")
+
+
+class PassOrderError(FxoptError):
+    """Pass ordering constraints cannot be met (a cycle, or an unknown pass name)."""
+
+
+class PassRegistryError(FxoptError):
+    """An unknown pass name, or a name registered twice."""
+
+
+class ExportError(FxoptError):
+    """Lowering to ONNX (or TensorRT) failed."""
+
+
+class VerificationError(FxoptError):
+    """A lowered model does not reproduce the torch graph within tolerance."""

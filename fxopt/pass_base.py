@@ -1,0 +1,136 @@
+"""The pass contract: a torch.fx `PassBase` with a name, a lossy flag and ordering constraints.
+
+A pass reads what the compile run knows (target, example inputs, calibration data) from
+`current_context()`, which the pass manager sets while the pass runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import torch
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxopt.errors import FxoptError
+from fxopt.targets import TargetProfile, get_target
+
+__all__ = ["CompileContext", "FxoptPass", "PassResult", "current_context", "use_context"]
+
+
+@dataclass(frozen=True)
+class CompileContext:
+    """What one compile run knows, shared read-only by its passes.
+
+    Args:
+        target: the target being compiled for.
+        example_inputs: positional inputs the model is traced and checked on.
+        precision: the precision the model will run at on the target.
+        options: data passes may need, e.g. ``calib_data`` (a list of input tuples),
+            ``train_data``; unknown keys are kept for user passes.
+    """
+
+    target: TargetProfile
+    example_inputs: tuple[Any, ...]
+    precision: str
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def create(
+        cls,
+        target: str | TargetProfile = "cpu",
+        example_inputs: tuple[Any, ...] = (),
+        precision: str | None = None,
+        **options: Any,
+    ) -> CompileContext:
+        """Build a context from a target name and keyword options."""
+        profile = get_target(target)
+        return cls(
+            target=profile,
+            example_inputs=tuple(example_inputs),
+            precision=precision or profile.default_precision,
+            options=MappingProxyType(dict(options)),
+        )
+
+
+_CONTEXT: contextvars.ContextVar[CompileContext | None] = contextvars.ContextVar(
+    "fxopt_compile_context", default=None
+)
+
+
+def current_context() -> CompileContext:
+    """The context of the compile run in progress.
+
+    Outside a run (e.g. a pass called from torch's own pass manager) this is a default
+    context for the ``cpu`` target with no example inputs.
+    """
+    ctx = _CONTEXT.get()
+    return ctx if ctx is not None else CompileContext.create("cpu")
+
+
+@contextlib.contextmanager
+def use_context(ctx: CompileContext) -> Iterator[CompileContext]:
+    """Make `ctx` the current context for the duration of a ``with`` block."""
+    token = _CONTEXT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CONTEXT.reset(token)
+
+
+class FxoptPass(PassBase):
+    """Base class of fxopt passes.
+
+    Subclasses set the class attributes and implement ``call(gm) -> PassResult``; ``modified``
+    must be true only when the graph changed.
+
+    Attributes:
+        name: the registry name, used in ordering constraints and reports.
+        lossy: whether the pass may change the model's function (pruning, quantisation).
+        after: names of passes that must run before this one when both are in a pipeline.
+        before: names of passes that must run after this one when both are in a pipeline.
+
+    Example:
+        >>> import torch
+        >>> class CountNodes(FxoptPass):
+        ...     name = "count_nodes"
+        ...     def call(self, gm):
+        ...         self.count = len(gm.graph.nodes)
+        ...         return PassResult(gm, False)
+        >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
+        >>> CountNodes()(gm).modified
+        False
+    """
+
+    name: ClassVar[str] = ""
+    lossy: ClassVar[bool] = False
+    after: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
+
+    def options(self) -> dict[str, Any]:
+        """The pass's settings, recorded in the report and manifest (override when configurable)."""
+        return {}
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__}.call")
+
+
+def pass_name(p: Any) -> str:
+    """The report name of any pass: fxopt passes have `name`; plain callables their own name."""
+    name = getattr(p, "name", "") or ""
+    if isinstance(name, str) and name:
+        return name
+    return getattr(p, "__name__", type(p).__name__)
+
+
+def pass_attr(p: Any, attr: str, default: Any) -> Any:
+    """An fxopt pass attribute with a default for plain torch.fx passes."""
+    return getattr(p, attr, default)
+
+
+class PassContractError(FxoptError):
+    """A pass returned something other than a `PassResult` / GraphModule."""

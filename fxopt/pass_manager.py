@@ -1,0 +1,269 @@
+"""The pass manager: orders passes from their constraints, runs each on a copy, and verifies it.
+
+After every pass it lints and recompiles the graph, re-propagates shapes and checks numerics on
+the example inputs. A pass that raises or breaks its contract is rolled back and reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fxopt.cost_model import estimate_costs
+from fxopt.errors import PassError, PassOrderError
+from fxopt.numerics import TOLERANCES, compare_outputs, output_signature, run_model
+from fxopt.pass_base import CompileContext, pass_attr, pass_name, use_context
+from fxopt.registry import create_pass
+from fxopt.tracing import propagate_shapes
+
+__all__ = ["PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
+
+PassLike = Any  # an FxoptPass, a torch.fx PassBase, or a callable gm -> PassResult | GraphModule
+
+
+@dataclass(frozen=True)
+class GraphStats:
+    """Size of a graph at one point of the pipeline."""
+
+    nodes: int
+    params: int
+    flops: int
+    latency_ms: float
+
+    @classmethod
+    def of(cls, gm: GraphModule, context: CompileContext) -> GraphStats:
+        cost = estimate_costs(gm, context.target, context.precision)
+        return cls(len(gm.graph.nodes), cost.params, cost.flops, cost.latency_s * 1e3)
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """What happened when one pass ran.
+
+    Attributes:
+        status: ``applied`` (graph changed, checks passed), ``unchanged`` (pass made no change),
+            ``rolled_back`` (raised or failed a check; the graph before it was kept).
+    """
+
+    name: str
+    lossy: bool
+    status: str
+    options: dict[str, Any]
+    reason: str = ""
+    time_s: float = 0.0
+    before: GraphStats | None = None
+    after: GraphStats | None = None
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("before", "after")}
+        out["before"] = self.before.__dict__ if self.before else None
+        out["after"] = self.after.__dict__ if self.after else None
+        return out
+
+
+@dataclass
+class PipelineResult:
+    """The final graph module and one record per pass, in run order."""
+
+    graph_module: GraphModule
+    records: list[PassRecord] = field(default_factory=list)
+
+
+def resolve_passes(passes: Sequence[PassLike | str]) -> list[PassLike]:
+    """Turn registered names into fresh pass instances; pass objects are kept as they are."""
+    return [create_pass(p) if isinstance(p, str) else p for p in passes]
+
+
+def order_passes(passes: Sequence[PassLike]) -> list[PassLike]:
+    """Order passes so every `after`/`before` constraint holds, otherwise keeping list order.
+
+    Constraints naming a pass that is not in the list are ignored.
+
+    Raises:
+        PassOrderError: the constraints form a cycle (the message names it).
+    """
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(len(passes)))
+    by_name: dict[str, list[int]] = {}
+    for i, p in enumerate(passes):
+        by_name.setdefault(pass_name(p), []).append(i)
+    for i, p in enumerate(passes):
+        for other in pass_attr(p, "after", ()):
+            graph.add_edges_from((j, i) for j in by_name.get(other, ()) if j != i)
+        for other in pass_attr(p, "before", ()):
+            graph.add_edges_from((i, j) for j in by_name.get(other, ()) if j != i)
+    try:
+        cycle = nx.find_cycle(graph)
+    except nx.NetworkXNoCycle:
+        return [passes[i] for i in nx.lexicographical_topological_sort(graph, key=lambda i: i)]
+    names = [pass_name(passes[a]) for a, _ in cycle] + [pass_name(passes[cycle[0][0]])]
+    raise PassOrderError(f"pass ordering constraints form a cycle: {' -> '.join(names)}")
+
+
+def _as_result(out: Any, fallback: GraphModule) -> PassResult:
+    if isinstance(out, PassResult):
+        return out
+    if isinstance(out, GraphModule):
+        return PassResult(out, True)
+    if out is None:  # torch-style in-place function pass
+        return PassResult(fallback, True)
+    raise TypeError(f"a pass must return PassResult or GraphModule, got {type(out).__name__}")
+
+
+class PassManager:
+    """Runs passes in constraint order, each verified, with rollback on failure.
+
+    Args:
+        passes: pass instances, registered names, or callables ``gm -> PassResult``.
+        strict: raise `PassError` on the first failed pass instead of rolling back and going on.
+        check_numerics: compare outputs after each pass (on by default; the contract needs it).
+        progress: show a progress bar on stderr.
+
+    Example:
+        >>> import torch, fxopt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(), torch.nn.ReLU())
+        >>> x = (torch.randn(2, 4),)
+        >>> ctx = fxopt.CompileContext.create("cpu", x)
+        >>> result = PassManager(["canonicalize"]).run(fxopt.trace(model, x), ctx)
+        >>> [r.status for r in result.records]
+        ['applied']
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[PassLike | str],
+        *,
+        strict: bool = False,
+        check_numerics: bool = True,
+        progress: bool = False,
+    ) -> None:
+        self.passes = order_passes(resolve_passes(passes))
+        self.strict = strict
+        self.check_numerics = check_numerics
+        self.progress = progress
+
+    @property
+    def names(self) -> list[str]:
+        """Pass names in run order."""
+        return [pass_name(p) for p in self.passes]
+
+    def run(self, gm: GraphModule, context: CompileContext) -> PipelineResult:
+        """Run the pipeline on a copy of `gm`; `gm` itself is left intact."""
+        inputs = context.example_inputs
+        current = gm
+        reference = run_model(current, inputs) if inputs else None
+        stats = GraphStats.of(current, context)
+        result = PipelineResult(current)
+        iterator: Any = self.passes
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(self.passes, desc="passes", unit="pass", leave=False)
+        for p in iterator:
+            if self.progress:
+                iterator.set_postfix_str(pass_name(p))
+            record, current, reference, stats = self._run_one(p, current, reference, stats, context, result)
+            result.records.append(record)
+        result.graph_module = current
+        return result
+
+    def _run_one(
+        self,
+        p: PassLike,
+        gm: GraphModule,
+        reference: Any,
+        stats: GraphStats,
+        context: CompileContext,
+        result: PipelineResult,
+    ) -> tuple[PassRecord, GraphModule, Any, GraphStats]:
+        name, lossy = pass_name(p), bool(pass_attr(p, "lossy", False))
+        options = p.options() if hasattr(p, "options") else {}
+        base = {"name": name, "lossy": lossy, "options": options, "before": stats}
+        start = time.perf_counter()
+        candidate = _copy_graph_module(gm)
+        try:
+            with use_context(context):
+                res = _as_result(p(candidate), candidate)
+            new_gm = res.graph_module
+            if not res.modified:
+                if new_gm.code != gm.code:
+                    raise _ContractBroken("returned modified=False but changed the graph")
+                return PassRecord(**base, status="unchanged", time_s=time.perf_counter() - start, after=stats), gm, reference, stats
+            _carry_meta(gm, new_gm)
+            new_gm.graph.lint()
+            new_gm.recompile()
+            if context.example_inputs:
+                propagate_shapes(new_gm, context.example_inputs)
+            outputs, deviation = reference, None
+            if self.check_numerics and reference is not None:
+                outputs = run_model(new_gm, context.example_inputs)
+                deviation = compare_outputs(outputs, reference)
+                _check_deviation(deviation, lossy, outputs, reference)
+            new_stats = GraphStats.of(new_gm, context)
+        except Exception as exc:  # noqa: BLE001 - every pass failure is reported, then rolled back or raised
+            reason = str(exc) if isinstance(exc, _ContractBroken) else f"{type(exc).__name__}: {exc}"
+            if self.strict:
+                ran = [r.name for r in result.records if r.status == "applied"]
+                raise PassError(name, reason, ran_before=ran) from exc
+            record = PassRecord(**base, status="rolled_back", reason=reason, time_s=time.perf_counter() - start, after=stats)
+            return record, gm, reference, stats
+        record = PassRecord(
+            **base,
+            status="applied",
+            time_s=time.perf_counter() - start,
+            after=new_stats,
+            max_abs_error=deviation.max_abs if deviation else 0.0,
+            max_rel_error=deviation.max_rel if deviation else 0.0,
+        )
+        return record, new_gm, outputs, new_stats
+
+
+class _ContractBroken(Exception):
+    """A pass broke the pass contract (its reason goes into the report verbatim)."""
+
+
+def _check_deviation(deviation: Any, lossy: bool, outputs: Any, reference: Any) -> None:
+    atol, rtol = TOLERANCES["fp32"]
+    if output_signature(outputs) != output_signature(reference):
+        raise _ContractBroken(
+            f"changed the outputs' shapes/dtypes: {output_signature(reference)} -> {output_signature(outputs)}"
+        )
+    if not lossy and not deviation.within(atol, rtol):
+        raise _ContractBroken(
+            f"declares lossy=False but changed the outputs: max abs error {deviation.max_abs:.3g} "
+            f"> {atol:g} + {rtol:g} x {deviation.reference_scale:.3g}"
+        )
+
+
+def _copy_graph_module(gm: GraphModule) -> GraphModule:
+    new = copy.deepcopy(gm)
+    _carry_meta(gm, new)
+    return new
+
+
+def _carry_meta(src: GraphModule, dst: GraphModule) -> None:
+    for key, value in getattr(src, "meta", {}).items():
+        dst.meta.setdefault(key, value)
+
+
+def function_pass(fn: Callable[[GraphModule], Any], name: str, *, lossy: bool = False) -> Any:
+    """Wrap a plain function ``gm -> PassResult | GraphModule | None`` as a named pass."""
+
+    class _FunctionPass:
+        def __call__(self, gm: GraphModule) -> Any:
+            return fn(gm)
+
+    p = _FunctionPass()
+    p.name, p.lossy = name, lossy  # type: ignore[attr-defined]
+    return p
+
+

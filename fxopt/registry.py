@@ -1,0 +1,79 @@
+"""The pass registry: names the CLI, pipelines and targets look passes up by."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, TypeVar
+
+from fxopt.errors import PassRegistryError
+from fxopt.pass_base import FxoptPass
+
+_PASSES: dict[str, type[FxoptPass]] = {}
+_BUILTINS_LOADED = False
+P = TypeVar("P", bound=type[FxoptPass])
+
+
+def register_pass(cls: P) -> P:
+    """Class decorator that registers an `FxoptPass` subclass under its ``name``.
+
+    Example:
+        >>> from fxopt.pass_base import FxoptPass, PassResult
+        >>> @register_pass
+        ... class MyNoOp(FxoptPass):
+        ...     name = "doc_example_noop"
+        ...     def call(self, gm):
+        ...         return PassResult(gm, False)
+        >>> "doc_example_noop" in pass_names()
+        True
+    """
+    if not (isinstance(cls, type) and issubclass(cls, FxoptPass)):
+        raise PassRegistryError(f"register_pass expects an FxoptPass subclass, got {cls!r}")
+    if not cls.name:
+        raise PassRegistryError(f"{cls.__qualname__} has no `name`; set a class attribute name = '...'")
+    existing = _PASSES.get(cls.name)
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise PassRegistryError(
+            f"pass name '{cls.name}' is taken by {existing.__module__}.{existing.__qualname__}"
+        )
+    _PASSES[cls.name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    # Importing fxopt.passes registers the built-in passes; the core names none of them.
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        importlib.import_module("fxopt.passes")
+
+
+def pass_class(name: str) -> type[FxoptPass]:
+    """The registered class for `name`; raises `PassRegistryError` listing the known names."""
+    _load_builtins()
+    try:
+        return _PASSES[name]
+    except KeyError:
+        raise PassRegistryError(
+            f"unknown pass '{name}'; registered passes: {', '.join(sorted(_PASSES))}"
+        ) from None
+
+
+def create_pass(name: str, **options: Any) -> FxoptPass:
+    """A fresh instance of the pass registered as `name`, built with `options`."""
+    cls = pass_class(name)
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise PassRegistryError(f"bad options for pass '{name}': {exc}") from exc
+
+
+def pass_names() -> list[str]:
+    """Names of all registered passes, sorted."""
+    _load_builtins()
+    return sorted(_PASSES)
+
+
+def registered_passes() -> dict[str, type[FxoptPass]]:
+    """A copy of the registry (name -> class)."""
+    _load_builtins()
+    return dict(_PASSES)

@@ -1,0 +1,159 @@
+"""Compile reports: per-pass and per-layer figures as terminal text, Markdown and JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.fx import GraphModule
+
+from fxopt.cost_model import CostSummary
+from fxopt.pass_manager import PassRecord
+from fxopt.tracing import Leaf
+
+__all__ = ["CompileReport", "LayerRow", "layer_rows"]
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One computing node of the final graph."""
+
+    node: str
+    op: str
+    kind: str
+    params: int
+    flops: int
+    latency_ms: float
+    precision: str
+    placement: str = ""
+
+
+def layer_rows(gm: GraphModule, cost: CostSummary, placement: dict[str, str] | None = None) -> list[LayerRow]:
+    """Rows for every node that computes something (views and I/O are left out)."""
+    rows = []
+    for node in gm.graph.nodes:
+        c = cost.per_node.get(node.name)
+        if c is None or c.kind == "view":
+            continue
+        if node.op == "call_module":
+            op = type(gm.get_submodule(str(node.target))).__name__
+        else:
+            op = getattr(node.target, "__name__", str(node.target))
+        rows.append(LayerRow(node.name, op, c.kind, c.params, c.flops, c.latency_s * 1e3, cost.precision, (placement or {}).get(node.name, "")))
+    return rows
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _change(before: float, after: float) -> str:
+    return "" if before == 0 else f" ({(after - before) / before * 100:+.1f}%)"
+
+
+@dataclass
+class CompileReport:
+    """What one `fxopt.compile` run did and measured."""
+
+    model: str
+    target: str
+    precision: str
+    pipeline: list[str]
+    passes: list[PassRecord]
+    leaves: list[Leaf]
+    cost_before: CostSummary
+    cost_after: CostSummary
+    layers: list[LayerRow]
+    onnx: dict[str, Any] | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data (what report.json holds)."""
+        return {
+            "model": self.model,
+            "target": self.target,
+            "precision": self.precision,
+            "pipeline": self.pipeline,
+            "passes": [r.to_dict() for r in self.passes],
+            "leaves": [leaf.__dict__ for leaf in self.leaves],
+            "cost_before": self.cost_before.to_dict(),
+            "cost_after": self.cost_after.to_dict(),
+            "layers": [row.__dict__ for row in self.layers],
+            "onnx": self.onnx,
+            "timings_s": self.timings_s,
+            "notes": self.notes,
+            "extras": self.extras,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def _summary_lines(self) -> list[str]:
+        b, a = self.cost_before, self.cost_after
+        return [
+            f"params  {_si(b.params)} -> {_si(a.params)}{_change(b.params, a.params)}",
+            f"FLOPs   {_si(b.flops)} -> {_si(a.flops)}{_change(b.flops, a.flops)}",
+            f"est. {self.target} latency ({self.precision}, roofline)  "
+            f"{b.latency_s * 1e3:.3f} ms -> {a.latency_s * 1e3:.3f} ms{_change(b.latency_s, a.latency_s)}",
+        ]
+
+    def _pass_rows(self) -> list[list[str]]:
+        rows = []
+        for r in self.passes:
+            nodes = f"{r.before.nodes}->{r.after.nodes}" if r.before and r.after else ""
+            err = f"{r.max_abs_error:.2g}" if r.status == "applied" else ""
+            rows.append([r.name, r.status, "yes" if r.lossy else "no", nodes, err, f"{r.time_s * 1e3:.1f}", r.reason])
+        return rows
+
+    def __str__(self) -> str:
+        lines = [f"fxopt: {self.model} for {self.target} ({self.precision})", ""]
+        lines += self._summary_lines()
+        lines += ["", "passes:"]
+        for name, status, lossy, nodes, err, ms, reason in self._pass_rows():
+            extra = f"  max|err| {err}" if err else ""
+            why = f"  -- {reason}" if reason else ""
+            lines.append(f"  {name:<22} {status:<12} nodes {nodes:<10} {ms:>8} ms{extra}{why}")
+        if self.leaves:
+            lines += ["", "leaf modules (kept opaque):"]
+            lines += [f"  {leaf.path} ({leaf.module_type}): {leaf.reason}" for leaf in self.leaves]
+        if self.onnx:
+            err = self.onnx.get("max_abs_error_vs_torch")
+            verified = f", ONNX Runtime max|err| vs torch {err:.2g}" if err is not None else ""
+            lines += ["", f"onnx: opset {self.onnx['opset']}, {self.onnx['nodes']} nodes{verified}"]
+        top = sorted(self.layers, key=lambda r: -r.latency_ms)[:8]
+        if top:
+            lines += ["", "slowest layers (estimated):"]
+            for row in top:
+                where = f" [{row.placement}]" if row.placement else ""
+                lines.append(f"  {row.node:<28} {row.op:<16} {_si(row.flops):>8} FLOPs {row.latency_ms:8.4f} ms{where}")
+        if self.notes:
+            lines += ["", *[f"note: {n}" for n in self.notes]]
+        if self.timings_s:
+            lines += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings_s.items())]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        """The report as Markdown (what report.md holds)."""
+        out = [f"# fxopt report: {self.model} for `{self.target}` ({self.precision})", ""]
+        out += [f"- {line}" for line in self._summary_lines()]
+        out += ["", "## Passes", "", "| pass | status | lossy | nodes | max abs err | ms | reason |", "|---|---|---|---|---|---|---|"]
+        out += ["| " + " | ".join(row) + " |" for row in self._pass_rows()]
+        if self.leaves:
+            out += ["", "## Leaf modules", "", "| module | type | reason |", "|---|---|---|"]
+            out += [f"| `{leaf.path}` | {leaf.module_type} | {leaf.reason} |" for leaf in self.leaves]
+        if self.onnx:
+            out += ["", "## ONNX", ""] + [f"- {k}: {v}" for k, v in self.onnx.items()]
+        out += ["", "## Layers", "", "| node | op | kind | params | FLOPs | est. ms | precision | placement |", "|---|---|---|---|---|---|---|---|"]
+        out += [
+            f"| {r.node} | {r.op} | {r.kind} | {r.params} | {r.flops} | {r.latency_ms:.4f} | {r.precision} | {r.placement} |"
+            for r in self.layers
+        ]
+        if self.notes:
+            out += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
+        return "\n".join(out) + "\n"
