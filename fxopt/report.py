@@ -115,7 +115,7 @@ class CompileReport:
         lines = [f"fxopt: {self.model} for {self.target} ({self.precision})", ""]
         lines += self._summary_lines()
         lines += ["", "passes:"]
-        for name, status, lossy, nodes, err, ms, reason in self._pass_rows():
+        for name, status, _lossy, nodes, err, ms, reason in self._pass_rows():
             extra = f"  max|err| {err}" if err else ""
             why = f"  -- {reason}" if reason else ""
             lines.append(f"  {name:<22} {status:<12} nodes {nodes:<10} {ms:>8} ms{extra}{why}")
