@@ -1,0 +1,7 @@
+"""`python -m fxopt` runs the command line."""
+
+import sys
+
+from fxopt.cli import main
+
+sys.exit(main())
