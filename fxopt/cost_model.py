@@ -172,12 +172,16 @@ def _matmul_flops(node: Node) -> int:
     return 2 * out_numel * k
 
 
+def _has_bias(node: Node) -> bool:
+    return isinstance(node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"), Node)
+
+
 def _linear_fn_flops(node: Node) -> int:
     w = _shape(node.args[1]) if len(node.args) > 1 else _shape(node.kwargs.get("weight"))
     out = _shape(node)
     if w is None or out is None:
         return 0
-    return 2 * math.prod(out) * w[-1]
+    return (2 * w[-1] + _has_bias(node)) * math.prod(out)
 
 
 def _sdpa_flops(node: Node) -> int:
@@ -193,7 +197,7 @@ def _conv_fn_flops(node: Node) -> int:
     out = _shape(node)
     if w is None or out is None:
         return 0
-    return 2 * math.prod(out) * math.prod(w[1:])
+    return (2 * math.prod(w[1:]) + _has_bias(node)) * math.prod(out)
 
 
 _VIEW_FUNCTIONS: set[object] = {
