@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the random example inputs")
     c.add_argument("-o", "--output", default="out", help="output folder")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     c.set_defaults(func=_cmd_compile)
     sub.add_parser("targets", help="list targets").set_defaults(func=_cmd_targets)
     sub.add_parser("passes", help="list registered passes").set_defaults(func=_cmd_passes)

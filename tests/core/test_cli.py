@@ -1,0 +1,70 @@
+"""The fxopt command line, run end to end in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fxopt.cli import parse_shape
+from fxopt.errors import InputError
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "fxopt", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture()
+def factory_dir(tmp_path):
+    (tmp_path / "my_models.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def small_net():
+            return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+
+        def two_inputs():
+            class M(nn.Module):
+                def forward(self, a, b):
+                    return a * 2 + b
+            return M()
+    """))
+    return tmp_path
+
+
+def test_compile_end_to_end(factory_dir):
+    proc = run_cli("compile", "my_models:two_inputs", "--target", "xavier", "--input-shape", "1x4", "--input-shape", "1x4", "-o", "out", "-q", cwd=factory_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "fxopt: M for xavier" in proc.stdout
+    manifest = json.loads((factory_dir / "out" / "manifest.json").read_text())
+    assert manifest["example_inputs"] == [[1, 4], [1, 4]]
+    assert (factory_dir / "out" / "model.onnx").stat().st_size > 0
+
+
+def test_user_errors_have_no_traceback(factory_dir):
+    proc = run_cli("compile", "my_models:missing", "--input-shape", "1x3x8x8", cwd=factory_dir)
+    assert proc.returncode == 2
+    assert "fxopt: error: module 'my_models' has no attribute 'missing'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("compile", "my_models:two_inputs", "--target", "tx2", "--input-shape", "1x4", "--input-shape", "1x4", cwd=factory_dir)
+    assert proc.returncode == 2 and "known targets" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("--debug", "compile", "my_models:missing", "--input-shape", "1x3x8x8", cwd=factory_dir)
+    assert "Traceback" in proc.stderr
+
+
+def test_targets_and_passes_listings(tmp_path):
+    targets = run_cli("targets", cwd=tmp_path)
+    assert targets.returncode == 0 and "xavier" in targets.stdout and "TensorRT 8.5" in targets.stdout
+    passes = run_cli("passes", cwd=tmp_path)
+    assert passes.returncode == 0 and "fold_batchnorm" in passes.stdout
+
+
+def test_parse_shape():
+    assert parse_shape("1x3x224x224")[0] == (1, 3, 224, 224)
+    assert str(parse_shape("2x5:int64")[1]) == "torch.int64"
+    for bad in ("1xax3", "0x3", "1x3:complex"):
+        with pytest.raises(InputError):
+            parse_shape(bad)

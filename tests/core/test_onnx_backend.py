@@ -1,0 +1,89 @@
+"""ONNX lowering: opset, parity in ONNX Runtime, output naming, verification failures, safe writes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.backends.onnx import export_onnx, lower, opset_of, run_onnx, verify_onnx
+from fxopt.files import write_atomic
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.cls = nn.Conv2d(8, 3, 1)
+        self.box = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        f = self.body(x)
+        return {"cls": self.cls(f), "box": self.box(f)}
+
+
+def test_xavier_lowering_is_opset_17_and_matches_torch():
+    torch.manual_seed(0)
+    model, x = TwoHeads().eval(), (torch.randn(2, 3, 16, 16),)
+    exported = lower(model, x, "xavier")
+    assert exported.opset == opset_of(exported.model) == 17
+    assert exported.output_names == ["cls", "box"]
+    assert exported.max_abs_error is not None and exported.max_abs_error < 1e-4
+    cls, box = run_onnx(exported, x)
+    expected = model(*x)
+    np.testing.assert_allclose(cls, expected["cls"].detach().numpy(), atol=1e-4)
+    np.testing.assert_allclose(box, expected["box"].detach().numpy(), atol=1e-4)
+
+
+def test_cleanup_folds_constants_and_checker_passes():
+    class ConstantBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("a", torch.ones(4))
+
+        def forward(self, x):
+            return x + (self.a * 2 + 1)  # a constant subgraph folded into one initializer
+
+    exported = export_onnx(ConstantBranch(), (torch.randn(1, 4),), opset=17)
+    assert exported.op_types() == {"Add"}
+    onnx.checker.check_model(exported.model, full_check=True)
+
+
+def test_tampered_model_fails_verification():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 4)).eval(), (torch.randn(3, 4),)
+    exported = export_onnx(model, x)
+    init = exported.model.graph.initializer[0]
+    values = onnx.numpy_helper.to_array(init).copy()
+    values.flat[0] += 1.0
+    init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+    with pytest.raises(fxopt.VerificationError, match="differs from torch"):
+        verify_onnx(exported, model, x)
+
+
+def test_export_failure_is_an_export_error():
+    class Unexportable(nn.Module):
+        def forward(self, x):
+            return torch.fft.fft(x).real  # no ONNX symbolic at opset 17 in the TorchScript exporter
+
+    with pytest.raises(fxopt.ExportError, match="opset 17"):
+        export_onnx(Unexportable(), (torch.randn(8),), opset=17)
+
+
+def test_write_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "model.onnx"
+    write_atomic(target, b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        write_atomic(target, b"new contents")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

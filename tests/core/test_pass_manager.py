@@ -1,0 +1,176 @@
+"""The pass manager: constraint ordering, cycles, verification and rollback, strict mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+import fxopt
+from fxopt.pass_base import FxoptPass
+from fxopt.pass_manager import order_passes
+
+
+def make_pass(pass_name, *, after=(), before=(), lossy=False, action=None):
+    class _P(FxoptPass):
+        name = pass_name
+
+        def call(self, gm):
+            if action is None:
+                return PassResult(gm, False)
+            return action(gm)
+
+    _P.after, _P.before, _P.lossy = tuple(after), tuple(before), lossy
+    return _P()
+
+
+def small():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = (torch.randn(1, 3, 8, 8),)
+    return model, x, fxopt.trace(model, x), fxopt.CompileContext.create("cpu", x)
+
+
+def perturb_weight(gm):
+    with torch.no_grad():
+        gm.get_submodule("3").weight[0, 0] *= 1.01  # a 1% change of one weight
+    gm.graph.create_node("call_function", torch.relu, (next(iter(gm.graph.nodes)),))  # dead node: graph "changed"
+    return PassResult(gm, True)
+
+
+def raise_error(gm):
+    raise RuntimeError("boom")
+
+
+def change_output_shape(gm):
+    out = [n for n in gm.graph.nodes if n.op == "output"][0]
+    with gm.graph.inserting_before(out):
+        flat = gm.graph.call_function(torch.flatten, (out.args[0],))
+    out.args = (flat,)
+    return PassResult(gm, True)
+
+
+def test_order_follows_constraints_and_keeps_list_order_otherwise():
+    a, b, c = make_pass("a", after=["c"]), make_pass("b"), make_pass("c")
+    assert [p.name for p in order_passes([a, b, c])] == ["b", "c", "a"]
+    d = make_pass("d", before=["b"])
+    assert [p.name for p in order_passes([b, d])] == ["d", "b"]
+    # constraints on passes not in the list are ignored
+    assert [p.name for p in order_passes([make_pass("x", after=["nope"]), b])] == ["x", "b"]
+
+
+def test_cycle_is_a_clear_error_naming_the_cycle():
+    a, b = make_pass("a", after=["b"]), make_pass("b", after=["a"])
+    with pytest.raises(fxopt.PassOrderError, match=r"cycle: (a -> b -> a|b -> a -> b)"):
+        order_passes([a, b])
+
+
+def test_canonical_fold_batchnorm_waits_for_prune_like_passes():
+    prune = make_pass("prune")
+    names = [p.name for p in order_passes([fxopt.create_pass("canonicalize"), fxopt.create_pass("fold_batchnorm"), prune])]
+    assert names == ["canonicalize", "prune", "fold_batchnorm"]
+
+
+def test_pass_that_raises_is_rolled_back_and_pipeline_goes_on():
+    _, x, gm, ctx = small()
+    result = fxopt.PassManager([make_pass("bad", action=raise_error), "fold_batchnorm"]).run(gm, ctx)
+    statuses = {r.name: (r.status, r.reason) for r in result.records}
+    assert statuses["bad"] == ("rolled_back", "RuntimeError: boom")
+    assert statuses["fold_batchnorm"][0] == "applied"
+    torch.testing.assert_close(result.graph_module(*x), gm(*x), atol=1e-5, rtol=1e-4)
+
+
+def test_strict_mode_raises_pass_error_with_history():
+    _, _, gm, ctx = small()
+    manager = fxopt.PassManager(["fold_batchnorm", make_pass("bad", action=raise_error)], strict=True)
+    with pytest.raises(fxopt.PassError) as info:
+        manager.run(gm, ctx)
+    assert info.value.pass_name == "bad"
+    assert info.value.ran_before == ("fold_batchnorm",)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_exact_pass_that_changes_numerics_is_rolled_back():
+    _, x, gm, ctx = small()
+    reference = gm(*x)
+    result = fxopt.PassManager([make_pass("liar", action=perturb_weight)]).run(gm, ctx)
+    record = result.records[0]
+    assert record.status == "rolled_back"
+    assert "declares lossy=False but changed the outputs" in record.reason
+    assert torch.equal(result.graph_module(*x), reference)
+    assert torch.equal(gm(*x), reference)  # the input graph is intact
+
+
+def test_lossy_pass_reports_its_deviation():
+    _, _, gm, ctx = small()
+    record = fxopt.PassManager([make_pass("honest", lossy=True, action=perturb_weight)]).run(gm, ctx).records[0]
+    assert record.status == "applied"
+    assert 0 < record.max_abs_error < 1
+
+
+def test_lossy_pass_may_not_change_output_shapes():
+    _, _, gm, ctx = small()
+    record = fxopt.PassManager([make_pass("reshaper", lossy=True, action=change_output_shape)]).run(gm, ctx).records[0]
+    assert record.status == "rolled_back" and "shapes" in record.reason
+
+
+def test_unmodified_claim_with_changed_graph_is_a_contract_break():
+    def sneaky(gm):
+        change_output_shape(gm)
+        return PassResult(gm, False)
+
+    _, _, gm, ctx = small()
+    record = fxopt.PassManager([make_pass("sneaky", action=sneaky)]).run(gm, ctx).records[0]
+    assert record.status == "rolled_back" and "modified=False" in record.reason
+
+
+def test_records_carry_stats_and_plain_torch_passes_run():
+    _, _, gm, ctx = small()
+
+    def torch_style(graph_module):  # a plain torch.fx function pass, no fxopt attributes
+        graph_module.graph.eliminate_dead_code()
+        return PassResult(graph_module, False)
+
+    result = fxopt.PassManager([torch_style, "fold_batchnorm"]).run(gm, ctx)
+    first, fold = result.records
+    assert first.name == "torch_style" and first.status == "unchanged"
+    assert fold.before.nodes == 6 and fold.after.nodes == 5
+    assert fold.after.params < fold.before.params
+    assert fold.time_s > 0
+
+
+def test_unknown_pass_name_lists_registered_ones():
+    with pytest.raises(fxopt.PassRegistryError, match="registered passes: .*canonicalize"):
+        fxopt.PassManager(["no_such_pass"])
+
+
+def test_register_pass_rejects_nameless_and_duplicate():
+    class Nameless(FxoptPass):
+        def call(self, gm):
+            return PassResult(gm, False)
+
+    with pytest.raises(fxopt.PassRegistryError, match="no `name`"):
+        fxopt.register_pass(Nameless)
+
+    class Clash(FxoptPass):
+        name = "canonicalize"
+
+        def call(self, gm):
+            return PassResult(gm, False)
+
+    with pytest.raises(fxopt.PassRegistryError, match="taken by"):
+        fxopt.register_pass(Clash)
+
+
+def test_pass_sees_the_compile_context():
+    seen = {}
+
+    def look(gm):
+        ctx = fxopt.current_context()
+        seen.update(target=ctx.target.name, calib=ctx.options.get("calib_data"))
+        return PassResult(gm, False)
+
+    model = nn.Linear(4, 2)
+    fxopt.compile(model, "xavier", example_inputs=(torch.randn(1, 4),), passes=[make_pass("look", action=look)], calib_data=[1, 2])
+    assert seen == {"target": "xavier", "calib": [1, 2]}
