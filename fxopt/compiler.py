@@ -127,6 +127,12 @@ def _pipeline(target: TargetProfile, passes: Sequence[Any] | None) -> list[Any]:
     return [name for name in CANONICAL_PASSES if name not in names] + chosen
 
 
+def _conv_placement(gm: GraphModule, devices: list[str]) -> dict[str, str]:
+    # the exporter emits one Conv per torch conv, in graph order, so the two sequences pair up
+    convs = [n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.modules.conv._ConvNd)]
+    return dict(zip(convs, devices)) if len(convs) == len(devices) else {}
+
+
 def compile(  # noqa: A001 - the public name the design asks for
     model: nn.Module,
     target: str | TargetProfile = "xavier",
@@ -182,12 +188,19 @@ def compile(  # noqa: A001 - the public name the design asks for
     final = result.graph_module
     passes_s = time.perf_counter() - start - traced_s
     cost_after = estimate_costs(final, profile, context.precision)
-    onnx_info, onnx_model, notes = None, None, []
+    onnx_info, onnx_model, notes, extras, placement = None, None, [], {}, None
     if export:
         from fxopt.backends.onnx import lower
 
         exported = lower(final, inputs, profile)
         onnx_info, onnx_model = exported.to_dict(), exported.model
+        if profile.backend == "tensorrt":
+            from fxopt.backends.tensorrt import plan_deployment
+
+            deployment = plan_deployment(onnx_model, profile, context.precision)
+            extras["files"] = deployment.files
+            placement = _conv_placement(final, deployment.conv_devices())
+            notes += deployment.notes
     export_s = time.perf_counter() - start - traced_s - passes_s
     report = CompileReport(
         model=type(model).__name__,
@@ -198,10 +211,11 @@ def compile(  # noqa: A001 - the public name the design asks for
         leaves=list(leaves_of(gm)),
         cost_before=cost_before,
         cost_after=cost_after,
-        layers=layer_rows(final, cost_after),
+        layers=layer_rows(final, cost_after, placement),
         onnx=onnx_info,
         timings_s={"trace": traced_s, "passes": passes_s, "export": export_s, "total": time.perf_counter() - start},
         notes=notes,
+        extras=extras,
     )
     manifest = {
         "versions": _versions(),
