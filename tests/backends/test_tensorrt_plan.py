@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fxopt.backends.onnx import export_onnx
+from fxopt.backends.tensorrt import (
+    build_engine,
+    build_plan,
+    dla_placement,
+    placement_summary,
+    tensorrt_available,
+)
 from torch import nn
 
 import fxopt
-from fxopt.backends.onnx import export_onnx
-from fxopt.backends.tensorrt import build_engine, build_plan, dla_placement, placement_summary, tensorrt_available
 
 
 def placements(model, *inputs, target="xavier", precision="fp16"):
