@@ -19,7 +19,7 @@ from fxopt.errors import InputError
 from fxopt.files import write_atomic
 from fxopt.pass_base import CompileContext, pass_name
 from fxopt.pass_manager import PassManager, resolve_passes
-from fxopt.report import CompileReport, layer_rows
+from fxopt.report import CompileReport, layer_rows, report_tables
 from fxopt.targets import TargetProfile, get_target
 from fxopt.tracing import leaves_of, normalize_inputs, trace
 
@@ -216,6 +216,7 @@ def compile(  # noqa: A001 - the public name the design asks for
         timings_s={"trace": traced_s, "passes": passes_s, "export": export_s, "total": time.perf_counter() - start},
         notes=notes,
         extras=extras,
+        tables=report_tables(final),
     )
     manifest = {
         "versions": _versions(),

@@ -197,7 +197,9 @@ class PassManager:
             if not res.modified:
                 if str(new_gm.graph) != str(gm.graph):
                     raise _ContractBroken("returned modified=False but changed the graph")
-                return PassRecord(**base, status="unchanged", time_s=time.perf_counter() - start, after=stats), gm, reference, stats
+                # keep the copy: an analysis pass may have annotated node.meta / gm.meta
+                _carry_meta(gm, new_gm)
+                return PassRecord(**base, status="unchanged", time_s=time.perf_counter() - start, after=stats), new_gm, reference, stats
             _carry_meta(gm, new_gm)
             new_gm.graph.lint()
             new_gm.recompile()
@@ -245,14 +247,14 @@ def _check_deviation(deviation: Any, lossy: bool, outputs: Any, reference: Any) 
 
 
 def _copy_graph_module(gm: GraphModule) -> GraphModule:
-    new = copy.deepcopy(gm)
-    _carry_meta(gm, new)
-    return new
+    return copy.deepcopy(gm)  # copies gm.meta too, so a rolled-back pass leaves no trace
 
 
 def _carry_meta(src: GraphModule, dst: GraphModule) -> None:
-    for key, value in getattr(src, "meta", {}).items():
-        dst.meta.setdefault(key, value)
+    # a pass may return a brand-new GraphModule: keep what earlier steps recorded
+    for key, value in src.meta.items():
+        if key not in dst.meta:
+            dst.meta[key] = copy.deepcopy(value)
 
 
 def function_pass(fn: Callable[[GraphModule], Any], name: str, *, lossy: bool = False) -> Any:

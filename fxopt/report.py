@@ -72,6 +72,7 @@ class CompileReport:
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (what report.json holds)."""
@@ -88,7 +89,7 @@ class CompileReport:
             "onnx": self.onnx,
             "timings_s": self.timings_s,
             "notes": self.notes,
-            "extras": self.extras,
+            "tables": self.tables,
         }
 
     def to_json(self) -> str:
@@ -132,6 +133,8 @@ class CompileReport:
             for row in top:
                 where = f" [{row.placement}]" if row.placement else ""
                 lines.append(f"  {row.node:<28} {row.op:<16} {_si(row.flops):>8} FLOPs {row.latency_ms:8.4f} ms{where}")
+        for title, rows in self.tables.items():
+            lines += ["", f"{title}: {len(rows)} rows (see report.md)"]
         if self.notes:
             lines += ["", *[f"note: {n}" for n in self.notes]]
         if self.timings_s:
@@ -154,6 +157,22 @@ class CompileReport:
             f"| {r.node} | {r.op} | {r.kind} | {r.params} | {r.flops} | {r.latency_ms:.4f} | {r.precision} | {r.placement} |"
             for r in self.layers
         ]
+        for title, rows in self.tables.items():
+            out += ["", f"## {title}", "", *_markdown_table(rows)]
         if self.notes:
             out += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(out) + "\n"
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["(empty)"]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return lines
+
+
+def report_tables(gm: GraphModule) -> dict[str, list[dict[str, Any]]]:
+    """Tables passes left for the report in ``gm.meta["fxopt_tables"]`` (title -> rows of plain data)."""
+    return {title: [dict(r) for r in rows] for title, rows in gm.meta.get("fxopt_tables", {}).items()}

@@ -47,7 +47,7 @@ def test_save_writes_the_four_files_and_manifest(tmp_path):
     compiled = fxopt.compile(model, "xavier", example_inputs=X)
     paths = compiled.save(tmp_path / "out")
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["manifest.json", "model.onnx", "report.json", "report.md"]
+    assert names == ["build_engine.py", "build_engine.sh", "manifest.json", "model.onnx", "placement.md", "report.json", "report.md"]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     data = (tmp_path / "out" / "model.onnx").read_bytes()
     assert manifest["files"]["model.onnx"]["sha256"] == hashlib.sha256(data).hexdigest()
@@ -104,3 +104,24 @@ def test_report_text_and_dict():
     data = compiled.report.to_dict()
     assert data["cost_after"]["flops"] > 0 and data["layers"]
     assert json.loads(compiled.report.to_json())["precision"] == "fp16"
+
+
+def test_pass_tables_reach_the_report_and_rollback_drops_them():
+    class Tabled(fxopt.FxoptPass):
+        name = "tabled_for_test"
+        lossy = True
+
+        def __init__(self, fail):
+            super().__init__()
+            self.fail = fail
+
+        def call(self, gm):
+            gm.meta.setdefault("fxopt_tables", {})[f"groups ({self.fail})"] = [{"group": 0, "before": 8, "after": 4}]
+            if self.fail:
+                raise ValueError("after writing a table")
+            return fxopt.PassResult(gm, False)
+
+    compiled = fxopt.compile(convnet(), "cpu", example_inputs=X, passes=[Tabled(True), Tabled(False)], export=False)
+    assert list(compiled.report.tables) == ["groups (False)"]
+    markdown = compiled.report.to_markdown()
+    assert "## groups (False)" in markdown and "| 0 | 8 | 4 |" in markdown
