@@ -46,7 +46,11 @@ def _is_eval_dropout_call(gm: GraphModule, n: Node) -> bool:
 
 
 def _is_contiguous(gm: GraphModule, n: Node) -> bool:
-    return n.op == "call_method" and n.target == "contiguous"
+    if not (n.op == "call_method" and n.target == "contiguous") or len(n.args) != 1 or n.kwargs:
+        return False
+    # a no-op only when the input already is contiguous: a later .view() may need the copy
+    meta = n.args[0].meta.get("tensor_meta") if isinstance(n.args[0], Node) else None
+    return getattr(meta, "memory_format", None) == torch.contiguous_format
 
 
 def _is_same_shape_view(gm: GraphModule, n: Node) -> bool:
@@ -83,7 +87,7 @@ NOOP_RULES: tuple[tuple[str, Callable[[GraphModule, Node], bool]], ...] = (
     ("dropout module", _is_dropout_module),      # Dropout(x) -> x   (eval mode)
     ("identity module", _is_identity_module),    # Identity(x) -> x
     ("dropout call", _is_eval_dropout_call),     # F.dropout(x, training=False) -> x
-    ("contiguous", _is_contiguous),              # x.contiguous() -> x   (values unchanged)
+    ("contiguous", _is_contiguous),              # x.contiguous() -> x   (x already contiguous)
     ("same-shape view", _is_same_shape_view),    # x.view(x.shape) -> x
     ("identity permute", _is_identity_permute),  # x.permute(0, 1, 2) -> x
     ("neutral arithmetic", _is_neutral_arithmetic),  # x + 0, x * 1, x / 1 -> x
