@@ -1,0 +1,122 @@
+"""The model registry: `create(name, **cfg)`, `example_inputs(name, **cfg)`, `names()`.
+
+Each model module registers a `ModelSpec` at import; the registry imports the bundled model
+modules the first time it is asked, so `import fxopt.models` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from fxopt.errors import InputError
+
+__all__ = ["ModelSpec", "TrainingRecipe", "create", "example_inputs", "names", "register_model", "spec"]
+
+# modules that register the bundled models (imported lazily, in this order)
+BUNDLED_MODULES = (
+    "fxopt.models.pointpillars",
+    "fxopt.models.camera_multitask",
+    "fxopt.models.motionnet",
+    "fxopt.safety.supervisor",
+)
+
+_SPECS: dict[str, ModelSpec] = {}
+_LOADED = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one bundled model and its example inputs.
+
+    Attributes:
+        name: registry name.
+        build: ``(**cfg) -> nn.Module`` with random (seeded by the caller) weights.
+        inputs: ``(**cfg) -> tuple`` of example inputs matching ``build(**cfg)``.
+        summary: one line for listings.
+        presets: names accepted as ``preset=`` (the small default config is always available).
+        recipe: how `fxopt.models.train` trains it on generated data (None: not trainable here).
+    """
+
+    name: str
+    build: Callable[..., nn.Module]
+    inputs: Callable[..., tuple[Any, ...]]
+    summary: str = ""
+    presets: tuple[str, ...] = ()
+    recipe: TrainingRecipe | None = None
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """A short training recipe on generated data, used by `fxopt.models.train`.
+
+    Attributes:
+        batch: ``(step, generator) -> (inputs, targets)``: one training batch; ``inputs`` is the
+            tuple of positional model inputs, ``targets`` whatever ``loss`` reads.
+        loss: ``(outputs, targets) -> scalar tensor``.
+        evaluate: ``(model) -> {metric: value}`` on a fixed, seeded held-out set (model in eval mode).
+        chance: the same metrics for an untrained / constant predictor, to judge "above chance".
+        steps: default number of optimiser steps (a few CPU minutes at most).
+        lr: Adam learning rate.
+    """
+
+    batch: Callable[[int, Any], tuple[tuple[Any, ...], Any]]
+    loss: Callable[[Any, Any], Any]
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    chance: dict[str, float]
+    steps: int = 300
+    lr: float = 1e-3
+
+
+def register_model(model_spec: ModelSpec) -> ModelSpec:
+    """Add a model to the registry; a name already taken by another spec is an error."""
+    existing = _SPECS.get(model_spec.name)
+    if existing is not None and existing.build is not model_spec.build:
+        raise InputError(f"model name '{model_spec.name}' is already registered")
+    _SPECS[model_spec.name] = model_spec
+    return model_spec
+
+
+def _load_bundled() -> None:
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        for module in BUNDLED_MODULES:
+            importlib.import_module(module)
+
+
+def names() -> list[str]:
+    """Names of all registered models, sorted."""
+    _load_bundled()
+    return sorted(_SPECS)
+
+
+def spec(name: str) -> ModelSpec:
+    """The `ModelSpec` registered as `name`; raises `InputError` listing the known names."""
+    _load_bundled()
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise InputError(f"unknown model '{name}'; known models: {', '.join(sorted(_SPECS))}") from None
+
+
+def create(name: str, **cfg: Any) -> nn.Module:
+    """Build the model registered as `name` (random weights; seed torch first for repeatability).
+
+    Example:
+        >>> import torch, fxopt.models
+        >>> _ = torch.manual_seed(0)
+        >>> model = fxopt.models.create("safety_supervisor")
+        >>> isinstance(model, torch.nn.Module)
+        True
+    """
+    return spec(name).build(**cfg)
+
+
+def example_inputs(name: str, **cfg: Any) -> tuple[Any, ...]:
+    """Example inputs for `create(name, **cfg)` (a tuple of positional inputs)."""
+    return tuple(spec(name).inputs(**cfg))
