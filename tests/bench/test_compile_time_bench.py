@@ -1,0 +1,33 @@
+"""The compile-time benchmark runs on a tiny model and renders every phase beside its peer."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "compile_time.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("compile_time_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measure_and_render_tiny_model() -> None:
+    bench = _bench_module()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    row = bench.measure("tiny", model, (torch.randn(1, 3, 8, 8),), "xavier", repeat=1)
+    for key in ("trace", "trace_peer", "passes", "passes_peer", "export", "export_peer", "total"):
+        assert row[key] > 0.0, key
+    text = bench.render([row], "xavier", 1)
+    assert "| tiny |" in text and "Sums over 1 models" in text
+
+
+def test_case_filter_selects_zoo_models_by_regex() -> None:
+    bench = _bench_module()
+    names = [n for n, _ in bench._cases("resnet18", bundled=False)]
+    assert names == ["tv/resnet18"]
