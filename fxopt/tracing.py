@@ -1,29 +1,58 @@
 """Tracing: nn.Module -> torch.fx.GraphModule with shapes on every node and automatic leaves.
 
-A submodule that symbolic tracing cannot get through (data-dependent control flow, untraceable
-Python) becomes a leaf and tracing is retried, so the rest of the model is still optimised.
+Shapes are static (fixed by the example inputs), so control flow on shapes (``if H % 7``,
+``len(x.shape)``, ``int(x.size(1))``) is specialised to the example inputs and recorded. A
+submodule that still cannot be traced (data-dependent control flow, untraceable Python) becomes
+a leaf and tracing is retried, so the rest of the model is still optimised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import inspect
+import io
+import operator
 import os
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Tracer
+from torch.fx import GraphModule, Node, Proxy, Tracer
+from torch.fx import _symbolic_trace as fx_trace
+from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.proxy import Attribute
+from torch.utils import _pytree as pytree
 
 from fxopt.errors import InputError, TraceError
 
-__all__ = ["Leaf", "trace", "propagate_shapes", "normalize_inputs", "leaves_of"]
+__all__ = ["Leaf", "trace", "propagate_shapes", "normalize_inputs", "leaves_of", "specialisations_of"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MAX_RETRIES = 64
+_UNKNOWN: Any = object()  # the value of a node the tracer could not evaluate
+
+# Tensor attributes and methods whose result depends only on shape/dtype, never on values.
+_SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_sparse", "is_quantized"})
+_SHAPE_METHODS = frozenset({
+    "size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex",
+    "is_contiguous", "element_size", "get_device",
+})
+# Ops whose output shape depends on tensor values: shapes downstream of them are not static.
+_VALUE_SHAPED_OPS = frozenset({
+    "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "repeat_interleave",
+    "bincount", "nms", "batched_nms", "tolist", "item",
+})
+# Ops whose result is random even on static arguments: never specialised on.
+_RANDOM_OPS = frozenset({
+    "rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli",
+    "multinomial", "normal", "poisson", "dropout", "uniform_", "normal_", "exponential_",
+})
 
 
 @dataclass(frozen=True)
@@ -35,14 +64,67 @@ class Leaf:
     reason: str
 
 
-class _LeafTracer(Tracer):
-    """A tracer that keeps chosen submodules opaque and remembers where tracing broke."""
+def _op_name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    return str(getattr(target, "__name__", target)).rsplit(".", 1)[-1]
 
-    def __init__(self, leaves: Iterable[str]) -> None:
+
+class _ValueMixin:
+    """Python protocols a plain Proxy refuses, answered from the value on the example inputs."""
+
+    tracer: _LeafTracer
+
+    def __len__(self) -> int:
+        return self.tracer.concrete(self, "len", len)  # type: ignore[arg-type]
+
+    def __int__(self) -> int:
+        return self.tracer.concrete(self, "int", int)  # type: ignore[arg-type]
+
+    def __index__(self) -> int:
+        return self.tracer.concrete(self, "index", operator.index)  # type: ignore[arg-type]
+
+    def __float__(self) -> float:
+        return self.tracer.concrete(self, "float", float)  # type: ignore[arg-type]
+
+    def __getattr__(self, k: str) -> Any:
+        tracer = self.__dict__.get("tracer")
+        if k.startswith("__") or tracer is None:  # copy/pickle probes, or not initialised yet
+            raise AttributeError(k)
+        device_or_dtype = tracer.static_value(self, (torch.device, torch.dtype))
+        if device_or_dtype is not _UNKNOWN:
+            return getattr(device_or_dtype, k)  # x.device.type is "cpu" for every input
+        return _ValueAttribute(self, k)  # type: ignore[arg-type]
+
+
+class _ValueProxy(_ValueMixin, Proxy):
+    """A Proxy whose tracer knows its value on the example inputs."""
+
+
+class _ValueAttribute(_ValueMixin, Attribute):
+    """``proxy.attr`` (e.g. ``x.shape``), with the same concrete protocols."""
+
+
+class _LeafTracer(Tracer):
+    """A tracer that keeps chosen submodules opaque, remembers where tracing broke, and
+    evaluates every node on the example inputs so shape-only control flow can be specialised.
+
+    A node is *static* when its value is a function of input shapes alone (``x.shape[2] // 7``);
+    ``if``/``len``/``int`` on a static node use its value. A tensor has a *value-dependent shape*
+    after ops like ``nonzero`` or a custom leaf; shapes read from it are not static.
+    """
+
+    def __init__(self, leaves: Iterable[str], inputs: tuple[Any, ...] = (), fixed: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.leaf_paths = set(leaves)
         self.failed_path: str | None = None
-        self._stack: list[str] = []
+        self.fixed = dict(fixed or {})
+        self.specialisations: list[str] = []
+        self._n_inputs = len(inputs)
+        self._placeholder_values = [pytree.tree_map(_clone, x) for x in inputs] + list(self.fixed.values())
+        self._values: dict[Node, Any] = {}
+        self._static: set[Node] = set()
+        self._value_shaped: set[Node] = set()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaf_paths or super().is_leaf_module(
@@ -51,15 +133,150 @@ class _LeafTracer(Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         path = self.path_of_module(m)
-        self._stack.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_path is None:  # the innermost module is the culprit
                 self.failed_path = path
             raise
-        finally:
-            self._stack.pop()
+
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> tuple[Any, list[Any]]:
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if not self.fixed or not is_module or len(args) != 1 + self._n_inputs + len(self.fixed):
+            return fn, args
+        # forward parameters the example inputs leave out keep their defaults, as in eager mode
+        for dropped in args[1 + self._n_inputs:]:
+            self.graph.erase_node(dropped.node)
+        return functools.partial(fn, **self.fixed), args[: 1 + self._n_inputs]
+
+    def proxy(self, node: Node) -> Proxy:
+        return _ValueProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **more: Any) -> Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        if kind == "placeholder":
+            self._values[proxy.node] = self._placeholder_values.pop(0) if self._placeholder_values else _UNKNOWN
+        else:
+            self._track(proxy.node, kind, target, args, kwargs)
+        return proxy
+
+    # --- values of nodes on the example inputs -------------------------------------------
+
+    def _value(self, a: Any) -> Any:
+        return self._values.get(a.node, _UNKNOWN) if isinstance(a, Proxy) else a
+
+    def _track(self, node: Node, kind: str, target: Any, args: Any, kwargs: Any) -> None:
+        inputs: list[Node] = []
+        map_aggregate((args, kwargs), lambda a: inputs.append(a.node) if isinstance(a, Proxy) else None)
+        vargs, vkwargs = map_aggregate(args, self._value), map_aggregate(kwargs, self._value)
+        known = not any(v is _UNKNOWN for v in pytree.tree_leaves((vargs, vkwargs)))
+        self._values[node] = self._evaluate(kind, target, vargs, vkwargs) if known else _UNKNOWN
+        if self._is_static(kind, target, inputs, args):
+            self._static.add(node)
+        if self._shape_depends_on_values(kind, target, inputs, vargs):
+            self._value_shaped.add(node)
+
+    def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            with _eager():
+                return self._run(kind, target, args, kwargs)
+        except Exception:  # noqa: BLE001 - an unknown value only disables specialisation
+            return _UNKNOWN
+
+    def _run(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        if kind == "call_module":
+            return self.root.get_submodule(target)(*args, **kwargs)
+        if kind == "get_attr":
+            return functools.reduce(getattr, target.split("."), self.root)
+        return _UNKNOWN
+
+    def _is_static(self, kind: str, target: Any, inputs: list[Node], args: Any) -> bool:
+        if not inputs or _op_name(target) in _RANDOM_OPS or kind not in ("call_function", "call_method"):
+            return False
+        reads_shape = (target is getattr and args[1] in _SHAPE_ATTRS) or (kind == "call_method" and target in _SHAPE_METHODS)
+        if reads_shape and inputs[0] not in self._value_shaped:
+            return True  # x.shape, x.size(1), x.dim() of a tensor whose shape is static
+        return all(n in self._static for n in inputs)
+
+    def _shape_depends_on_values(self, kind: str, target: Any, inputs: list[Node], args: Any) -> bool:
+        if kind == "call_module":
+            return type(self.root.get_submodule(target)).__module__.split(".")[0] != "torch"
+        if any(n in self._value_shaped for n in inputs) or _op_name(target) in _VALUE_SHAPED_OPS:
+            return True
+        if _op_name(target) == "where" and len(args) == 1:
+            return True  # torch.where(cond) is nonzero
+        # a size computed from tensor values (x.view(n) with n from .item()) makes the shape dynamic
+        if any(n not in self._static and not isinstance(self._values.get(n), torch.Tensor) for n in inputs[1:]):
+            return True
+        return target is operator.getitem and _has_mask_index(args)
+
+    # --- Python protocols on proxies -----------------------------------------------------
+
+    def _structural(self, node: Node) -> bool:
+        return node in self._static or node not in self._value_shaped
+
+    def to_bool(self, obj: Proxy) -> bool:
+        value = self._values.get(obj.node, _UNKNOWN)
+        if obj.node not in self._static or value is _UNKNOWN:
+            return super().to_bool(obj)
+        result = bool(value)
+        self.specialisations.append(f"{_user_frame()}: shape-only condition taken as {result}")
+        return result
+
+    def iter(self, obj: Proxy) -> Iterator[Any]:
+        value = self._values.get(obj.node, _UNKNOWN)
+        if value is _UNKNOWN or not self._structural(obj.node) or not isinstance(value, (list, tuple, torch.Tensor)):
+            return super().iter(obj)
+        return iter([obj[i] for i in range(len(value))])
+
+    def static_value(self, obj: Proxy, types: tuple[type, ...]) -> Any:
+        """The value of a static proxy of one of `types`, else `_UNKNOWN`."""
+        value = self._values.get(obj.node, _UNKNOWN)
+        return value if obj.node in self._static and isinstance(value, types) else _UNKNOWN
+
+    def concrete(self, obj: Proxy, what: str, convert: Callable[[Any], Any]) -> Any:
+        """`convert` of the proxy's value, when specialising on it is sound; raises otherwise."""
+        value = self._values.get(obj.node, _UNKNOWN)
+        structural = what == "len" and self._structural(obj.node)
+        if value is _UNKNOWN or not (obj.node in self._static or structural):
+            raise RuntimeError(f"'{what}' of a value that depends on tensor data cannot be traced symbolically")
+        return convert(value)
+
+
+@contextlib.contextmanager
+def _eager() -> Iterator[None]:
+    """Step out of symbolic tracing for a moment, to run real code on the example values."""
+    flag = fx_trace._get_is_fx_tracing()
+    fx_trace._set_is_fx_tracing(False)
+    try:
+        with fx_trace._maybe_revert_all_patches():
+            yield
+    finally:
+        fx_trace._set_is_fx_tracing(flag)
+
+
+def _clone(x: Any) -> Any:
+    # the tracer evaluates in-place ops too: keep the caller's example inputs intact
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+def _has_mask_index(args: Any) -> bool:
+    index = args[1] if len(args) > 1 else ()
+    leaves = pytree.tree_leaves(index)
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in leaves)
+
+
+def _user_frame() -> str:
+    frames = [f for f in traceback.extract_stack() if not _is_internal(f.filename)]
+    return f"{frames[-1].filename}:{frames[-1].lineno}: {(frames[-1].line or '').strip()}" if frames else "?"
+
+
+def _is_internal(filename: str) -> bool:
+    return filename.startswith(_TORCH_DIR + os.sep) or filename == __file__
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -78,7 +295,7 @@ def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
 
 def _user_line(exc: BaseException) -> str:
     # the deepest frame outside torch is the user's code that broke tracing
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _is_internal(f.filename)]
     if not frames:
         return ""
     f = frames[-1]
@@ -91,9 +308,19 @@ def _reason(exc: BaseException) -> str:
 
 
 def propagate_shapes(gm: GraphModule, example_inputs: tuple[Any, ...]) -> None:
-    """Record `tensor_meta` (shape, dtype) on every node by running `gm` on the inputs."""
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+    """Record `tensor_meta` (shape, dtype) on every node by running `gm` on the inputs.
+
+    Raises:
+        RuntimeError: a node fails; the message names it and the cause, in one line.
+    """
+    # ShapeProp prints a traceback before it raises, and its message dumps all node meta
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            ShapeProp(gm).propagate(*example_inputs)
+        except RuntimeError as exc:
+            cause = exc.__cause__ or exc
+            node = str(exc).split(" with meta=")[0].removeprefix("ShapeProp error for: ")
+            raise RuntimeError(f"shape propagation failed at {node[:200]}: {_reason(cause)}") from cause
 
 
 def _run_failure_module(gm: GraphModule, example_inputs: tuple[Any, ...]) -> tuple[str | None, Exception | None]:
@@ -160,10 +387,12 @@ def trace(
         ) from exc
 
     leaves: dict[str, Leaf] = {p: Leaf(p, _type_of(root, p), "requested by the user") for p in leaf_modules}
+    fixed = _defaults_after(root, len(inputs))
     for _ in range(_MAX_RETRIES):
-        tracer = _LeafTracer(leaves)
+        tracer = _LeafTracer(leaves, inputs, fixed)
         try:
-            graph = tracer.trace(root)
+            with torch.no_grad():
+                graph = tracer.trace(root)
         except Exception as exc:
             path = tracer.failed_path
             if not path or path in leaves:
@@ -183,12 +412,27 @@ def trace(
         raise TraceError(f"gave up after {_MAX_RETRIES} automatic leaves")
     propagate_shapes(gm, inputs)
     gm.meta["fxopt_leaves"] = tuple(leaves.values())
+    gm.meta["fxopt_specialisations"] = tuple(dict.fromkeys(tracer.specialisations))
     return gm
 
 
 def leaves_of(gm: GraphModule) -> tuple[Leaf, ...]:
     """The leaves `trace` chose for `gm` (empty for a graph traced elsewhere)."""
     return tuple(gm.meta.get("fxopt_leaves", ()))
+
+
+def specialisations_of(gm: GraphModule) -> tuple[str, ...]:
+    """Shape-only conditions `trace` decided from the example inputs (``file:line: ...``)."""
+    return tuple(gm.meta.get("fxopt_specialisations", ()))
+
+
+def _defaults_after(root: nn.Module, n_inputs: int) -> dict[str, Any]:
+    """Defaults of the forward parameters the example inputs leave out ({} if not all have one)."""
+    params = list(inspect.signature(type(root).forward).parameters.values())[1:]  # after self
+    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+        return {}
+    rest = params[n_inputs:]
+    return {} if any(p.default is inspect.Parameter.empty for p in rest) else {p.name: p.default for p in rest}
 
 
 def _type_of(root: nn.Module, path: str) -> str:
