@@ -1,1 +1,22 @@
-"""The safety supervisor ("safety cerebellum"): tensorised safety rules beside a small learned risk scorer."""
+"""The safety supervisor ("safety cerebellum"): tensorised safety rules beside a small learned risk scorer.
+
+`SafetySupervisor` passes the control module's command through bit for bit when the scene is clear
+and every health flag is up, and only ever makes it more conservative otherwise (stopping envelope
+``v t_react + v²/(2 a) + margin`` on the steered path, compute/hardware/algorithm flags, a gated
+learned risk scorer). `sector_distances` turns lidar points into its per-sector input;
+`fxopt.safety.scenarios` generates seeded inputs and collision labels.
+"""
+
+from fxopt.safety.supervisor import (
+    INTERVENTION_BITS,
+    SafetySupervisor,
+    SupervisorConfig,
+    decode_intervention,
+    sector_distances,
+    stopping_distance,
+)
+
+__all__ = [
+    "INTERVENTION_BITS", "SafetySupervisor", "SupervisorConfig", "decode_intervention",
+    "sector_distances", "stopping_distance",
+]
