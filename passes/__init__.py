@@ -2,5 +2,6 @@
 
 from fxopt.passes.canonicalize import Canonicalize, EliminateDeadCode
 from fxopt.passes.fold_batchnorm import FoldBatchNorm
+from fxopt.passes.prune import PruneChannels
 
-__all__ = ["Canonicalize", "EliminateDeadCode", "FoldBatchNorm"]
+__all__ = ["Canonicalize", "EliminateDeadCode", "FoldBatchNorm", "PruneChannels"]
