@@ -7,6 +7,7 @@ import math
 
 import fxopt.safety.scenarios as scenarios
 import fxopt.safety.supervisor as supervisor
+import fxopt.safety.verify as verify
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -45,7 +46,7 @@ def empty(num_sectors: int = 32) -> torch.Tensor:
     return torch.full((num_sectors,), R)
 
 
-@pytest.mark.parametrize("module", [supervisor, scenarios])
+@pytest.mark.parametrize("module", [supervisor, scenarios, verify])
 def test_doctests(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
@@ -253,14 +254,53 @@ def test_wrong_input_shapes_name_the_input():
         model(torch.zeros(2, 16), torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 2))
 
 
-def test_registered_spec_builds_the_configured_model():
-    from fxopt.models import registry
+def test_registry_builds_the_configured_model():
+    from fxopt import models
 
-    spec = registry.register_model(supervisor.SPEC)  # idempotent for the same spec
-    model = spec.build(num_sectors=16)
-    inputs = spec.inputs(num_sectors=16)
-    assert isinstance(model, SafetySupervisor) and inputs[0].shape == (8, 16)
-    assert model(*inputs)["command"].shape == (8, 3)
+    assert "safety_supervisor" in models.names()
+    model = models.create("safety_supervisor", num_sectors=16)
+    inputs = models.example_inputs("safety_supervisor", num_sectors=16)
+    assert isinstance(model, SafetySupervisor) and model.config.num_sectors == 16
+    assert inputs[0].shape == (8, 16) and model(*inputs)["command"].shape == (8, 3)
+
+
+def test_training_recipe_beats_chance_on_the_balanced_holdout():
+    from fxopt import models
+
+    untrained = models.spec("safety_supervisor").recipe.evaluate(quiet(SafetySupervisor()))
+    assert untrained["accuracy"] == 0.5  # a silent scorer says "no collision" to every row
+    result = models.train("safety_supervisor", steps=150, seed=0, progress=False)
+    assert result.chance == {"accuracy": 0.5, "auc": 0.5}
+    assert result.metrics["accuracy"] > 0.75 and result.metrics["auc"] > 0.85, result.metrics
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_collision_labels_on_hand_made_scenes():
+    sectors = torch.full((4, 32), R)
+    sectors[0, 0] = 3.0    # ahead, driving on at 5 m/s: hit
+    sectors[1, 16] = 3.0   # behind: no hit
+    sectors[2, 0] = 3.0    # ahead, but braking from 1 m/s stops after 0.25 m (plus 1.1 m disc): no hit
+    sectors[3, 8] = 0.5    # beside, inside the vehicle disc already: hit
+    command = torch.tensor([[5.0, 1.0, 0.0], [5.0, 1.0, 0.0], [0.0, -4.0, 0.0], [0.0, -4.0, 0.0]])
+    speed = torch.tensor([[5.0], [5.0], [1.0], [0.0]])
+    labels = scenarios.collision_labels((sectors, command, speed, torch.ones(4, 3)))
+    assert labels.reshape(-1).tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_scenario_generators_are_seeded_and_shaped():
+    def draw(fn, **kw):
+        return fn(16, torch.Generator().manual_seed(3), **kw)
+
+    for fn, kw in [(scenarios.clear_scenes, {}), (scenarios.obstacle_scenes, {"clutter": 2}),
+                   (scenarios.flags_down, {"flag": "compute"}), (scenarios.mixed_scenes, {})]:
+        first, second = draw(fn, **kw), draw(fn, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+        assert [tuple(x.shape) for x in first] == [(16, 32), (16, 3), (16, 1), (16, 3)]
+    sectors = draw(scenarios.obstacle_scenes, sector=5, distance=(1.0, 2.0))[0]
+    assert bool(((sectors[:, 5] >= 1.0) & (sectors[:, 5] <= 2.0)).all())
+    assert bool((draw(scenarios.flags_down, flag="compute")[3][:, 0] == 0).all())
+    with pytest.raises(InputError, match="unknown health flag"):
+        draw(scenarios.flags_down, flag="brakes")
 
 
 # --- tracing and compiling ------------------------------------------------------------------------
