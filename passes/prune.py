@@ -187,18 +187,12 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     return new
 
 
-def _new_tensor(t: torch.Tensor, dims: list[tuple[int, np.ndarray]], pds: list[ParamDim], mode: str) -> torch.Tensor:
+def _new_tensor(t: torch.Tensor, dims: list[tuple[int, np.ndarray]], mode: str) -> torch.Tensor:
     if mode == "meta":
         shape = list(t.shape)
         for dim, idx in dims:
             shape[dim] = int(idx.shape[0])
         out = torch.empty(shape, dtype=t.dtype, device="meta")
-    elif mode == "mask":
-        out = t.detach().clone()
-        for (dim, idx), pd in zip(dims, pds):
-            if pd.kind == "in":
-                gone = np.setdiff1d(np.arange(t.shape[dim]), idx)
-                out.index_fill_(dim, torch.as_tensor(gone, dtype=torch.long), 0)
     else:
         out = t.detach()
         for dim, idx in dims:
@@ -231,11 +225,8 @@ def _slice_tensors(root: nn.Module, analysis: DependencyAnalysis, keep: _Keep, m
     changed: set[str] = set()
     for pds in by_tensor.values():
         owner, name = _tensor_slot(root, pds[0])
-        t = getattr(owner, name)
-        if mode == "mask" and not any(pd.kind == "in" for pd in pds):
-            continue
         dims = [(pd.dim, keep.indices(pd.space)) for pd in pds]
-        _set_tensor(owner, name, _new_tensor(t, dims, pds, mode))
+        _set_tensor(owner, name, _new_tensor(getattr(owner, name), dims, mode))
         if pds[0].kind != "tensor":
             changed.add(pds[0].owner)
     return changed
@@ -387,6 +378,40 @@ def _set_meta_shapes(gm: GraphModule, keep: _Keep) -> None:
             node.meta["tensor_meta"] = type(meta)(items)
 
 
+def _output_mask(node: Node, keep: _Keep) -> torch.Tensor | None:
+    """0/1 tensor broadcastable to the node's output: 0 where a removed channel sits."""
+    shapes = output_shapes(node)
+    if shapes is None or len(shapes) != 1 or not hasattr(node.meta.get("tensor_meta"), "shape"):
+        return None
+    shape, mask = shapes[0], None
+    for d, size in enumerate(shape):
+        idx = keep.indices((node.name, 0, d))
+        if idx is None:
+            continue
+        v = torch.zeros(size, dtype=node.meta["tensor_meta"].dtype)
+        v[torch.as_tensor(idx, dtype=torch.long)] = 1
+        view = [1] * len(shape)
+        view[d] = size
+        mask = v.view(view) if mask is None else mask * v.view(view)
+    return mask
+
+
+def _insert_masks(root: nn.Module, graph: torch.fx.Graph, keep: _Keep) -> None:
+    for i, node in enumerate(list(graph.nodes)):
+        if node.op in ("placeholder", "output"):
+            continue
+        mask = _output_mask(node, keep)
+        if mask is None:
+            continue
+        name = f"_fxopt_prune_mask_{i}"
+        root.register_buffer(name, mask)
+        with graph.inserting_after(node):
+            attr = graph.get_attr(name)
+        with graph.inserting_after(attr):
+            masked = graph.call_function(torch.mul, (node, attr))
+        node.replace_all_uses_with(masked, delete_user_cb=lambda user, m=masked: user is not m)
+
+
 def apply_plan(gm: GraphModule, analysis: DependencyAnalysis, removed: np.ndarray, mode: str = "slice") -> GraphModule:
     """A new graph module with the atoms marked in `removed` pruned; `gm` is left intact.
 
@@ -394,26 +419,28 @@ def apply_plan(gm: GraphModule, analysis: DependencyAnalysis, removed: np.ndarra
         gm: the analysed graph module.
         analysis: its `DependencyAnalysis`.
         removed: one bool per atom.
-        mode: ``"slice"`` removes the channels; ``"mask"`` keeps every shape and zeroes, in
-            each consuming conv/linear, the input-channel weights of removed channels (the
-            function the sliced model computes, for testing); ``"meta"`` builds shapes only
-            (meta-device tensors and updated ``tensor_meta``, for costing).
+        mode: ``"slice"`` removes the channels. ``"mask"`` keeps every shape and multiplies
+            each node output by a 0/1 mask that zeroes the removed channels: the sliced model
+            must compute exactly the kept channels of this one (the reference the tests use;
+            it differs only where a removed channel enters a cross-channel normalisation such
+            as LayerNorm, softmax or a mean over channels). ``"meta"`` builds shapes only
+            (meta-device tensors and updated ``tensor_meta``) for costing.
 
     Returns:
-        The new GraphModule (``meta["fxopt_prune_mode"]`` records the mode).
+        The new GraphModule.
     """
     keep = _Keep(analysis, removed)
     root = _shallow_root(gm)
     graph = _copy_graph(gm.graph)
-    changed = _slice_tensors(root, analysis, keep, mode)
-    if mode != "mask":
-        for path in changed:
+    if mode == "mask":
+        _insert_masks(root, graph, keep)
+    else:
+        for path in _slice_tensors(root, analysis, keep, mode):
             _fix_module(root.get_submodule(path))
         _update_literals(graph, keep)
     new = GraphModule(root, graph, type(gm).__name__)
     new.meta.update({k: v for k, v in gm.meta.items() if k != "fxopt_tables"})
     new.meta["fxopt_tables"] = dict(gm.meta.get("fxopt_tables", {}))
-    new.meta["fxopt_prune_mode"] = mode
     if mode == "meta":
         _set_meta_shapes(new, keep)
     return new

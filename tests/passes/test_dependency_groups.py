@@ -1,0 +1,297 @@
+"""Channel dependency groups: one hand-written Before/Expected case per coupling kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fxopt.passes.dependency_groups import META_KEY, NodeChannels, analyze_dependencies
+from fxopt.passes.prune import apply_plan
+from torch import nn
+
+import fxopt
+
+
+def _analyze(model: nn.Module, *inputs: torch.Tensor, **kwargs):
+    gm = fxopt.trace(model, inputs)
+    return gm, analyze_dependencies(gm, **kwargs)
+
+
+def _groups(analysis) -> list[tuple[tuple[str, ...], int]]:
+    """Expected form: (producer module paths, channels) per group."""
+    return [(tuple(sorted(g.root_modules)), g.channels) for g in analysis.groups]
+
+
+def _remove_first(analysis, group_index: int, count: int) -> np.ndarray:
+    removed = np.zeros(analysis.num_atoms, dtype=bool)
+    removed[list(analysis.groups[group_index].atoms[:count])] = True
+    return removed
+
+
+def _check_sliced(gm, analysis, removed, *inputs):
+    """Slicing keeps output shapes and equals the masked original (the kept channels' function)."""
+    sliced = apply_plan(gm, analysis, removed, "slice")
+    masked = apply_plan(gm, analysis, removed, "mask")
+    with torch.no_grad():
+        out, ref, orig = sliced(*inputs), masked(*inputs), gm(*inputs)
+    assert out.shape == orig.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    return sliced
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.inner = nn.Conv2d(8, 6, 1)
+        self.back = nn.Conv2d(6, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = x + self.body(x)
+        x = x + self.back(F.relu(self.inner(x)))
+        return self.head(x)
+
+
+def test_residual_add_couples_all_operands():
+    gm, a = _analyze(Residual(), torch.randn(1, 3, 8, 8))
+    # Before: stem, body, back feed the same adds; inner is its own group; head reaches the output
+    assert sorted(_groups(a)) == [(("back", "body", "stem"), 8), (("inner",), 6)]
+    sliced = _check_sliced(gm, a, _remove_first(a, 0, 3), torch.randn(1, 3, 8, 8))
+    # Expected: every operand of the adds and the BN lose the same 3 channels
+    assert [sliced.get_submodule(n).out_channels for n in ("stem", "body", "back")] == [5, 5, 5]
+    assert sliced.get_submodule("bn").num_features == 5
+    assert sliced.get_submodule("inner").in_channels == 5 and sliced.get_submodule("head").in_channels == 5
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.bn = nn.BatchNorm2d(10)
+        self.out = nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1))))
+
+
+def test_concat_maps_channel_offsets():
+    gm, a = _analyze(Concat(), torch.randn(1, 3, 4, 4))
+    assert _groups(a) == [(("a",), 4), (("b",), 6)]
+    removed = np.zeros(a.num_atoms, dtype=bool)
+    b_atoms = a.groups[1].atoms
+    removed[[b_atoms[0], b_atoms[5]]] = True
+    sliced = _check_sliced(gm, a, removed, torch.randn(1, 3, 4, 4))
+    # Expected: b loses 2, the BN and the consumer lose the same 2 at offset 4 in the concat
+    assert sliced.get_submodule("b").out_channels == 4 and sliced.get_submodule("a").out_channels == 4
+    assert sliced.get_submodule("bn").num_features == 8 and sliced.get_submodule("out").in_channels == 8
+    keep = a.kept_indices(next(k for k in a.spaces if k[0] == "bn" and k[2] == 1), removed)
+    assert keep.tolist() == [0, 1, 2, 3, 5, 6, 7, 8]
+
+
+class Chunk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.out = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        a, b = self.conv(x).chunk(2, dim=1)
+        return self.out(a * torch.sigmoid(b))
+
+
+class Split(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 10, 1)
+        self.left = nn.Conv2d(4, 2, 1)
+        self.right = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        a, b = torch.split(self.conv(x), [4, 6], dim=1)
+        return self.left(a) + self.right(b)
+
+
+def test_chunk_pieces_stay_equal():
+    gm, a = _analyze(Chunk(), torch.randn(1, 3, 4, 4))
+    # channel i of the first half goes with channel i of the second (the gate multiplies them)
+    assert _groups(a) == [(("conv",), 8)]
+    assert len(a.groups[0].atoms) == 4 and a.groups[0].atom_width == 2
+    sliced = _check_sliced(gm, a, _remove_first(a, 0, 1), torch.randn(1, 3, 4, 4))
+    assert sliced.get_submodule("conv").out_channels == 6 and sliced.get_submodule("out").in_channels == 3
+
+
+def test_split_sections_are_rewritten():
+    gm, a = _analyze(Split(), torch.randn(1, 3, 4, 4))
+    assert _groups(a) == [(("conv",), 10)]
+    removed = np.zeros(a.num_atoms, dtype=bool)
+    removed[[a.groups[0].atoms[0], a.groups[0].atoms[9]]] = True
+    sliced = _check_sliced(gm, a, removed, torch.randn(1, 3, 4, 4))
+    split = next(n for n in sliced.graph.nodes if n.target is torch.split)
+    assert split.args[1] == [3, 5]
+    assert sliced.get_submodule("left").in_channels == 3 and sliced.get_submodule("right").in_channels == 5
+
+
+class Depthwise(nn.Module):
+    def __init__(self, groups: int = 8):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.dw(F.relu(self.pw(x)))))
+
+
+def test_depthwise_conv_couples_in_and_out():
+    gm, a = _analyze(Depthwise(), torch.randn(1, 3, 6, 6))
+    assert _groups(a) == [(("dw", "pw"), 8)]
+    sliced = _check_sliced(gm, a, _remove_first(a, 0, 3), torch.randn(1, 3, 6, 6))
+    dw = sliced.get_submodule("dw")
+    assert (dw.in_channels, dw.out_channels, dw.groups) == (5, 5, 5)
+
+
+def test_grouped_conv_prunes_whole_groups():
+    gm, a = _analyze(Depthwise(groups=2), torch.randn(1, 3, 6, 6))
+    # two groups of 4 channels: each atom is a whole conv group
+    [(roots, channels)] = _groups(a)
+    assert roots == ("dw", "pw") and channels == 8 and a.groups[0].atom_width == 4
+    sliced = _check_sliced(gm, a, _remove_first(a, 0, 1), torch.randn(1, 3, 6, 6))
+    dw = sliced.get_submodule("dw")
+    assert (dw.in_channels, dw.out_channels, dw.groups) == (4, 4, 1)
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6 * 2 * 2, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.relu(self.conv(x)), 1))
+
+
+class ViewLinear(FlattenLinear):
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).view(x.size(0), 24))
+
+
+@pytest.mark.parametrize("model", [FlattenLinear(), ViewLinear()], ids=["flatten", "view-literal"])
+def test_flatten_to_linear_maps_channel_blocks(model):
+    gm, a = _analyze(model, torch.randn(2, 3, 4, 4))
+    assert _groups(a) == [(("conv",), 6)]
+    removed = np.zeros(a.num_atoms, dtype=bool)
+    removed[a.groups[0].atoms[1]] = True
+    sliced = _check_sliced(gm, a, removed, torch.randn(2, 3, 4, 4))
+    # Expected: channel 1 owns features 4..7 of the linear input
+    assert sliced.get_submodule("fc").in_features == 20
+    torch.testing.assert_close(sliced.get_submodule("fc").weight[:, 4:], gm.get_submodule("fc").weight[:, 8:])
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.shared = nn.Conv2d(6, 4, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.out(torch.cat([self.shared(self.a(x)), self.shared(self.b(x))], 1))
+
+
+def test_tied_module_couples_its_calls():
+    gm, a = _analyze(Tied(), torch.randn(1, 3, 4, 4))
+    # the shared conv's inputs (a and b) must match, and both calls prune the same outputs
+    assert sorted(_groups(a)) == [(("a", "b"), 6), (("shared",), 4)]
+    removed = _remove_first(a, 1 if a.groups[1].root_modules == ("shared",) else 0, 2)
+    sliced = _check_sliced(gm, a, removed, torch.randn(1, 3, 4, 4))
+    assert sliced.get_submodule("shared").out_channels == 2 and sliced.get_submodule("out").in_channels == 4
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mlp = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.proj(x)
+        x = x + self.mha(x, x, x, need_weights=False)[0]
+        return self.out(F.gelu(self.mlp(x)))
+
+
+def test_multihead_attention_embed_dims_are_frozen():
+    gm, a = _analyze(Attention(), torch.randn(2, 5, 4))
+    # heads are not pruned: the embed dim through nn.MultiheadAttention stays; the MLP is free
+    assert _groups(a) == [(("mlp",), 16)]
+    reasons = a.frozen_reasons()
+    assert any("MultiheadAttention" in r for r in reasons.values())
+
+
+def test_graph_output_and_leaf_freeze_their_producers():
+    class Leafy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(8, 8, 1)
+            self.c = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    gm, a = _analyze(Leafy(), torch.randn(1, 3, 4, 4))
+    assert sorted(_groups(a)) == [(("a",), 8), (("b",), 8)]  # c reaches the output
+    gm = fxopt.trace(Leafy(), (torch.randn(1, 3, 4, 4),), leaf_modules=["b"])
+    a = analyze_dependencies(gm)
+    assert _groups(a) == []  # b is opaque: neither its input (a) nor its output may change
+    assert any("leaf module 'b'" in r for r in a.frozen_reasons().values())
+
+
+def test_ignore_keeps_a_producer():
+    gm, a = _analyze(Residual(), torch.randn(1, 3, 8, 8), ignore=("inner",))
+    assert _groups(a) == [(("back", "body", "stem"), 8)]
+    gm, a = _analyze(Residual(), torch.randn(1, 3, 8, 8), ignore=(r"b.*",))
+    assert _groups(a) == [(("inner",), 6)]
+
+
+def test_size_read_into_arithmetic_freezes_the_dim():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.b = nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.a(x)
+            n = y.shape[-1] // 2
+            return self.b(y.reshape(y.shape[0], 2, n).reshape(y.shape[0], 2 * n))
+
+    gm, a = _analyze(Heads(), torch.randn(3, 4))
+    assert _groups(a) == []
+
+
+def test_analysis_writes_frozen_node_meta():
+    gm, a = _analyze(Concat(), torch.randn(1, 3, 4, 4))
+    bn = next(n for n in gm.graph.nodes if n.name == "bn")
+    info = bn.meta["fxopt"][META_KEY]
+    assert isinstance(info, NodeChannels)
+    channel = info.outputs[0][1]
+    assert channel.size == 10 and set(channel.groups) == {0, 1} and channel.frozen == ""
+    with pytest.raises(AttributeError):
+        channel.size = 3  # frozen dataclass
+    out = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "out")
+    assert out.meta["fxopt"][META_KEY].outputs[0][1].frozen == "reaches a graph output"
+
+
+def test_space_graph_components_cover_couplings():
+    gm, a = _analyze(Concat(), torch.randn(1, 3, 4, 4))
+    g = a.space_graph
+    assert g.has_edge(("a", 0, 1), ("cat", 0, 1)) and g.edges[("a", 0, 1), ("cat", 0, 1)]["kind"] == "concat"
