@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from fxopt.models.registry import ModelSpec, TrainingRecipe, register_model
@@ -169,6 +169,22 @@ def stoppable_speed(free: Tensor, reaction_time: float, brake_decel: float, marg
     return brake_decel * (torch.sqrt(t * t + 2.0 * room / brake_decel) - t)
 
 
+class _Scene(NamedTuple):
+    """Sanitised inputs and the geometry the rules read (all ``(B, 1)`` unless noted)."""
+
+    distance: Tensor  # (B, S) sector distances, clamped to [0, max_range]
+    v: Tensor         # speed, clamped to [0, SPEED_CEILING]
+    command: Tensor   # (B, 3) the command with NaN entries replaced
+    limited: Tensor   # (B, 3) that command clamped to the vehicle limits
+    invalid: Tensor   # the command had a NaN
+    free: Tensor      # nearest obstacle on the path corridor, FAR if none
+    d_stop: Tensor    # the stopping envelope at the current speed
+    on_path: Tensor   # an obstacle on the path within range
+    inside: Tensor    # ... and inside the stopping envelope
+    in_range: Tensor  # any obstacle within range (gates the learned scorer)
+    down: Tensor      # (B, 3) health flags down
+
+
 class RiskScorer(nn.Module):
     """A tiny MLP: normalised sector distances, speed and command -> collision risk logit.
 
@@ -201,6 +217,10 @@ class SafetySupervisor(nn.Module):
       compute down: controlled stop; hardware down: emergency stop;
     - finally speed, acceleration and steering are clamped to the vehicle limits (a NaN command
       becomes a controlled stop).
+
+    Deploy it in fp32 (``fxopt.compile(..., precision="fp32")``): an fp16 engine rounds the
+    passed-through command (7.3 m/s becomes 7.30078), which breaks the bit-exact pass-through and
+    can even raise the speed target above the input.
 
     Args:
         config: a `SupervisorConfig`; keyword overrides (``num_sectors=16`` ...) apply on top.
@@ -274,6 +294,50 @@ class SafetySupervisor(nn.Module):
         return torch.where(in_range, risk, torch.zeros_like(risk))
 
     # --- the rules --------------------------------------------------------------------------
+    def _perceive(self, sectors: Tensor, command: Tensor, speed: Tensor, health: Tensor) -> _Scene:
+        cfg = self.config
+        cmd, invalid = self._sanitize_command(command)
+        # NaN distances count as an obstacle at the vehicle, a NaN speed as the worst case
+        distance = torch.where(sectors != sectors, torch.zeros_like(sectors), sectors).clamp(0.0, cfg.max_range)
+        speed = speed.reshape(-1, 1)
+        v = torch.where(speed != speed, torch.full_like(speed, SPEED_CEILING), speed).clamp(0.0, SPEED_CEILING)
+        limited = torch.cat([
+            cmd[:, 0:1].clamp(0.0, cfg.v_max),
+            cmd[:, 1:2].clamp(cfg.accel_min, cfg.accel_max),
+            cmd[:, 2:3].clamp(-cfg.steer_max, cfg.steer_max),
+        ], dim=1)
+        free = self._free_distance(distance, limited[:, 2:3])
+        d_stop = stopping_distance(v, cfg.reaction_time, cfg.brake_decel, cfg.margin)
+        on_path = free < cfg.max_range
+        return _Scene(
+            distance=distance, v=v, command=cmd, limited=limited, invalid=invalid, free=free, d_stop=d_stop,
+            on_path=on_path, inside=on_path & (free < d_stop),
+            in_range=distance.amin(dim=1, keepdim=True) < cfg.max_range,
+            down=~(health >= 0.5),  # NaN counts as down
+        )
+
+    def _rule_table(self, scene: _Scene, alarm: Tensor) -> tuple[tuple[str, Tensor, Tensor, Tensor], ...]:
+        """``(rule, active, speed-target cap, acceleration cap)`` in `INTERVENTION_BITS` order.
+
+        An active rule takes the minimum with its caps, so it can only lower the command.
+        """
+        cfg, v, free = self.config, scene.v, scene.free
+        zero, comfort = torch.zeros_like(v), torch.full_like(v, -cfg.comfort_decel)
+        no_cap = torch.full_like(v, FAR)
+        v_safe = stoppable_speed(free, cfg.reaction_time, cfg.brake_decel, cfg.margin)
+        brake = (v * v / (2.0 * (free - cfg.margin).clamp(min=_EPS))).clamp(0.0, -cfg.accel_min)
+        down = scene.down
+        return (
+            ("out_of_limits", scene.invalid, zero, comfort),                      # NaN command -> controlled stop
+            ("obstacle_limit", scene.on_path, v_safe, no_cap),                   # target stoppable before it
+            ("obstacle_brake", scene.inside, torch.minimum(v_safe, v), torch.minimum(-brake, zero)),
+            ("learned_caution", alarm, v, zero),                                  # hold, never speed up
+            ("algorithm_down", down[:, 2:3], torch.full_like(v, cfg.degraded_speed),
+             torch.where(v > cfg.degraded_speed, comfort, no_cap)),              # slow down to the limit
+            ("compute_down", down[:, 0:1], zero, comfort),                        # controlled stop
+            ("hardware_down", down[:, 1:2], zero, torch.full_like(v, -cfg.emergency_decel)),  # emergency stop
+        )
+
     def forward(self, sectors: Tensor, command: Tensor, speed: Tensor, health: Tensor) -> dict[str, Tensor]:
         """Supervise one batch of commands.
 
@@ -289,61 +353,23 @@ class SafetySupervisor(nn.Module):
         """
         self._check_shapes(sectors, command, speed, health)
         cfg = self.config
-        cmd, invalid = self._sanitize_command(command)
-        # NaN distances count as an obstacle at the vehicle, a NaN speed as the worst case
-        distance = torch.where(sectors != sectors, torch.zeros_like(sectors), sectors).clamp(0.0, cfg.max_range)
-        speed = speed.reshape(-1, 1)
-        v = torch.where(speed != speed, torch.full_like(speed, SPEED_CEILING), speed).clamp(0.0, SPEED_CEILING)
-        target, accel, steer = cmd[:, 0:1], cmd[:, 1:2], cmd[:, 2:3]
-        target_in, accel_in = target, accel
-        steer_limited = steer.clamp(-cfg.steer_max, cfg.steer_max)
-
-        free = self._free_distance(distance, steer_limited)
-        d_stop = stopping_distance(v, cfg.reaction_time, cfg.brake_decel, cfg.margin)
-        on_path = free < cfg.max_range
-        inside = on_path & (free < d_stop)
-        in_range = distance.amin(dim=1, keepdim=True) < cfg.max_range
-        clamped_command = torch.cat([target.clamp(0.0, cfg.v_max), accel.clamp(cfg.accel_min, cfg.accel_max), steer_limited], dim=1)
-        learned = self._learned_risk(distance, v, clamped_command, torch.cat([free, d_stop], dim=1), in_range)
-        alarm = in_range & (learned > cfg.risk_threshold)
-        down = ~(health >= 0.5)  # NaN counts as down
-        compute_down, hardware_down, algorithm_down = down[:, 0:1], down[:, 1:2], down[:, 2:3]
-
-        zero = torch.zeros_like(v)
-        v_safe = stoppable_speed(free, cfg.reaction_time, cfg.brake_decel, cfg.margin)
-        brake_needed = (v * v / (2.0 * (free - cfg.margin).clamp(min=_EPS))).clamp(0.0, -cfg.accel_min)
-        speed_caps = (
-            (invalid, zero),
-            (on_path, v_safe),
-            (inside, torch.minimum(v_safe, v)),
-            (alarm, v),
-            (algorithm_down, torch.full_like(v, cfg.degraded_speed)),
-            (compute_down, zero),
-            (hardware_down, zero),
-        )
-        accel_caps = (
-            (invalid, torch.full_like(v, -cfg.comfort_decel)),
-            (inside, torch.minimum(-brake_needed, zero)),
-            (alarm, zero),
-            (algorithm_down & (v > cfg.degraded_speed), torch.full_like(v, -cfg.comfort_decel)),
-            (compute_down, torch.full_like(v, -cfg.comfort_decel)),
-            (hardware_down, torch.full_like(v, -cfg.emergency_decel)),
-        )
-        for active, cap in speed_caps:
-            target = torch.where(active, torch.minimum(target, cap), target)
-        for active, cap in accel_caps:
-            accel = torch.where(active, torch.minimum(accel, cap), accel)
+        scene = self._perceive(sectors, command, speed, health)
+        envelope = torch.cat([scene.free, scene.d_stop], dim=1)
+        learned = self._learned_risk(scene.distance, scene.v, scene.limited, envelope, scene.in_range)
+        alarm = scene.in_range & (learned > cfg.risk_threshold)
+        target, accel = scene.command[:, 0:1], scene.command[:, 1:2]
+        table = self._rule_table(scene, alarm)
+        for _, active, speed_cap, accel_cap in table:
+            target = torch.where(active, torch.minimum(target, speed_cap), target)
+            accel = torch.where(active, torch.minimum(accel, accel_cap), accel)
         supervised = torch.cat([
-            target.clamp(0.0, cfg.v_max),
-            accel.clamp(cfg.accel_min, cfg.accel_max),
-            steer_limited,
+            target.clamp(0.0, cfg.v_max), accel.clamp(cfg.accel_min, cfg.accel_max), scene.limited[:, 2:3],
         ], dim=1)
-
-        outside = (target_in != target_in.clamp(0.0, cfg.v_max)) | (accel_in != accel_in.clamp(cfg.accel_min, cfg.accel_max))
-        rules = (invalid | outside | (steer != steer_limited), on_path, inside, alarm, algorithm_down, compute_down, hardware_down)
-        intervention = torch.cat([r.float() for r in rules], dim=1) @ self.intervention_bits
-        rule_risk = torch.where(on_path, (d_stop / free.clamp(min=_EPS)).clamp(0.0, 1.0), zero)
-        health_risk = down.float().amax(dim=1, keepdim=True)
+        outside = (scene.command != scene.limited).float().amax(dim=1, keepdim=True) > 0
+        active = [a | outside if name == "out_of_limits" else a for name, a, _, _ in table]
+        intervention = torch.cat([a.float() for a in active], dim=1) @ self.intervention_bits
+        rule_risk = torch.where(scene.on_path, (scene.d_stop / scene.free.clamp(min=_EPS)).clamp(0.0, 1.0), torch.zeros_like(learned))
+        health_risk = scene.down.float().amax(dim=1, keepdim=True)
         risk = torch.maximum(torch.maximum(rule_risk, learned), health_risk)
         return {"command": supervised, "risk": risk, "learned_risk": learned, "intervention": intervention}
 

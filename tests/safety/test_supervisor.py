@@ -338,3 +338,13 @@ def test_compiles_with_onnx_verified(compiled):
     assert set(by_name) == {"command", "risk", "learned_risk", "intervention"}
     np.testing.assert_allclose(by_name["command"], expected["command"].detach().numpy(), atol=1e-5)
     np.testing.assert_array_equal(by_name["intervention"], expected["intervention"].numpy())
+
+
+def test_fp32_deployment_plan_keeps_the_command_exact(tmp_path):
+    model = SafetySupervisor().eval()
+    result = fxopt.compile(model, "xavier", example_inputs=scenarios.example_batch(), precision="fp32")
+    paths = result.save(tmp_path / "supervisor")
+    plan = open(paths["build_engine.sh"]).read()
+    assert "trtexec" in plan and "--fp16" not in plan and "--int8" not in plan
+    clear = scenarios.clear_scenes(8, torch.Generator().manual_seed(2))
+    assert torch.equal(result(*clear)["command"], clear[1])
