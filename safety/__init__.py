@@ -3,13 +3,15 @@
 `SafetySupervisor` passes the control module's command through bit for bit when the scene is clear
 and every health flag is up, and only ever makes it more conservative otherwise (stopping envelope
 ``v t_react + v²/(2 a) + margin`` on the steered path, compute/hardware/algorithm flags, a gated
-learned risk scorer). `sector_distances` turns lidar points into its per-sector input;
-`fxopt.safety.scenarios` generates seeded inputs and collision labels.
+learned risk scorer). `sector_distances` (or the traceable `SectorDistances`) turns lidar points
+into its per-sector input; `fxopt.safety.scenarios` generates seeded inputs and collision labels;
+`fxopt.safety.verify` checks the ONNX lowering against torch and writes a manifest.
 """
 
 from fxopt.safety.supervisor import (
     INTERVENTION_BITS,
     SafetySupervisor,
+    SectorDistances,
     SupervisorConfig,
     decode_intervention,
     sector_distances,
@@ -17,6 +19,6 @@ from fxopt.safety.supervisor import (
 )
 
 __all__ = [
-    "INTERVENTION_BITS", "SafetySupervisor", "SupervisorConfig", "decode_intervention",
+    "INTERVENTION_BITS", "SafetySupervisor", "SectorDistances", "SupervisorConfig", "decode_intervention",
     "sector_distances", "stopping_distance",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "INTERVENTION_BITS",
     "RiskScorer",
     "SafetySupervisor",
+    "SectorDistances",
     "SupervisorConfig",
     "decode_intervention",
     "stoppable_speed",
@@ -434,6 +435,52 @@ def sector_distances(
     result = torch.full((batched.shape[0] * num_sectors,), float(max_range))
     result = result.scatter_reduce(0, (index + offsets).reshape(-1), distance.reshape(-1), "amin")
     return result.reshape(*points.shape[:-2], num_sectors)
+
+
+class SectorDistances(nn.Module):
+    """`sector_distances` as a traceable module (dense masked minimum; ONNX opset 17 friendly).
+
+    Each point goes to the sector whose centre direction is nearest (arg-max of the dot
+    product), then each sector takes the minimum distance of its points. It costs
+    ``B * N * num_sectors`` work instead of a scatter, which opset 17 cannot express with "min",
+    so the whole path from points to supervised command can run in one engine.
+
+    Args:
+        num_sectors: sectors over 360°.
+        max_range: distance of an empty sector.
+        z_range: keep only points with ``low <= z <= high`` (points need a z column).
+
+    Example:
+        >>> module = SectorDistances(num_sectors=4, max_range=10.0)
+        >>> module(torch.tensor([[[3.0, 0.0], [0.0, 2.0], [5.0, 0.0]]])).tolist()
+        [[3.0, 2.0, 10.0, 10.0]]
+    """
+
+    def __init__(self, num_sectors: int = 32, max_range: float = 10.0, z_range: tuple[float, float] | None = None) -> None:
+        super().__init__()
+        if num_sectors < 1 or not max_range > 0:
+            raise InputError(f"need num_sectors >= 1 and max_range > 0, got {num_sectors} and {max_range}")
+        self.num_sectors, self.max_range, self.z_range = num_sectors, float(max_range), z_range
+        angles = torch.arange(num_sectors, dtype=torch.float32) * (2.0 * math.pi / num_sectors)
+        self.register_buffer("directions", torch.stack([torch.cos(angles), torch.sin(angles)]), persistent=False)
+        self.register_buffer("sector_ids", torch.arange(num_sectors), persistent=False)
+
+    def forward(self, points: Tensor) -> Tensor:
+        """``(B, N, C)`` points (NaN rows are padding) -> ``(B, num_sectors)`` distances."""
+        if points.dim() != 3 or points.shape[-1] < (3 if self.z_range is not None else 2):
+            raise InputError(f"points must have shape (B, N, C) with C >= 2 (3 with z_range), got {tuple(points.shape)}")
+        xy = points[..., :2]
+        distance = torch.sqrt((xy * xy).sum(dim=-1))
+        valid = distance == distance
+        if self.z_range is not None:
+            z = points[..., 2]
+            valid = valid & (z >= self.z_range[0]) & (z <= self.z_range[1])
+        xy = torch.where(valid.unsqueeze(-1), xy, torch.zeros_like(xy))
+        sector = (xy @ self.directions).argmax(dim=-1)  # (B, N): the nearest sector centre
+        member = (sector.unsqueeze(-1) == self.sector_ids) & valid.unsqueeze(-1)  # (B, N, S)
+        far = torch.full_like(distance, self.max_range).unsqueeze(-1)
+        per_sector = torch.where(member, distance.unsqueeze(-1), far).amin(dim=1)
+        return per_sector.clamp(max=self.max_range)
 
 
 # --- registry: build, example inputs and a training recipe for the risk scorer ------------------

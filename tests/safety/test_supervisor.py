@@ -15,6 +15,7 @@ import torch
 from fxopt.safety.supervisor import (
     INTERVENTION_BITS,
     SafetySupervisor,
+    SectorDistances,
     SupervisorConfig,
     decode_intervention,
     sector_distances,
@@ -94,6 +95,19 @@ def test_sector_distances_rejects_bad_input():
         sector_distances(torch.zeros(5, 2), 8, 10.0, z_range=(0.0, 1.0))
     with pytest.raises(InputError, match="num_sectors"):
         sector_distances(torch.zeros(5, 2), 0, 10.0)
+
+
+def test_sector_distances_module_matches_the_function_and_compiles():
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(2, 400, 3, generator=generator) * 6.0
+    points[1, 300:] = float("nan")  # padding
+    module = SectorDistances(32, 10.0, z_range=(-8.0, 8.0))
+    expected = sector_distances(points, 32, 10.0, z_range=(-8.0, 8.0))
+    torch.testing.assert_close(module(points), expected)
+    result = fxopt.compile(module, "xavier", example_inputs=(points,))
+    assert result.report.leaves == [] and result.report.onnx["opset"] == 17
+    assert "ScatterElements" not in result.report.onnx["op_types"]
+    torch.testing.assert_close(result(points), expected)
 
 
 # --- the stopping envelope --------------------------------------------------------------------

@@ -156,14 +156,19 @@ def test_clear_and_healthy_passes_through_bitwise(eager, command, speed, weights
     check_passthrough(out, command)
 
 
+clutter = hnp.arrays(np.float32, (B, S), elements=st.floats(0.0, 2 * R, **F32))
+flags = hnp.arrays(np.float32, (B, 3), elements=st.sampled_from([0.0, 1.0]))
+
+
 @given(
     fraction=hnp.arrays(np.float64, (B, 1), elements=st.floats(0.0, 0.99)),
-    command=commands, speed=column(0.0, 2 * CFG.v_max), weights=scorer_weights,
+    command=commands, speed=column(0.0, 2 * CFG.v_max), weights=scorer_weights, others=clutter, health=flags,
 )
-def test_obstacle_inside_envelope_never_accelerates_toward_it(eager, fraction, command, speed, weights):
+def test_obstacle_inside_envelope_never_accelerates_toward_it(eager, fraction, command, speed, weights, others, health):
+    # more obstacles elsewhere and flags down can only add caution
     model = randomize_scorer(eager, *weights)
-    sectors = obstacle_on_path(fraction, command, speed)
-    check_brakes(call(model, sectors, command, speed, np.ones((B, 3), np.float32)), speed)
+    sectors = np.minimum(obstacle_on_path(fraction, command, speed), others)
+    check_brakes(call(model, sectors, command, speed, health), speed)
 
 
 @given(**extreme, weights=scorer_weights)
@@ -175,12 +180,7 @@ def test_outputs_bounded_finite_and_never_more_aggressive(eager, sectors, comman
     check_flag_caps(out, health)
 
 
-@given(
-    sectors=hnp.arrays(np.float32, (B, S), elements=st.floats(0.0, 2 * R, **F32)),
-    command=commands, speed=column(0.0, 2 * CFG.v_max),
-    health=hnp.arrays(np.float32, (B, 3), elements=st.sampled_from([0.0, 1.0])),
-    weights=scorer_weights,
-)
+@given(sectors=clutter, command=commands, speed=column(0.0, 2 * CFG.v_max), health=flags, weights=scorer_weights)
 def test_scorer_only_adds_caution(eager, sectors, command, speed, health, weights):
     rules_only = call(quiet_scorer(eager), sectors, command, speed, health)
     out = call(randomize_scorer(eager, *weights), sectors, command, speed, health)
@@ -232,12 +232,12 @@ def test_compiled_clear_and_healthy_passes_through_bitwise(compiled, command, sp
 
 @given(
     fraction=hnp.arrays(np.float64, (B, 1), elements=st.floats(0.0, 0.99)),
-    command=commands, speed=column(0.0, 2 * CFG.v_max), weights=scorer_weights,
+    command=commands, speed=column(0.0, 2 * CFG.v_max), weights=scorer_weights, others=clutter, health=flags,
 )
-def test_compiled_obstacle_inside_envelope_brakes(compiled, fraction, command, speed, weights):
+def test_compiled_obstacle_inside_envelope_brakes(compiled, fraction, command, speed, weights, others, health):
     model = randomize_scorer(compiled.graph_module, *weights)
-    sectors = obstacle_on_path(fraction, command, speed)
-    check_brakes(call(model, sectors, command, speed, np.ones((B, 3), np.float32)), speed)
+    sectors = np.minimum(obstacle_on_path(fraction, command, speed), others)
+    check_brakes(call(model, sectors, command, speed, health), speed)
 
 
 @given(**extreme, weights=scorer_weights)
