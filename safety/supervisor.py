@@ -275,8 +275,9 @@ class SafetySupervisor(nn.Module):
         """Nearest obstacle distance on the steered path corridor, `FAR` when there is none."""
         cfg = self.config
         curvature = torch.tan(steer) / cfg.wheelbase
-        # a point at arc length d on a circle through the origin lies at bearing κ·d/2
-        path_bearing = (curvature * distance * 0.5).clamp(-math.pi / 2, math.pi / 2)
+        # the steered circle (through the origin, tangent to +x) is at distance d at bearing
+        # asin(κ·d/2); beyond its diameter it never gets that far: look sideways (±90°)
+        path_bearing = torch.asin((curvature * distance * 0.5).clamp(-1.0, 1.0))
         # angular half width of the corridor at that range, plus half a sector (obstacle anywhere in it)
         half_angle = torch.atan(cfg.half_width / distance.clamp(min=_EPS)) + math.pi / cfg.num_sectors
         on_path = torch.cos(self.sector_angles - path_bearing) >= torch.cos(half_angle.clamp(max=math.pi))

@@ -85,9 +85,14 @@ def obstacle_on_path(distance_fraction: np.ndarray, command: np.ndarray, speed: 
     v = speed.astype(np.float64)
     d_stop = v * CFG.reaction_time + v * v / (2 * CFG.brake_decel) + CFG.margin
     d = distance_fraction * np.minimum(d_stop, R)
-    # the path reaches range d at bearing κ d / 2 (independent re-derivation of the corridor centre)
+    # the point of the steered circle at distance d, by geometry: the circle is centred at
+    # (0, 1/κ); the point after turning by α is (sin α, 1 - cos α) / κ, at distance 2 sin(α/2)/|κ|
     curvature = np.tan(np.clip(command[:, 2:3].astype(np.float64), -CFG.steer_max, CFG.steer_max)) / CFG.wheelbase
-    bearing = np.clip(curvature * d / 2, -math.pi / 2, math.pi / 2)
+    turn = 2 * np.arcsin(np.clip(np.abs(curvature) * d / 2, 0.0, 1.0))  # beyond the diameter: the far point
+    safe = np.where(np.abs(curvature) < 1e-9, 1.0, curvature)
+    x = np.where(np.abs(curvature) < 1e-9, d, np.sin(turn) / np.abs(safe))
+    y = np.where(np.abs(curvature) < 1e-9, 0.0, (1 - np.cos(turn)) / safe)
+    bearing = np.arctan2(y, x)
     index = np.round(bearing / (2 * math.pi / S)).astype(int) % S
     sectors = np.full((B, S), R, dtype=np.float32)
     sectors[np.arange(B), index[:, 0]] = d[:, 0]
