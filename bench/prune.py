@@ -155,13 +155,14 @@ def prune_fxopt(model: nn.Module, inputs: tuple[Any, ...], amount: float, alloca
     return result
 
 
-def _tp_setup(model: nn.Module) -> tuple[list[nn.Module], dict[nn.Module, int], Callable[[nn.Module], None]]:
+def _tp_setup(model: nn.Module, classes: int) -> tuple[list[nn.Module], dict[nn.Module, int], Callable[[nn.Module], None]]:
     """Ignored layers (the classifier), attention head counts, and the attribute fix-up after.
 
-    These follow Torch-Pruning's documented recipes for torchvision and timm transformers.
+    These follow Torch-Pruning's documented recipes for torchvision and timm transformers: the
+    layers producing the `classes` logits are ignored so the output keeps its shape.
     """
-    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
-    ignored += [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels == 1000]
+    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == classes]
+    ignored += [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels == classes]
     num_heads: dict[nn.Module, int] = {}
     for m in model.modules():
         if isinstance(m, nn.MultiheadAttention):
@@ -186,7 +187,9 @@ def _tp_prune_once(model: nn.Module, inputs: tuple[Any, ...], ratio: float, allo
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model)
-    ignored, num_heads, fix = _tp_setup(pruned)
+    with torch.no_grad():
+        classes = pruned.eval()(*inputs).shape[-1]
+    ignored, num_heads, fix = _tp_setup(pruned, classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MetaPruner(
