@@ -1,0 +1,157 @@
+"""Camera multi-task network: outputs, configs, fx/ONNX compilation, AP, training recipe."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from fxopt.models import camera_multitask as cm
+from fxopt.models.camera_eval import LazyMetrics, box_iou, image_box_ap
+
+import fxopt
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # two intra-op threads on a shared, busy CPU spin ten times the CPU time of one
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return cm.CameraMultitaskNet(cm.camera_config()).eval()
+
+
+def test_forward_returns_the_three_heads(model):
+    (x,) = cm._inputs(batch_size=2)
+    assert x.shape == (2, 3, 96, 160)
+    with torch.no_grad():
+        out = model(x)
+    assert list(out) == ["heatmap", "box", "seg"]
+    assert out["heatmap"].shape == (2, 3, 24, 40) and out["box"].shape == (2, 4, 24, 40)
+    assert out["seg"].shape == (2, 5, 96, 160)
+    # the heatmap starts near the 1% prior so the focal loss is balanced from step one
+    assert float(torch.sigmoid(out["heatmap"]).mean()) < 0.05
+
+
+def test_presets_overrides_and_errors():
+    hd = cm.camera_config("hd")
+    assert (hd.height, hd.width) == (384, 640) and cm._inputs(preset="hd")[0].shape == (1, 3, 384, 640)
+    assert cm.camera_config(widths=(8, 16, 24, 32, 48)).widths[0] == 8
+    with pytest.raises(fxopt.InputError, match="unknown camera_multitask preset"):
+        cm.camera_config("huge")
+    with pytest.raises(fxopt.InputError, match="multiple of 32"):
+        cm.camera_config(height=100)
+    with pytest.raises(fxopt.InputError, match="override"):
+        cm.camera_config(depth=3)
+
+
+def test_registered_spec():
+    from fxopt.models.registry import _SPECS
+
+    spec = _SPECS["camera_multitask"]
+    assert spec.presets == ("default", "hd") and spec.recipe is cm.RECIPE
+    assert isinstance(spec.build(), cm.CameraMultitaskNet)
+
+
+def test_traces_whole_and_compiles_for_xavier_verified_in_onnx_runtime(model):
+    inputs = cm._inputs(batch_size=2)
+    gm = fxopt.trace(model, inputs)
+    assert not fxopt.leaves_of(gm)
+    compiled = fxopt.compile(model, "xavier", example_inputs=inputs)
+    statuses = {r.name: r.status for r in compiled.report.passes}
+    assert statuses["fold_batchnorm"] == "applied"
+    onnx_info = compiled.report.onnx
+    assert onnx_info["opset"] == 17 and onnx_info["outputs"] == ["heatmap", "box", "seg"]
+    assert onnx_info["max_abs_error_vs_torch"] < 1e-4
+    assert set(onnx_info["op_types"]) <= {"Conv", "Relu", "Add", "Resize"}
+    # run the ONNX model ourselves on a fresh image
+    session = ort.InferenceSession(compiled.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    image = torch.rand(2, 3, 96, 160)
+    got = session.run(None, {session.get_inputs()[0].name: image.numpy()})
+    with torch.no_grad():
+        want = model(image)
+    for name, value in zip(onnx_info["outputs"], got):
+        np.testing.assert_allclose(value, want[name].numpy(), atol=1e-4, rtol=1e-3)
+
+
+def test_decode_detections_reads_peaks_and_boxes():
+    heatmap = torch.full((1, 3, 24, 40), -10.0)
+    box = torch.zeros(1, 4, 24, 40)
+    heatmap[0, 1, 5, 7] = 2.0  # a person centred in cell (x=7, y=5)
+    box[0, :, 5, 7] = torch.tensor([0.25, 0.5, math.log(2.0), math.log(5.0)])
+    heatmap[0, 1, 5, 8] = 1.0  # a weaker neighbour: not a 3x3 peak
+    (boxes, scores, labels), = cm.decode_detections({"heatmap": heatmap, "box": box})
+    assert labels.tolist() == [1]
+    assert scores.tolist() == pytest.approx([1 / (1 + math.exp(-2.0))])
+    # centre (7.25, 5.5) cells = (29, 22) px; size 8 x 20 px
+    assert boxes[0].tolist() == pytest.approx([25.0, 12.0, 33.0, 32.0])
+
+
+def test_image_box_ap_hand_computed():
+    gt_boxes = [torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), torch.tensor([[0.0, 0, 10, 10]])]
+    gt_labels = [torch.tensor([0, 0]), torch.tensor([1])]
+    detections = [
+        # image 0: a hit (0.9), a miss (0.8), a duplicate of the first box (0.7), the second box (0.6)
+        (torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 10], [20, 20, 30, 31]]),
+         torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([0, 0, 0, 0])),
+        # image 1: the right box with the wrong class, then with the right one
+        (torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]]), torch.tensor([0.95, 0.5]), torch.tensor([0, 1])),
+    ]
+    ap = image_box_ap(detections, gt_boxes, gt_labels, num_classes=2, class_names=("car", "person"))
+    # class 0 ranked: 0.95 FP, 0.9 TP, 0.8 FP, 0.7 FP (duplicate), 0.6 TP over 2 ground truths:
+    # recall 0.5 at precision 1/2, recall 1 at precision 2/5 -> AP = 0.5*0.5 + 0.5*0.4 = 0.45
+    assert ap["ap/car"] == pytest.approx(0.45)
+    assert ap["ap/person"] == pytest.approx(1.0)
+    assert ap["map"] == pytest.approx(0.725)
+    strict = image_box_ap(detections, gt_boxes, gt_labels, num_classes=2, iou_threshold=0.95)
+    assert strict["ap/0"] == pytest.approx(0.5 * 0.5)  # 10x11 vs 10x10 (IoU 10/11) now misses
+    assert box_iou(torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[1.0, 1, 3, 3], [5, 5, 6, 6]])).tolist() == [[pytest.approx(1 / 7), 0.0]]
+
+
+def test_lazy_metrics_computes_once():
+    calls = []
+    lazy = LazyMetrics(lambda: calls.append(1) or {"a": 1.0})
+    assert not calls
+    assert dict(lazy) == {"a": 1.0} and lazy["a"] == 1.0 and len(lazy) == 1
+    assert calls == [1]
+
+
+def test_training_smoke_loss_decreases():
+    torch.manual_seed(0)
+    model = cm.CameraMultitaskNet()
+    inputs, targets = cm.RECIPE.batch(0, torch.Generator().manual_seed(0))
+    optimiser = torch.optim.Adam(model.parameters(), lr=cm.RECIPE.lr)
+    losses = []
+    for _ in range(6):  # a few steps on one batch: the loss must fall
+        loss = cm.RECIPE.loss(model(*inputs), targets)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_chance_is_computed_from_constant_predictors():
+    chance = cm.chance()
+    assert set(chance) == {"seg_miou", "det_map50", "det_map75"}
+    assert 0.2 < chance["seg_miou"] < 0.5  # sky and road right, objects never
+    assert chance["det_map50"] < 0.05
+    assert dict(cm.RECIPE.chance) == chance
+
+
+@pytest.mark.slow
+def test_training_beats_chance():
+    result = fxopt.models.train("camera_multitask", progress=False)
+    chance = result.chance
+    assert result.metrics["seg_miou"] > max(0.7, chance["seg_miou"] + 0.3)
+    assert result.metrics["det_map50"] > max(0.6, chance["det_map50"] + 0.5)
+    assert result.losses[-1] < 0.3 * result.losses[0]
