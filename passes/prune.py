@@ -439,6 +439,7 @@ def apply_plan(gm: GraphModule, analysis: DependencyAnalysis, removed: np.ndarra
             _fix_module(root.get_submodule(path))
         _update_literals(graph, keep)
     new = GraphModule(root, graph, type(gm).__name__)
+    new.training = gm.training  # submodules keep their own modes (copied with them)
     new.meta.update({k: v for k, v in gm.meta.items() if k != "fxopt_tables"})
     new.meta["fxopt_tables"] = dict(gm.meta.get("fxopt_tables", {}))
     if mode == "meta":
@@ -483,7 +484,10 @@ class _Selector:
         step = self.alignment // math.gcd(self.alignment, width) if g.atom_width else 1
         if n < step:
             return n
-        k = int(round(k / step)) * step
+        # groups round at staggered points (a golden-ratio phase each), so the removed total
+        # grows smoothly with the knob instead of in steps of whole alignment blocks
+        phase = 0.5 if g.index in self.fixed else (g.index * 0.6180339887 + 0.5) % 1.0
+        k = int(math.floor(k / step + phase)) * step
         if k < min_keep:
             k = math.ceil(min_keep / step) * step
         return min(max(k, step), n)
