@@ -1,4 +1,4 @@
-"""The `fxopt` command line: compile a model from a factory, list targets and passes."""
+"""The `fxopt` command line: compile a model (a factory or a bundled model), list targets, passes, models."""
 
 from __future__ import annotations
 
@@ -69,13 +69,27 @@ def _example_inputs(shapes: Sequence[str], seed: int) -> tuple[torch.Tensor, ...
     return tuple(inputs)
 
 
+def _model_and_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    # MODULE:FACTORY needs --input-shape; a bundled model brings its own example inputs
+    if ":" not in args.model:
+        from fxopt import models
+
+        cfg = {"preset": args.preset} if args.preset else {}
+        torch.manual_seed(args.seed)
+        model = models.create(args.model, **cfg)
+        inputs = _example_inputs(args.input_shape, args.seed) if args.input_shape else models.example_inputs(args.model, **cfg)
+        return model, inputs
+    if args.preset:
+        raise InputError("--preset applies to bundled models (see `fxopt models`), not to MODULE:FACTORY")
+    if not args.input_shape:
+        raise InputError("give at least one --input-shape, e.g. --input-shape 1x3x224x224")
+    return load_factory(args.model), _example_inputs(args.input_shape, args.seed)
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     import fxopt
 
-    if not args.input_shape:
-        raise InputError("give at least one --input-shape, e.g. --input-shape 1x3x224x224")
-    model = load_factory(args.model)
-    inputs = _example_inputs(args.input_shape, args.seed)
+    model, inputs = _model_and_inputs(args)
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
     print(f"compiling {args.model} for {args.target} ...", file=sys.stderr)
     compiled = fxopt.compile(
@@ -108,12 +122,25 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from fxopt import models
+
+    for name in models.names():
+        model_spec = models.spec(name)
+        presets = f"presets: {', '.join(model_spec.presets)}" if model_spec.presets else ""
+        trainable = "trainable" if model_spec.recipe is not None else ""
+        print(f"{name:<20} {model_spec.summary}  {presets}  {trainable}".rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxopt", description="Compile PyTorch models for NVIDIA Jetson and ONNX Runtime.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile MODULE:FACTORY for a target")
-    c.add_argument("model", help="MODULE:FACTORY, a callable returning an nn.Module (e.g. torchvision.models:resnet18)")
+    c.add_argument("model", help="MODULE:FACTORY, a callable returning an nn.Module (e.g. torchvision.models:resnet18), "
+                   "or a bundled model name (see `fxopt models`)")
+    c.add_argument("--preset", default=None, help="a bundled model's preset, e.g. kitti for pointpillars")
     c.add_argument("--target", default="xavier", help="target name (see `fxopt targets`)")
     c.add_argument("--input-shape", action="append", default=[], help="example input shape, e.g. 1x3x224x224[:int64]; repeat per input")
     c.add_argument("--passes", default=None, help="comma-separated pass names (default: the target's pipeline)")
@@ -126,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_compile)
     sub.add_parser("targets", help="list targets").set_defaults(func=_cmd_targets)
     sub.add_parser("passes", help="list registered passes").set_defaults(func=_cmd_passes)
+    sub.add_parser("models", help="list bundled models").set_defaults(func=_cmd_models)
     return parser
 
 

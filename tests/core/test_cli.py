@@ -68,3 +68,30 @@ def test_parse_shape():
     for bad in ("1xax3", "0x3", "1x3:complex"):
         with pytest.raises(InputError):
             parse_shape(bad)
+
+
+def test_models_lists_the_bundled_models(tmp_path):
+    proc = run_cli("models", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    names = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert {"pointpillars", "camera_multitask", "motionnet", "safety_supervisor"} <= set(names)
+    assert "kitti" in next(line for line in proc.stdout.splitlines() if line.startswith("pointpillars"))
+
+
+def test_compile_a_bundled_model_by_name(tmp_path):
+    proc = run_cli("compile", "safety_supervisor", "--target", "xavier", "-o", "out", "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "xavier" and (tmp_path / "out" / "model.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("compile", "no_such_model"), "unknown model 'no_such_model'"),
+        (("compile", "my_models:small_net", "--preset", "kitti", "--input-shape", "1x3x8x8"), "--preset applies to bundled models"),
+    ],
+)
+def test_bundled_model_errors_are_one_line(factory_dir, args, message):
+    proc = run_cli(*args, "-q", cwd=factory_dir)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
