@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fxopt.models.metrics import bev_corners
 
 __all__ = [
     "CLASS_NAMES",
@@ -203,14 +204,15 @@ def _cast(origin_dirs: np.ndarray, boxes: np.ndarray, azimuth: np.ndarray, n_bea
     if len(boxes) == 0:
         return t_best, hit
     # azimuth span of each box (from its BEV corners; boxes never contain the sensor)
-    from fxopt.models.metrics import bev_corners
-
     corners = bev_corners(boxes)  # (K, 4, 2)
     centre_az = np.arctan2(boxes[:, 1], boxes[:, 0])
     ang = np.arctan2(corners[..., 1], corners[..., 0])
     rel = (ang - centre_az[:, None] + np.pi) % (2 * np.pi) - np.pi
-    lo = np.searchsorted(azimuth, centre_az + rel.min(axis=1), side="left")
-    hi = np.searchsorted(azimuth, centre_az + rel.max(axis=1), side="right")
+    first, last = centre_az + rel.min(axis=1), centre_az + rel.max(axis=1)
+    lo = np.searchsorted(azimuth, first, side="left")
+    hi = np.searchsorted(azimuth, last, side="right")
+    wraps = (first < -np.pi) | (last >= np.pi)  # a span across the -x axis: test every column
+    lo, hi = np.where(wraps, 0, lo), np.where(wraps, n_cols, hi)
     count = np.maximum(hi - lo, 0)
     box_of_col = np.repeat(np.arange(len(boxes)), count)
     col = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count) + np.repeat(lo, count)
@@ -545,10 +547,6 @@ def nearest_bev_iou(boxes_a: Any, boxes_b: Any) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
-def _limit_period(val: Any, offset: float = 0.0, period: float = math.pi) -> Any:
-    return val - torch.floor(val / period + offset) * period if isinstance(val, torch.Tensor) else val - np.floor(val / period + offset) * period
-
-
 def encode_boxes(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """SECOND residual encoding of boxes (..., 7) relative to anchors (..., 7).
 
@@ -577,7 +575,7 @@ def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
 
 def direction_bin(yaw: torch.Tensor) -> torch.Tensor:
     """Which half-turn the heading is in (0 or 1), with the `DIR_OFFSET` boundary."""
-    return (_limit_period(yaw - DIR_OFFSET, 0.0, 2 * math.pi) >= math.pi).long()
+    return (torch.remainder(yaw - DIR_OFFSET, 2 * math.pi) >= math.pi).long()
 
 
 def assign_targets(

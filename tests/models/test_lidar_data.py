@@ -46,7 +46,11 @@ def test_scene_is_deterministic_by_seed():
     assert a.points.shape[1] == 4 and a.boxes.shape[1] == 7 and a.boxes_with_class().shape[1] == 8
 
 
-@pytest.mark.parametrize("config", [SceneConfig(), SMALL.scene_config(max_range=35.0)])
+@pytest.mark.parametrize("config", [
+    SceneConfig(),
+    SMALL.scene_config(max_range=35.0),
+    SceneConfig(point_cloud_range=(-30.0, -30.0, -3.0, 30.0, 30.0, 1.0), max_range=40.0),  # all around
+])
 def test_points_lie_in_range_and_boxes_do_not_overlap(config):
     x0, y0, z0, x1, y1, z1 = config.point_cloud_range
     for seed in range(6):

@@ -95,6 +95,13 @@ def test_kitti_forward_runs():
     assert cls.shape == (1, 18, 248, 216) and torch.isfinite(box).all()
 
 
+@pytest.mark.slow
+def test_kitti_compiles_for_xavier_with_scatternd():
+    torch.manual_seed(0)
+    compiled = fxopt.compile(pp.build("kitti"), "xavier", example_inputs=pp.example_inputs("kitti"))
+    assert "ScatterND" in compiled.report.onnx["op_types"] and compiled.report.onnx["opset"] == 17
+
+
 def test_config_overrides_and_errors():
     assert pp.make_config(max_pillars=1000, pfn_channels=8).pillars.max_pillars == 1000
     with pytest.raises(fxopt.InputError, match="preset"):
