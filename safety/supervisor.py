@@ -219,6 +219,10 @@ class SafetySupervisor(nn.Module):
     - finally speed, acceleration and steering are clamped to the vehicle limits (a NaN command
       becomes a controlled stop).
 
+    Limits of the input: a sector reports its nearest return only, so an object close by hides a
+    farther one in the same sector (the lidar cannot see past it either); the path is the circle
+    of the commanded steering, and the vehicle drives forward only (reversing is out of scope).
+
     Deploy it in fp32 (``fxopt.compile(..., precision="fp32")``): an fp16 engine rounds the
     passed-through command (7.3 m/s becomes 7.30078), which breaks the bit-exact pass-through and
     can even raise the speed target above the input.

@@ -19,7 +19,7 @@ import pytest
 import torch
 from fxopt.safety.scenarios import example_batch
 from fxopt.safety.supervisor import SPEED_CEILING, SafetySupervisor, SupervisorConfig
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -80,8 +80,14 @@ def call(model, sectors, command, speed, health) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in out.items()}
 
 
-def obstacle_on_path(distance_fraction: np.ndarray, command: np.ndarray, speed: np.ndarray) -> np.ndarray:
-    """Sector distances with one obstacle per row on the steered path, inside the stopping envelope."""
+def obstacle_on_path(
+    distance_fraction: np.ndarray, command: np.ndarray, speed: np.ndarray, others: np.ndarray | None = None
+) -> np.ndarray:
+    """Sector distances with one obstacle per row on the steered path, inside the stopping envelope.
+
+    `others` fills the remaining sectors (default: empty). The obstacle's own sector is left to
+    it: a nearer object there would hide it (a sector reports its nearest return only).
+    """
     v = speed.astype(np.float64)
     d_stop = v * CFG.reaction_time + v * v / (2 * CFG.brake_decel) + CFG.margin
     d = distance_fraction * np.minimum(d_stop, R)
@@ -94,7 +100,7 @@ def obstacle_on_path(distance_fraction: np.ndarray, command: np.ndarray, speed: 
     y = np.where(np.abs(curvature) < 1e-9, 0.0, (1 - np.cos(turn)) / safe)
     bearing = np.arctan2(y, x)
     index = np.round(bearing / (2 * math.pi / S)).astype(int) % S
-    sectors = np.full((B, S), R, dtype=np.float32)
+    sectors = np.full((B, S), R, dtype=np.float32) if others is None else others.copy()
     sectors[np.arange(B), index[:, 0]] = d[:, 0]
     return sectors
 
@@ -170,9 +176,9 @@ flags = hnp.arrays(np.float32, (B, 3), elements=st.sampled_from([0.0, 1.0]))
     command=commands, speed=column(0.0, 2 * CFG.v_max), weights=scorer_weights, others=clutter, health=flags,
 )
 def test_obstacle_inside_envelope_never_accelerates_toward_it(eager, fraction, command, speed, weights, others, health):
-    # more obstacles elsewhere and flags down can only add caution
+    # more obstacles in other sectors and flags down can only add caution
     model = randomize_scorer(eager, *weights)
-    sectors = np.minimum(obstacle_on_path(fraction, command, speed), others)
+    sectors = obstacle_on_path(fraction, command, speed, others)
     check_brakes(call(model, sectors, command, speed, health), speed)
 
 
@@ -241,7 +247,7 @@ def test_compiled_clear_and_healthy_passes_through_bitwise(compiled, command, sp
 )
 def test_compiled_obstacle_inside_envelope_brakes(compiled, fraction, command, speed, weights, others, health):
     model = randomize_scorer(compiled.graph_module, *weights)
-    sectors = np.minimum(obstacle_on_path(fraction, command, speed), others)
+    sectors = obstacle_on_path(fraction, command, speed, others)
     check_brakes(call(model, sectors, command, speed, health), speed)
 
 
@@ -254,7 +260,6 @@ def test_compiled_outputs_bounded_and_never_more_aggressive(compiled, sectors, c
     check_flag_caps(out, health)
 
 
-@settings(max_examples=25)
 @given(
     clear_command=commands, clear_speed=column(0.0, SPEED_CEILING),
     fraction=hnp.arrays(np.float64, (B, 1), elements=st.floats(0.0, 0.99)),
