@@ -877,6 +877,19 @@ def _layer_norm_fn_rule(b: _Builder, node: Node) -> None:
             b.couple_same(param, node, [(len(_shape(param) or ()) - 1, last)])
 
 
+def _batch_norm_fn_rule(b: _Builder, node: Node) -> None:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, ...)``: per-channel tensors."""
+    x, out = node.args[0], _shape(node)
+    if out is None or _shape(x) is None or len(out) < 2:
+        b.freeze_all(node, "functional batch norm on an unbatched input")
+        return
+    b.couple_same(x, node)
+    for index, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        param = _arg(node, index, name)
+        if isinstance(param, Node):
+            b.couple_same(param, node, [(0, 1)])
+
+
 def _pad_rule(b: _Builder, node: Node) -> None:
     src, out, pad = _first_tensor(node), _shape(node), _arg(node, 1, "pad")
     if src is None or out is None or not isinstance(pad, (list, tuple)):
@@ -954,6 +967,7 @@ FUNCTION_RULES: dict[Any, Callable[[_Builder, Node], None]] = {
     F.scaled_dot_product_attention: _sdpa_rule,
     F.linear: _linear_fn_rule,
     F.layer_norm: _layer_norm_fn_rule,
+    F.batch_norm: _batch_norm_fn_rule,
     F.pad: _pad_rule,
     torch.roll: _roll_rule,
     F.adaptive_avg_pool2d: _channel_keeping_fn_rule,
@@ -1140,7 +1154,7 @@ def _groups(b: _Builder, atom_of: np.ndarray, prunable: np.ndarray) -> list[Prun
     by_sig: dict[tuple[int, ...], list[int]] = {}
     for atom, rs in signature.items():
         by_sig.setdefault(tuple(rs), []).append(atom)
-    members = _members(b, atom_of)
+    members = _members(b, atom_of, prunable)
     groups = []
     for index, (rs, atoms) in enumerate(sorted(by_sig.items(), key=lambda kv: min(kv[1]))):
         width = widths[(atoms[0], rs[0])]
@@ -1156,11 +1170,16 @@ def _groups(b: _Builder, atom_of: np.ndarray, prunable: np.ndarray) -> list[Prun
     return groups
 
 
-def _members(b: _Builder, atom_of: np.ndarray) -> dict[int, set[str]]:
+def _members(b: _Builder, atom_of: np.ndarray, prunable: np.ndarray) -> dict[int, set[str]]:
+    """Prunable atom -> names of the nodes whose outputs hold it."""
+    names = [key[0] for key in b.spaces]
+    sizes = np.fromiter((size for _, size in b.spaces.values()), dtype=np.int64, count=len(names))
+    space_of = np.repeat(np.arange(len(names)), sizes)
+    live = prunable[atom_of]
+    pairs = np.unique(atom_of[live] * len(names) + space_of[live])
     out: dict[int, set[str]] = {}
-    for (name, _, _), (offset, size) in b.spaces.items():
-        for atom in np.unique(atom_of[offset:offset + size]).tolist():
-            out.setdefault(atom, set()).add(name)
+    for atom, space in zip((pairs // len(names)).tolist(), (pairs % len(names)).tolist()):
+        out.setdefault(atom, set()).add(names[space])
     return out
 
 
