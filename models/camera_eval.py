@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from fxopt.models.metrics import average_precision
 
-__all__ = ["LazyMetrics", "box_iou", "image_box_ap"]
+__all__ = ["Detections", "LazyMetrics", "box_iou", "image_box_ap"]
 
 Detections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # boxes (N,4), scores (N,), labels (N,)
 

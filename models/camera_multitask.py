@@ -29,7 +29,7 @@ from fxopt.models.camera_data import (
     CameraDataConfig,
     generate_camera_batch,
 )
-from fxopt.models.camera_eval import LazyMetrics, image_box_ap
+from fxopt.models.camera_eval import Detections, LazyMetrics, image_box_ap
 from fxopt.models.metrics import segmentation_miou
 from fxopt.models.registry import ModelSpec, TrainingRecipe, register_model
 from torch import nn
@@ -37,8 +37,8 @@ from torch import nn
 from fxopt.errors import InputError
 
 __all__ = [
-    "CameraMultitaskConfig", "CameraMultitaskNet", "camera_config", "decode_detections",
-    "multitask_loss", "PRESETS",
+    "PRESETS", "RECIPE", "CameraMultitaskConfig", "CameraMultitaskNet", "build", "camera_config", "chance",
+    "decode_detections", "eval_set", "evaluate", "example_inputs", "multitask_loss",
 ]
 
 STRIDE = 4  # the detection head's FPN level
@@ -204,7 +204,7 @@ class CameraMultitaskNet(nn.Module):
 
 def decode_detections(
     outputs: dict[str, torch.Tensor], top_k: int = 40, score_threshold: float = 0.05
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> list[Detections]:
     """Boxes from the detection head: heatmap peaks (3x3 max) and their box values.
 
     Args:
@@ -249,7 +249,7 @@ def multitask_loss(outputs: dict[str, torch.Tensor], batch: CameraBatch) -> torc
 
 # --- training recipe -------------------------------------------------------------------------
 
-DATA = CameraDataConfig()
+DATA = CameraDataConfig(stride=STRIDE)  # dense targets for the detection head's level
 TRAIN_BATCH = 8
 EVAL_IMAGES = 48
 EVAL_SEED = 10_007  # the held-out set; training draws from the train() seed's generator
@@ -261,7 +261,7 @@ def eval_set() -> CameraBatch:
     return generate_camera_batch(EVAL_IMAGES, DATA, seed=EVAL_SEED)
 
 
-def _scores(seg_pred: torch.Tensor, detections: list, data: CameraBatch) -> dict[str, float]:
+def _scores(seg_pred: torch.Tensor, detections: list[Detections], data: CameraBatch) -> dict[str, float]:
     miou = segmentation_miou(seg_pred, data.segmentation, len(SEG_CLASSES))["miou"]
     ap50, ap75 = (
         image_box_ap(detections, data.boxes, data.labels, len(CAMERA_CLASSES), iou)["map"] for iou in (0.5, 0.75)
@@ -309,19 +309,21 @@ RECIPE = TrainingRecipe(
 )
 
 
-def _build(**cfg: Any) -> CameraMultitaskNet:
+def build(**cfg: Any) -> CameraMultitaskNet:
+    """A `CameraMultitaskNet` of `camera_config(**cfg)` (random weights; seed torch first)."""
     return CameraMultitaskNet(camera_config(**cfg))
 
 
-def _inputs(batch_size: int = 1, **cfg: Any) -> tuple[torch.Tensor]:
+def example_inputs(batch_size: int = 1, **cfg: Any) -> tuple[torch.Tensor]:
+    """One random input batch for `build(**cfg)`."""
     config = camera_config(**cfg)
     return (torch.rand(batch_size, config.in_channels, config.height, config.width),)
 
 
 register_model(ModelSpec(
     name="camera_multitask",
-    build=_build,
-    inputs=_inputs,
+    build=build,
+    inputs=example_inputs,
     summary="camera CNN + FPN with CenterNet detection and segmentation heads (3x96x160)",
     presets=tuple(PRESETS),
     recipe=RECIPE,

@@ -36,7 +36,10 @@ from torch import nn
 
 from fxopt.errors import InputError
 
-__all__ = ["MotionNet", "MotionNetConfig", "PRESETS", "motion_loss", "motionnet_config"]
+__all__ = [
+    "PRESETS", "RECIPE", "MotionNet", "MotionNetConfig", "build", "chance", "eval_set", "evaluate",
+    "example_inputs", "motion_loss", "motionnet_config",
+]
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class MotionNetConfig:
     """Sizes of the BEV network.
 
     Attributes:
-        frames: input frames T.
+        frames: input frames T of the example inputs (the network takes any T).
         height_bins: occupancy channels per frame (None: input (B, T, H, W), one channel).
         grid: cells per side (a multiple of 8).
         channels: features at full, 1/2, 1/4 and 1/8 resolution.
@@ -87,26 +90,21 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 class SpatioTemporalBlock(nn.Module):
     """Per-frame 3x3 conv (optionally strided) then a temporal 3x1x1 conv, on (B, C, T, H, W).
 
-    The temporal conv runs as a (3, 1) Conv2d over (T, H*W): the same function as a 3x1x1
-    Conv3d, several times faster on CPU and a plain 2D conv for TensorRT. The reshapes use the
-    configured sizes (only the batch is free), so the ONNX graph has constant shapes.
+    Both are Conv3d with BatchNorm3d, so the block needs no reshape: any T, static ONNX shapes,
+    and channel pruning sees plain conv -> BN chains.
     """
 
-    def __init__(self, cin: int, cout: int, frames: int, grid: int, stride: int = 1) -> None:
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()
-        # (C, T, H, W) of the output, to fold (H, W) into one axis for the temporal conv and back
-        self.shape = (cout, frames, grid // stride, grid // stride)
         self.spatial = nn.Sequential(
             nn.Conv3d(cin, cout, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True)
         )
         self.temporal = nn.Sequential(
-            nn.Conv2d(cout, cout, (3, 1), 1, (1, 0), bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+            nn.Conv3d(cout, cout, (3, 1, 1), 1, (1, 0, 0), bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c, t, h, w = self.shape
-        y = self.temporal(self.spatial(x).reshape(-1, c, t, h * w))
-        return y.reshape(-1, c, t, h, w)
+        return self.temporal(self.spatial(x))
 
 
 class UpBlock(nn.Module):
@@ -127,7 +125,7 @@ def _head(cin: int, cout: int) -> nn.Sequential:
 class MotionNet(nn.Module):
     """Spatio-temporal pyramid encoder + U-Net + category / motion / state heads.
 
-    ``forward(occupancy)`` (``frames`` grids of ``grid x grid``) returns ``{"category": (B,K,H,W) logits, "motion": (B,2,H,W)
+    ``forward(occupancy)`` (a sequence of any length) returns ``{"category": (B,K,H,W) logits, "motion": (B,2,H,W)
     displacements (dx, dy) in cells, "state": (B,2,H,W) static/moving logits}``.
     """
 
@@ -135,9 +133,8 @@ class MotionNet(nn.Module):
         super().__init__()
         self.config = config or MotionNetConfig()
         c0, c1, c2, c3 = self.config.channels
-        frames, grid = self.config.frames, self.config.grid
-        self.st1 = SpatioTemporalBlock(self.config.height_bins or 1, c0, frames, grid)
-        self.st2 = SpatioTemporalBlock(c0, c1, frames, grid, stride=2)
+        self.st1 = SpatioTemporalBlock(self.config.height_bins or 1, c0)
+        self.st2 = SpatioTemporalBlock(c0, c1, stride=2)
         self.down3 = nn.Sequential(conv_bn_relu(c1, c2, stride=2), conv_bn_relu(c2, c2))
         self.down4 = nn.Sequential(conv_bn_relu(c2, c3, stride=2), conv_bn_relu(c3, c3))
         self.up3 = UpBlock(c3, c2, c2)
@@ -235,11 +232,13 @@ RECIPE = TrainingRecipe(
 )
 
 
-def _build(**cfg: Any) -> MotionNet:
+def build(**cfg: Any) -> MotionNet:
+    """A `MotionNet` of `motionnet_config(**cfg)` (random weights; seed torch first)."""
     return MotionNet(motionnet_config(**cfg))
 
 
-def _inputs(batch_size: int = 1, **cfg: Any) -> tuple[torch.Tensor]:
+def example_inputs(batch_size: int = 1, **cfg: Any) -> tuple[torch.Tensor]:
+    """One random input batch for `build(**cfg)`."""
     c = motionnet_config(**cfg)
     shape = (batch_size, c.frames) + ((c.height_bins,) if c.height_bins is not None else ()) + (c.grid, c.grid)
     return ((torch.rand(shape) < 0.05).float(),)
@@ -247,8 +246,8 @@ def _inputs(batch_size: int = 1, **cfg: Any) -> tuple[torch.Tensor]:
 
 register_model(ModelSpec(
     name="motionnet",
-    build=_build,
-    inputs=_inputs,
+    build=build,
+    inputs=example_inputs,
     summary="MotionNet-style BEV net: 5 frames of 4x64x64 occupancy -> per-cell category, motion, state",
     presets=tuple(PRESETS),
     recipe=RECIPE,

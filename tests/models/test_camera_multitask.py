@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import math
 
 import numpy as np
@@ -23,6 +25,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("module", ("camera_data", "camera_eval", "camera_multitask"))
+def test_doctests(module):
+    result = doctest.testmod(importlib.import_module(f"fxopt.models.{module}"))
+    assert result.attempted > 0 and result.failed == 0
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -30,7 +38,7 @@ def model():
 
 
 def test_forward_returns_the_three_heads(model):
-    (x,) = cm._inputs(batch_size=2)
+    (x,) = cm.example_inputs(batch_size=2)
     assert x.shape == (2, 3, 96, 160)
     with torch.no_grad():
         out = model(x)
@@ -43,7 +51,7 @@ def test_forward_returns_the_three_heads(model):
 
 def test_presets_overrides_and_errors():
     hd = cm.camera_config("hd")
-    assert (hd.height, hd.width) == (384, 640) and cm._inputs(preset="hd")[0].shape == (1, 3, 384, 640)
+    assert (hd.height, hd.width) == (384, 640) and cm.example_inputs(preset="hd")[0].shape == (1, 3, 384, 640)
     assert cm.camera_config(widths=(8, 16, 24, 32, 48)).widths[0] == 8
     with pytest.raises(fxopt.InputError, match="unknown camera_multitask preset"):
         cm.camera_config("huge")
@@ -62,7 +70,7 @@ def test_registered_spec():
 
 
 def test_traces_whole_and_compiles_for_xavier_verified_in_onnx_runtime(model):
-    inputs = cm._inputs(batch_size=2)
+    inputs = cm.example_inputs(batch_size=2)
     gm = fxopt.trace(model, inputs)
     assert not fxopt.leaves_of(gm)
     compiled = fxopt.compile(model, "xavier", example_inputs=inputs)
@@ -155,3 +163,12 @@ def test_training_beats_chance():
     assert result.metrics["seg_miou"] > max(0.7, chance["seg_miou"] + 0.3)
     assert result.metrics["det_map50"] > max(0.6, chance["det_map50"] + 0.5)
     assert result.losses[-1] < 0.3 * result.losses[0]
+
+
+@pytest.mark.slow
+def test_hd_preset_compiles_for_xavier():
+    torch.manual_seed(0)
+    model = cm.build(preset="hd").eval()
+    compiled = fxopt.compile(model, "xavier", example_inputs=cm.example_inputs(preset="hd"))
+    assert compiled.report.onnx["opset"] == 17 and compiled.report.onnx["outputs"] == ["heatmap", "box", "seg"]
+    assert compiled.report.onnx["max_abs_error_vs_torch"] < 1e-3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import math
 
 import numpy as np
@@ -23,6 +25,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("module", ("bev_sequence_data", "motionnet"))
+def test_doctests(module):
+    result = doctest.testmod(importlib.import_module(f"fxopt.models.{module}"))
+    assert result.attempted > 0 and result.failed == 0
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -30,7 +38,7 @@ def model():
 
 
 def test_forward_returns_per_cell_heads(model):
-    (x,) = mn._inputs(batch_size=2)
+    (x,) = mn.example_inputs(batch_size=2)
     assert x.shape == (2, 5, 4, 64, 64)
     with torch.no_grad():
         out = model(x)
@@ -50,11 +58,13 @@ def test_temporal_conv_sees_the_frame_order(model):
 def test_single_channel_grids_and_other_sizes():
     cfg = {"height_bins": None, "grid": 32, "frames": 7, "channels": (8, 8, 16, 16)}
     net = mn.MotionNet(mn.motionnet_config(**cfg)).eval()
-    (x,) = mn._inputs(batch_size=3, **cfg)
+    (x,) = mn.example_inputs(batch_size=3, **cfg)
     assert x.shape == (3, 7, 32, 32)
     with torch.no_grad():
         out = net(x)
     assert out["category"].shape == (3, 3, 32, 32) and out["motion"].shape == (3, 2, 32, 32)
+    with torch.no_grad():
+        assert net(x[:, :4])["state"].shape == (3, 2, 32, 32)  # any sequence length runs
 
 
 def test_presets_overrides_and_errors():
@@ -77,7 +87,7 @@ def test_registered_spec():
 
 
 def test_traces_whole_and_compiles_for_xavier_verified_in_onnx_runtime(model):
-    inputs = mn._inputs(batch_size=2)
+    inputs = mn.example_inputs(batch_size=2)
     gm = fxopt.trace(model, inputs)
     assert not fxopt.leaves_of(gm)
     compiled = fxopt.compile(model, "xavier", example_inputs=inputs)
@@ -88,7 +98,7 @@ def test_traces_whole_and_compiles_for_xavier_verified_in_onnx_runtime(model):
     assert onnx_info["opset"] == 17 and onnx_info["outputs"] == ["category", "motion", "state"]
     assert onnx_info["max_abs_error_vs_torch"] < 1e-4
     assert {"Conv", "ReduceMax", "Resize", "Concat"} <= set(onnx_info["op_types"])
-    assert "Shape" not in onnx_info["op_types"]  # static reshapes: nothing computed from shapes
+    assert "Shape" not in onnx_info["op_types"] and "Reshape" not in onnx_info["op_types"]
     session = ort.InferenceSession(compiled.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = generate_bev_batch(2, seed=1).occupancy
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
@@ -148,3 +158,12 @@ def test_training_beats_chance():
     assert m["state_acc_foreground"] > chance["state_acc_foreground"] + 0.2
     assert m["motion_error"] < 0.6 * chance["motion_error"]
     assert m["motion_error_moving"] < 0.6 * chance["motion_error_moving"]
+
+
+@pytest.mark.slow
+def test_full_preset_compiles_for_xavier():
+    torch.manual_seed(0)
+    model = mn.build(preset="full").eval()
+    compiled = fxopt.compile(model, "xavier", example_inputs=mn.example_inputs(preset="full"))
+    assert compiled.report.onnx["opset"] == 17 and compiled.report.onnx["outputs"] == ["category", "motion", "state"]
+    assert compiled.report.onnx["max_abs_error_vs_torch"] < 1e-3
