@@ -1,0 +1,86 @@
+"""Every built-in registered pass is run through `check_pass` on drawn models.
+
+The pass list comes from the registry, so a new pass cannot slip in untested: it is checked
+with its default construction, or with an entry in `PASS_SETUPS` when it needs options or data.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+import fxopt
+from fxopt.registry import registered_passes
+from fxopt.testing import check_pass
+from fxopt.testing.strategies import models
+
+
+@dataclass(frozen=True)
+class PassSetup:
+    """How to exercise one pass: a factory of fresh instances, context options, models to draw.
+
+    Attributes:
+        factory: returns a fresh pass (None: ``fxopt.create_pass(name)``).
+        options: example inputs -> compile-context options (e.g. calibration data).
+        strategy: the models to draw (default: every family).
+        atol: for lossy passes, the largest deviation accepted (None: only reported).
+    """
+
+    factory: Callable[[], Any] | None = None
+    options: Callable[[tuple[Any, ...]], dict[str, Any]] = field(default=lambda inputs: {})
+    strategy: Callable[[], st.SearchStrategy[Any]] = models
+    atol: float | None = None
+
+
+# Passes that need options or data; every other built-in pass is built with no arguments.
+PASS_SETUPS: dict[str, PassSetup] = {
+    "prune": PassSetup(factory=functools.partial(fxopt.create_pass, "prune", amount=0.3)),
+    "quantize": PassSetup(options=lambda inputs: {"calib_data": [inputs]}),
+}
+
+
+def builtin_pass_names() -> list[str]:
+    """Registered passes that ship with fxopt (user passes registered by other tests excluded)."""
+    return sorted(name for name, cls in registered_passes().items() if cls.__module__.startswith("fxopt.passes."))
+
+
+def make_pass(name: str) -> Any:
+    setup = PASS_SETUPS.get(name)
+    return setup.factory() if setup is not None and setup.factory is not None else fxopt.create_pass(name)
+
+
+def test_every_builtin_pass_is_registered_by_name():
+    names = builtin_pass_names()
+    assert {"canonicalize", "eliminate_dead_code", "fold_batchnorm"} <= set(names)
+    assert set(names) <= set(fxopt.pass_names())
+
+
+@pytest.mark.parametrize("name", builtin_pass_names())
+def test_pass_constructs_by_default_or_has_a_setup(name):
+    try:
+        the_pass = make_pass(name)
+    except Exception as exc:  # noqa: BLE001 - the point is to name the pass and what to do
+        pytest.fail(
+            f"registered pass '{name}' cannot be built with no options ({type(exc).__name__}: {exc}); "
+            f"add an entry for it to PASS_SETUPS in {__file__}"
+        )
+    assert the_pass.name == name
+
+
+@pytest.mark.parametrize("name", builtin_pass_names())
+def test_pass_keeps_its_contract_on_drawn_models(name):
+    setup = PASS_SETUPS.get(name, PassSetup())
+
+    @given(setup.strategy())
+    def contract(drawn):
+        model, inputs = drawn
+        result = check_pass(lambda: make_pass(name), model, inputs, atol=setup.atol, **setup.options(inputs))
+        event(f"{name}: {result.record.status}")
+
+    contract()
