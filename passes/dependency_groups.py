@@ -783,7 +783,7 @@ def _tensor_index_rule(b: _Builder, src: Node, node: Node, index: Any) -> None:
             b.freeze(b.space(src, d_in), "integer index")
             d_in += 1
         else:
-            whole = item == slice(None) or (item.start in (None, 0) and item.step in (None, 1) and item.stop is not None and item.stop >= ins[d_in])
+            whole = _is_whole_slice(item, ins[d_in])
             if whole:
                 b.couple(b.space(src, d_in), b.space(node, d_out))
             else:
@@ -791,6 +791,11 @@ def _tensor_index_rule(b: _Builder, src: Node, node: Node, index: Any) -> None:
                 b.freeze(b.space(node, d_out), "sliced dimension")
             d_in += 1
             d_out += 1
+
+
+def _is_whole_slice(item: slice, size: int) -> bool:
+    ints = all(v is None or type(v) is int for v in (item.start, item.stop, item.step))
+    return ints and item.start in (None, 0) and item.step in (None, 1) and (item.stop is None or item.stop >= size)
 
 
 def _reduce_rule(b: _Builder, node: Node) -> None:

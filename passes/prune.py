@@ -701,6 +701,11 @@ class PruneChannels(FxoptPass):
         ctx = current_context()
         s = self.settings
         alignment = s.round_to or ctx.target.alignment(ctx.precision)
+        if not any("tensor_meta" in n.meta for n in graph_module.graph.nodes):
+            raise InputError(
+                "PruneChannels needs shapes on the graph: trace the model with fxopt.trace(model, "
+                "example_inputs) (or run it through fxopt.compile)"
+            )
         analysis = analyze_dependencies(graph_module, ignore=s.ignore)
         self.analysis = analysis
         calib = ctx.options.get("calib_data")

@@ -295,3 +295,53 @@ def test_space_graph_components_cover_couplings():
     gm, a = _analyze(Concat(), torch.randn(1, 3, 4, 4))
     g = a.space_graph
     assert g.has_edge(("a", 0, 1), ("cat", 0, 1)) and g.edges[("a", 0, 1), ("cat", 0, 1)]["kind"] == "concat"
+
+
+class FunctionalNorms(nn.Module):
+    """timm-style functional batch norm on its own tensors, and a layer-scale parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.weight = nn.Parameter(torch.rand(8) + 0.5)
+        self.bias = nn.Parameter(torch.randn(8))
+        self.register_buffer("mean", torch.randn(8))
+        self.register_buffer("var", torch.rand(8) + 0.5)
+        self.scale = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = F.batch_norm(self.conv(x), self.mean, self.var, self.weight, self.bias, False, 0.1, 1e-5)
+        return self.out(y * self.scale)
+
+
+def test_functional_norm_and_layer_scale_tensors_are_sliced():
+    gm, a = _analyze(FunctionalNorms(), torch.randn(1, 3, 4, 4))
+    assert _groups(a) == [(("conv",), 8)]
+    sliced = _check_sliced(gm, a, _remove_first(a, 0, 3), torch.randn(1, 3, 4, 4))
+    assert sliced.weight.shape == (5,) and sliced.var.shape == (5,) and sliced.scale.shape == (1, 5, 1, 1)
+    assert isinstance(sliced.weight, nn.Parameter) and not isinstance(sliced.var, nn.Parameter)
+
+
+def test_unknown_op_freezes_what_it_touches():
+    class Unknown(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(8, 8, 1)
+            self.c = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.c(torch.cumsum(self.b(self.a(x)), dim=1))
+
+    gm, a = _analyze(Unknown(), torch.randn(1, 3, 4, 4))
+    assert _groups(a) == [(("a",), 8)]  # b feeds cumsum (channels mix): frozen, never guessed
+    assert any("unknown op cumsum" in r for r in a.frozen_reasons().values())
+
+
+def test_pruning_needs_shapes():
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    from fxopt.passes import PruneChannels
+
+    with pytest.raises(fxopt.InputError, match="fxopt.trace"):
+        PruneChannels(amount=0.5)(gm)
