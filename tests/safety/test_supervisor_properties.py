@@ -53,11 +53,12 @@ scorer_weights = st.tuples(st.integers(0, 2**31 - 1), st.floats(0.01, 100.0))
 def randomize_scorer(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
     """Give every Linear of `model` (eager or compiled graph) random weights of std `scale`."""
     generator = torch.Generator().manual_seed(seed)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 2, "the risk scorer's two Linear layers should survive compilation"
     with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, torch.nn.Linear):
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * scale)
-                layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * scale)
+        for layer in layers:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * scale)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * scale)
     return model
 
 
