@@ -26,8 +26,9 @@ def run(out_dir: str, target: str = "xavier", names: Sequence[str] = DEMO_MODELS
         torch.manual_seed(0)
         model = models.create(name)
         inputs = models.example_inputs(name)
+        precision = models.spec(name).precision
         print(f"\n=== {name} ===", flush=True)
-        compiled = fxopt.compile(model, target, example_inputs=inputs, progress=sys.stderr.isatty())
+        compiled = fxopt.compile(model, target, example_inputs=inputs, precision=precision, progress=sys.stderr.isatty())
         print(compiled.report)
         folder = os.path.join(out_dir, name)
         compiled.save(folder)

@@ -40,6 +40,8 @@ class ModelSpec:
         summary: one line for listings.
         presets: names accepted as ``preset=`` (the small default config is always available).
         recipe: how `fxopt.models.train` trains it on generated data (None: not trainable here).
+        precision: the precision it must be deployed at, whatever the target's default
+            (``None``: the target's); e.g. fp32 for a supervisor whose pass-through must be exact.
     """
 
     name: str
@@ -48,6 +50,7 @@ class ModelSpec:
     summary: str = ""
     presets: tuple[str, ...] = ()
     recipe: TrainingRecipe | None = None
+    precision: str | None = None
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from fxopt.models.registry import spec
 from torch import nn
 
 from fxopt.errors import InputError
-from fxopt.models.registry import spec
 
 __all__ = ["TrainResult", "train"]
 
@@ -82,11 +82,11 @@ def train(
         inputs, targets = recipe.batch(step, generator)
         loss = recipe.loss(net(*inputs), targets)
         if not torch.isfinite(loss):
-            raise InputError(f"training '{name}' diverged at step {step} (loss {float(loss)})")
+            raise InputError(f"training '{name}' diverged at step {step} (loss {float(loss.detach())})")
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if show:
             iterator.set_postfix(loss=f"{losses[-1]:.4f}")
     elapsed = time.perf_counter() - start

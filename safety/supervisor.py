@@ -541,6 +541,7 @@ SPEC = register_model(ModelSpec(
     build=_build,
     inputs=_example_inputs,
     summary="safety cerebellum: stopping-envelope and health rules + tiny learned risk scorer (pass-through or more conservative)",
+    precision="fp32",  # fp16 would round the command it must pass through bit for bit
     recipe=TrainingRecipe(
         batch=_recipe_batch,
         loss=_recipe_loss,
