@@ -90,10 +90,15 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     import fxopt
 
     model, inputs = _model_and_inputs(args)
+    precision = args.precision
+    if precision is None and ":" not in args.model:
+        from fxopt import models
+
+        precision = models.spec(args.model).precision  # e.g. fp32 for the safety supervisor
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
     print(f"compiling {args.model} for {args.target} ...", file=sys.stderr)
     compiled = fxopt.compile(
-        model, args.target, example_inputs=inputs, passes=passes, precision=args.precision,
+        model, args.target, example_inputs=inputs, passes=passes, precision=precision,
         strict=args.strict, progress=not args.quiet,
     )
     print(compiled.report)

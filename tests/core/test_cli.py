@@ -83,6 +83,7 @@ def test_compile_a_bundled_model_by_name(tmp_path):
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["target"]["name"] == "xavier" and (tmp_path / "out" / "model.onnx").stat().st_size > 0
+    assert manifest["precision"] == "fp32"  # the supervisor's deployment precision, not xavier's fp16
 
 
 @pytest.mark.parametrize(
