@@ -77,22 +77,19 @@ def test_kitti_preset_matches_the_published_config():
     assert [tuple(o.shape) for o in out] == [(1, 18, 248, 216), (1, 42, 248, 216), (1, 12, 248, 216)]
 
 
-def test_kitti_example_inputs_are_full_size_and_valid():
+def test_kitti_example_inputs_are_full_size_and_run():
     features, indices = pp.example_inputs("kitti")
     assert features.shape == (1, 12000, 32, 9) and indices.shape == (1, 12000)
     cells = 432 * 496
     real = indices[0] < cells
     assert real.sum() > 5000
     assert len(set(indices[0].tolist())) == 12000 and (indices[0] < cells + 12000).all()
-
-
-@pytest.mark.slow
-def test_kitti_forward_runs():
     torch.manual_seed(0)
     model = pp.build("kitti").eval()
-    with torch.no_grad():
-        cls, box, direction = model(*pp.example_inputs("kitti"))
-    assert cls.shape == (1, 18, 248, 216) and torch.isfinite(box).all()
+    with torch.no_grad():  # about 3 s on one core
+        cls, box, direction = model(features, indices)
+    assert cls.shape == (1, 18, 248, 216) and direction.shape == (1, 12, 248, 216)
+    assert torch.isfinite(box).all()
 
 
 @pytest.mark.slow
