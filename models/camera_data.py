@@ -34,7 +34,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -106,11 +106,11 @@ class CameraBatch:
     images: torch.Tensor
     segmentation: torch.Tensor
     instances: torch.Tensor
-    boxes: list[torch.Tensor] = field(default_factory=list)
-    labels: list[torch.Tensor] = field(default_factory=list)
-    heatmap: torch.Tensor | None = None
-    box_target: torch.Tensor | None = None
-    box_mask: torch.Tensor | None = None
+    boxes: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    heatmap: torch.Tensor
+    box_target: torch.Tensor
+    box_mask: torch.Tensor
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -120,6 +120,11 @@ def _uniform(generator: torch.Generator, low: float, high: float) -> float:
 def _randint(generator: torch.Generator, low: int, high: int) -> int:
     """An integer in [low, high] (inclusive)."""
     return int(torch.randint(low, high + 1, (), generator=generator))
+
+
+def _pixel_centres(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, 1) row and (1, W) column coordinates of the pixel centres."""
+    return torch.arange(h, dtype=torch.float32).view(h, 1) + 0.5, torch.arange(w, dtype=torch.float32).view(1, w) + 0.5
 
 
 def _background(config: CameraDataConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -148,8 +153,7 @@ def _background(config: CameraDataConfig, generator: torch.Generator) -> tuple[t
 def _add_distractors(image: torch.Tensor, segmentation: torch.Tensor, horizon: int, config: CameraDataConfig, generator: torch.Generator) -> None:
     """Background clutter: buildings on the horizon, bushes below it (segmentation 0)."""
     h, w = config.height, config.width
-    ys = torch.arange(h, dtype=torch.float32).view(h, 1) + 0.5
-    xs = torch.arange(w, dtype=torch.float32).view(1, w) + 0.5
+    ys, xs = _pixel_centres(h, w)
     for _ in range(_randint(generator, 0, config.max_distractors)):
         cx = _uniform(generator, 0, w)
         if float(torch.rand((), generator=generator)) < 0.5:  # a building standing on the horizon
@@ -167,8 +171,7 @@ def _add_distractors(image: torch.Tensor, segmentation: torch.Tensor, horizon: i
 def _shape_mask(label: int, box: tuple[int, int, int, int], h: int, w: int) -> torch.Tensor:
     """(H, W) bool pixels of an object: a rectangle for cars, an inscribed ellipse otherwise."""
     x1, y1, x2, y2 = box
-    ys = torch.arange(h, dtype=torch.float32).view(h, 1) + 0.5
-    xs = torch.arange(w, dtype=torch.float32).view(1, w) + 0.5
+    ys, xs = _pixel_centres(h, w)
     inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
     if label == 0:
         return inside
@@ -181,7 +184,7 @@ def _paint(image: torch.Tensor, mask: torch.Tensor, label: int, box: tuple[int, 
     colour = torch.tensor(_OBJECT_STYLE[label][2]) + 0.08 * torch.randn(3, generator=generator)
     image[:, mask] = colour.view(3, 1).clamp(0, 1)
     x1, y1, x2, y2 = box
-    if label == 0:  # a dark window band across the upper third
+    if label == 0:  # a dark window band in the upper half
         band = mask.clone()
         band[: y1 + (y2 - y1) // 4] = False
         band[y1 + (y2 - y1) // 2 :] = False
