@@ -55,9 +55,17 @@ def _accumulate(analysis: DependencyAnalysis, scores: np.ndarray, pd: ParamDim, 
 
 def _magnitude(gm: GraphModule, analysis: DependencyAnalysis, p: int, kinds: Sequence[str] = _SCORED_KINDS) -> np.ndarray:
     scores = np.zeros(analysis.num_atoms)
+    by_tensor: dict[tuple[str, str, bool], list[ParamDim]] = {}
     for pd in analysis.param_dims:
         if pd.kind in kinds:
-            _accumulate(analysis, scores, pd, _slice_norms(param_tensor(gm, pd), pd.dim, p))
+            by_tensor.setdefault((pd.owner, pd.name, pd.kind == "tensor"), []).append(pd)
+    for pds in by_tensor.values():
+        t = param_tensor(gm, pds[0]).detach().float()
+        powered = t.abs() if p == 1 else t * t  # once per tensor, summed along each coupled dim
+        for pd in pds:
+            others = [d for d in range(t.dim()) if d != pd.dim]
+            values = powered.sum(dim=others) if others else powered
+            _accumulate(analysis, scores, pd, values.cpu().numpy().astype(np.float64))
     return scores
 
 

@@ -366,7 +366,7 @@ def _update_literals(graph: torch.fx.Graph, keep: _Keep) -> None:
                 update(node, keep)
 
 
-def _set_meta_shapes(gm: GraphModule, keep: _Keep) -> None:
+def _set_meta_shapes(gm: nn.Module, keep: _Keep) -> None:
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if output_shapes(node) is None:
@@ -412,7 +412,7 @@ def _insert_masks(root: nn.Module, graph: torch.fx.Graph, keep: _Keep) -> None:
         node.replace_all_uses_with(masked, delete_user_cb=lambda user, m=masked: user is not m)
 
 
-def apply_plan(gm: GraphModule, analysis: DependencyAnalysis, removed: np.ndarray, mode: str = "slice") -> GraphModule:
+def apply_plan(gm: GraphModule, analysis: DependencyAnalysis, removed: np.ndarray, mode: str = "slice") -> GraphModule | ShapeOnlyModule:
     """A new graph module with the atoms marked in `removed` pruned; `gm` is left intact.
 
     Args:
@@ -429,6 +429,8 @@ def apply_plan(gm: GraphModule, analysis: DependencyAnalysis, removed: np.ndarra
     Returns:
         The new GraphModule.
     """
+    if mode == "meta":
+        return shape_only(gm, analysis, removed)
     keep = _Keep(analysis, removed)
     root = _shallow_root(gm)
     graph = _copy_graph(gm.graph)
@@ -442,9 +444,40 @@ def apply_plan(gm: GraphModule, analysis: DependencyAnalysis, removed: np.ndarra
     new.training = gm.training  # submodules keep their own modes (copied with them)
     new.meta.update({k: v for k, v in gm.meta.items() if k != "fxopt_tables"})
     new.meta["fxopt_tables"] = dict(gm.meta.get("fxopt_tables", {}))
-    if mode == "meta":
-        _set_meta_shapes(new, keep)
     return new
+
+
+class ShapeOnlyModule(nn.Module):
+    """A plan's module tree on the meta device plus its graph with updated ``tensor_meta``.
+
+    It has what `fxopt.cost_model.estimate_costs` reads (``graph``, submodules, parameters)
+    without generating code, so costing a candidate plan is cheap; it cannot run.
+    """
+
+    def __init__(self, root: nn.Module, graph: torch.fx.Graph) -> None:
+        super().__init__()
+        for name, child in root.named_children():
+            self.add_module(name, child)
+        for name, p in root._parameters.items():
+            self.register_parameter(name, p)
+        for name, value in vars(root).items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                setattr(self, name, value)
+        for name, buf in root._buffers.items():
+            self.register_buffer(name, buf)
+        self.graph = graph
+
+
+def shape_only(gm: GraphModule, analysis: DependencyAnalysis, removed: np.ndarray) -> ShapeOnlyModule:
+    """The shape-only build of a plan (see `ShapeOnlyModule`), for costing candidates."""
+    keep = _Keep(analysis, removed)
+    root = _shallow_root(gm)
+    graph = _copy_graph(gm.graph)
+    for path in _slice_tensors(root, analysis, keep, "meta"):
+        _fix_module(root.get_submodule(path))
+    module = ShapeOnlyModule(root, graph)
+    _set_meta_shapes(module, keep)
+    return module
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,23 +575,43 @@ class _Measure:
             return 1 - kept / total if total else 0.0
         if not removed.any() or self.base == 0:
             return 0.0
-        candidate = apply_plan(self.gm, self.analysis, removed, mode="meta")
+        candidate = shape_only(self.gm, self.analysis, removed)
         return 1 - _unit(estimate_costs(candidate, self.target, self.precision), self.by) / self.base
 
 
 def _search(selector: _Selector, measure: _Measure, amount: float) -> tuple[np.ndarray, dict[int, int], float]:
-    """Bisection on the knob for the plan whose removed fraction is closest to `amount`."""
+    """Find the knob whose plan removes the fraction closest to `amount`.
+
+    The removed fraction grows monotonically (in steps) with the knob, so a bracketing search
+    is safe; regula falsi with the Illinois correction needs far fewer costings than bisection.
+    """
     lo, hi = selector.knob_range()
+    f_lo, f_hi = 0.0, None
     best: tuple[float, np.ndarray, dict[int, int], float] | None = None
-    for _ in range(_BISECTION_STEPS):
-        mid = (lo + hi) / 2
+    side = 0
+    for step in range(_BISECTION_STEPS):
+        if f_hi is None:
+            mid = hi
+        else:
+            mid = lo + (amount - f_lo) * (hi - lo) / (f_hi - f_lo) if f_hi > f_lo else (lo + hi) / 2
+            margin = (hi - lo) * 0.05
+            mid = min(max(mid, lo + margin), hi - margin) if step % 4 != 3 else (lo + hi) / 2
         removed, keep = selector.plan(mid)
         got = measure(removed, keep)
         if best is None or abs(got - amount) < best[0]:
             best = (abs(got - amount), removed, keep, got)
-        if abs(got - amount) < 0.002:
+        if abs(got - amount) < 0.003 or (f_hi is None and got <= amount):
             break
-        lo, hi = (mid, hi) if got < amount else (lo, mid)
+        if f_hi is None or got > amount:
+            hi, f_hi = mid, got
+            f_lo = f_lo if side != 1 else f_lo + (amount - f_lo) / 2  # Illinois: pull the stale end
+            side = 1
+        else:
+            lo, f_lo = mid, got
+            f_hi = f_hi if side != -1 else f_hi - (f_hi - amount) / 2
+            side = -1
+        if hi - lo < 1e-6:
+            break
     assert best is not None
     return best[1], best[2], best[3]
 
@@ -600,7 +653,7 @@ def plan_pruning(
 # report rows
 
 
-def _group_rows(gm: GraphModule, pruned: GraphModule, analysis: DependencyAnalysis, plan: PrunePlan,
+def _group_rows(gm: GraphModule, pruned: nn.Module, analysis: DependencyAnalysis, plan: PrunePlan,
                 target: Any, precision: str) -> list[dict[str, Any]]:
     before = estimate_costs(gm, target, precision).per_node
     after = estimate_costs(pruned, target, precision).per_node
@@ -715,7 +768,7 @@ class PruneChannels(FxoptPass):
         if not plan.removed.any():
             return PassResult(graph_module, False)
         pruned = apply_plan(graph_module, analysis, plan.removed, mode="slice")
-        shaped = apply_plan(graph_module, analysis, plan.removed, mode="meta")
+        shaped = shape_only(graph_module, analysis, plan.removed)
         tables = pruned.meta["fxopt_tables"]
         tables[TABLE] = _group_rows(graph_module, shaped, analysis, plan, ctx.target, ctx.precision)
         tables[BUDGET_TABLE] = [_budget_row(s, plan, analysis)]
