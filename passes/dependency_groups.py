@@ -220,6 +220,7 @@ class _Builder:
         self.module_calls: dict[str, list[str]] = {}
         self.owners: dict[int, set[str]] = {}
         self.nodes: dict[str, Node] = {n.name: n for n in gm.graph.nodes}
+        self.linked: set[SpaceKey] = set()
 
     # spaces ---------------------------------------------------------------------------------
 
@@ -260,6 +261,7 @@ class _Builder:
         b_all = (b_first[:, None] + np.arange(b_block)[None, :]).reshape(-1)
         self.pairs_a += [a_all, b_all]
         self.pairs_b += [np.repeat(b_first, a_block), np.repeat(a_first, b_block)]
+        self.linked.update((a, b))
         if a != b:
             self.graph.add_edge(a, b, kind=kind)
 
@@ -290,6 +292,11 @@ class _Builder:
     def root(self, key: SpaceKey | None) -> None:
         if key is not None:
             self.roots.append(key)
+            self.linked.add(key)
+
+    def freeze_dims(self, node: Node, dims: Iterable[int], reason: str) -> None:
+        for d in dims:
+            self.freeze(self.space(node, d), reason)
 
     def param(self, owner: str, name: str, dim: int, key: SpaceKey | None, kind: str) -> None:
         if key is not None:
@@ -399,6 +406,8 @@ def _conv_rule(b: _Builder, node: Node, mod: nn.Module) -> None:
         return
     path = str(node.target)
     b.couple(b.space(src, 0), b.space(node, 0))
+    b.freeze_dims(src, range(2, len(out)), "spatial dimension of a conv")
+    b.freeze_dims(node, range(2, len(out)), "spatial dimension of a conv")
     transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
     in_key, out_key = b.space(src, 1), b.space(node, 1)
     if mod.groups > 1:
@@ -494,6 +503,9 @@ def _channel_keeping_rule(b: _Builder, node: Node, mod: nn.Module | None = None)
         b.freeze_all(node, "pooling on an unbatched input")
         return
     b.couple_same(src, node, [(0, 0), (1, 1)])
+    rank = len(_shape(node) or ())
+    b.freeze_dims(src, range(2, rank), "spatial dimension of a pooling/resize")
+    b.freeze_dims(node, range(2, rank), "spatial dimension of a pooling/resize")
 
 
 def _flatten_module_rule(b: _Builder, node: Node, mod: nn.Module) -> None:
@@ -902,6 +914,8 @@ def _pad_rule(b: _Builder, node: Node) -> None:
         return
     padded = {len(out) - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
     b.couple_same(src, node, [(d, d) for d in range(len(out)) if d not in padded])
+    b.freeze_dims(src, padded, "padded dimension")
+    b.freeze_dims(node, padded, "padded dimension")
 
 
 def _roll_rule(b: _Builder, node: Node) -> None:
@@ -1103,6 +1117,15 @@ def _call_module(b: _Builder, gm: GraphModule, node: Node, leaves: set[str], ign
             b.freeze(key, f"ignored by the user ('{path}')")
 
 
+def _freeze_unlinked_outputs(b: _Builder, gm: GraphModule) -> None:
+    """An op's output dim tied to none of its inputs (a conv's H, a new axis) keeps its size."""
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "call_function", "call_method"):
+            for key in b.node_spaces(node):
+                if key not in b.linked and b.size(key) > 1:
+                    b.freeze(key, "dimension the op sizes itself")
+
+
 def _freeze_shared_parameters(b: _Builder) -> None:
     shared = {o for owners in b.owners.values() if len(owners) > 1 for o in owners}
     for pd in b.param_dims:
@@ -1246,6 +1269,7 @@ def analyze_dependencies(gm: GraphModule, *, ignore: Sequence[str] = (), annotat
     for node in gm.graph.nodes:
         b.add_node(node)
     _run_rules(b, gm, tuple(ignore))
+    _freeze_unlinked_outputs(b, gm)
     _freeze_shared_parameters(b)
     atom_of, prunable = _atoms(b)
     groups = _root_modules(gm, _groups(b, atom_of, prunable))

@@ -345,3 +345,24 @@ def test_pruning_needs_shapes():
 
     with pytest.raises(fxopt.InputError, match="fxopt.trace"):
         PruneChannels(amount=0.5)(gm)
+
+
+def test_token_mixing_linear_cannot_prune_spatial_positions():
+    class TokenMixer(nn.Module):
+        """MLP-Mixer pattern: a linear over the token (spatial) axis of a conv's output."""
+
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 2, stride=2)
+            self.tokens = nn.Linear(4, 4)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            t = self.stem(x).flatten(2)  # (B, 8, 4): 4 tokens from the 2x2 map
+            t = t + self.tokens(t)
+            return self.out(t.mean(2))
+
+    gm, a = _analyze(TokenMixer(), torch.randn(1, 3, 4, 4))
+    # the token linear's outputs are tied to the conv's spatial grid, which keeps its size
+    assert _groups(a) == [(("stem",), 8)]
+    assert any("spatial dimension of a conv" in r for r in a.frozen_reasons().values())
