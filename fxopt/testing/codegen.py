@@ -50,7 +50,7 @@ HELPERS: dict[str, str] = {
         self.inner = inner
 
     def forward(self, x):
-        if x.sum() > 0:
+        if x.mean() > 0.1:  # not 0: normalised or ReLU outputs sit right at 0, where rounding decides
             return self.inner(x)
         return x * 0.5
 ''',
