@@ -199,3 +199,26 @@ def test_shape_change_is_caught_on_every_drawn_model(drawn):
     model, inputs = drawn
     with pytest.raises(AssertionError, match="changed the outputs' shapes/dtypes"):
         check_pass(UnsqueezeOutputs(), model, inputs, export=False)
+
+
+class NeedsCalibration(FxoptPass):
+    """Reads calibration data from the compile context, as a quantizer would."""
+
+    name = "needs_calibration"
+
+    def call(self, gm):
+        context = fxopt.current_context()
+        if "calib_data" not in context.options:
+            raise ValueError("no calib_data given")
+        self.seen = (context.target.name, len(context.options["calib_data"]))
+        return PassResult(gm, False)
+
+
+def test_target_and_context_options_reach_the_pass():
+    model, inputs = small_model()
+    with pytest.raises(AssertionError, match="ValueError: no calib_data given"):
+        check_pass(NeedsCalibration(), model, inputs, export=False)
+    the_pass = NeedsCalibration()
+    result = check_pass(the_pass, model, inputs, target="xavier", calib_data=[inputs, inputs])
+    assert the_pass.seen == ("xavier", 2) and result.record.status == "unchanged"
+    assert result.onnx.opset == fxopt.get_target("xavier").max_onnx_opset
