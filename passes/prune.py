@@ -53,7 +53,7 @@ UNITS = ("channels", "params", "flops", "latency")
 ALLOCATIONS = ("uniform", "global")
 TABLE = "prune: channel groups"
 BUDGET_TABLE = "prune: budget"
-_BISECTION_STEPS = 18
+_SEARCH_STEPS = 18
 
 
 @dataclass(frozen=True)
@@ -559,7 +559,6 @@ class _Measure:
         self.gm, self.analysis, self.by = gm, analysis, by
         self.target, self.precision = target, precision
         self.base = _unit(estimate_costs(gm, target, precision), by) if by != "channels" else 0.0
-        self.total_channels = sum(g.channels for g in analysis.groups)
         self._cache: dict[bytes, float] = {}
 
     def __call__(self, removed: np.ndarray, keep: Mapping[int, int]) -> float:
@@ -589,7 +588,7 @@ def _search(selector: _Selector, measure: _Measure, amount: float) -> tuple[np.n
     f_lo, f_hi = 0.0, None
     best: tuple[float, np.ndarray, dict[int, int], float] | None = None
     side = 0
-    for step in range(_BISECTION_STEPS):
+    for step in range(_SEARCH_STEPS):
         if f_hi is None:
             mid = hi
         else:

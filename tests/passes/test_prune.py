@@ -407,15 +407,24 @@ def test_compile_mobilenet_v3_small_end_to_end():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["efficientnet_b0", "regnet_y_400mf", "densenet121", "convnext_tiny"])
-def test_torchvision_families_prune_to_half_the_flops(name):
-    model = getattr(torchvision.models, name)().eval()
-    x = torch.randn(1, 3, 64, 64)
-    gm = fxopt.trace(model, (x,))
+@pytest.mark.parametrize(
+    "name",
+    ["efficientnet_b0", "regnet_y_400mf", "densenet121", "convnext_tiny", "timm:deit_tiny_patch16_224",
+     "timm:mixer_s16_224", "timm:efficientnet_b0"],
+)
+def test_model_families_prune_to_half_the_flops(name):
+    import timm
+
+    model = timm.create_model(name[5:]) if name.startswith("timm:") else getattr(torchvision.models, name)()
+    x = torch.randn(1, 3, 224, 224) if name.startswith("timm:") else torch.randn(1, 3, 64, 64)
+    gm = fxopt.trace(model.eval(), (x,))
     p = PruneChannels(amount=0.5, by="flops")
     with use_context(fxopt.CompileContext.create("xavier", (x,))):
         result = p(gm)
     assert result.modified and abs(p.plan.achieved - 0.5) <= 0.05
     with torch.no_grad():
-        assert result.graph_module(x).shape == gm(x).shape
-
+        out = result.graph_module(x)
+        assert out.shape == gm(x).shape
+        if "convnext" not in name and "deit" not in name and "mixer" not in name:  # no LayerNorm
+            masked = apply_plan(gm, p.analysis, p.plan.removed, "mask")(x)
+            torch.testing.assert_close(out, masked, atol=1e-5, rtol=1e-4)
