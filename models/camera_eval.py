@@ -1,4 +1,4 @@
-"""Detection AP for axis-aligned image boxes (greedy matching, all-point AP); lazy chance metrics.
+"""Detection AP for axis-aligned image boxes (greedy matching, all-point AP).
 
 Example:
     >>> import torch
@@ -10,13 +10,12 @@ Example:
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from fxopt.models.metrics import average_precision
 
-__all__ = ["Detections", "LazyMetrics", "box_iou", "image_box_ap"]
+__all__ = ["Detections", "box_iou", "image_box_ap"]
 
 Detections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # boxes (N,4), scores (N,), labels (N,)
 
@@ -80,28 +79,3 @@ def image_box_ap(
     defined = [v for v in result.values() if v == v]
     result["map"] = sum(defined) / len(defined) if defined else float("nan")
     return {"map": result.pop("map"), **result}
-
-
-class LazyMetrics(Mapping[str, float]):
-    """A metrics mapping computed on first use, for `TrainingRecipe.chance`.
-
-    A chance level needs the held-out set; computing it when the model module registers would
-    make every ``fxopt.models.names()`` pay for it. ``dict(lazy)`` computes (once) and copies.
-
-    Example:
-        >>> chance = LazyMetrics(lambda: {"acc": 0.25})
-        >>> dict(chance)
-        {'acc': 0.25}
-    """
-
-    def __init__(self, compute: Callable[[], dict[str, float]]) -> None:
-        self._compute = functools.cache(compute)
-
-    def __getitem__(self, key: str) -> float:
-        return self._compute()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._compute())
-
-    def __len__(self) -> int:
-        return len(self._compute())

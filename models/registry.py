@@ -7,7 +7,7 @@ modules the first time it is asked, so `import fxopt.models` stays cheap.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,9 @@ class ModelSpec:
         inputs: ``(**cfg) -> tuple`` of example inputs matching ``build(**cfg)``.
         summary: one line for listings.
         presets: names accepted as ``preset=`` (the small default config is always available).
-        recipe: how `fxopt.models.train` trains it on generated data (None: not trainable here).
+        recipe: how `fxopt.models.train` trains it on generated data (None: not trainable here);
+            a `TrainingRecipe` trains the default config only, a function ``(**cfg) -> TrainingRecipe``
+            any config.
         precision: the precision it must be deployed at, whatever the target's default
             (``None``: the target's); e.g. fp32 for a supervisor whose pass-through must be exact.
     """
@@ -49,7 +51,7 @@ class ModelSpec:
     inputs: Callable[..., tuple[Any, ...]]
     summary: str = ""
     presets: tuple[str, ...] = ()
-    recipe: TrainingRecipe | None = None
+    recipe: TrainingRecipe | Callable[..., TrainingRecipe] | None = None
     precision: str | None = None
 
 
@@ -62,7 +64,8 @@ class TrainingRecipe:
             tuple of positional model inputs, ``targets`` whatever ``loss`` reads.
         loss: ``(outputs, targets) -> scalar tensor``.
         evaluate: ``(model) -> {metric: value}`` on a fixed, seeded held-out set (model in eval mode).
-        chance: the same metrics for an untrained / constant predictor, to judge "above chance".
+        chance: the same metrics for an untrained / constant predictor, to judge "above chance";
+            a mapping, or a function computing it (called by `train`, so listing models stays cheap).
         steps: default number of optimiser steps (a few CPU minutes at most).
         lr: Adam learning rate.
     """
@@ -70,7 +73,7 @@ class TrainingRecipe:
     batch: Callable[[int, Any], tuple[tuple[Any, ...], Any]]
     loss: Callable[[Any, Any], Any]
     evaluate: Callable[[nn.Module], dict[str, float]]
-    chance: dict[str, float]
+    chance: Mapping[str, float] | Callable[[], Mapping[str, float]]
     steps: int = 300
     lr: float = 1e-3
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fxopt.models.registry import spec
+from fxopt.models.registry import TrainingRecipe, spec
 from torch import nn
 
 from fxopt.errors import InputError
@@ -58,15 +58,12 @@ def train(
     Returns:
         A `TrainResult`.
     """
-    model_spec = spec(name)
-    recipe = model_spec.recipe
-    if recipe is None:
-        raise InputError(f"model '{name}' has no training recipe")
+    recipe = _recipe(name, cfg)
     steps = recipe.steps if steps is None else steps
     if steps < 0:
         raise InputError(f"steps must be >= 0, got {steps}")
     torch.manual_seed(seed)
-    net = model if model is not None else model_spec.build(**cfg)
+    net = model if model is not None else spec(name).build(**cfg)
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=recipe.lr)
     show = sys.stderr.isatty() if progress is None else progress
@@ -93,4 +90,18 @@ def train(
     net.eval()
     with torch.no_grad():
         metrics = recipe.evaluate(net)
-    return TrainResult(net, metrics, dict(recipe.chance), losses, elapsed)
+    chance = recipe.chance() if callable(recipe.chance) else recipe.chance
+    return TrainResult(net, metrics, dict(chance), losses, elapsed)
+
+
+def _recipe(name: str, cfg: dict[str, Any]) -> TrainingRecipe:
+    recipe = spec(name).recipe
+    if recipe is None:
+        raise InputError(f"model '{name}' has no training recipe")
+    if isinstance(recipe, TrainingRecipe):
+        if cfg:  # its data fits the default config only
+            raise InputError(
+                f"the training recipe of '{name}' trains its default config only; got config {sorted(cfg)}"
+            )
+        return recipe
+    return recipe(**cfg)
