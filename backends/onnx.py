@@ -135,12 +135,41 @@ def _cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
         graph.fold_constants()
     except Exception as exc:  # noqa: BLE001 - folding is an optimisation; the unfolded graph is valid
         warnings.warn(f"onnx-graphsurgeon constant folding skipped: {exc}", stacklevel=2)
+    _uniform_constants_to_constant_of_shape(graph)
     graph.cleanup().toposort()
     cleaned = gs.export_onnx(graph)
     cleaned.ir_version = model.ir_version
     del cleaned.opset_import[:]
     cleaned.opset_import.extend(model.opset_import)
     return cleaned
+
+
+# A uniform constant this large is written as ConstantOfShape (a canvas of zeros, a mask of ones).
+UNIFORM_CONSTANT_MIN_BYTES = 64 * 1024
+
+
+def _uniform_constants_to_constant_of_shape(graph: Any) -> int:
+    """Replace large constants whose elements are all equal by ConstantOfShape nodes.
+
+    The TorchScript exporter writes ``x.new_zeros(static_shape)`` as a full Constant: a BEV
+    canvas becomes tens of MB of zeros in the file. Returns how many constants were replaced.
+    """
+    import onnx_graphsurgeon as gs
+
+    replaced = 0
+    for tensor in list(graph.tensors().values()):
+        if not isinstance(tensor, gs.Constant) or tensor.values.nbytes < UNIFORM_CONSTANT_MIN_BYTES:
+            continue
+        values = tensor.values
+        first = values.reshape(-1)[:1]
+        if not (values == first[0]).all():
+            continue
+        shape = gs.Constant(f"{tensor.name}_shape", np.asarray(values.shape, dtype=np.int64))
+        fill = gs.Constant(f"{tensor.name}_fill", first.copy())
+        tensor.to_variable(dtype=values.dtype, shape=list(values.shape))
+        graph.nodes.append(gs.Node("ConstantOfShape", inputs=[shape], outputs=[tensor], attrs={"value": fill}))
+        replaced += 1
+    return replaced
 
 
 def _session(model: onnx.ModelProto) -> Any:

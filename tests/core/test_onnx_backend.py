@@ -87,3 +87,30 @@ def test_write_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
         write_atomic(target, b"new contents")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+class ZeroCanvasScatter(torch.nn.Module):
+    """A static zero canvas written by index_put, as in a pillar scatter to a BEV image."""
+
+    def forward(self, x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(1000, 1000).index_put((i,), x) + torch.ones(1000, 1000)
+
+
+def test_large_uniform_constants_become_constant_of_shape():
+    x, i = torch.randn(5, 1000), torch.tensor([3, 1, 4, 0, 9])
+    exported = export_onnx(ZeroCanvasScatter(), (x, i))
+    assert len(exported.serialized()) < 64 * 1024  # two 4 MB constants before
+    assert [n.op_type for n in exported.model.graph.node].count("ConstantOfShape") >= 1
+    verify_onnx(exported, ZeroCanvasScatter(), (x, i))  # raises VerificationError on a mismatch
+
+
+def test_non_uniform_constants_are_kept():
+    table = torch.arange(200_000, dtype=torch.float32)
+
+    class Lookup(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + table
+
+    exported = export_onnx(Lookup(), (torch.randn(200_000),))
+    assert "ConstantOfShape" not in {n.op_type for n in exported.model.graph.node}
+    assert len(exported.serialized()) > 800_000
