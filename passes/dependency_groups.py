@@ -361,6 +361,30 @@ def _reshape(b: _Builder, src: Node, node: Node) -> None:
         _reshape_run(b, src, node, list(range(i0, min(i, len(ins)))), list(range(j0, min(j, len(outs)))))
 
 
+# A split into (q/k/v, heads, head_dim) keeps the small stacking factor whole and prunes heads.
+_STACKING_FACTOR = 4
+
+
+def _split_run(b: _Builder, src: Node, node: Node, in_dim: int, out_dims: list[int]) -> None:
+    """Couple one output factor of a split with strided blocks of the input; freeze the rest.
+
+    The outermost factor is the unit (``C -> (C, H, W)`` keeps channels), unless it is a small
+    stacking factor in front of two more (``3C -> (3, heads, head_dim)``): then each head owns
+    one block of head_dim in every stacked part.
+    """
+    outs = _shape(node)
+    assert outs is not None
+    m = 1 if len(out_dims) >= 3 and outs[out_dims[0]] <= _STACKING_FACTOR else 0
+    unit = out_dims[m]
+    inner = math.prod(outs[d] for d in out_dims[m + 1:])
+    prefix = math.prod(outs[d] for d in out_dims[:m])
+    for p in range(prefix):
+        b.couple(b.space(node, unit), b.space(src, in_dim), b_offset=p * outs[unit] * inner,
+                 b_block=inner, count=outs[unit], kind="block")
+    for d in out_dims[m + 1:]:
+        b.freeze(b.space(node, d), "inner factor of a split dimension")
+
+
 def _reshape_run(b: _Builder, src: Node, node: Node, in_dims: list[int], out_dims: list[int]) -> None:
     ins, outs = _shape(src), _shape(node)
     assert ins is not None and outs is not None
@@ -371,11 +395,8 @@ def _reshape_run(b: _Builder, src: Node, node: Node, in_dims: list[int], out_dim
     if len(big_in) == 1 and len(big_out) == 1:
         b.couple(b.space(src, big_in[0]), b.space(node, big_out[0]))
         return
-    if len(big_in) == 1:  # a split: the outer output dim takes whole blocks of the input
-        block = math.prod(outs[d] for d in big_out[1:])
-        b.couple(b.space(node, big_out[0]), b.space(src, big_in[0]), b_block=block, kind="block")
-        for d in big_out[1:]:
-            b.freeze(b.space(node, d), "inner factor of a split dimension")
+    if len(big_in) == 1:  # a split: one output factor takes whole blocks of the input
+        _split_run(b, src, node, big_in[0], big_out)
         return
     if len(big_out) == 1:  # a merge (flatten): the outer input dim owns blocks of the output
         block = math.prod(ins[d] for d in big_in[1:])

@@ -366,3 +366,41 @@ def test_token_mixing_linear_cannot_prune_spatial_positions():
     # the token linear's outputs are tied to the conv's spatial grid, which keeps its size
     assert _groups(a) == [(("stem",), 8)]
     assert any("spatial dimension of a conv" in r for r in a.frozen_reasons().values())
+
+
+class HeadAttention(nn.Module):
+    """timm-style attention: fused qkv linear split into (3, heads, head_dim), then proj."""
+
+    def __init__(self, dim: int = 12, heads: int = 3, head_dim: int = 4):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.embed = nn.Linear(5, dim)
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, dim)
+        self.out = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n = x.shape[0], x.shape[1]
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
+        x = x + self.proj(y)
+        return self.out(x).mean(1)
+
+
+def test_attention_heads_are_pruned_whole():
+    x = torch.randn(2, 6, 5)
+    gm, a = _analyze(HeadAttention(), x)
+    groups = {g.root_modules: g for g in a.groups}
+    assert set(groups) == {("embed", "proj"), ("qkv",)}
+    heads = groups[("qkv",)]
+    assert len(heads.atoms) == 3 and heads.atom_width == 12  # one atom = a head's q, k and v rows
+    removed = np.zeros(a.num_atoms, dtype=bool)
+    removed[heads.atoms[1]] = True
+    sliced = _check_sliced(gm, a, removed, x)
+    assert sliced.get_submodule("qkv").out_features == 24 and sliced.get_submodule("proj").in_features == 8
+    kept_rows = a.kept_indices(("qkv", 0, 2), removed).tolist()
+    assert kept_rows == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 24, 25, 26, 27, 32, 33, 34, 35]
+    reshapes = [n.args for n in sliced.graph.nodes if n.target == "reshape"]
+    assert reshapes[0][3:] == (3, 2, 4) and reshapes[1][-1] == 8  # head count and width rewritten
