@@ -928,6 +928,31 @@ def _batch_norm_fn_rule(b: _Builder, node: Node) -> None:
             b.couple_same(param, node, [(0, 1)])
 
 
+def _group_norm_fn_rule(b: _Builder, node: Node) -> None:
+    """``F.group_norm(x, num_groups, weight, bias, eps)``: whole groups, per-channel tensors."""
+    x, groups, out = node.args[0], _arg(node, 1, "num_groups"), _shape(node)
+    if out is None or _shape(x) is None or len(out) < 2 or not isinstance(groups, int):
+        b.freeze_all(node, "functional group norm with unknown groups")
+        return
+    b.couple_same(x, node)
+    key, per_group = b.space(node, 1), out[1] // groups
+    if per_group > 1:
+        b.couple(key, key, a_block=per_group, b_block=per_group, kind="groups")
+    for index, name in ((2, "weight"), (3, "bias")):
+        param = _arg(node, index, name)
+        if isinstance(param, Node):
+            b.couple_same(param, node, [(0, 1)])
+
+
+def _reshape_as_rule(b: _Builder, node: Node) -> None:
+    src, other = node.args[0], node.args[1] if len(node.args) > 1 else None
+    if _shape(src) is None or _shape(other) is None:
+        b.freeze_all(node, "reshape_as without shapes")
+        return
+    _reshape(b, src, node)
+    b.couple_same(other, node)
+
+
 def _pad_rule(b: _Builder, node: Node) -> None:
     src, out, pad = _first_tensor(node), _shape(node), _arg(node, 1, "pad")
     if src is None or out is None or not isinstance(pad, (list, tuple)):
@@ -1008,6 +1033,7 @@ FUNCTION_RULES: dict[Any, Callable[[_Builder, Node], None]] = {
     F.linear: _linear_fn_rule,
     F.layer_norm: _layer_norm_fn_rule,
     F.batch_norm: _batch_norm_fn_rule,
+    F.group_norm: _group_norm_fn_rule,
     F.pad: _pad_rule,
     torch.roll: _roll_rule,
     F.adaptive_avg_pool2d: _channel_keeping_fn_rule,
@@ -1022,6 +1048,8 @@ METHOD_RULES: dict[str, Callable[[_Builder, Node], None]] = {
     **{name: (lambda b, n: _broadcast(b, n)) for name in _ELEMENTWISE_METHODS},
     "view": _reshape_fn_rule,
     "expand": _expand_rule,
+    "reshape_as": _reshape_as_rule,
+    "view_as": _reshape_as_rule,
     "reshape": _reshape_fn_rule,
     "flatten": _reshape_fn_rule,
     "squeeze": _reshape_fn_rule,

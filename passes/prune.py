@@ -343,6 +343,15 @@ def _update_layer_norm(node: Node, keep: _Keep) -> None:
         node.args = (node.args[0], new, *node.args[2:])
 
 
+def _update_group_norm(node: Node, keep: _Keep) -> None:
+    shapes, groups = output_shapes(node), node.args[1] if len(node.args) > 1 else None
+    if shapes is None or not isinstance(groups, int):
+        return
+    new = keep.size(node.name, 0, 1, shapes[0][1]) // (shapes[0][1] // groups)  # whole groups go
+    if new != groups:
+        node.args = (node.args[0], new, *node.args[2:])
+
+
 # Size literals to rewrite, keyed by method name or function.
 LITERAL_UPDATES: dict[Any, Callable[[Node, _Keep], None]] = {
     "view": _update_view,
@@ -352,6 +361,7 @@ LITERAL_UPDATES: dict[Any, Callable[[Node, _Keep], None]] = {
     "split": _update_split,
     torch.split: _update_split,
     F.layer_norm: _update_layer_norm,
+    F.group_norm: _update_group_norm,
 }
 
 

@@ -404,3 +404,24 @@ def test_attention_heads_are_pruned_whole():
     assert kept_rows == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 24, 25, 26, 27, 32, 33, 34, 35]
     reshapes = [n.args for n in sliced.graph.nodes if n.target == "reshape"]
     assert reshapes[0][3:] == (3, 2, 4) and reshapes[1][-1] == 8  # head count and width rewritten
+
+
+def test_functional_group_norm_prunes_whole_groups():
+    class FunctionalGroupNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.weight = nn.Parameter(torch.rand(8) + 0.5)
+            self.bias = nn.Parameter(torch.randn(8))
+            self.out = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.out(F.group_norm(self.conv(x), 4, self.weight, self.bias))
+
+    x = torch.randn(1, 3, 4, 4)
+    gm, a = _analyze(FunctionalGroupNorm(), x)
+    [group] = a.groups
+    assert len(group.atoms) == 4 and group.atom_width == 2
+    sliced = _check_sliced(gm, a, _remove_first(a, 0, 1), x)  # whole groups: statistics unchanged
+    norm = next(n for n in sliced.graph.nodes if n.target is F.group_norm)
+    assert norm.args[1] == 3 and sliced.weight.shape == (6,)
