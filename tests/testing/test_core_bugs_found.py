@@ -61,3 +61,34 @@ def test_prune_keeps_output_channels_through_chained_split_cat():
     model, inputs = split_cat_twice()
     result = check_pass(functools.partial(fxopt.create_pass, "prune", amount=0.5), model, inputs)
     assert result.graph_module(*inputs).shape == (1, 4, 6, 6)
+
+
+class UnevenSplitCat(nn.Module):
+    """Shrunk from a drawn convnet: an uneven split [1, 3], a conv on the 1-channel part, cat, conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.b0_conv = nn.Conv2d(1, 4, 1, stride=1, padding=0, groups=1, bias=False)
+        self.b1_inner = nn.Conv2d(1, 1, 3, padding=1)
+        self.b2_conv = nn.Conv2d(4, 2, 3, stride=1, padding=1, groups=1, bias=False)
+
+    def forward(self, x):
+        x = self.b0_conv(x)
+        a, b = torch.split(x, [1, 3], dim=1)
+        a = self.b1_inner(a)
+        x = torch.cat([b, a], dim=1)
+        x = self.b2_conv(x)
+        return x
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="prune leaves the graph inconsistent after an uneven split -> conv -> cat: b2_conv keeps "
+    "2 input channels but receives 1 (the PassManager rolls the pass back)",
+)
+def test_prune_handles_an_uneven_split_feeding_a_cat():
+    torch.manual_seed(0)
+    model, inputs = UnevenSplitCat().eval(), (torch.randn(1, 1, 6, 6),)
+    result = check_pass(functools.partial(fxopt.create_pass, "prune", amount=0.5), model, inputs)
+    assert result.record.status == "applied"
