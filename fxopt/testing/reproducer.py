@@ -78,6 +78,19 @@ def reproducer(spec_or_module: ModelSpec | nn.Module) -> str:
 
     Raises:
         InputError: the module was not built by fxopt.testing.
+
+    Example:
+        >>> from fxopt.testing.spec import BlockSpec, ModelSpec
+        >>> spec = ModelSpec("mlp", 1, ((4,),), (BlockSpec.of("layernorm", d=4),), BlockSpec.of("head", variant="features"))
+        >>> print(reproducer(spec).split("class Model")[1].split("def make_model")[0].strip())
+        (nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.b0_norm = nn.LayerNorm(4)
+        <BLANKLINE>
+            def forward(self, x):
+                x = self.b0_norm(x)
+                return x
     """
     spec = spec_or_module if isinstance(spec_or_module, ModelSpec) else spec_of(spec_or_module)
     if spec is None:
