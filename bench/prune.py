@@ -132,7 +132,8 @@ def _short(exc: BaseException, limit: int = 200) -> str:
     return f"{type(exc).__name__}: {text}"[:limit]
 
 
-def prune_fxopt(model: nn.Module, inputs: tuple[Any, ...], amount: float, allocation: str) -> Pruned:
+def prune_fxopt(model: nn.Module, inputs: tuple[Any, ...], amount: float, allocation: str,
+                round_to: int | None = None) -> Pruned:
     """`fxopt.compile` with `PruneChannels` (L1, FLOPs budget); ONNX export left to the checks."""
     from fxopt.passes import PruneChannels
 
@@ -142,7 +143,7 @@ def prune_fxopt(model: nn.Module, inputs: tuple[Any, ...], amount: float, alloca
         warnings.simplefilter("ignore")
         compiled = fxopt.compile(
             model, "cpu", example_inputs=inputs, export=False,
-            passes=[PruneChannels(amount=amount, by="flops", allocation=allocation, importance="l1")],
+            passes=[PruneChannels(amount=amount, by="flops", allocation=allocation, importance="l1", round_to=round_to)],
         )
     result.time_s = time.perf_counter() - start
     record = next((r for r in compiled.report.passes if r.name == "prune"), None)
@@ -183,7 +184,8 @@ def _tp_setup(model: nn.Module, classes: int) -> tuple[list[nn.Module], dict[nn.
     return ignored, num_heads, fix
 
 
-def _tp_prune_once(model: nn.Module, inputs: tuple[Any, ...], ratio: float, allocation: str) -> nn.Module:
+def _tp_prune_once(model: nn.Module, inputs: tuple[Any, ...], ratio: float, allocation: str,
+                   round_to: int | None = None) -> nn.Module:
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model)
@@ -195,7 +197,7 @@ def _tp_prune_once(model: nn.Module, inputs: tuple[Any, ...], ratio: float, allo
         pruner = tp.pruner.MetaPruner(
             pruned, inputs, importance=tp.importance.MagnitudeImportance(p=1),
             global_pruning=allocation == "global", pruning_ratio=ratio, max_pruning_ratio=0.9,
-            ignored_layers=ignored, num_heads=num_heads,
+            ignored_layers=ignored, num_heads=num_heads, round_to=round_to,
         )
         pruner.step()
     fix(pruned)
@@ -212,7 +214,7 @@ def _tp_macs(model: nn.Module, inputs: tuple[Any, ...]) -> float:
 
 def prune_tp(
     model: nn.Module, inputs: tuple[Any, ...], amount: float, allocation: str,
-    *, tol: float = 0.01, max_trials: int = 10,
+    *, round_to: int | None = None, tol: float = 0.01, max_trials: int = 10,
 ) -> Pruned:
     """Torch-Pruning MetaPruner (L1 magnitude) at the channel ratio that removes `amount` of its MACs.
 
@@ -226,7 +228,7 @@ def prune_tp(
 
     def excess(ratio: float) -> tuple[float, nn.Module, float]:
         t0 = time.perf_counter()
-        pruned = _tp_prune_once(model, inputs, ratio, allocation)
+        pruned = _tp_prune_once(model, inputs, ratio, allocation, round_to)
         single = time.perf_counter() - t0
         return _tp_macs(pruned, inputs) / base - goal, pruned, single
 
@@ -297,7 +299,7 @@ def check(result: Pruned, inputs: tuple[Any, ...], reference_out: Any, base: Cou
     assert module is not None
     result.shape_ok = output_signature(run_model(module, inputs)) == output_signature(reference_out)
     result.counts = count(module, inputs)
-    result.onnx = verify_onnx(export_onnx(module, inputs, opset=17), module, inputs).model
+    result.onnx = verify_onnx(export_onnx(module, inputs, opset=17, cleanup=False), module, inputs).model
     result.onnx_ok = True
     ratio = result.counts.flops / base.flops
     at_budget = abs(ratio - (1.0 - amount)) <= TOLERANCE
@@ -337,19 +339,21 @@ class Row:
     tp: Pruned = field(default_factory=Pruned)
 
 
-def run_model_case(case: zc.ZooCase, amount: float, allocation: str, runs: int) -> Row:
+def run_model_case(case: zc.ZooCase, amount: float, allocation: str, runs: int, round_to: int | None = None) -> Row:
     """Build, count and time the original, then prune with both tools and check each result."""
     row = Row(case.name, case.input_shape)
     try:
         model, inputs = case.build(), case.example_inputs()
         reference_out = run_model(model, inputs)
         row.base = count(model, inputs)
-        base_onnx = export_onnx(model, inputs, opset=17).model
+        base_onnx = export_onnx(model, inputs, opset=17, cleanup=False).model
     except Exception as exc:  # noqa: BLE001
         row.error = f"original: {_short(exc)}"
         return row
-    row.fxopt = _run_side(lambda: prune_fxopt(model, inputs, amount, allocation), inputs, reference_out, row.base, amount)
-    row.tp = _run_side(lambda: prune_tp(model, inputs, amount, allocation), inputs, reference_out, row.base, amount)
+    row.fxopt = _run_side(lambda: prune_fxopt(model, inputs, amount, allocation, round_to), inputs, reference_out,
+                          row.base, amount)
+    row.tp = _run_side(lambda: prune_tp(model, inputs, amount, allocation, round_to=round_to), inputs, reference_out,
+                       row.base, amount)
     sides = [p for p in (row.fxopt, row.tp) if p.onnx is not None]
     try:
         latencies = ort_latencies_ms([base_onnx] + [p.onnx for p in sides], inputs, runs)
@@ -463,7 +467,7 @@ def render_markdown(rows: Sequence[Row], args: argparse.Namespace, wall_s: float
         f"1x3x{args.size}x{args.size}); whole run {wall_s / 60:.1f} min.",
         "",
         f"Request: remove {args.amount:.0%} of the FLOPs, {args.allocation} allocation, L1 magnitude importance,",
-        "classifier kept. fxopt: `fxopt.compile(model, \"cpu\", passes=[PruneChannels(amount, by=\"flops\", ...)],",
+        f"channel counts rounded to multiples of {args.round_to or 1}, classifier kept. fxopt: `fxopt.compile(model, \"cpu\", passes=[PruneChannels(amount, by=\"flops\", ...)],",
         "export=False)`; its time is the whole compile (trace, canonicalise, prune, fold BatchNorm, per-pass",
         "numerical checks). Torch-Pruning: `MetaPruner(MagnitudeImportance(p=1), pruning_ratio=r)` with",
         "its documented head settings for transformers; it takes a channel ratio, so r is searched by",
@@ -475,8 +479,9 @@ def render_markdown(rows: Sequence[Row], args: argparse.Namespace, wall_s: float
         "FLOPs and params ratios are pruned / original, all counted the same way: FLOPs by",
         "`fxopt.estimate_costs` after fxopt's default pipeline (BatchNorm folded) for the original and",
         "both results; `TP MACs` columns use Torch-Pruning's own counter. A result is `ok` when pruning ran,",
-        "the output shape is kept, it exports to ONNX opset 17 and matches in ONNX Runtime (both through",
-        "`fxopt.backends.onnx.export_onnx` + `verify_onnx`: max abs error <= 1e-4 + 1e-4 x max|output|), and its FLOPs",
+        "the output shape is kept, it exports to ONNX opset 17 and matches in ONNX Runtime (all three through",
+        "`fxopt.backends.onnx.export_onnx(cleanup=False)` + `verify_onnx`: the TorchScript exporter and",
+        "`onnx.checker`, max abs error <= 1e-4 + 1e-4 x max|output|), and its FLOPs",
         f"ratio is within {TOLERANCE:g} of the request. ORT ms: median of {args.runs} ONNX Runtime CPU runs,",
         "one thread, same exporter for all three, the three models taking turns run by run. Wall times",
         "on a shared 2-core machine are noisy.",
@@ -510,6 +515,8 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--amount", type=float, default=0.5, help="fraction of the FLOPs to remove")
     parser.add_argument("--allocation", choices=("uniform", "global"), default="uniform")
     parser.add_argument("--size", type=int, default=SIZE, help="input height and width")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="channel multiple kept by both pruners (default none: the cpu target's fp32 alignment 1)")
     parser.add_argument("--runs", type=int, default=50, help="ONNX Runtime runs per latency")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown here (default: "
                         "bench/results/prune.md on a full run, nothing otherwise)")
@@ -535,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cases = [c for c in cases if c.name in QUICK]
     rows, start, version = [], time.perf_counter(), code_version()
     for i, case in enumerate(cases, 1):
-        row = run_model_case(case, args.amount, args.allocation, args.runs)
+        row = run_model_case(case, args.amount, args.allocation, args.runs, args.round_to)
         rows.append(row)
         print(f"[{i}/{len(cases)}] {case.name:28s} fxopt {_status(row.fxopt)} {row.fxopt.time_s:6.1f}s  "
               f"TP {_status(row.tp)} {row.tp.time_s:6.1f}s  {row.error or row.fxopt.error or row.tp.error}"[:200],
