@@ -43,6 +43,9 @@ def _normalised_dims(gm, node) -> list[tuple[str, int]]:
     if isinstance(mod, nn.LayerNorm) or node.target is F.layer_norm:
         k = len(mod.normalized_shape) if mod is not None else len(node.args[1])
         return [(src.name, d) for d in range(rank - k, rank)]
+    if node.target is F.normalize:
+        d = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 1)
+        return [(src.name, d % rank)]
     if node.target is F.scaled_dot_product_attention:
         return [(src.name, rank - 1)]  # the softmax scale reads the head dim
     dims = None
