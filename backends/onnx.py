@@ -115,7 +115,10 @@ def export_onnx(
         raise ExportError(f"ONNX export at opset {opset} failed: {type(exc).__name__}: {exc}") from exc
     model = onnx.load_from_string(buffer.getvalue())
     if cleanup:
-        model = _cleanup(model)
+        try:
+            model = _cleanup(model)
+        except Exception as exc:
+            raise ExportError(f"ONNX clean-up (onnx-graphsurgeon) failed: {type(exc).__name__}: {exc}") from exc
     written = opset_of(model)
     if written > opset:
         raise ExportError(f"the exporter wrote opset {written}, above the requested {opset}")
@@ -167,6 +170,7 @@ def _uniform_constants_to_constant_of_shape(graph: Any) -> int:
         shape = gs.Constant(f"{tensor.name}_shape", np.asarray(values.shape, dtype=np.int64))
         fill = gs.Constant(f"{tensor.name}_fill", first.copy())
         tensor.to_variable(dtype=values.dtype, shape=list(values.shape))
+        tensor.type = "tensor_type"  # to_variable leaves it unset and export_onnx needs it
         graph.nodes.append(gs.Node("ConstantOfShape", inputs=[shape], outputs=[tensor], attrs={"value": fill}))
         replaced += 1
     return replaced

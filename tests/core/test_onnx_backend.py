@@ -114,3 +114,13 @@ def test_non_uniform_constants_are_kept():
     exported = export_onnx(Lookup(), (torch.randn(200_000),))
     assert "ConstantOfShape" not in {n.op_type for n in exported.model.graph.node}
     assert len(exported.serialized()) > 800_000
+
+
+def test_zero_initialised_weight_becomes_constant_of_shape_and_matches():
+    # torchvision's ViT initialises its classifier to zeros: a uniform initializer, not a Constant node
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+    nn.init.zeros_(model[2].weight)
+    x = torch.randn(2, 256)
+    exported = lower(model, (x,), "xavier")  # raises ExportError / VerificationError on failure
+    assert "ConstantOfShape" in {n.op_type for n in exported.model.graph.node}
+    np.testing.assert_allclose(run_onnx(exported, (x,))[0], model(x).detach().numpy(), atol=1e-6)
