@@ -7,7 +7,7 @@ PYTEST := $(PY) -m pytest
 # -n 2: the CI machine has two cores
 XDIST := -n 2 -p xdist
 
-.PHONY: venv demo test zoo fuzz slow bench lint wheel-check clean
+.PHONY: venv demo test zoo fuzz slow bench bench-prune lint wheel-check clean
 
 venv: $(STAMP)
 
@@ -28,13 +28,17 @@ zoo: venv
 	$(PYTEST) -m zoo tests/zoo -v
 
 fuzz: venv
-	HYPOTHESIS_PROFILE=deep $(PYTEST) -m "fuzz or not (zoo or slow or tensorrt)" tests
+	HYPOTHESIS_PROFILE=deep $(PYTEST) $(XDIST) -m "fuzz or not (zoo or slow or tensorrt)" tests
 
 slow: venv
 	$(PYTEST) -m slow tests
 
 bench: venv
 	$(PY) bench/compile_time.py
+
+bench-prune: venv
+	$(PY) bench/prune.py
+	$(PY) bench/prune_digits.py
 
 lint: venv
 	$(PY) -m ruff check .

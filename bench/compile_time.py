@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "zoo"))
 
 import zoo_cases as zc  # noqa: E402
-from fxopt.backends.onnx import lower  # noqa: E402
 
 import fxopt  # noqa: E402
+from fxopt.backends.onnx import lower  # noqa: E402
 from fxopt.pass_base import CompileContext, use_context  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compile_time.md"

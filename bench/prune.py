@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "zoo"))
 
 import zoo_cases as zc  # noqa: E402
-from fxopt.backends.onnx import export_onnx, verify_onnx  # noqa: E402
 
 import fxopt  # noqa: E402
+from fxopt.backends.onnx import export_onnx, verify_onnx  # noqa: E402
 from fxopt.files import write_atomic  # noqa: E402
 from fxopt.numerics import output_signature, run_model  # noqa: E402
 

@@ -26,11 +26,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import prune as prune_bench  # noqa: E402  (bench/prune.py: Torch-Pruning side and the shared counter)
-from fxopt.models.digits import DigitsCNN, DigitsSplit, accuracy, fit, load_digits_split  # noqa: E402
-from fxopt.passes import PruneChannels  # noqa: E402
 
 import fxopt  # noqa: E402
 from fxopt.files import write_atomic  # noqa: E402
+from fxopt.models.digits import DigitsCNN, DigitsSplit, accuracy, fit, load_digits_split  # noqa: E402
+from fxopt.passes import PruneChannels  # noqa: E402
 
 RESULTS_MD = Path(__file__).resolve().parent / "results" / "prune_digits.md"
 CALIB_BATCHES = 4  # taylor importance: batches of 64 training images (with labels)

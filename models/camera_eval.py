@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from fxopt.models.metrics import average_precision
 
 __all__ = ["Detections", "box_iou", "image_box_ap"]

@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from fxopt.errors import InputError
 from fxopt.models.camera_data import (
     CAMERA_CLASSES,
     SEG_CLASSES,
@@ -32,9 +35,6 @@ from fxopt.models.camera_data import (
 from fxopt.models.camera_eval import Detections, image_box_ap
 from fxopt.models.metrics import segmentation_miou
 from fxopt.models.registry import ModelSpec, TrainingRecipe, register_model
-from torch import nn
-
-from fxopt.errors import InputError
 
 __all__ = [
     "PRESETS", "RECIPE", "CameraMultitaskConfig", "CameraMultitaskNet", "build", "camera_config", "chance",

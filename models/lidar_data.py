@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from fxopt.models.metrics import bev_corners
 
 __all__ = [

@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from fxopt.errors import InputError
 from fxopt.models.bev_sequence_data import (
     BEV_CATEGORIES,
     BevBatch,
@@ -31,9 +34,6 @@ from fxopt.models.bev_sequence_data import (
 )
 from fxopt.models.metrics import cell_accuracy, motion_error, segmentation_miou
 from fxopt.models.registry import ModelSpec, TrainingRecipe, register_model
-from torch import nn
-
-from fxopt.errors import InputError
 
 __all__ = [
     "PRESETS", "RECIPE", "MotionNet", "MotionNetConfig", "build", "chance", "eval_set", "evaluate",

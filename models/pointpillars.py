@@ -32,6 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from fxopt.errors import InputError
 from fxopt.models.lidar_data import (
     CLASS_NAMES,
     DIR_OFFSET,
@@ -47,9 +50,6 @@ from fxopt.models.lidar_data import (
 )
 from fxopt.models.metrics import bev_average_precision, rotated_iou_bev
 from fxopt.models.registry import ModelSpec, TrainingRecipe, register_model
-from torch import nn
-
-from fxopt.errors import InputError
 
 __all__ = [
     "PRESETS",

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fxopt.models.registry import TrainingRecipe, spec
 from torch import nn
 
 from fxopt.errors import InputError
+from fxopt.models.registry import TrainingRecipe, spec
 
 __all__ = ["TrainResult", "train"]
 

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fxopt.passes.dependency_groups import DependencyAnalysis, ParamDim, PruneGroup
 from torch.fx import GraphModule
 
 from fxopt.errors import InputError
+from fxopt.passes.dependency_groups import DependencyAnalysis, ParamDim, PruneGroup
 
 __all__ = ["CRITERIA", "Criterion", "atom_scores", "param_tensor"]
 

@@ -31,6 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxopt.cost_model import CostSummary, estimate_costs
+from fxopt.errors import InputError
+from fxopt.pass_base import FxoptPass, PassResult, current_context
 from fxopt.passes.channel_importance import CRITERIA, Criterion, atom_scores
 from fxopt.passes.dependency_groups import (
     DependencyAnalysis,
@@ -39,12 +45,6 @@ from fxopt.passes.dependency_groups import (
     analyze_dependencies,
     output_shapes,
 )
-from torch import nn
-from torch.fx import GraphModule, Node
-
-from fxopt.cost_model import CostSummary, estimate_costs
-from fxopt.errors import InputError
-from fxopt.pass_base import FxoptPass, PassResult, current_context
 from fxopt.registry import register_pass
 
 __all__ = ["PruneChannels", "PrunePlan", "apply_plan", "plan_pruning"]

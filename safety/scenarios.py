@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
-from fxopt.safety.supervisor import SupervisorConfig
 from torch import Tensor
 
 from fxopt.errors import InputError
+from fxopt.safety.supervisor import SupervisorConfig
 
 __all__ = [
     "HEALTH_FLAGS",

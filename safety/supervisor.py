@@ -31,10 +31,10 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
 import torch
-from fxopt.models.registry import ModelSpec, TrainingRecipe, register_model
 from torch import Tensor, nn
 
 from fxopt.errors import InputError
+from fxopt.models.registry import ModelSpec, TrainingRecipe, register_model
 
 __all__ = [
     "INTERVENTION_BITS",

@@ -20,17 +20,17 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from torch import Tensor
+
+from fxopt.compiler import state_dict_sha256
+from fxopt.errors import InputError
+from fxopt.files import write_atomic
 from fxopt.safety.supervisor import (
     INTERVENTION_BITS,
     SafetySupervisor,
     SupervisorConfig,
     stopping_distance,
 )
-from torch import Tensor
-
-from fxopt.compiler import state_dict_sha256
-from fxopt.errors import InputError
-from fxopt.files import write_atomic
 
 __all__ = ["EquivalenceReport", "InputBox", "check_equivalence", "input_samples", "safety_manifest", "write_manifest"]
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
+import fxopt
 from fxopt.backends.onnx import export_onnx
 from fxopt.backends.tensorrt import (
     build_engine,
@@ -12,9 +15,6 @@ from fxopt.backends.tensorrt import (
     placement_summary,
     tensorrt_available,
 )
-from torch import nn
-
-import fxopt
 
 
 def placements(model, *inputs, target="xavier", precision="fp16"):

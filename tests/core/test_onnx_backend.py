@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from fxopt.backends.onnx import export_onnx, lower, opset_of, run_onnx, verify_onnx
 from torch import nn
 
 import fxopt
+from fxopt.backends.onnx import export_onnx, lower, opset_of, run_onnx, verify_onnx
 from fxopt.files import write_atomic
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from fxopt.passes.canonicalize import Canonicalize
 from torch import nn
 
 import fxopt
 from fxopt.numerics import compare_outputs
+from fxopt.passes.canonicalize import Canonicalize
 
 
 class ChannelShuffle(nn.Module):

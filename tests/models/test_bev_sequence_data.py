@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from fxopt.models.bev_sequence_data import (
     CLUTTER,
     BevObject,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fxopt.models.camera_data import (
     SEG_CLASSES,
     SEG_OFFSET,

@@ -10,10 +10,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from fxopt.models import camera_multitask as cm
-from fxopt.models.camera_eval import box_iou, image_box_ap
 
 import fxopt
+from fxopt.models import camera_multitask as cm
+from fxopt.models.camera_eval import box_iou, image_box_ap
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from fxopt.models.lidar_data import (
     CLASS_SIZES,
     AnchorConfig,

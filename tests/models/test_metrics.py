@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from fxopt.models.metrics import (
     average_precision,
     bev_average_precision,

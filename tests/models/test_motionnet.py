@@ -10,10 +10,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from fxopt.models import motionnet as mn
-from fxopt.models.bev_sequence_data import generate_bev_batch
 
 import fxopt
+from fxopt.models import motionnet as mn
+from fxopt.models.bev_sequence_data import generate_bev_batch
 
 
 @pytest.fixture(autouse=True, scope="module")

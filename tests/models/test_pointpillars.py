@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from fxopt.models import pointpillars as pp
-from fxopt.models.lidar_data import generate_scene, make_anchors, make_batch
 
 import fxopt
+from fxopt.models import pointpillars as pp
+from fxopt.models.lidar_data import generate_scene, make_anchors, make_batch
 
 
 @pytest.mark.parametrize("module", ["metrics", "lidar_data", "pointpillars"])

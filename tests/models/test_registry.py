@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fxopt.models import registry
-from fxopt.models.registry import ModelSpec, TrainingRecipe
 from torch import nn
 
 import fxopt
+from fxopt.models import registry
+from fxopt.models.registry import ModelSpec, TrainingRecipe
 
 
 def test_bundled_models_are_listed_with_inputs_that_run():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fxopt.passes.channel_importance import atom_scores
-from fxopt.passes.dependency_groups import analyze_dependencies
 from torch import nn
 
 import fxopt
+from fxopt.passes.channel_importance import atom_scores
+from fxopt.passes.dependency_groups import analyze_dependencies
 
 
 class TwoLinear(nn.Module):

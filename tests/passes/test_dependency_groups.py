@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fxopt.passes.dependency_groups import META_KEY, NodeChannels, analyze_dependencies
-from fxopt.passes.prune import apply_plan
 from torch import nn
 
 import fxopt
+from fxopt.passes.dependency_groups import META_KEY, NodeChannels, analyze_dependencies
+from fxopt.passes.prune import apply_plan
 
 
 def _analyze(model: nn.Module, *inputs: torch.Tensor, **kwargs):

@@ -9,9 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from fxopt.passes import PruneChannels
-from fxopt.passes.dependency_groups import analyze_dependencies, output_shapes
-from fxopt.passes.prune import BUDGET_TABLE, TABLE, apply_plan
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -19,6 +16,9 @@ from torch import nn
 import fxopt
 import fxopt.testing as ft
 from fxopt.pass_base import use_context
+from fxopt.passes import PruneChannels
+from fxopt.passes.dependency_groups import analyze_dependencies, output_shapes
+from fxopt.passes.prune import BUDGET_TABLE, TABLE, apply_plan
 
 
 def _leaves(out):

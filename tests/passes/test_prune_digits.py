@@ -13,12 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from fxopt.backends.onnx import export_onnx, verify_onnx
-from fxopt.models.digits import DigitsCNN, accuracy, fit, load_digits_split
-from fxopt.passes import PruneChannels
 from torch import nn
 
 import fxopt
+from fxopt.backends.onnx import export_onnx, verify_onnx
+from fxopt.models.digits import DigitsCNN, accuracy, fit, load_digits_split
+from fxopt.passes import PruneChannels
 
 AMOUNT = 0.5
 SEED = 0

@@ -6,6 +6,9 @@ import json
 
 import pytest
 import torch
+
+import fxopt
+from fxopt.errors import InputError
 from fxopt.safety.scenarios import example_batch
 from fxopt.safety.supervisor import SafetySupervisor, SupervisorConfig, decode_intervention
 from fxopt.safety.verify import (
@@ -15,9 +18,6 @@ from fxopt.safety.verify import (
     safety_manifest,
     write_manifest,
 )
-
-import fxopt
-from fxopt.errors import InputError
 
 
 @pytest.fixture(scope="module")

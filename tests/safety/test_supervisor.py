@@ -5,13 +5,16 @@ from __future__ import annotations
 import doctest
 import math
 
-import fxopt.safety.scenarios as scenarios
-import fxopt.safety.supervisor as supervisor
-import fxopt.safety.verify as verify
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+
+import fxopt
+import fxopt.safety.scenarios as scenarios
+import fxopt.safety.supervisor as supervisor
+import fxopt.safety.verify as verify
+from fxopt.errors import InputError
 from fxopt.safety.supervisor import (
     INTERVENTION_BITS,
     SafetySupervisor,
@@ -22,9 +25,6 @@ from fxopt.safety.supervisor import (
     stoppable_speed,
     stopping_distance,
 )
-
-import fxopt
-from fxopt.errors import InputError
 
 CFG = SupervisorConfig()
 R = CFG.max_range

@@ -17,13 +17,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from fxopt.safety.scenarios import example_batch
-from fxopt.safety.supervisor import SPEED_CEILING, SafetySupervisor, SupervisorConfig
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fxopt
+from fxopt.safety.scenarios import example_batch
+from fxopt.safety.supervisor import SPEED_CEILING, SafetySupervisor, SupervisorConfig
 
 CFG = SupervisorConfig()
 B = 8  # rows per draw; the ONNX file has the example batch's static shape

@@ -6,8 +6,6 @@ import functools
 
 import pytest
 import torch
-from fxopt.passes import FoldBatchNorm
-from fxopt.passes.canonicalize import Canonicalize
 from hypothesis import given
 from torch import nn
 from torch.fx import GraphModule
@@ -15,6 +13,8 @@ from torch.fx.node import map_arg
 
 import fxopt
 from fxopt.pass_base import FxoptPass, PassResult
+from fxopt.passes import FoldBatchNorm
+from fxopt.passes.canonicalize import Canonicalize
 from fxopt.testing import PassCheck, check_pass, reproducer
 from fxopt.testing.strategies import convnets, models
 

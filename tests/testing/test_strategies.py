@@ -8,13 +8,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from fxopt.passes.canonicalize import Canonicalize
 from hypothesis import HealthCheck, Phase, find, given, settings
 from torch import nn
 from torch.fx import GraphModule
 
 import fxopt
 from fxopt.numerics import compare_outputs
+from fxopt.passes.canonicalize import Canonicalize
 from fxopt.testing import ModelSpec, build_model
 from fxopt.testing.coverage import op_kinds
 from fxopt.testing.strategies import FEATURES, attention_blocks, convnets, mlps, model_specs, models

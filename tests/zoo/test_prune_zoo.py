@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 import zoo_cases as zc
-from fxopt.backends.onnx import lower
-from fxopt.passes import PruneChannels
 
 import fxopt
+from fxopt.backends.onnx import lower
 from fxopt.cost_model import tensor_numels
 from fxopt.numerics import output_signature, run_model
+from fxopt.passes import PruneChannels
 
 AMOUNT = 0.5
 TOLERANCE = 0.05
