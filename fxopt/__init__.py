@@ -35,3 +35,14 @@ __all__ = [
     "estimate_costs", "get_target", "leaves_of", "pass_names", "register_pass", "register_target",
     "target_names", "trace", "__version__",
 ]
+
+_SUBPACKAGES = frozenset({"backends", "models", "passes", "safety", "testing"})
+
+
+def __getattr__(name: str) -> object:
+    # `fxopt.models.create(...)` after a plain `import fxopt`, without importing them all up front
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"fxopt.{name}")
+    raise AttributeError(f"module 'fxopt' has no attribute '{name}'")

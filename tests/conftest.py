@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -24,3 +25,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# One torch thread per test process: `make test` runs two xdist workers on two cores, and more
+# threads than cores made the suite several times slower on a loaded machine.
+torch.set_num_threads(1)

@@ -43,3 +43,13 @@ def test_unpacked_wheel_imports_all_subpackages(wheel, tmp_path):
     assert proc.returncode == 0, proc.stderr
     files = proc.stdout.split()
     assert all(f.startswith(str(tmp_path)) for f in files), files
+
+
+def test_subpackages_are_attributes_of_a_plain_import_fxopt():
+    import subprocess
+    import sys
+
+    code = "import sys, fxopt; assert 'fxopt.models' not in sys.modules; print(fxopt.models.names()[0], fxopt.passes.PruneChannels.name)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["camera_multitask", "prune"]
