@@ -6,10 +6,9 @@ import doctest
 import importlib
 import math
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
+from model_checks import assert_onnx_matches_torch, training_losses
 
 import fxopt
 from fxopt.models import camera_multitask as cm
@@ -80,14 +79,7 @@ def test_traces_whole_and_compiles_for_xavier_verified_in_onnx_runtime(model):
     assert onnx_info["opset"] == 17 and onnx_info["outputs"] == ["heatmap", "box", "seg"]
     assert onnx_info["max_abs_error_vs_torch"] < 1e-4
     assert set(onnx_info["op_types"]) <= {"Conv", "Relu", "Add", "Resize"}
-    # run the ONNX model ourselves on a fresh image
-    session = ort.InferenceSession(compiled.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
-    image = torch.rand(2, 3, 96, 160)
-    got = session.run(None, {session.get_inputs()[0].name: image.numpy()})
-    with torch.no_grad():
-        want = model(image)
-    for name, value in zip(onnx_info["outputs"], got):
-        np.testing.assert_allclose(value, want[name].numpy(), atol=1e-4, rtol=1e-3)
+    assert_onnx_matches_torch(compiled, model, torch.rand(2, 3, 96, 160), onnx_info["outputs"])
 
 
 def test_decode_detections_reads_peaks_and_boxes():
@@ -128,14 +120,7 @@ def test_training_smoke_loss_decreases():
     torch.manual_seed(0)
     model = cm.CameraMultitaskNet()
     inputs, targets = cm.RECIPE.batch(0, torch.Generator().manual_seed(0))
-    optimiser = torch.optim.Adam(model.parameters(), lr=cm.RECIPE.lr)
-    losses = []
-    for _ in range(6):  # a few steps on one batch: the loss must fall
-        loss = cm.RECIPE.loss(model(*inputs), targets)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses = training_losses(model, lambda out: cm.RECIPE.loss(out, targets), inputs, cm.RECIPE.lr, steps=6)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.6 * losses[0]
 

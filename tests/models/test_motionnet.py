@@ -6,10 +6,9 @@ import doctest
 import importlib
 import math
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
+from model_checks import assert_onnx_matches_torch, training_losses
 
 import fxopt
 from fxopt.models import motionnet as mn
@@ -99,13 +98,7 @@ def test_traces_whole_and_compiles_for_xavier_verified_in_onnx_runtime(model):
     assert onnx_info["max_abs_error_vs_torch"] < 1e-4
     assert {"Conv", "ReduceMax", "Resize", "Concat"} <= set(onnx_info["op_types"])
     assert "Shape" not in onnx_info["op_types"] and "Reshape" not in onnx_info["op_types"]
-    session = ort.InferenceSession(compiled.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = generate_bev_batch(2, seed=1).occupancy
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        want = model(x)
-    for name, value in zip(onnx_info["outputs"], got):
-        np.testing.assert_allclose(value, want[name].numpy(), atol=1e-4, rtol=1e-3)
+    assert_onnx_matches_torch(compiled, model, generate_bev_batch(2, seed=1).occupancy, onnx_info["outputs"])
 
 
 def test_loss_is_small_for_the_ground_truth():
@@ -124,14 +117,7 @@ def test_training_smoke_loss_decreases():
     torch.manual_seed(0)
     model = mn.MotionNet()
     inputs, targets = mn.RECIPE.batch(0, torch.Generator().manual_seed(0))
-    optimiser = torch.optim.Adam(model.parameters(), lr=mn.RECIPE.lr)
-    losses = []
-    for _ in range(6):  # a few steps on one batch: the loss must fall
-        loss = mn.RECIPE.loss(model(*inputs), targets)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses = training_losses(model, lambda out: mn.RECIPE.loss(out, targets), inputs, mn.RECIPE.lr, steps=6)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.7 * losses[0]
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from model_checks import training_losses
 
 import fxopt
 from fxopt.models import pointpillars as pp
@@ -202,14 +203,7 @@ def test_training_smoke_loss_decreases():
     inputs, targets = make_batch([scene], cfg.pillars, cfg.anchors)
     torch.manual_seed(0)
     model = pp.build()
-    optimiser = torch.optim.Adam(model.parameters(), lr=pp.RECIPE.lr)
-    losses = []
-    for _ in range(8):  # a few steps on one frame: the loss must fall
-        loss = pp.detection_loss(model(*inputs), targets, cfg)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses = training_losses(model, lambda out: pp.detection_loss(out, targets, cfg), inputs, pp.RECIPE.lr, steps=8)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.7 * losses[0]
 
