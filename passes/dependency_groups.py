@@ -8,7 +8,8 @@ that split or merge a channel dimension). The spaces and their couplings form a 
 at channel level a union-find over the index maps yields *atoms* (sets of channel indices that
 live or die together). An atom is prunable when it holds an output channel of a conv/linear and
 no index that is frozen (graph inputs/outputs, unknown ops, leaf modules, shared parameters,
-sizes read into arithmetic). Prunable atoms living in the same producers form a `PruneGroup`.
+sizes read into arithmetic). Prunable atoms living in the same producers and the same spaces
+form a `PruneGroup` (so the pieces of a split are separate groups, and none is ever emptied).
 
 The analysis writes a frozen `NodeChannels` under ``node.meta["fxopt"]["prune_group"]``; the
 pruning transform (`fxopt.passes.prune`) reads it.
@@ -92,7 +93,7 @@ class ParamDim:
 
 @dataclass(frozen=True)
 class PruneGroup:
-    """Channels that are pruned together: atoms living in the same producer outputs.
+    """Channels that are pruned together: atoms living in the same producer outputs and spaces.
 
     Attributes:
         index: the group id (as in ``ChannelDim.groups``).
@@ -1218,6 +1219,12 @@ def _atoms(b: _Builder) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _groups(b: _Builder, atom_of: np.ndarray, prunable: np.ndarray) -> list[PruneGroup]:
+    """Prunable atoms grouped by the producer outputs and the channel spaces that hold them.
+
+    Atoms of one producer that live in different spaces (the pieces of a split, the q/k and v
+    parts of a fused qkv conv) form separate groups: every group keeps at least one atom, so no
+    space that holds prunable atoms can be emptied.
+    """
     signature: dict[int, list[int]] = {}
     widths: dict[tuple[int, int], int] = {}
     roots = list(dict.fromkeys(b.roots))
@@ -1228,12 +1235,13 @@ def _groups(b: _Builder, atom_of: np.ndarray, prunable: np.ndarray) -> list[Prun
             if prunable[atom]:
                 signature.setdefault(atom, []).append(r)
                 widths[(atom, r)] = count
-    by_sig: dict[tuple[int, ...], list[int]] = {}
+    spaces = _atom_spaces(b, atom_of, prunable)
+    by_sig: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
     for atom, rs in signature.items():
-        by_sig.setdefault(tuple(rs), []).append(atom)
-    members = _members(b, atom_of, prunable)
+        by_sig.setdefault((tuple(rs), spaces[atom]), []).append(atom)
+    names = [key[0] for key in b.spaces]
     groups = []
-    for index, (rs, atoms) in enumerate(sorted(by_sig.items(), key=lambda kv: min(kv[1]))):
+    for index, ((rs, held), atoms) in enumerate(sorted(by_sig.items(), key=lambda kv: min(kv[1]))):
         width = widths[(atoms[0], rs[0])]
         uniform = all(widths[(a, rs[0])] == width for a in atoms)
         keys = tuple(roots[r] for r in rs)
@@ -1242,22 +1250,22 @@ def _groups(b: _Builder, atom_of: np.ndarray, prunable: np.ndarray) -> list[Prun
             root_names=tuple(dict.fromkeys(k[0] for k in keys)),
             root_modules=(),
             atom_width=width if uniform else 0,
-            members=tuple(sorted({m for a in atoms for m in members.get(a, ())})),
+            members=tuple(sorted({names[i] for i in held})),
         ))
     return groups
 
 
-def _members(b: _Builder, atom_of: np.ndarray, prunable: np.ndarray) -> dict[int, set[str]]:
-    """Prunable atom -> names of the nodes whose outputs hold it."""
-    names = [key[0] for key in b.spaces]
-    sizes = np.fromiter((size for _, size in b.spaces.values()), dtype=np.int64, count=len(names))
-    space_of = np.repeat(np.arange(len(names)), sizes)
+def _atom_spaces(b: _Builder, atom_of: np.ndarray, prunable: np.ndarray) -> dict[int, tuple[int, ...]]:
+    """Prunable atom -> indices (in ``b.spaces`` order) of the spaces holding it."""
+    n_spaces = len(b.spaces)
+    sizes = np.fromiter((size for _, size in b.spaces.values()), dtype=np.int64, count=n_spaces)
+    space_of = np.repeat(np.arange(n_spaces), sizes)
     live = prunable[atom_of]
-    pairs = np.unique(atom_of[live] * len(names) + space_of[live])
-    out: dict[int, set[str]] = {}
-    for atom, space in zip((pairs // len(names)).tolist(), (pairs % len(names)).tolist()):
-        out.setdefault(atom, set()).add(names[space])
-    return out
+    pairs = np.unique(atom_of[live] * n_spaces + space_of[live])  # sorted: by atom, then space
+    atoms, held = pairs // n_spaces, pairs % n_spaces
+    starts = np.flatnonzero(np.r_[True, atoms[1:] != atoms[:-1]]) if pairs.size else np.zeros(0, dtype=np.int64)
+    bounds = np.r_[starts, pairs.size]
+    return {int(atoms[s]): tuple(held[s:e].tolist()) for s, e in zip(bounds[:-1], bounds[1:])}
 
 
 def _annotate(gm: GraphModule, analysis: DependencyAnalysis) -> None:

@@ -35,7 +35,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxopt.cost_model import CostSummary, estimate_costs
-from fxopt.errors import InputError
+from fxopt.errors import InputError, PassError
 from fxopt.pass_base import FxoptPass, PassResult, current_context
 from fxopt.passes.channel_importance import CRITERIA, Criterion, atom_scores
 from fxopt.passes.dependency_groups import (
@@ -47,7 +47,7 @@ from fxopt.passes.dependency_groups import (
 )
 from fxopt.registry import register_pass
 
-__all__ = ["PruneChannels", "PrunePlan", "apply_plan", "plan_pruning"]
+__all__ = ["PruneChannels", "PrunePlan", "apply_plan", "empty_tensors", "plan_pruning"]
 
 UNITS = ("channels", "params", "flops", "latency")
 ALLOCATIONS = ("uniform", "global")
@@ -662,6 +662,19 @@ def plan_pruning(
 # report rows
 
 
+def empty_tensors(gm: GraphModule, shaped: nn.Module) -> list[str]:
+    """Nodes of the shape-only build `shaped` with a zero-size dimension `gm` did not have."""
+    before = {n.name: output_shapes(n) for n in gm.graph.nodes}
+    empty = []
+    for node in shaped.graph.nodes:
+        old, new = before.get(node.name), output_shapes(node)
+        if old is None or new is None:
+            continue
+        if any(n == 0 < o for old_shape, new_shape in zip(old, new) for o, n in zip(old_shape, new_shape)):
+            empty.append(node.name)
+    return empty
+
+
 def _group_rows(gm: GraphModule, pruned: nn.Module, analysis: DependencyAnalysis, plan: PrunePlan,
                 target: Any, precision: str) -> list[dict[str, Any]]:
     before = estimate_costs(gm, target, precision).per_node
@@ -776,8 +789,11 @@ class PruneChannels(FxoptPass):
         self.plan = plan
         if not plan.removed.any():
             return PassResult(graph_module, False)
-        pruned = apply_plan(graph_module, analysis, plan.removed, mode="slice")
         shaped = shape_only(graph_module, analysis, plan.removed)
+        empty = empty_tensors(graph_module, shaped)
+        if empty:  # groups per split piece should prevent this; a plan that empties a tensor is refused
+            raise PassError(self.name, f"the plan leaves zero-size tensors at {', '.join(empty[:5])}")
+        pruned = apply_plan(graph_module, analysis, plan.removed, mode="slice")
         tables = pruned.meta["fxopt_tables"]
         tables[TABLE] = _group_rows(graph_module, shaped, analysis, plan, ctx.target, ctx.precision)
         tables[BUDGET_TABLE] = [_budget_row(s, plan, analysis)]

@@ -128,9 +128,10 @@ def test_chunk_pieces_stay_equal():
 
 def test_split_sections_are_rewritten():
     gm, a = _analyze(Split(), torch.randn(1, 3, 4, 4))
-    assert _groups(a) == [(("conv",), 10)]
+    # one group per piece: each keeps a channel, so no piece can be emptied
+    assert _groups(a) == [(("conv",), 4), (("conv",), 6)]
     removed = np.zeros(a.num_atoms, dtype=bool)
-    removed[[a.groups[0].atoms[0], a.groups[0].atoms[9]]] = True
+    removed[[a.groups[0].atoms[0], a.groups[1].atoms[5]]] = True
     sliced = _check_sliced(gm, a, removed, torch.randn(1, 3, 4, 4))
     split = next(n for n in sliced.graph.nodes if n.target is torch.split)
     assert split.args[1] == [3, 5]

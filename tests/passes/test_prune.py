@@ -17,8 +17,9 @@ import fxopt
 import fxopt.testing as ft
 from fxopt.pass_base import use_context
 from fxopt.passes import PruneChannels
+from fxopt.passes import prune as prune_module
 from fxopt.passes.dependency_groups import analyze_dependencies, output_shapes
-from fxopt.passes.prune import BUDGET_TABLE, TABLE, apply_plan
+from fxopt.passes.prune import BUDGET_TABLE, TABLE, PrunePlan, apply_plan, empty_tensors, shape_only
 
 
 def _leaves(out):
@@ -431,3 +432,95 @@ def test_model_families_prune_to_half_the_flops(name):
         if "convnext" not in name and "deit" not in name and "mixer" not in name:  # no LayerNorm
             masked = apply_plan(gm, p.analysis, p.plan.removed, "mask")(x)
             torch.testing.assert_close(out, masked, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# regressions: no piece of a split is ever emptied
+
+
+class SplitConvCat(nn.Module):
+    """An uneven split, a conv on the small piece, the pieces concatenated back, a consumer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.inner = nn.Conv2d(4, 4, 3, padding=1)
+        self.out = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        a, b = torch.split(self.stem(x), [4, 12], dim=1)
+        return self.out(torch.cat([b, self.inner(a)], dim=1))
+
+
+class FusedQKV(nn.Module):
+    """SHViT-style single-head attention: one conv makes q, k (4 channels each) and v (8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Conv2d(3, 16, 1)
+        self.proj = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        q, k, v = self.qkv(x).split([4, 4, 8], dim=1)
+        attn = (q.flatten(2).transpose(-2, -1) @ k.flatten(2)).softmax(dim=-1)
+        return self.proj((v.flatten(2) @ attn.transpose(-2, -1)).view(b, 8, h, w))
+
+
+def _split_sizes(gm) -> list[list[int]]:
+    return [list(n.args[1]) for n in gm.graph.nodes if n.target in (torch.split, "split")]
+
+
+def test_each_split_piece_is_its_own_group():
+    gm = fxopt.trace(SplitConvCat().eval(), (X,))
+    a = analyze_dependencies(gm)
+    # Before: one producer (stem) whose channels go to two pieces; Expected: a group per piece
+    assert sorted((g.root_modules, g.channels) for g in a.groups) == [(("inner",), 4), (("stem",), 4), (("stem",), 12)]
+    gm = fxopt.trace(FusedQKV().eval(), (X,))
+    a = analyze_dependencies(gm)
+    # q and k are one contraction (channel i of q goes with channel i of k); v is apart
+    assert sorted((len(g.atoms), g.atom_width) for g in a.groups) == [(4, 2), (8, 1)]
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("model", [SplitConvCat(), FusedQKV()], ids=["split-conv-cat", "fused-qkv"])
+def test_pruning_never_empties_a_split_piece(model, allocation):
+    model = model.eval()
+    with torch.no_grad():  # make the small pieces the least important, so a search would take them first
+        for t in (model.stem.weight if isinstance(model, SplitConvCat) else model.qkv.weight,):
+            t[:8].mul_(1e-3)
+    gm = fxopt.trace(model, (X,))
+    p = PruneChannels(amount=0.99, by="flops", allocation=allocation, max_ratio=1.0, round_to=1)
+    with use_context(fxopt.CompileContext.create("cpu", (X,))):
+        result = p(gm)
+    assert result.modified
+    before, after = _split_sizes(gm), _split_sizes(result.graph_module)
+    assert len(after) == len(before) and all(0 < n <= m for s, t in zip(after, before) for n, m in zip(s, t))
+    masked = apply_plan(gm, p.analysis, p.plan.removed, "mask")
+    with torch.no_grad():
+        out = result.graph_module(X)
+        assert out.shape == gm(X).shape
+        if isinstance(model, SplitConvCat):  # FusedQKV's softmax reads the removed channels too
+            torch.testing.assert_close(out, masked(X), atol=1e-5, rtol=1e-4)
+
+
+def test_a_plan_leaving_an_empty_tensor_is_refused(monkeypatch):
+    gm = fxopt.trace(SplitConvCat().eval(), (X,))
+    a = analyze_dependencies(gm)
+    removed = np.zeros(a.num_atoms, dtype=bool)
+    small = next(g for g in a.groups if g.root_modules == ("stem",) and g.channels == 4)
+    removed[list(small.atoms)] = True  # the whole first piece: what the selector must never do
+    assert "getitem" in empty_tensors(gm, shape_only(gm, a, removed))
+    assert empty_tensors(gm, shape_only(gm, a, np.zeros(a.num_atoms, dtype=bool))) == []
+
+    def emptying_plan(gm, analysis, scores, settings, **kwargs):
+        keep = {g.index: len(g.atoms) for g in analysis.groups}
+        gone = np.zeros(analysis.num_atoms, dtype=bool)
+        gone[list(analysis.groups[small.index].atoms)] = True
+        return PrunePlan(gone, keep, 0.5, 1)
+
+    monkeypatch.setattr(prune_module, "plan_pruning", emptying_plan)
+    with use_context(fxopt.CompileContext.create("cpu", (X,))), pytest.raises(fxopt.PassError, match="zero-size"):
+        PruneChannels(amount=0.5)(gm)
+    with pytest.raises(AssertionError, match="rolled it back: PassError: .*zero-size tensors at split"):
+        ft.check_pass(functools.partial(PruneChannels, amount=0.5), SplitConvCat().eval(), (X,), export=False)

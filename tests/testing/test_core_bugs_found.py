@@ -1,15 +1,14 @@
 """Bugs the fxopt.testing strategies found, kept as minimal reproducers.
 
-Each test is marked ``xfail(strict=True)``: when the bug is fixed the test passes, strict mode
-turns that into a failure, and whoever fixed it removes the marker. The models are the
-reproducers `fxopt.testing` printed, pasted as they were.
+A test is marked ``xfail(strict=True)`` while its bug is open: when the bug is fixed the test
+passes, strict mode turns that into a failure, and whoever fixed it removes the marker. The models
+are the reproducers `fxopt.testing` printed, pasted as they were.
 """
 
 from __future__ import annotations
 
 import functools
 
-import pytest
 import torch
 from torch import nn
 
@@ -51,12 +50,6 @@ def split_cat_twice() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return model, (torch.randn(1, 3, 6, 6),)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="prune changes the model's output channels (4 -> 2) when a split -> conv -> cat block "
-    "feeds another split: the output group must stay frozen",
-)
 def test_prune_keeps_output_channels_through_chained_split_cat():
     model, inputs = split_cat_twice()
     result = check_pass(functools.partial(fxopt.create_pass, "prune", amount=0.5), model, inputs)
@@ -81,12 +74,6 @@ class UnevenSplitCat(nn.Module):
         return x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="prune leaves the graph inconsistent after an uneven split -> conv -> cat: b2_conv keeps "
-    "2 input channels but receives 1 (the PassManager rolls the pass back)",
-)
 def test_prune_handles_an_uneven_split_feeding_a_cat():
     torch.manual_seed(0)
     model, inputs = UnevenSplitCat().eval(), (torch.randn(1, 1, 6, 6),)
