@@ -883,7 +883,28 @@ def _sdpa_rule(b: _Builder, node: Node) -> None:
         b.couple_same(t, node, [(d, d) for d in range(rank - 2)])
     mask = _arg(node, 3, "attn_mask")
     if isinstance(mask, Node):
-        b.freeze_node_outputs(mask, "attention mask")
+        _couple_attention_mask(b, node, mask, q, k)
+
+
+def _couple_attention_mask(b: _Builder, node: Node, mask: Node, q: Node, k: Node) -> None:
+    """The mask broadcasts to the scores (..., heads, Lq, Lk): a per-head mask loses pruned heads too."""
+    shape, out = _shape(mask), _shape(node)
+    assert out is not None
+    rank = len(out)
+    if shape is None or len(shape) > rank:
+        b.freeze_all(node, "attention mask of unknown shape")
+        return
+    # the scores' dims, each as (a space of the same size, that size)
+    scores = [(b.space(node, d), out[d]) for d in range(rank - 2)]
+    scores += [(b.space(q, rank - 2), out[rank - 2]), (b.space(k, rank - 2), (_shape(k) or out)[rank - 2])]
+    lead = rank - len(shape)
+    for d, size in enumerate(shape):
+        target, target_size = scores[lead + d]
+        if size == target_size and size > 1:
+            b.couple(b.space(mask, d), target)
+        elif size != 1:
+            b.freeze_all(node, "attention mask with an unexpected broadcast")
+            return
 
 
 def _linear_fn_rule(b: _Builder, node: Node) -> None:

@@ -426,3 +426,38 @@ def test_functional_group_norm_prunes_whole_groups():
     sliced = _check_sliced(gm, a, _remove_first(a, 0, 1), x)  # whole groups: statistics unchanged
     norm = next(n for n in sliced.graph.nodes if n.target is F.group_norm)
     assert norm.args[1] == 3 and sliced.weight.shape == (6,)
+
+
+class BiasedHeadAttention(HeadAttention):
+    """HeadAttention with a per-head additive mask (a learned relative-position bias table)."""
+
+    def __init__(self, tokens: int = 6, frozen_bias: bool = False):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(1, self.heads, tokens, tokens))
+        self.frozen_bias = frozen_bias
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n = x.shape[0], x.shape[1]
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        mask = torch.cumsum(self.bias, 1) if self.frozen_bias else self.bias  # cumsum mixes heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
+        return self.out(x + self.proj(y)).mean(1)
+
+
+def test_attention_mask_heads_follow_the_pruned_heads():
+    x = torch.randn(2, 6, 5)
+    gm, a = _analyze(BiasedHeadAttention(), x)
+    heads = next(g for g in a.groups if g.root_modules == ("qkv",))
+    assert len(heads.atoms) == 3 and "bias" in heads.members  # Before: the mask's head dim is coupled
+    removed = np.zeros(a.num_atoms, dtype=bool)
+    removed[heads.atoms[1]] = True
+    sliced = _check_sliced(gm, a, removed, x)
+    # Expected: head 1 leaves q, k, v and the mask alike
+    assert sliced.bias.shape == (1, 2, 6, 6)
+    torch.testing.assert_close(sliced.bias, gm.bias[:, [0, 2]])
+    # a mask the analysis cannot slice by head keeps every head
+    gm, a = _analyze(BiasedHeadAttention(frozen_bias=True), x)
+    assert all(g.root_modules != ("qkv",) for g in a.groups)
