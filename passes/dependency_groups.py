@@ -131,6 +131,7 @@ class DependencyAnalysis:
         param_dims: parameter dimensions that follow channel spaces.
         space_graph: networkx graph of coupled spaces (edge attribute ``kind``).
         module_calls: module path -> node names that call it.
+        roots: producer output spaces (conv/linear outputs), prunable or not.
     """
 
     spaces: dict[SpaceKey, tuple[int, int]]
@@ -141,6 +142,7 @@ class DependencyAnalysis:
     param_dims: list[ParamDim]
     space_graph: nx.Graph
     module_calls: dict[str, list[str]] = field(default_factory=dict)
+    roots: list[SpaceKey] = field(default_factory=list)
 
     @property
     def num_atoms(self) -> int:
@@ -161,6 +163,22 @@ class DependencyAnalysis:
         for (name, _, _), reason in self.frozen.items():
             out.setdefault(name, reason)
         return out
+
+    def blocking_reasons(self) -> dict[str, int]:
+        """Frozen reason -> producer output channels it keeps from being pruned, most first.
+
+        A channel is counted for every reason that freezes a space its atom reaches.
+        """
+        channels = np.zeros(self.num_atoms, dtype=np.int64)
+        for key in dict.fromkeys(self.roots):
+            np.add.at(channels, self.elements(key), 1)
+        blocked = (channels > 0) & ~self.prunable
+        atoms_of: dict[str, list[np.ndarray]] = {}
+        for key, reason in self.frozen.items():
+            atoms = self.elements(key)
+            atoms_of.setdefault(reason, []).append(atoms[blocked[atoms]])
+        counts = {reason: int(channels[np.unique(np.concatenate(a))].sum()) for reason, a in atoms_of.items()}
+        return dict(sorted(((r, c) for r, c in counts.items() if c), key=lambda rc: (-rc[1], rc[0])))
 
 
 # --------------------------------------------------------------------------------------------
@@ -921,6 +939,27 @@ def _linear_fn_rule(b: _Builder, node: Node) -> None:
         b.couple(b.space(bias, 0), b.space(node, rank - 1))
 
 
+def _conv_fn_rule(b: _Builder, node: Node) -> None:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` (weight-standardised convs)."""
+    x, w, bias, groups = node.args[0], _arg(node, 1, "weight"), _arg(node, 2, "bias"), _arg(node, 6, "groups", 1)
+    out, sx, sw = _shape(node), _shape(x), _shape(w)
+    if out is None or sx is None or sw is None or not len(sx) == len(sw) == len(out) or not isinstance(groups, int):
+        b.freeze_all(node, "functional conv with unknown arguments")
+        return
+    b.couple(b.space(x, 0), b.space(node, 0))
+    b.freeze_dims(x, range(2, len(out)), "spatial dimension of a conv")
+    b.freeze_dims(node, range(2, len(out)), "spatial dimension of a conv")
+    in_key, out_key = b.space(x, 1), b.space(node, 1)
+    b.couple(b.space(w, 0), out_key)
+    if groups > 1:  # whole groups, as for nn.Conv2d; the weight's per-group input dim keeps its size
+        b.couple(in_key, out_key, a_block=sx[1] // groups, b_block=out[1] // groups, kind="groups")
+    else:
+        b.couple(b.space(w, 1), in_key)
+    if isinstance(bias, Node):
+        b.couple(b.space(bias, 0), out_key)
+    b.root(out_key)
+
+
 def _layer_norm_fn_rule(b: _Builder, node: Node) -> None:
     x, shape, out = node.args[0], _arg(node, 1, "normalized_shape"), _shape(node)
     if out is None or _shape(x) is None or not isinstance(shape, (list, tuple)):
@@ -1053,6 +1092,9 @@ FUNCTION_RULES: dict[Any, Callable[[_Builder, Node], None]] = {
     torch.bmm: _matmul_rule,
     F.scaled_dot_product_attention: _sdpa_rule,
     F.linear: _linear_fn_rule,
+    F.conv1d: _conv_fn_rule,  # the same objects as torch.conv1d/2d/3d
+    F.conv2d: _conv_fn_rule,
+    F.conv3d: _conv_fn_rule,
     F.layer_norm: _layer_norm_fn_rule,
     F.batch_norm: _batch_norm_fn_rule,
     F.group_norm: _group_norm_fn_rule,
@@ -1353,7 +1395,7 @@ def analyze_dependencies(gm: GraphModule, *, ignore: Sequence[str] = (), annotat
     groups = _root_modules(gm, _groups(b, atom_of, prunable))
     analysis = DependencyAnalysis(
         spaces=b.spaces, atom_of=atom_of, prunable=prunable, groups=groups, frozen=b.frozen,
-        param_dims=b.param_dims, space_graph=b.graph, module_calls=b.module_calls,
+        param_dims=b.param_dims, space_graph=b.graph, module_calls=b.module_calls, roots=list(dict.fromkeys(b.roots)),
     )
     if annotate:
         _annotate(gm, analysis)

@@ -47,13 +47,14 @@ from fxopt.passes.dependency_groups import (
 )
 from fxopt.registry import register_pass
 
-__all__ = ["PruneChannels", "PrunePlan", "apply_plan", "empty_tensors", "plan_pruning"]
+__all__ = ["PruneChannels", "PrunePlan", "apply_plan", "budget_note", "empty_tensors", "plan_pruning"]
 
 UNITS = ("channels", "params", "flops", "latency")
 ALLOCATIONS = ("uniform", "global")
 TABLE = "prune: channel groups"
 BUDGET_TABLE = "prune: budget"
 _SEARCH_STEPS = 18
+BUDGET_TOLERANCE = 0.05  # achieved vs requested fraction: further off, the budget row says why
 
 
 @dataclass(frozen=True)
@@ -352,6 +353,20 @@ def _update_group_norm(node: Node, keep: _Keep) -> None:
         node.args = (node.args[0], new, *node.args[2:])
 
 
+def _update_conv_groups(node: Node, keep: _Keep) -> None:
+    shapes = output_shapes(node)
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    if shapes is None or not isinstance(groups, int) or groups == 1:
+        return
+    new = keep.size(node.name, 0, 1, shapes[0][1]) // (shapes[0][1] // groups)  # whole groups go
+    if new == groups:
+        return
+    if len(node.args) > 6:
+        node.args = (*node.args[:6], new, *node.args[7:])
+    else:
+        node.kwargs = {**node.kwargs, "groups": new}
+
+
 # Size literals to rewrite, keyed by method name or function.
 LITERAL_UPDATES: dict[Any, Callable[[Node, _Keep], None]] = {
     "view": _update_view,
@@ -362,6 +377,9 @@ LITERAL_UPDATES: dict[Any, Callable[[Node, _Keep], None]] = {
     torch.split: _update_split,
     F.layer_norm: _update_layer_norm,
     F.group_norm: _update_group_norm,
+    F.conv1d: _update_conv_groups,
+    F.conv2d: _update_conv_groups,
+    F.conv3d: _update_conv_groups,
 }
 
 
@@ -699,6 +717,20 @@ def _group_rows(gm: GraphModule, pruned: nn.Module, analysis: DependencyAnalysis
     return rows
 
 
+def budget_note(settings: PruneSettings, plan: PrunePlan, analysis: DependencyAnalysis) -> str:
+    """Why the achieved budget is off the request by more than `BUDGET_TOLERANCE` ("" otherwise)."""
+    if abs(plan.achieved - settings.amount) <= BUDGET_TOLERANCE:
+        return ""
+    prunable = sum(len(g.atoms) * max(g.atom_width, 1) for g in analysis.groups)
+    head = (f"{plan.achieved:.3f} of the {settings.by} removed for {settings.amount} requested "
+            f"({prunable} prunable channels in {len(analysis.groups)} group(s), max_ratio {settings.max_ratio}, "
+            f"alignment {plan.alignment})")
+    if plan.achieved > settings.amount:
+        return f"budget overshot: {head}; kept counts are rounded to whole alignment blocks"
+    top = "; ".join(f"{reason} ({n} channels)" for reason, n in list(analysis.blocking_reasons().items())[:3])
+    return f"budget missed: {head}; producer channels frozen by: {top or 'none'}"
+
+
 def _budget_row(settings: PruneSettings, plan: PrunePlan, analysis: DependencyAnalysis) -> dict[str, Any]:
     pruned = sum(1 for g in analysis.groups if plan.keep[g.index] < len(g.atoms))
     return {
@@ -706,6 +738,7 @@ def _budget_row(settings: PruneSettings, plan: PrunePlan, analysis: DependencyAn
         "allocation": settings.allocation, "alignment": plan.alignment,
         "groups": len(analysis.groups), "groups pruned": pruned,
         "frozen nodes": len(analysis.frozen_reasons()),
+        "note": budget_note(settings, plan, analysis),
     }
 
 

@@ -461,3 +461,41 @@ def test_attention_mask_heads_follow_the_pruned_heads():
     # a mask the analysis cannot slice by head keeps every head
     gm, a = _analyze(BiasedHeadAttention(frozen_bias=True), x)
     assert all(g.root_modules != ("qkv",) for g in a.groups)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight-standardised conv (NF-Nets): F.batch_norm over each filter, then F.conv2d."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * 0.5).view(-1), training=True, momentum=0.0, eps=1e-5)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = StdConv2d(3, 8, 1)
+        self.b = StdConv2d(8, 8, 3, padding=1, groups=4)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.b(F.relu(self.a(x)))))
+
+
+def test_functional_conv_prunes_whole_groups_and_its_weight_chain():
+    x = torch.randn(1, 3, 6, 6)
+    gm, a = _analyze(StdConvNet(), x)
+    # Before: a and b (grouped, 2 channels a group) are one group of 4 two-channel atoms
+    [group] = a.groups
+    assert (len(group.atoms), group.atom_width) == (4, 2) and set(group.root_names) == {"conv2d", "conv2d_1"}
+    sliced = _check_sliced(gm, a, _remove_first(a, 0, 1), x)
+    # Expected: a and b lose a group's 2 filters (and gains), b's groups literal goes 4 -> 3
+    assert sliced.a.weight.shape == (6, 3, 1, 1) and sliced.a.gain.shape == (6, 1, 1, 1)
+    assert sliced.b.weight.shape == (6, 2, 3, 3) and sliced.b.bias.shape == (6,)
+    convs = [n for n in sliced.graph.nodes if n.target is F.conv2d]
+    assert [n.args[6] for n in convs] == [1, 3] and sliced.get_submodule("out").in_channels == 6

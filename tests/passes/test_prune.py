@@ -289,7 +289,7 @@ def test_report_tables_reach_report_md():
     assert len(rows) == 4 and all(r["channels after"] <= r["channels before"] for r in rows)
     assert sum(r["FLOPs change (producers)"] for r in rows) < 0
     budget = compiled.report.tables[BUDGET_TABLE][0]
-    assert budget["by"] == "flops" and abs(budget["achieved"] - 0.5) <= 0.05
+    assert budget["by"] == "flops" and abs(budget["achieved"] - 0.5) <= 0.05 and budget["note"] == ""
     markdown = compiled.report.to_markdown()
     assert f"## {TABLE}" in markdown and "channels before" in markdown
 
@@ -524,3 +524,26 @@ def test_a_plan_leaving_an_empty_tensor_is_refused(monkeypatch):
         PruneChannels(amount=0.5)(gm)
     with pytest.raises(AssertionError, match="rolled it back: PassError: .*zero-size tensors at split"):
         ft.check_pass(functools.partial(PruneChannels, amount=0.5), SplitConvCat().eval(), (X,), export=False)
+
+
+class MostlyFrozen(nn.Module):
+    """Nearly all FLOPs sit in a conv whose channels feed cumsum (an op that mixes them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.big = nn.Conv2d(3, 64, 3, padding=1)
+        self.small = nn.Conv2d(64, 8, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.small(torch.cumsum(self.big(x), 1))))
+
+
+def test_a_missed_budget_is_reported_with_what_blocked_it():
+    compiled = fxopt.compile(MostlyFrozen(), "cpu", example_inputs=(X,), export=False,
+                             passes=[PruneChannels(amount=0.5, by="flops")])
+    [record] = [r for r in compiled.report.passes if r.name == "prune"]
+    [budget] = compiled.report.tables[BUDGET_TABLE]
+    assert record.status == "applied" and budget["achieved"] < 0.5 - 0.05
+    assert budget["note"].startswith("budget missed: ") and "unknown op cumsum (64 channels)" in budget["note"]
+    assert budget["note"] in compiled.report.to_markdown()

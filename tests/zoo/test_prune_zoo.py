@@ -37,7 +37,7 @@ TIMM_SAMPLE = (
     "timm/davit_tiny", "timm/swinv2_tiny_window16_256", "timm/efficientvim_m2", "timm/mobilevit_xxs",
     "timm/caformer_s18", "timm/efficientformer_l1", "timm/repvit_m1_0", "timm/densenet161",
     "timm/levit_128s", "timm/tiny_vit_21m_384", "timm/shvit_s3",
-    "timm/coatnet_rmlp_0_rw_224",
+    "timm/coatnet_rmlp_0_rw_224", "timm/nf_regnet_b3",
 )
 CASES: tuple[zc.ZooCase, ...] = tuple(_ZOO[n] for n in NAMES + TIMM_SAMPLE) + (
     zc.ZooCase("timm/vit_tiny_patch16_224", "timm", "vit_tiny_patch16_224", "classification", (1, 3, 64, 64),
@@ -46,9 +46,7 @@ CASES: tuple[zc.ZooCase, ...] = tuple(_ZOO[n] for n in NAMES + TIMM_SAMPLE) + (
 )
 # Known pruning-pass failures (found by the sweep over the zoo's timm sample). Strict: a fix makes
 # the test fail until the model moves up into CASES.
-KNOWN_FAILURES = {
-    "timm/nf_regnet_b3": "budget missed: FLOPs ratio 0.962 for a 0.5 request",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
