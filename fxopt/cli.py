@@ -69,8 +69,9 @@ def _example_inputs(shapes: Sequence[str], seed: int) -> tuple[torch.Tensor, ...
     return tuple(inputs)
 
 
-def _model_and_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[Any, ...]]:
-    # MODULE:FACTORY needs --input-shape; a bundled model brings its own example inputs
+def _model_inputs_precision(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[Any, ...], str | None]:
+    # MODULE:FACTORY needs --input-shape; a bundled model brings its own example inputs and
+    # deployment precision (e.g. fp32 for the safety supervisor) unless the flags say otherwise
     if ":" not in args.model:
         from fxopt import models
 
@@ -78,23 +79,18 @@ def _model_and_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[
         torch.manual_seed(args.seed)
         model = models.create(args.model, **cfg)
         inputs = _example_inputs(args.input_shape, args.seed) if args.input_shape else models.example_inputs(args.model, **cfg)
-        return model, inputs
+        return model, inputs, args.precision or models.spec(args.model).precision
     if args.preset:
         raise InputError("--preset applies to bundled models (see `fxopt models`), not to MODULE:FACTORY")
     if not args.input_shape:
         raise InputError("give at least one --input-shape, e.g. --input-shape 1x3x224x224")
-    return load_factory(args.model), _example_inputs(args.input_shape, args.seed)
+    return load_factory(args.model), _example_inputs(args.input_shape, args.seed), args.precision
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     import fxopt
 
-    model, inputs = _model_and_inputs(args)
-    precision = args.precision
-    if precision is None and ":" not in args.model:
-        from fxopt import models
-
-        precision = models.spec(args.model).precision  # e.g. fp32 for the safety supervisor
+    model, inputs, precision = _model_inputs_precision(args)
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
     print(f"compiling {args.model} for {args.target} ...", file=sys.stderr)
     compiled = fxopt.compile(
