@@ -52,3 +52,7 @@ class ExportError(FxoptError):
 
 class VerificationError(FxoptError):
     """A lowered model does not reproduce the torch graph within tolerance."""
+
+
+class SafetyPolicyError(FxoptError):
+    """A compile under ``safety="strict"`` asked for, or produced, something the policy forbids."""
