@@ -16,6 +16,7 @@ from fxopt.errors import (
     PassError,
     PassOrderError,
     PassRegistryError,
+    SafetyPolicyError,
     TargetError,
     TraceError,
     VerificationError,
@@ -30,7 +31,7 @@ from fxopt.tracing import Leaf, leaves_of, trace
 __all__ = [
     "CompileContext", "CompileReport", "CompiledModel", "CostSummary", "ExportError", "FxoptError",
     "FxoptPass", "InputError", "Leaf", "NodeCost", "PassError", "PassManager", "PassOrderError",
-    "PassRecord", "PassRegistryError", "PassResult", "TargetError", "TargetProfile", "TraceError",
+    "PassRecord", "PassRegistryError", "SafetyPolicyError", "PassResult", "TargetError", "TargetProfile", "TraceError",
     "VerificationError", "compile", "create_pass", "current_context", "default_pipeline",
     "estimate_costs", "get_target", "leaves_of", "pass_names", "register_pass", "register_target",
     "target_names", "trace", "__version__",
