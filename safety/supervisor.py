@@ -22,6 +22,28 @@ Outputs (a dict): ``command`` ``(B, 3)`` supervised command, ``risk`` ``(B, 1)``
 ``learned_risk`` ``(B, 1)`` (the scorer alone, gated) and ``intervention`` ``(B, 1)``: a bit mask
 (as float) of the rules that were active, see `INTERVENTION_BITS`. ``intervention == 0`` implies
 the command passed through unchanged.
+
+Input faults. A value no healthy producer emits is a fault of whatever produced the input, and
+the supervisor cannot know what it hides: a NaN speed leaves the stopping envelope unknown, a
+NaN sector may be an obstacle on the path. Every row with such a value gets the ``input_fault``
+response (bit 128) on top of whatever the other rules do:
+
+==================  ===============================================  =========================
+input               fault (any element)                              also
+==================  ===============================================  =========================
+``sectors``         NaN, ±Inf, negative                              read as an obstacle at 0 m
+                                                                     (NaN, -Inf, negative) or
+                                                                     none (+Inf)
+``command``         NaN, ±Inf (finite values beyond the limits are   ``out_of_limits``: NaN is a
+                    clamped by ``out_of_limits``, not a fault)       controlled stop, ±Inf clamps
+``speed``           NaN, ±Inf, negative, above ``SPEED_CEILING``     read as ``SPEED_CEILING``
+                                                                     (worst-case envelope)
+``health``          NaN, ±Inf, outside ``[0, 1]``                    NaN or below 0.5 is down
+==================  ===============================================  =========================
+
+The ``input_fault`` response is the algorithm-down response without its allowance to speed up:
+speed target ``<= degraded_speed``, acceleration ``<= 0``, and ``<= -comfort_decel`` (braking)
+while the (worst-case) speed is above ``degraded_speed``; ``risk`` is 1.
 """
 
 from __future__ import annotations
@@ -64,6 +86,7 @@ INTERVENTION_BITS: dict[str, int] = {
     "algorithm_down": 16,     # algorithm flag down: limit speed
     "compute_down": 32,       # compute flag down: controlled stop
     "hardware_down": 64,      # hardware flag down: emergency stop
+    "input_fault": 128,       # a NaN, ±Inf or out-of-range input value: degraded speed, no acceleration
 }
 
 
@@ -174,10 +197,11 @@ class _Scene(NamedTuple):
     """Sanitised inputs and the geometry the rules read (all ``(B, 1)`` unless noted)."""
 
     distance: Tensor  # (B, S) sector distances, clamped to [0, max_range]
-    v: Tensor         # speed, clamped to [0, SPEED_CEILING]
+    v: Tensor         # speed in [0, SPEED_CEILING]; a faulty one reads as SPEED_CEILING
     command: Tensor   # (B, 3) the command with NaN entries replaced
     limited: Tensor   # (B, 3) that command clamped to the vehicle limits
     invalid: Tensor   # the command had a NaN
+    fault: Tensor     # some input value was non-finite or out of range (see the module docstring)
     free: Tensor      # nearest obstacle on the path corridor, FAR if none
     d_stop: Tensor    # the stopping envelope at the current speed
     on_path: Tensor   # an obstacle on the path within range
@@ -216,6 +240,8 @@ class SafetySupervisor(nn.Module):
       forbids acceleration and speeding up;
     - algorithm down: speed target <= ``degraded_speed``, braking while faster;
       compute down: controlled stop; hardware down: emergency stop;
+    - an input fault (a NaN, ±Inf or out-of-range value in any input, see the module docstring):
+      speed target <= ``degraded_speed``, no acceleration, braking while faster;
     - finally speed, acceleration and steering are clamped to the vehicle limits (a NaN command
       becomes a controlled stop).
 
@@ -266,6 +292,16 @@ class SafetySupervisor(nn.Module):
         if tuple(health.shape) != (batch, 3):
             raise InputError(f"health must have shape ({batch}, 3) [compute, hardware, algorithm], got {tuple(health.shape)}")
 
+    def _input_fault(self, sectors: Tensor, command: Tensor, speed: Tensor, health: Tensor) -> Tensor:
+        """``(B, 1)`` bool: the row has a value no healthy producer emits (NaN fails every comparison)."""
+        valid = torch.cat([
+            (sectors >= 0.0) & (sectors < math.inf),          # a distance: finite, not negative
+            command.abs() < math.inf,                         # NaN or ±Inf; finite excess is out_of_limits
+            (speed >= 0.0) & (speed <= SPEED_CEILING),        # a forward speed the sensor can measure
+            (health >= 0.0) & (health <= 1.0),                # a flag between down (0) and healthy (1)
+        ], dim=1)
+        return valid.float().amin(dim=1, keepdim=True) < 1
+
     def _sanitize_command(self, command: Tensor) -> tuple[Tensor, Tensor]:
         # NaN entries become a controlled stop: speed 0, braking, straight steering
         cfg = self.config
@@ -303,10 +339,12 @@ class SafetySupervisor(nn.Module):
     def _perceive(self, sectors: Tensor, command: Tensor, speed: Tensor, health: Tensor) -> _Scene:
         cfg = self.config
         cmd, invalid = self._sanitize_command(command)
-        # NaN distances count as an obstacle at the vehicle, a NaN speed as the worst case
-        distance = torch.where(sectors != sectors, torch.zeros_like(sectors), sectors).clamp(0.0, cfg.max_range)
         speed = speed.reshape(-1, 1)
-        v = torch.where(speed != speed, torch.full_like(speed, SPEED_CEILING), speed).clamp(0.0, SPEED_CEILING)
+        fault = self._input_fault(sectors, command, speed, health)
+        # NaN distances count as an obstacle at the vehicle, a faulty speed as the worst case
+        distance = torch.where(sectors != sectors, torch.zeros_like(sectors), sectors).clamp(0.0, cfg.max_range)
+        speed_ok = (speed >= 0.0) & (speed <= SPEED_CEILING)
+        v = torch.where(speed_ok, speed, torch.full_like(speed, SPEED_CEILING))
         limited = torch.cat([
             cmd[:, 0:1].clamp(0.0, cfg.v_max),
             cmd[:, 1:2].clamp(cfg.accel_min, cfg.accel_max),
@@ -316,7 +354,7 @@ class SafetySupervisor(nn.Module):
         d_stop = stopping_distance(v, cfg.reaction_time, cfg.brake_decel, cfg.margin)
         on_path = free < cfg.max_range
         return _Scene(
-            distance=distance, v=v, command=cmd, limited=limited, invalid=invalid, free=free, d_stop=d_stop,
+            distance=distance, v=v, command=cmd, limited=limited, invalid=invalid, fault=fault, free=free, d_stop=d_stop,
             on_path=on_path, inside=on_path & (free < d_stop),
             in_range=distance.amin(dim=1, keepdim=True) < cfg.max_range,
             down=~(health >= 0.5),  # NaN counts as down
@@ -342,6 +380,8 @@ class SafetySupervisor(nn.Module):
              torch.where(v > cfg.degraded_speed, comfort, no_cap)),              # slow down to the limit
             ("compute_down", down[:, 0:1], zero, comfort),                        # controlled stop
             ("hardware_down", down[:, 1:2], zero, torch.full_like(v, -cfg.emergency_decel)),  # emergency stop
+            ("input_fault", scene.fault, torch.full_like(v, cfg.degraded_speed),
+             torch.where(v > cfg.degraded_speed, comfort, zero)),                 # degraded, never speed up
         )
 
     def forward(self, sectors: Tensor, command: Tensor, speed: Tensor, health: Tensor) -> dict[str, Tensor]:
@@ -375,7 +415,7 @@ class SafetySupervisor(nn.Module):
         active = [a | outside if name == "out_of_limits" else a for name, a, _, _ in table]
         intervention = torch.cat([a.float() for a in active], dim=1) @ self.intervention_bits
         rule_risk = torch.where(scene.on_path, (scene.d_stop / scene.free.clamp(min=_EPS)).clamp(0.0, 1.0), torch.zeros_like(learned))
-        health_risk = scene.down.float().amax(dim=1, keepdim=True)
+        health_risk = torch.cat([scene.down, scene.fault], dim=1).float().amax(dim=1, keepdim=True)
         risk = torch.maximum(torch.maximum(rule_risk, learned), health_risk)
         return {"command": supervised, "risk": risk, "learned_risk": learned, "intervention": intervention}
 

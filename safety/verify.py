@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,7 +33,10 @@ from fxopt.safety.supervisor import (
     stopping_distance,
 )
 
-__all__ = ["EquivalenceReport", "InputBox", "check_equivalence", "input_samples", "safety_manifest", "write_manifest"]
+__all__ = [
+    "EquivalenceReport", "InputBox", "check_equivalence", "input_samples", "run_onnx_batched", "safety_manifest",
+    "write_manifest",
+]
 
 OUTPUTS = ("command", "risk", "learned_risk", "intervention")
 
@@ -170,13 +174,25 @@ def input_samples(
     return {k: tuple(torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in arrays) for k, arrays in kinds.items()}
 
 
-def _run_onnx_batched(session: Any, inputs: tuple[Tensor, ...], batch: int) -> dict[str, np.ndarray]:
-    # the ONNX file has static shapes: feed `batch` rows at a time, padding the last chunk
-    rows = inputs[0].shape[0]
+def run_onnx_batched(session: Any, inputs: Sequence[Tensor | np.ndarray], batch: int | None = None) -> dict[str, np.ndarray]:
+    """Run an ONNX Runtime `session` with a static batch size over any number of input rows.
+
+    fxopt exports static shapes, so rows go `batch` at a time (default: the session's first
+    input's batch dimension), the last chunk padded with copies of its last row.
+
+    Returns:
+        ``{output name: array}`` with one row per input row.
+    """
+    arrays = [x.numpy() if isinstance(x, Tensor) else np.asarray(x) for x in inputs]
+    if batch is None:
+        batch = session.get_inputs()[0].shape[0]
+        if not isinstance(batch, int):
+            raise InputError("the ONNX model must have a static batch dimension (fxopt exports static shapes)")
+    rows = arrays[0].shape[0]
     names = [i.name for i in session.get_inputs()]
     chunks: list[list[np.ndarray]] = []
     for start in range(0, rows, batch):
-        part = [x[start:start + batch].numpy() for x in inputs]
+        part = [x[start:start + batch] for x in arrays]
         short = batch - part[0].shape[0]
         part = [np.concatenate([p, np.repeat(p[-1:], short, axis=0)]) if short else p for p in part]
         chunks.append([o[: batch - short] for o in session.run(None, dict(zip(names, part)))])
@@ -224,7 +240,7 @@ def check_equivalence(
     for kind, inputs in samples.items():
         with torch.no_grad():
             reference = {k: v.numpy() for k, v in model(*inputs).items()}
-        lowered = _run_onnx_batched(session, inputs, batch)
+        lowered = run_onnx_batched(session, inputs, batch)
         for name in OUTPUTS:
             error = np.abs(lowered[name].astype(np.float64) - reference[name])
             max_abs[name] = max(max_abs[name], float(error.max()))

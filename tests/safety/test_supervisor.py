@@ -209,11 +209,12 @@ def test_algorithm_down_below_the_degraded_speed_only_limits_the_target():
 
 def test_nan_health_counts_as_down_and_nan_command_stops():
     model = quiet(SafetySupervisor())
+    # a NaN is also an input fault: its own bit beside the flag's / the command's rule
     out = run(model, empty(), [9.0, 1.0, 0.0], 3.0, [1.0, float("nan"), 1.0])
-    assert decode_intervention(float(out["intervention"])) == ["hardware_down"]
+    assert decode_intervention(float(out["intervention"])) == ["hardware_down", "input_fault"]
     out = run(model, empty(), [float("nan"), 1.0, float("nan")], 3.0)
     assert out["command"].tolist() == [[0.0, -CFG.comfort_decel, 0.0]]
-    assert decode_intervention(float(out["intervention"])) == ["out_of_limits"]
+    assert decode_intervention(float(out["intervention"])) == ["out_of_limits", "input_fault"]
 
 
 def test_out_of_limit_command_is_clamped_and_flagged():
@@ -243,7 +244,7 @@ def test_example_batch_touches_every_rule():
         [], ["obstacle_limit", "obstacle_brake"], ["obstacle_limit"], [], ["compute_down"],
         ["hardware_down"], ["algorithm_down"], ["out_of_limits"],
     ]
-    assert set(INTERVENTION_BITS) - {"learned_caution"} == {name for c in codes for name in c}
+    assert set(INTERVENTION_BITS) - {"learned_caution", "input_fault"} == {name for c in codes for name in c}
 
 
 # --- config and inputs --------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The properties (B rows per draw, any risk-scorer weights):
 
-- clear scene + healthy flags: the command passes through bit for bit;
+- clear scene + healthy flags + a measurable speed: the command passes through bit for bit;
 - obstacle inside the stopping envelope on the steered path: acceleration <= 0, target <= speed;
 - outputs are always finite and within the vehicle limits, even for extreme inputs;
 - the output is never more aggressive than the (limit-clamped) input, and never less
@@ -47,6 +47,8 @@ extreme = {
     "speed": hnp.arrays(np.float32, (B, 1), elements=extreme_floats),
     "health": hnp.arrays(np.float32, (B, 3), elements=extreme_floats),
 }
+# any speed the sensor can measure; the rest are input faults (tests/safety/test_input_faults.py)
+measured_speeds = column(0.0, SPEED_CEILING)
 scorer_weights = st.tuples(st.integers(0, 2**31 - 1), st.floats(0.01, 100.0))
 
 
@@ -128,7 +130,7 @@ def check_bounded(out: dict[str, np.ndarray]) -> None:
     assert np.all(np.abs(cmd[:, 2]) <= np.float32(CFG.steer_max))
     assert np.all((out["risk"] >= 0) & (out["risk"] <= 1))
     code = out["intervention"]
-    assert np.all((code == np.round(code)) & (code >= 0) & (code < 128))
+    assert np.all((code == np.round(code)) & (code >= 0) & (code < 256))
 
 
 def clamp_command(command: np.ndarray) -> np.ndarray:
@@ -161,7 +163,7 @@ def eager() -> SafetySupervisor:
     return SafetySupervisor().eval()
 
 
-@given(command=commands, speed=hnp.arrays(np.float32, (B, 1), elements=extreme_floats), weights=scorer_weights)
+@given(command=commands, speed=measured_speeds, weights=scorer_weights)
 def test_clear_and_healthy_passes_through_bitwise(eager, command, speed, weights):
     model = randomize_scorer(eager, *weights)
     out = call(model, np.full((B, S), R, np.float32), command, speed, np.ones((B, 3), np.float32))
@@ -236,7 +238,7 @@ def run_onnx(session: ort.InferenceSession, sectors, command, speed, health) -> 
     return dict(zip([o.name for o in session.get_outputs()], outputs))
 
 
-@given(command=commands, speed=hnp.arrays(np.float32, (B, 1), elements=extreme_floats), weights=scorer_weights)
+@given(command=commands, speed=measured_speeds, weights=scorer_weights)
 def test_compiled_clear_and_healthy_passes_through_bitwise(compiled, command, speed, weights):
     model = randomize_scorer(compiled.graph_module, *weights)
     check_passthrough(call(model, np.full((B, S), R, np.float32), command, speed, np.ones((B, 3), np.float32)), command)
