@@ -6,10 +6,15 @@ and cannot always convert down, while TensorRT 8.5 (Xavier) parses opsets up to 
 
 from __future__ import annotations
 
+import copy
+import inspect
 import io
+import linecache
+import os
 import re
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import ExportError, VerificationError
+from fxopt.inputs import copy_inputs
 from fxopt.numerics import compare_outputs, flatten_outputs, run_model
 from fxopt.targets import TargetProfile, get_target
 
@@ -38,6 +44,9 @@ class OnnxExport:
     max_abs_error: float | None = None
     max_rel_error: float | None = None
     node_count: int = 0
+    findings: list[str] = field(default_factory=list)
+    lowered_by: str = "trace"
+    inputs_checked: int = 0
 
     def serialized(self) -> bytes:
         return self.model.SerializeToString()
@@ -53,6 +62,9 @@ class OnnxExport:
             "nodes": self.node_count,
             "max_abs_error_vs_torch": self.max_abs_error,
             "max_rel_error_vs_torch": self.max_rel_error,
+            "inputs_checked": self.inputs_checked,
+            "lowered_by": self.lowered_by,
+            "findings": self.findings,
             "op_types": sorted(self.op_types()),
         }
 
@@ -97,23 +109,35 @@ def export_onnx(
     outputs = run_model(module, example_inputs)
     input_names = [f"input_{i}" for i in range(len(example_inputs))] if len(example_inputs) > 1 else ["input"]
     output_names = _output_names(outputs)
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                tuple(example_inputs),
-                buffer,
-                opset_version=opset,
-                input_names=input_names,
-                output_names=output_names,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-    except Exception as exc:
-        raise ExportError(f"ONNX export at opset {opset} failed: {type(exc).__name__}: {exc}") from exc
-    model = onnx.load_from_string(buffer.getvalue())
+
+    def export(m: torch.nn.Module) -> tuple[bytes, list[warnings.WarningMessage]]:
+        buffer = io.BytesIO()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.onnx.export(
+                    m,
+                    copy_inputs(tuple(example_inputs)),
+                    buffer,
+                    opset_version=opset,
+                    input_names=input_names,
+                    output_names=output_names,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+        except Exception as exc:
+            raise ExportError(f"ONNX export at opset {opset} failed: {type(exc).__name__}: {exc}") from exc
+        return buffer.getvalue(), [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+
+    data, tracer_warnings = export(module)
+    findings = [_finding(w, module) for w in tracer_warnings]
+    lowered_by = "trace"
+    branches = [f for w, f in zip(tracer_warnings, findings) if _is_branch(w)]
+    if branches:
+        # the tracer recorded only the branch the example inputs took: script the graph so
+        # ONNX gets an If (TensorRT 8.5 parses it), or refuse
+        data, findings, lowered_by = _export_scripted(module, export, branches)
+    model = onnx.load_from_string(data)
     if cleanup:
         try:
             model = _cleanup(model)
@@ -127,7 +151,59 @@ def export_onnx(
     except Exception as exc:
         raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
     graph_inputs = [i.name for i in model.graph.input]
-    return OnnxExport(model, written, graph_inputs, [o.name for o in model.graph.output], node_count=len(model.graph.node))
+    return OnnxExport(
+        model, written, graph_inputs, [o.name for o in model.graph.output], node_count=len(model.graph.node),
+        findings=findings, lowered_by=lowered_by,
+    )
+
+
+def _is_branch(w: warnings.WarningMessage) -> bool:
+    # "Converting a tensor to a Python boolean": an `if`/`while` on tensor values
+    return "Python boolean" in str(w.message)
+
+
+def _leaf_at(module: torch.nn.Module, filename: str, lineno: int) -> str:
+    """The leaf submodule whose class source holds ``filename:lineno`` ('' if none)."""
+    from fxopt.tracing import leaves_of
+
+    if not isinstance(module, torch.fx.GraphModule):
+        return ""
+    for leaf in leaves_of(module):
+        try:
+            cls = type(module.get_submodule(leaf.path))
+            lines, first = inspect.getsourcelines(cls)
+            same_file = os.path.samefile(inspect.getsourcefile(cls) or "", filename)
+        except (OSError, TypeError, AttributeError):
+            continue
+        if same_file and first <= lineno < first + len(lines):
+            return f"leaf '{leaf.path}' ({leaf.module_type})"
+    return ""
+
+
+def _finding(w: warnings.WarningMessage, module: torch.nn.Module) -> str:
+    where = _leaf_at(module, w.filename, w.lineno)
+    source = linecache.getline(w.filename, w.lineno).strip()
+    first = str(w.message).split(". ")[0]
+    return f"{where + ' at ' if where else ''}{w.filename}:{w.lineno}: `{source}`: {first} (TorchScript exporter warning)"
+
+
+def _export_scripted(module: torch.nn.Module, export: Any, branches: list[str]) -> tuple[bytes, list[str], str]:
+    """Export `module` scripted, so data-dependent branches become ONNX If nodes."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scripted = torch.jit.script(copy.deepcopy(module))
+        data, tracer_warnings = export(scripted)
+    except Exception as exc:  # noqa: BLE001 - any scripting failure leaves only the refusal
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        raise ExportError(
+            "data-dependent control flow would be frozen into the ONNX file (the exporter records only the "
+            f"branch the example inputs took): {'; '.join(branches)}. Scripting the graph to keep the branch "
+            f"as an ONNX If failed ({reason[:300]}). Write the branch as tensor ops (torch.where) or make the "
+            "module scriptable."
+        ) from exc
+    findings = [f"lowered with torch.jit.script so this branch is an ONNX If: {b}" for b in branches]
+    return data, findings + [f"(scripted export) {w.message}" for w in tracer_warnings], "script"
 
 
 def _cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -186,7 +262,10 @@ def _session(model: onnx.ModelProto) -> Any:
 
 def run_onnx(exported: OnnxExport, example_inputs: tuple[Any, ...]) -> list[np.ndarray]:
     """Run an exported model in ONNX Runtime (CPU) on tensors; returns its outputs."""
-    session = _session(exported.model)
+    return _run_session(_session(exported.model), example_inputs)
+
+
+def _run_session(session: Any, example_inputs: tuple[Any, ...]) -> list[np.ndarray]:
     feed_names = [i.name for i in session.get_inputs()]
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
     feed = {name: t.detach().cpu().numpy() for name, t in zip(feed_names, tensors)}
@@ -200,24 +279,41 @@ def verify_onnx(
     *,
     atol: float = ATOL,
     rtol: float = RTOL,
+    check_inputs: Sequence[tuple[Any, ...]] = (),
 ) -> OnnxExport:
     """Run the ONNX model in ONNX Runtime and compare with `module` on the same inputs.
 
+    Args:
+        check_inputs: more input sets of the example's shapes to compare on (seeded variants,
+            calibration batches); the example inputs are always checked first.
+
     Raises:
-        VerificationError: outputs differ beyond ``atol + rtol * max|reference|``, or ORT fails.
+        VerificationError: outputs differ beyond ``atol + rtol * max|reference|`` on any input
+            set (the message says which), or ORT fails.
     """
     try:
-        ort_outputs = run_onnx(exported, example_inputs)
+        session = _session(exported.model)
     except Exception as exc:
-        raise VerificationError(f"ONNX Runtime cannot run the exported model: {exc}") from exc
-    reference = flatten_outputs(run_model(module, example_inputs))
-    deviation = compare_outputs([torch.from_numpy(np.asarray(o)) for o in ort_outputs], reference)
-    exported.max_abs_error, exported.max_rel_error = deviation.max_abs, deviation.max_rel
-    if not deviation.within(atol, rtol):
-        raise VerificationError(
-            f"ONNX Runtime output differs from torch: max abs error {deviation.max_abs:.3g} "
-            f"(allowed {atol:g} + {rtol:g} x {deviation.reference_scale:.3g}) {deviation.detail}"
-        )
+        raise VerificationError(f"ONNX Runtime cannot load the exported model: {exc}") from exc
+    sets = [tuple(example_inputs)] + [tuple(s) for s in check_inputs if s is not example_inputs]
+    worst = None
+    for i, inputs in enumerate(sets):
+        try:
+            ort_outputs = _run_session(session, inputs)
+        except Exception as exc:
+            raise VerificationError(f"ONNX Runtime cannot run the exported model: {exc}") from exc
+        reference = flatten_outputs(run_model(module, inputs))
+        deviation = compare_outputs([torch.from_numpy(np.asarray(o)) for o in ort_outputs], reference)
+        if not deviation.within(atol, rtol):
+            which = "the example inputs" if i == 0 else f"verification input set {i} of {len(sets)} (a seeded variant or calibration batch)"
+            raise VerificationError(
+                f"ONNX Runtime output differs from torch on {which}: max abs error {deviation.max_abs:.3g} "
+                f"(allowed {atol:g} + {rtol:g} x {deviation.reference_scale:.3g}) {deviation.detail}"
+            )
+        if worst is None or deviation.max_abs > worst.max_abs:
+            worst = deviation
+    exported.max_abs_error, exported.max_rel_error = worst.max_abs, worst.max_rel
+    exported.inputs_checked = len(sets)
     return exported
 
 
@@ -227,8 +323,10 @@ def lower(
     target: str | TargetProfile,
     *,
     verify: bool = True,
+    check_inputs: Sequence[tuple[Any, ...]] = (),
 ) -> OnnxExport:
-    """Export at the target's highest opset and verify in ONNX Runtime."""
+    """Export at the target's highest opset and verify in ONNX Runtime on the example inputs
+    and every set in `check_inputs`."""
     profile = get_target(target)
     exported = export_onnx(module, example_inputs, opset=profile.max_onnx_opset)
-    return verify_onnx(exported, module, example_inputs) if verify else exported
+    return verify_onnx(exported, module, example_inputs, check_inputs=check_inputs) if verify else exported

@@ -6,6 +6,7 @@ fxopt writes the plan (a `trtexec` command line and a Python build script) and s
 
 from __future__ import annotations
 
+import os
 import shlex
 import textwrap
 from collections.abc import Callable
@@ -282,8 +283,9 @@ def build_plan(
     if dla_core is not None and not 0 <= dla_core < profile.dla_cores:
         raise TargetError(f"target '{profile.name}' has DLA cores 0..{profile.dla_cores - 1}, not {dla_core}")
     cmd = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={engine_file}", *_PRECISION_FLAGS[precision]]
+    stem = os.path.splitext(engine_file)[0]  # each engine's layer/profile files beside it, not shared
     cmd += [f"--memPoolSize=workspace:{workspace_mib}", "--profilingVerbosity=detailed",
-            "--exportLayerInfo=layers.json", "--exportProfile=profile.json"]
+            f"--exportLayerInfo={stem}.layers.json", f"--exportProfile={stem}.profile.json"]
     if dla_core is not None:
         cmd += [f"--useDLACore={dla_core}", "--allowGPUFallback"]
     script = textwrap.dedent(f'''\

@@ -12,6 +12,7 @@ from fxopt.cost_model import CostSummary, NodeCost, estimate_costs
 from fxopt.errors import (
     ExportError,
     FxoptError,
+    FxoptWarning,
     InputError,
     PassError,
     PassOrderError,
@@ -29,7 +30,7 @@ from fxopt.targets import TargetProfile, get_target, register_target, target_nam
 from fxopt.tracing import Leaf, leaves_of, trace
 
 __all__ = [
-    "CompileContext", "CompileReport", "CompiledModel", "CostSummary", "ExportError", "FxoptError",
+    "CompileContext", "CompileReport", "CompiledModel", "CostSummary", "ExportError", "FxoptError", "FxoptWarning",
     "FxoptPass", "InputError", "Leaf", "NodeCost", "PassError", "PassManager", "PassOrderError",
     "PassRecord", "PassRegistryError", "SafetyPolicyError", "PassResult", "TargetError", "TargetProfile", "TraceError",
     "VerificationError", "compile", "create_pass", "current_context", "default_pipeline",

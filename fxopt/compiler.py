@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import time
@@ -16,9 +15,11 @@ from torch.fx import GraphModule
 
 from fxopt.cost_model import estimate_costs
 from fxopt.errors import InputError
-from fxopt.files import write_atomic
-from fxopt.pass_base import CompileContext, pass_name
+from fxopt.inputs import calibration_batches, copy_inputs, validate_inputs, verification_inputs
+from fxopt.output_folder import MANIFEST, check_output_folder, write_output_folder
+from fxopt.pass_base import CompileContext, pass_attr, pass_name
 from fxopt.pass_manager import PassManager, resolve_passes
+from fxopt.progress import Phases
 from fxopt.report import CompileReport, layer_rows, report_tables
 from fxopt.targets import TargetProfile, get_target
 from fxopt.tracing import leaves_of, normalize_inputs, trace
@@ -27,6 +28,8 @@ __all__ = ["compile", "CompiledModel", "default_pipeline", "state_dict_sha256"]
 
 # Passes every pipeline starts with; fold_batchnorm finds its own place from its constraints.
 CANONICAL_PASSES = ("canonicalize", "fold_batchnorm")
+# compile(**options) keys read by the core itself (calibration batches also serve verification).
+CORE_OPTIONS = ("calib_data",)
 
 
 def default_pipeline(target: str | TargetProfile) -> list[str]:
@@ -75,31 +78,31 @@ class CompiledModel(nn.Module):
         return self.graph_module(*args)
 
     def save(self, directory: str | os.PathLike[str]) -> dict[str, str]:
-        """Write model.onnx, report.md, report.json and manifest.json into `directory`.
+        """Write model.onnx, the build plan, report.md, report.json and manifest.json as one folder.
 
-        Every file is written through a temporary file and renamed, so an interrupted save
-        never leaves a half-written file. Returns the paths written, by kind.
+        The whole set is written into a temporary folder and swapped in, so `directory` always
+        holds one consistent compile (files of an earlier compile there are replaced, never
+        mixed in); the manifest lists every file's SHA-256 (`fxopt verify DIR` checks them).
+        A folder holding files no fxopt compile wrote is refused rather than replaced.
+
+        Returns:
+            The paths written, by kind (``onnx``, ``report_md``, ``report_json``, ``manifest``,
+            and the build-plan file names).
+
+        Raises:
+            InputError: `directory` is a file, lies under a file, or holds foreign files.
         """
-        directory = os.fspath(directory)
-        if os.path.exists(directory) and not os.path.isdir(directory):
-            raise InputError(f"cannot save into '{directory}': it exists and is not a directory")
-        paths: dict[str, str] = {}
-        manifest = dict(self.manifest)
+        files: dict[str, bytes | str] = {}
+        kinds: dict[str, str] = {}
         if self.onnx_model is not None:
-            data = self.onnx_model.SerializeToString()
-            paths["onnx"] = os.path.join(directory, "model.onnx")
-            write_atomic(paths["onnx"], data)
-            manifest["files"] = {"model.onnx": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
+            files["model.onnx"], kinds["onnx"] = self.onnx_model.SerializeToString(), "model.onnx"
         for extra_name, extra_text in self.report.extras.get("files", {}).items():
-            paths[extra_name] = os.path.join(directory, extra_name)
-            write_atomic(paths[extra_name], extra_text)
-        paths["report_md"] = os.path.join(directory, "report.md")
-        write_atomic(paths["report_md"], self.report.to_markdown())
-        paths["report_json"] = os.path.join(directory, "report.json")
-        write_atomic(paths["report_json"], self.report.to_json())
-        paths["manifest"] = os.path.join(directory, "manifest.json")
-        write_atomic(paths["manifest"], json.dumps(manifest, indent=2, default=str))
-        return paths
+            files[extra_name], kinds[extra_name] = extra_text, extra_name
+        files["report.md"], kinds["report_md"] = self.report.to_markdown(), "report.md"
+        files["report.json"], kinds["report_json"] = self.report.to_json(), "report.json"
+        kinds["manifest"] = MANIFEST
+        written = write_output_folder(directory, files, dict(self.manifest))
+        return {kind: written[name] for kind, name in kinds.items()}
 
 
 def _versions() -> dict[str, str]:
@@ -144,6 +147,7 @@ def compile(  # noqa: A001 - the public name the design asks for
     export: bool = True,
     progress: bool = False,
     leaf_modules: Sequence[str] = (),
+    save_to: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> CompiledModel:
     """Compile `model` for `target`: trace, run verified passes, lower to ONNX and verify it.
@@ -159,7 +163,12 @@ def compile(  # noqa: A001 - the public name the design asks for
         export: lower to ONNX at the target's opset and verify it in ONNX Runtime.
         progress: show progress bars on stderr.
         leaf_modules: submodule paths to keep opaque on purpose.
-        **options: data passes need, e.g. ``calib_data=`` (a list of input tuples).
+        save_to: also save the result into this folder (checked before any work starts).
+        **options: data passes need, e.g. ``calib_data=`` (a list of input tuples, also used
+            for verification); an option no pass in the pipeline reads is an `InputError`.
+
+    Every check (each pass, ONNX parity) runs on the example inputs plus seeded variants and
+    the calibration batches of the same shapes; NaN/Inf or empty inputs are refused.
 
     Returns:
         A `CompiledModel`.
@@ -177,30 +186,47 @@ def compile(  # noqa: A001 - the public name the design asks for
     profile = get_target(target)
     if precision is not None and precision not in profile.precisions:
         raise InputError(f"target '{profile.name}' has no precision '{precision}'; it has {profile.precisions}")
-    inputs = normalize_inputs(example_inputs)
+    inputs = copy_inputs(normalize_inputs(example_inputs))  # the user's tensors are never run
+    input_notes = validate_inputs(inputs)
+    if "calib_data" in options:
+        options["calib_data"] = calibration_batches(options["calib_data"])
+    pipeline = resolve_passes(_pipeline(profile, passes))
+    _check_request(pipeline, options, precision or profile.default_precision, profile)
+    if save_to is not None:
+        check_output_folder(os.fspath(save_to))
+    check_inputs = verification_inputs(inputs, options.get("calib_data"))
     input_sha = state_dict_sha256(model)
-    context = CompileContext.create(profile, inputs, precision, **options)
-    gm = trace(model, inputs, leaf_modules=leaf_modules)
-    traced_s = time.perf_counter() - start
-    cost_before = estimate_costs(gm, profile, context.precision)
-    manager = PassManager(_pipeline(profile, passes), strict=strict, progress=progress)
-    result = manager.run(gm, context)
-    final = result.graph_module
-    passes_s = time.perf_counter() - start - traced_s
-    cost_after = estimate_costs(final, profile, context.precision)
-    onnx_info, onnx_model, notes, extras, placement = None, None, [], {}, None
-    if export:
-        from fxopt.backends.onnx import lower
+    context = CompileContext.create(profile, inputs, precision, check_inputs=check_inputs, **options)
+    phases = Phases(["trace", "passes", "export"], enabled=progress)
+    try:
+        with phases("trace"):
+            gm = trace(model, inputs, leaf_modules=leaf_modules)
+        traced_s = time.perf_counter() - start
+        cost_before = estimate_costs(gm, profile, context.precision)
+        manager = PassManager(pipeline, strict=strict, progress=progress)
+        with phases("passes"):
+            result = manager.run(gm, context)
+        final = result.graph_module
+        passes_s = time.perf_counter() - start - traced_s
+        cost_after = estimate_costs(final, profile, context.precision)
+        onnx_info, onnx_model, notes, extras, placement = None, None, list(input_notes), {}, None
+        notes += _pass_warnings(result.records, passes)
+        with phases("export"):
+            if export:
+                from fxopt.backends.onnx import lower
 
-        exported = lower(final, inputs, profile)
-        onnx_info, onnx_model = exported.to_dict(), exported.model
-        if profile.backend == "tensorrt":
-            from fxopt.backends.tensorrt import plan_deployment
+                exported = lower(final, inputs, profile, check_inputs=check_inputs)
+                onnx_info, onnx_model = exported.to_dict(), exported.model
+                notes += [f"ONNX export: {finding}" for finding in exported.findings]
+                if profile.backend == "tensorrt":
+                    from fxopt.backends.tensorrt import plan_deployment
 
-            deployment = plan_deployment(onnx_model, profile, context.precision)
-            extras["files"] = deployment.files
-            placement = _conv_placement(final, deployment.conv_devices())
-            notes += deployment.notes
+                    deployment = plan_deployment(onnx_model, profile, context.precision)
+                    extras["files"] = deployment.files
+                    placement = _conv_placement(final, deployment.conv_devices())
+                    notes += deployment.notes
+    finally:
+        phases.close()
     export_s = time.perf_counter() - start - traced_s - passes_s
     report = CompileReport(
         model=type(model).__name__,
@@ -225,7 +251,40 @@ def compile(  # noqa: A001 - the public name the design asks for
         "passes": [{"name": r.name, "status": r.status, "options": r.options} for r in result.records],
         "input_state_dict_sha256": input_sha,
         "example_inputs": [list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs],
+        "verification_inputs": len(check_inputs),
     }
     if state_dict_sha256(model) != input_sha:  # pragma: no cover - an internal invariant
         raise AssertionError("fxopt modified the user's model")
-    return CompiledModel(final, report, context, onnx_model, manifest)
+    compiled = CompiledModel(final, report, context, onnx_model, manifest)
+    if save_to is not None:
+        compiled.save(save_to)
+    return compiled
+
+
+def _check_request(pipeline: list[Any], options: dict[str, Any], precision: str, profile: TargetProfile) -> None:
+    """Refuse, before any work, options no pass reads and a precision no pass provides."""
+    known = set(CORE_OPTIONS)
+    for p in pipeline:
+        known.update(pass_attr(p, "reads_options", ()))
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InputError(
+            f"unknown compile option(s) {', '.join(map(repr, unknown))}; known here: {', '.join(sorted(known))} "
+            "(a pass reading other options declares them in its `reads_options`)"
+        )
+    names = {pass_name(p) for p in pipeline}
+    if precision == "int8" and "quantize" not in names:
+        raise InputError(
+            f"precision='int8' for '{profile.name}' needs the 'quantize' pass (Q/DQ nodes from calibration) "
+            "in the pipeline; without it the engine would be built with --int8 and no calibration. "
+            "Add passes=[..., 'quantize'] with calib_data=, or compile at fp16"
+        )
+
+
+def _pass_warnings(records: list[Any], requested: Sequence[Any] | None) -> list[str]:
+    """Loud report lines for passes the user asked for that were rolled back or changed nothing."""
+    asked = {p if isinstance(p, str) else pass_name(p) for p in (requested or ())}
+    return [
+        f"WARNING: requested pass '{r.name}' {'was rolled back' if r.status == 'rolled_back' else 'changed nothing'}: {r.reason}"
+        for r in records if r.name in asked and r.status in ("rolled_back", "unchanged")
+    ]

@@ -56,3 +56,7 @@ class VerificationError(FxoptError):
 
 class SafetyPolicyError(FxoptError):
     """A compile under ``safety="strict"`` asked for, or produced, something the policy forbids."""
+
+
+class FxoptWarning(UserWarning):
+    """Something fxopt accepted but a user should look at (constant example inputs, a pass that changed nothing)."""

@@ -5,13 +5,21 @@ from __future__ import annotations
 import os
 import tempfile
 
-__all__ = ["write_atomic"]
+__all__ = ["current_umask", "write_atomic"]
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, executable: bool = False) -> None:
     """Write `data` to `path` via a temporary file in the same folder and `os.replace`.
 
-    A crash or error midway leaves either the old file or none, never half a file.
+    A crash or error midway leaves either the old file or none, never half a file. The file
+    gets the usual permissions (0644 under the common umask; 0755 when `executable`).
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -21,6 +29,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+        os.chmod(tmp, (0o777 if executable else 0o666) & ~current_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

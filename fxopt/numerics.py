@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from fxopt.inputs import copy_inputs
+
 __all__ = ["Deviation", "TOLERANCES", "flatten_outputs", "compare_outputs", "run_model"]
 
 # (atol, rtol) per compute precision: a check passes when max_abs <= atol + rtol * max|reference|.
@@ -81,6 +83,7 @@ def compare_outputs(candidate: Any, reference: Any) -> Deviation:
 
 
 def run_model(model: Any, inputs: tuple[Any, ...]) -> Any:
-    """Run `model` on `inputs` without autograd."""
+    """Run `model` on fresh copies of `inputs` without autograd (a forward that writes into its
+    input changes neither the caller's tensors nor the next run's)."""
     with torch.no_grad():
-        return model(*inputs)
+        return model(*copy_inputs(inputs))

@@ -32,12 +32,22 @@ class CompileContext:
         precision: the precision the model will run at on the target.
         options: data passes may need, e.g. ``calib_data`` (a list of input tuples),
             ``train_data``; unknown keys are kept for user passes.
+        check_inputs: every input set the pass manager verifies on (the example inputs, their
+            seeded variants, calibration batches); empty means the example inputs alone.
     """
 
     target: TargetProfile
     example_inputs: tuple[Any, ...]
     precision: str
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    check_inputs: tuple[tuple[Any, ...], ...] = ()
+
+    @property
+    def verification_inputs(self) -> tuple[tuple[Any, ...], ...]:
+        """The input sets checks run on: `check_inputs`, or the example inputs alone."""
+        if self.check_inputs:
+            return self.check_inputs
+        return (self.example_inputs,) if self.example_inputs else ()
 
     @classmethod
     def create(
@@ -45,6 +55,8 @@ class CompileContext:
         target: str | TargetProfile = "cpu",
         example_inputs: tuple[Any, ...] = (),
         precision: str | None = None,
+        *,
+        check_inputs: tuple[tuple[Any, ...], ...] = (),
         **options: Any,
     ) -> CompileContext:
         """Build a context from a target name and keyword options."""
@@ -54,6 +66,7 @@ class CompileContext:
             example_inputs=tuple(example_inputs),
             precision=precision or profile.default_precision,
             options=MappingProxyType(dict(options)),
+            check_inputs=tuple(check_inputs),
         )
 
 
@@ -93,6 +106,10 @@ class FxoptPass(PassBase):
         lossy: whether the pass may change the model's function (pruning, quantisation).
         after: names of passes that must run before this one when both are in a pipeline.
         before: names of passes that must run after this one when both are in a pipeline.
+        reads_options: the `compile(**options)` keys the pass reads from `current_context()`;
+            a key no pass in the pipeline reads is refused as a likely typo.
+        unchanged_reason: set by `call` when it returns ``modified=False``, saying why (the
+            report shows it; default "the pass found nothing to change").
 
     Example:
         >>> import torch
@@ -110,6 +127,8 @@ class FxoptPass(PassBase):
     lossy: ClassVar[bool] = False
     after: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()
+    reads_options: ClassVar[tuple[str, ...]] = ()
+    unchanged_reason: str = ""
 
     def options(self) -> dict[str, Any]:
         """The pass's settings, recorded in the report and manifest (override when configurable)."""

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
+from torch import nn
 from torch.fx import GraphModule
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxopt.cost_model import estimate_costs
-from fxopt.errors import PassError, PassOrderError
+from fxopt.errors import InputError, PassError, PassOrderError
 from fxopt.numerics import TOLERANCES, compare_outputs, output_signature, run_model
 from fxopt.pass_base import CompileContext, pass_attr, pass_name, use_context
 from fxopt.registry import create_pass
@@ -62,6 +63,7 @@ class PassRecord:
     after: GraphStats | None = None
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
+    inputs_checked: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("before", "after")}
@@ -79,8 +81,29 @@ class PipelineResult:
 
 
 def resolve_passes(passes: Sequence[PassLike | str]) -> list[PassLike]:
-    """Turn registered names into fresh pass instances; pass objects are kept as they are."""
-    return [create_pass(p) if isinstance(p, str) else p for p in passes]
+    """Turn registered names into fresh pass instances; pass objects are kept as they are.
+
+    Raises:
+        InputError: an entry is neither a name nor a pass (None, a number, a pass class
+            instead of an instance, a torch module); the message names its position.
+    """
+    return [create_pass(p) if isinstance(p, str) else _checked_pass(p, i) for i, p in enumerate(passes)]
+
+
+def _checked_pass(p: Any, index: int) -> PassLike:
+    where = f"passes[{index}]"
+    if isinstance(p, type):
+        if issubclass(p, PassBase):
+            raise InputError(f"{where} is the pass class {p.__name__}, not an instance: write {p.__name__}(...)")
+        raise InputError(f"{where} is the class {p.__name__}, not a pass")
+    if isinstance(p, nn.Module):
+        raise InputError(f"{where} is a torch module ({type(p).__name__}), not a pass: give a registered name or an FxoptPass instance")
+    if not (isinstance(p, PassBase) or callable(p)):
+        raise InputError(
+            f"{where} is {p!r} ({type(p).__name__}), not a pass: give a registered name (see fxopt.pass_names()), "
+            "an FxoptPass / torch.fx PassBase instance, or a function gm -> PassResult"
+        )
+    return p
 
 
 def order_passes(passes: Sequence[PassLike]) -> list[PassLike]:
@@ -158,9 +181,8 @@ class PassManager:
 
     def run(self, gm: GraphModule, context: CompileContext) -> PipelineResult:
         """Run the pipeline on a copy of `gm`; `gm` itself is left intact."""
-        inputs = context.example_inputs
         current = gm
-        reference = run_model(current, inputs) if inputs else None
+        reference = _run_all(current, context) if context.verification_inputs else None
         stats = GraphStats.of(current, context)
         result = PipelineResult(current)
         iterator: Any = self.passes
@@ -199,7 +221,9 @@ class PassManager:
                     raise _ContractBroken("returned modified=False but changed the graph")
                 # keep the copy: an analysis pass may have annotated node.meta / gm.meta
                 _carry_meta(gm, new_gm)
-                return PassRecord(**base, status="unchanged", time_s=time.perf_counter() - start, after=stats), new_gm, reference, stats
+                why = getattr(p, "unchanged_reason", "") or "the pass found nothing to change"
+                record = PassRecord(**base, status="unchanged", reason=why, time_s=time.perf_counter() - start, after=stats)
+                return record, new_gm, reference, stats
             _carry_meta(gm, new_gm)
             new_gm.graph.lint()
             new_gm.recompile()
@@ -207,9 +231,8 @@ class PassManager:
                 propagate_shapes(new_gm, context.example_inputs)
             outputs, deviation = reference, None
             if self.check_numerics and reference is not None:
-                outputs = run_model(new_gm, context.example_inputs)
-                deviation = compare_outputs(outputs, reference)
-                _check_deviation(deviation, lossy, outputs, reference)
+                outputs = _run_all(new_gm, context)
+                deviation = _worst_deviation(outputs, reference, lossy)
             new_stats = GraphStats.of(new_gm, context)
         except Exception as exc:  # noqa: BLE001 - every pass failure is reported, then rolled back or raised
             reason = str(exc) if isinstance(exc, _ContractBroken) else f"{type(exc).__name__}: {exc}"
@@ -225,12 +248,32 @@ class PassManager:
             after=new_stats,
             max_abs_error=deviation.max_abs if deviation else 0.0,
             max_rel_error=deviation.max_rel if deviation else 0.0,
+            inputs_checked=len(reference) if deviation else 0,
         )
         return record, new_gm, outputs, new_stats
 
 
 class _ContractBroken(Exception):
     """A pass broke the pass contract (its reason goes into the report verbatim)."""
+
+
+def _run_all(gm: GraphModule, context: CompileContext) -> list[Any]:
+    return [run_model(gm, inputs) for inputs in context.verification_inputs]
+
+
+def _worst_deviation(outputs: list[Any], references: list[Any], lossy: bool) -> Any:
+    """Check every input set; the largest deviation is the one reported."""
+    worst = None
+    for i, (out, ref) in enumerate(zip(outputs, references)):
+        deviation = compare_outputs(out, ref)
+        try:
+            _check_deviation(deviation, lossy, out, ref)
+        except _ContractBroken as exc:
+            which = "the example inputs" if i == 0 else f"verification input set {i} of {len(references)} (a seeded variant or calibration batch)"
+            raise _ContractBroken(f"{exc} on {which}") from None
+        if worst is None or deviation.max_abs > worst.max_abs:
+            worst = deviation
+    return worst
 
 
 def _check_deviation(deviation: Any, lossy: bool, outputs: Any, reference: Any) -> None:

@@ -30,17 +30,24 @@ def register_pass(cls: P) -> P:
         raise PassRegistryError(f"register_pass expects an FxoptPass subclass, got {cls!r}")
     if not cls.name:
         raise PassRegistryError(f"{cls.__qualname__} has no `name`; set a class attribute name = '...'")
+    _load_builtins()  # a user pass must meet the built-in names before it can take one
     existing = _PASSES.get(cls.name)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
+    if existing is not None and _qualified(existing) != _qualified(cls):
         raise PassRegistryError(
-            f"pass name '{cls.name}' is taken by {existing.__module__}.{existing.__qualname__}"
+            f"pass name '{cls.name}' of {_qualified(cls)} is already taken by {_qualified(existing)}; "
+            "choose another name"
         )
-    _PASSES[cls.name] = cls
+    _PASSES[cls.name] = cls  # the same class again (a re-imported module) replaces itself
     return cls
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _load_builtins() -> None:
     # Importing fxopt.passes registers the built-in passes; the core names none of them.
+    # Done before any lookup or registration, so no user pass can shadow a built-in.
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True

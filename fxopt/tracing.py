@@ -30,6 +30,7 @@ from torch.fx.proxy import Attribute
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import InputError, TraceError
+from fxopt.inputs import copy_inputs
 
 __all__ = ["Leaf", "trace", "propagate_shapes", "normalize_inputs", "leaves_of", "specialisations_of"]
 
@@ -316,7 +317,7 @@ def propagate_shapes(gm: GraphModule, example_inputs: tuple[Any, ...]) -> None:
     # ShapeProp prints a traceback before it raises, and its message dumps all node meta
     with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         try:
-            ShapeProp(gm).propagate(*example_inputs)
+            ShapeProp(gm).propagate(*copy_inputs(example_inputs))
         except RuntimeError as exc:
             cause = exc.__cause__ or exc
             node = str(exc).split(" with meta=")[0].removeprefix("ShapeProp error for: ")
@@ -337,7 +338,7 @@ def _run_failure_module(gm: GraphModule, example_inputs: tuple[Any, ...]) -> tup
     interp.run_node = tracking_run_node  # type: ignore[method-assign]
     try:
         with torch.no_grad():
-            interp.run(*example_inputs)
+            interp.run(*copy_inputs(example_inputs))
     except Exception as exc:  # noqa: BLE001 - any failure of the traced program is reported
         return current[0], exc
     return None, None
@@ -379,7 +380,7 @@ def trace(
     root = copy.deepcopy(model).eval()
     try:
         with torch.no_grad():
-            root(*inputs)
+            root(*copy_inputs(inputs))
     except Exception as exc:
         raise InputError(
             f"the model does not run on the example inputs "

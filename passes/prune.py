@@ -785,6 +785,7 @@ class PruneChannels(FxoptPass):
         self,
         amount: float = 0.5,
         by: str = "channels",
+    reads_options = ("calib_data", "calib_labels")  # Taylor importance
         allocation: str = "uniform",
         overrides: Mapping[str, float] | None = None,
         ignore: Sequence[str] = (),

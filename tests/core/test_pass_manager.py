@@ -172,5 +172,6 @@ def test_pass_sees_the_compile_context():
         return PassResult(gm, False)
 
     model = nn.Linear(4, 2)
-    fxopt.compile(model, "xavier", example_inputs=(torch.randn(1, 4),), passes=[make_pass("look", action=look)], calib_data=[1, 2])
-    assert seen == {"target": "xavier", "calib": [1, 2]}
+    calib = [(torch.randn(1, 4),), (torch.randn(3, 4),)]
+    fxopt.compile(model, "xavier", example_inputs=(torch.randn(1, 4),), passes=[make_pass("look", action=look)], calib_data=calib)
+    assert seen["target"] == "xavier" and [b[0] for b in seen["calib"]] == [b[0] for b in calib]

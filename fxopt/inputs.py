@@ -1,0 +1,161 @@
+"""Inputs a compile runs the model on: the user's example inputs, validated and copied, and the
+seeded variants every verification check also runs on, so no check rests on one input.
+
+fxopt never hands the user's tensors to the model: a forward that writes into its input
+(``x.mul_(2)``) would change the caller's tensor and the reference of later checks. Every run
+gets fresh copies (`copy_inputs`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from fxopt.errors import FxoptWarning, InputError
+
+__all__ = [
+    "VARIANT_KINDS",
+    "calibration_batches",
+    "copy_inputs",
+    "input_variants",
+    "validate_inputs",
+    "verification_inputs",
+]
+
+# Seeded variants of the example inputs every check runs on besides the example itself.
+# Integer and bool tensors (indices, masks) are kept as they are: their values are structural.
+VARIANT_KINDS = ("noise", "sign_flip", "scaled")
+# Calibration batches (of the example's shapes) also checked, at most this many.
+MAX_CALIB_CHECKS = 4
+
+
+def copy_inputs(inputs: Any) -> Any:
+    """A copy of every tensor in an input pytree, so a run cannot write into the caller's."""
+    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, inputs)
+
+
+def _tensors(inputs: Any) -> list[tuple[str, torch.Tensor]]:
+    leaves, _ = pytree.tree_flatten_with_path(inputs)
+    return [(pytree.keystr(path) or "[0]", x) for path, x in leaves if isinstance(x, torch.Tensor)]
+
+
+def validate_inputs(inputs: tuple[Any, ...], *, what: str = "example_inputs") -> list[str]:
+    """Refuse inputs that make a numerical check vacuous; return warnings for suspicious ones.
+
+    NaN/Inf values and empty tensors (a zero-size batch) are an `InputError` naming the input:
+    every comparison on them passes whatever a pass did. A constant tensor (all elements equal)
+    is allowed but warned about (`FxoptWarning`), since it hides most errors; the verification
+    variants still check other values.
+
+    Returns:
+        The warning texts (also issued as `FxoptWarning`), for the report.
+
+    Example:
+        >>> validate_inputs((torch.ones(1, 3),))
+        ['example_inputs[0] is constant (every element is 1): checks on it alone would be weak; fxopt also checks seeded variants']
+    """
+    notes = []
+    for where, t in _tensors(inputs):
+        name = f"{what}{where}"
+        if t.numel() == 0:
+            raise InputError(f"{name} is empty (shape {tuple(t.shape)}): checks on an empty batch pass whatever a pass does; give at least one sample")
+        if t.is_floating_point() or t.is_complex():
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+                raise InputError(
+                    f"{name} holds {int(bad.sum())} non-finite value(s) ({kind}, first at index "
+                    f"{tuple(int(i) for i in bad.nonzero()[0])}): numerical checks on it are vacuous; give finite inputs"
+                )
+        if t.numel() > 1 and bool((t == t.reshape(-1)[0]).all()):
+            notes.append(f"{name} is constant (every element is {t.reshape(-1)[0].item():g}): checks on it alone would be weak; fxopt also checks seeded variants")
+    for note in notes:
+        warnings.warn(note, FxoptWarning, stacklevel=3)
+    return notes
+
+
+def input_variants(inputs: tuple[Any, ...], *, seed: int = 0, kinds: Sequence[str] = VARIANT_KINDS) -> list[tuple[Any, ...]]:
+    """Seeded variants of `inputs` with the same shapes and dtypes, one per kind.
+
+    ``noise`` adds Gaussian noise of half the tensor's spread (unit noise on a constant tensor),
+    ``sign_flip`` negates, ``scaled`` multiplies by 2.5 (then adds unit noise where all zero), so
+    a value-dependent branch or a constant-input blind spot shows up. Integer and bool tensors
+    are copied unchanged.
+
+    Example:
+        >>> x = (torch.zeros(2, 3), torch.tensor([1, 2]))
+        >>> [v[1].tolist() for v in input_variants(x)]
+        [[1, 2], [1, 2], [1, 2]]
+        >>> [bool(v[0].abs().sum() > 0) for v in input_variants(x)]
+        [True, False, True]
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def vary(kind: str, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t.detach().clone()
+        x = t.detach()
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.dtype)
+        spread = float(x.float().std()) if x.numel() > 1 else float(x.float().abs().max())
+        if kind == "noise":
+            return x + noise * (0.5 * spread if spread > 0 else 1.0)
+        if kind == "sign_flip":
+            return -x
+        if kind == "scaled":
+            return x * 2.5 if bool((x != 0).any()) else noise
+        raise ValueError(f"unknown variant kind {kind!r}")
+
+    return [pytree.tree_map(lambda t, k=kind: vary(k, t) if isinstance(t, torch.Tensor) else t, inputs) for kind in kinds]
+
+
+def calibration_batches(calib_data: Any, *, what: str = "calib_data") -> list[tuple[Any, ...]]:
+    """`calib_data` as a list of input tuples, each validated like the example inputs.
+
+    Accepts any re-iterable of tensors or tuples of tensors (a list, a DataLoader); a one-shot
+    iterator or generator is refused, since it would be exhausted by the first pass reading it.
+
+    Raises:
+        InputError: not re-iterable, empty, or a batch with NaN/Inf or no samples (the message
+            names the batch index).
+    """
+    if isinstance(calib_data, torch.Tensor) or not isinstance(calib_data, Iterable):
+        raise InputError(f"{what} must be a list (or other re-iterable) of input tuples, e.g. [(x1,), (x2,)], got {type(calib_data).__name__}")
+    if iter(calib_data) is calib_data:
+        raise InputError(f"{what} is a one-shot iterator ({type(calib_data).__name__}): it would be used up by the first reader; pass a list or a DataLoader")
+    batches = [b if isinstance(b, tuple) else tuple(b) if isinstance(b, list) else (b,) for b in calib_data]
+    if not batches:
+        raise InputError(f"{what} is empty; give at least one batch")
+    for i, batch in enumerate(batches):
+        if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(batch)):
+            raise InputError(f"{what}[{i}] holds no tensor: each batch is a tuple of the model's inputs")
+        validate_inputs(batch, what=f"{what}[{i}]")
+    return batches
+
+
+def _signature(inputs: tuple[Any, ...]) -> list[Any]:
+    return [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x) for x in pytree.tree_leaves(inputs)]
+
+
+def verification_inputs(
+    example_inputs: tuple[Any, ...],
+    calib_data: Sequence[tuple[Any, ...]] | None = None,
+    *,
+    variants: int = len(VARIANT_KINDS),
+    seed: int = 0,
+) -> tuple[tuple[Any, ...], ...]:
+    """The input sets every check runs on: the example, its seeded variants, and calibration
+    batches with the example's exact shapes and dtypes (the graph's shapes are static).
+
+    Example:
+        >>> x = (torch.randn(1, 3),)
+        >>> len(verification_inputs(x)), len(verification_inputs(x, [(torch.randn(1, 3),), (torch.randn(2, 3),)]))
+        (4, 5)
+    """
+    sets = [example_inputs, *input_variants(example_inputs, seed=seed, kinds=VARIANT_KINDS[:variants])]
+    wanted = _signature(example_inputs)
+    sets += [b for b in (calib_data or ()) if _signature(b) == wanted][:MAX_CALIB_CHECKS]
+    return tuple(sets)
