@@ -44,6 +44,17 @@ class ModelSpec:
             any config.
         precision: the precision it must be deployed at, whatever the target's default
             (``None``: the target's); e.g. fp32 for a supervisor whose pass-through must be exact.
+        safety: the compile policy it is deployed under by default: ``"strict"`` (see
+            `fxopt.safety.policy`: no lossy pass, the required precision, audited ops, a
+            determinism check, `properties` and `equivalence` re-run on the lowered model) or
+            ``None`` (an ordinary model).
+        properties: the model's own property suite, ``(runner) -> {property: {"cases": n,
+            "failures": k, "example": str | None}}``, where ``runner(*inputs) -> {output: array}``
+            runs one implementation (the compiled graph, the ONNX file) on numpy inputs; seeded
+            and deterministic, a second or so, so strict compiles can run it every time.
+        equivalence: ``(model, onnx_model) -> evidence dict`` (rows checked, max error, rule
+            mismatches, passed) comparing the lowering with the eager model beyond the example
+            inputs; it raises `fxopt.SafetyPolicyError` when they differ.
     """
 
     name: str
@@ -53,6 +64,9 @@ class ModelSpec:
     presets: tuple[str, ...] = ()
     recipe: TrainingRecipe | Callable[..., TrainingRecipe] | None = None
     precision: str | None = None
+    safety: str | None = None
+    properties: Callable[[Callable[..., Mapping[str, Any]]], Mapping[str, Mapping[str, Any]]] | None = None
+    equivalence: Callable[[nn.Module, Any], Mapping[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

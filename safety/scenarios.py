@@ -13,15 +13,17 @@ import torch
 from torch import Tensor
 
 from fxopt.errors import InputError
-from fxopt.safety.supervisor import SupervisorConfig
+from fxopt.safety.supervisor import SPEED_CEILING, SupervisorConfig
 
 __all__ = [
     "HEALTH_FLAGS",
+    "INPUT_FAULT_VALUES",
     "balanced_holdout",
     "SupervisorInputs",
     "clear_scenes",
     "collision_labels",
     "example_batch",
+    "fault_scenes",
     "flags_down",
     "mixed_scenes",
     "obstacle_scenes",
@@ -31,6 +33,14 @@ __all__ = [
 SupervisorInputs = tuple[Tensor, Tensor, Tensor, Tensor]
 # column of each flag in the ``health`` input
 HEALTH_FLAGS = {"compute": 0, "hardware": 1, "algorithm": 2}
+# per input, the values no healthy producer emits: non-finite, plus what is out of range there
+# (a finite command beyond the limits is clamped by out_of_limits, not a fault)
+INPUT_FAULT_VALUES: dict[str, tuple[float, ...]] = {
+    "sectors": (math.nan, math.inf, -math.inf, -0.5, -1e30),
+    "command": (math.nan, math.inf, -math.inf),
+    "speed": (math.nan, math.inf, -math.inf, -0.5, SPEED_CEILING * 1.001, 1e30),
+    "health": (math.nan, math.inf, -math.inf, -0.5, 1.5),
+}
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator) -> Tensor:
@@ -170,6 +180,30 @@ def collision_labels(
         heading = heading + curvature * step
         x, y, v = x + step * torch.cos(heading), y + step * torch.sin(heading), v_next
     return hit.float().unsqueeze(1)
+
+
+def fault_scenes(config: SupervisorConfig | None = None, *, speeds: tuple[float, ...] = (5.0, 1.0)) -> SupervisorInputs:
+    """Every input position with every value of `INPUT_FAULT_VALUES`, one fault per row.
+
+    Each row is a clear, healthy scene (command ``(8, 1, 0)`` clamped to the limits) at each of
+    `speeds` (by default one above and one below the degraded speed limit) with one value replaced.
+
+    Example:
+        >>> sectors, command, speed, health = fault_scenes(SupervisorConfig(num_sectors=8))
+        >>> sectors.shape[0] == 2 * (8 * 5 + 3 * 3 + 1 * 6 + 3 * 5)
+        True
+    """
+    config = config or SupervisorConfig()
+    widths = {"sectors": config.num_sectors, "command": 3, "speed": 1, "health": 3}
+    rows = [(i, col, value, v) for i, (name, width) in enumerate(widths.items()) for col in range(width)
+            for value in INPUT_FAULT_VALUES[name] for v in speeds]
+    n = len(rows)
+    command = torch.tensor([[min(8.0, config.v_max), min(1.0, config.accel_max), 0.0]]).repeat(n, 1)
+    inputs = [torch.full((n, config.num_sectors), config.max_range), command, torch.zeros(n, 1), torch.ones(n, 3)]
+    for row, (i, col, value, v) in enumerate(rows):
+        inputs[2][row, 0] = v
+        inputs[i][row, col] = value
+    return inputs[0], inputs[1], inputs[2], inputs[3]
 
 
 def example_batch(config: SupervisorConfig | None = None) -> SupervisorInputs:

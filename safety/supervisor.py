@@ -559,6 +559,18 @@ def _recipe_evaluate(model: nn.Module) -> dict[str, float]:
     return risk_metrics(risk, labels)
 
 
+def _properties(run: Any) -> dict[str, dict[str, Any]]:
+    from fxopt.safety.properties import supervisor_properties
+
+    return supervisor_properties(run)
+
+
+def _equivalence(model: nn.Module, onnx_model: Any) -> dict[str, Any]:
+    from fxopt.safety.policy import equivalence_evidence
+
+    return equivalence_evidence(model, onnx_model)
+
+
 def risk_metrics(risk: Tensor, labels: Tensor) -> dict[str, float]:
     """Accuracy (risk > 0.5 vs label) and ROC AUC (Mann-Whitney, ties count half) of risk scores.
 
@@ -582,6 +594,9 @@ SPEC = register_model(ModelSpec(
     inputs=_example_inputs,
     summary="safety cerebellum: stopping-envelope and health rules + tiny learned risk scorer (pass-through or more conservative)",
     precision="fp32",  # fp16 would round the command it must pass through bit for bit
+    safety="strict",   # it stands between the planner and the actuators
+    properties=_properties,
+    equivalence=_equivalence,
     recipe=TrainingRecipe(
         batch=_recipe_batch,
         loss=_recipe_loss,
