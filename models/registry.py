@@ -48,10 +48,11 @@ class ModelSpec:
             `fxopt.safety.policy`: no lossy pass, the required precision, audited ops, a
             determinism check, `properties` and `equivalence` re-run on the lowered model) or
             ``None`` (an ordinary model).
-        properties: the model's own property suite, ``(runner) -> {property: {"cases": n,
+        properties: the model's own property suite, ``(runner, model) -> {property: {"cases": n,
             "failures": k, "example": str | None}}``, where ``runner(*inputs) -> {output: array}``
-            runs one implementation (the compiled graph, the ONNX file) on numpy inputs; seeded
-            and deterministic, a second or so, so strict compiles can run it every time.
+            runs one implementation (the compiled graph, the ONNX file) on numpy inputs and
+            ``model`` is the eager model compiled (or None: the default config); seeded and
+            deterministic, a second or so, so strict compiles can run it every time.
         equivalence: ``(model, onnx_model) -> evidence dict`` (rows checked, max error, rule
             mismatches, passed) comparing the lowering with the eager model beyond the example
             inputs; it raises `fxopt.SafetyPolicyError` when they differ.
@@ -65,7 +66,7 @@ class ModelSpec:
     recipe: TrainingRecipe | Callable[..., TrainingRecipe] | None = None
     precision: str | None = None
     safety: str | None = None
-    properties: Callable[[Callable[..., Mapping[str, Any]]], Mapping[str, Mapping[str, Any]]] | None = None
+    properties: Callable[[Callable[..., Mapping[str, Any]], nn.Module | None], Mapping[str, Mapping[str, Any]]] | None = None
     equivalence: Callable[[nn.Module, Any], Mapping[str, Any]] | None = None
 
 

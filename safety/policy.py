@@ -216,7 +216,8 @@ def check_determinism(
             "bit_identical": True}
 
 
-Suite = Callable[[Callable[..., Mapping[str, np.ndarray]]], Mapping[str, Mapping[str, Any]]]
+# ``suite(runner, model) -> {property: {"cases", "failures", "example"}}``
+Suite = Callable[[Callable[..., Mapping[str, np.ndarray]], nn.Module | None], Mapping[str, Mapping[str, Any]]]
 
 
 def _graph_runner(graph_module: nn.Module) -> Callable[..., dict[str, np.ndarray]]:
@@ -236,14 +237,18 @@ def _onnx_runner(onnx_model: Any) -> Callable[..., dict[str, np.ndarray]]:
     return lambda *inputs: run_onnx_batched(session, inputs)
 
 
-def run_property_suite(spec_or_suite: Any, graph_module: nn.Module, onnx_model: Any) -> dict[str, Any]:
+def run_property_suite(
+    spec_or_suite: Any, graph_module: nn.Module, onnx_model: Any, *, model: nn.Module | None = None
+) -> dict[str, Any]:
     """Re-run a safety model's own property suite on its compiled graph and on its ONNX file.
 
     Args:
         spec_or_suite: a `ModelSpec` with ``properties`` set, or the suite itself:
-            ``suite(runner) -> {property: {"cases", "failures", "example"}}``.
+            ``suite(runner, model) -> {property: {"cases", "failures", "example"}}``.
         graph_module: the compiled torch graph (outputs a dict of tensors).
         onnx_model: its ONNX lowering (static batch: rows are fed in chunks).
+        model: the eager model they were compiled from, for a suite that reads its config
+            (``None``: the suite's defaults, e.g. the registered default config).
 
     Returns:
         ``{"graph": counts, "onnx": counts}`` where counts is ``{"properties": k, "cases": n,
@@ -258,7 +263,7 @@ def run_property_suite(spec_or_suite: Any, graph_module: nn.Module, onnx_model: 
     evidence: dict[str, Any] = {}
     failures: list[str] = []
     for where, runner in (("graph", _graph_runner(graph_module)), ("onnx", _onnx_runner(onnx_model))):
-        results = suite(runner)
+        results = suite(runner, model)
         failed = {name: r for name, r in results.items() if r["failures"]}
         failures += [f"{name} on the {where} ({r['failures']}/{r['cases']} rows; {r.get('example')})" for name, r in failed.items()]
         evidence[where] = {
@@ -339,7 +344,7 @@ def strict_checks(
         "determinism": check_determinism(onnx_model, tuple(example_inputs)),
     }
     if getattr(model_spec, "properties", None) is not None:
-        evidence["properties"] = run_property_suite(model_spec, graph_module, onnx_model)
+        evidence["properties"] = run_property_suite(model_spec, graph_module, onnx_model, model=model)
     if getattr(model_spec, "equivalence", None) is not None:
         evidence["equivalence"] = dict(model_spec.equivalence(model, onnx_model))
     return evidence

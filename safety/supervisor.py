@@ -559,10 +559,10 @@ def _recipe_evaluate(model: nn.Module) -> dict[str, float]:
     return risk_metrics(risk, labels)
 
 
-def _properties(run: Any) -> dict[str, dict[str, Any]]:
+def _properties(run: Any, model: nn.Module | None) -> dict[str, dict[str, Any]]:
     from fxopt.safety.properties import supervisor_properties
 
-    return supervisor_properties(run)
+    return supervisor_properties(run, model.config if isinstance(model, SafetySupervisor) else None)
 
 
 def _equivalence(model: nn.Module, onnx_model: Any) -> dict[str, Any]:

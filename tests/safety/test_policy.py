@@ -194,3 +194,12 @@ def test_strict_checks_give_the_manifest_section(supervisor):
     # a model outside the registry gets the op and determinism checks only
     assert set(policy.strict_checks(model, None, compiled.graph_module, compiled.onnx_model,
                                     models.example_inputs("safety_supervisor"), "xavier")) == {"policy", "ops", "determinism"}
+
+
+def test_the_suite_reads_the_compiled_supervisors_own_config():
+    torch.manual_seed(0)
+    model = models.create("safety_supervisor", num_sectors=16, v_max=10.0).eval()
+    compiled = fxopt.compile(model, "cpu", example_inputs=models.example_inputs("safety_supervisor", num_sectors=16, v_max=10.0))
+    evidence = policy.run_property_suite(models.spec("safety_supervisor"), compiled.graph_module, compiled.onnx_model, model=model)
+    assert evidence["onnx"]["failures"] == 0
+    assert evidence["onnx"]["by_property"]["input_fault_fails_safe"] == 2 * (16 * 5 + 3 * 3 + 6 + 3 * 5)
