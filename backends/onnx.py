@@ -187,12 +187,22 @@ def _finding(w: warnings.WarningMessage, module: torch.nn.Module) -> str:
     return f"{where + ' at ' if where else ''}{w.filename}:{w.lineno}: `{source}`: {first} (TorchScript exporter warning)"
 
 
+def _scriptable_copy(module: torch.nn.Module) -> torch.nn.Module:
+    module = copy.deepcopy(module)
+    if isinstance(module, torch.fx.GraphModule):
+        # fx writes the user's annotations as aliases (`_torch_Tensor_`) TorchScript cannot resolve
+        for node in module.graph.nodes:
+            node.type = None
+        module.recompile()
+    return module
+
+
 def _export_scripted(module: torch.nn.Module, export: Any, branches: list[str]) -> tuple[bytes, list[str], str]:
     """Export `module` scripted, so data-dependent branches become ONNX If nodes."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scripted = torch.jit.script(copy.deepcopy(module))
+            scripted = torch.jit.script(_scriptable_copy(module))
         data, tracer_warnings = export(scripted)
     except Exception as exc:  # noqa: BLE001 - any scripting failure leaves only the refusal
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"

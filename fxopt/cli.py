@@ -51,7 +51,10 @@ def load_factory(spec: str) -> torch.nn.Module:
         if not hasattr(factory, part):
             raise InputError(f"module '{module_name}' has no attribute '{attr}'")
         factory = getattr(factory, part)
-    model = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+    try:
+        model = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+    except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
+        raise InputError(f"the factory '{spec}' raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -67,6 +70,99 @@ def _example_inputs(shapes: Sequence[str], seed: int) -> tuple[torch.Tensor, ...
         else:
             inputs.append(torch.zeros(shape, dtype=dtype))
     return tuple(inputs)
+
+
+def parse_pass(text: str) -> Any:
+    """``NAME[:key=value,...]`` -> a pass instance; options are checked against what the pass takes.
+
+    Values are Python literals (``0.5``, ``'flops'``, ``(1, 2)``, ``True``); anything else is a
+    string, so ``prune:amount=0.5,by=flops`` works without quotes.
+
+    Example:
+        >>> parse_pass("prune:amount=0.3,by=flops").options()["amount"]
+        0.3
+    """
+    from fxopt.registry import create_pass, pass_class
+
+    name, _, rest = text.partition(":")
+    cls = pass_class(name.strip())
+    accepted = _accepted_options(cls)
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in _split_options(rest))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"bad --pass '{text}': expected NAME:key=value,key=value, got '{item}'")
+        if accepted is not None and key not in accepted:
+            raise InputError(f"pass '{name}' has no option '{key}'; its options: {', '.join(sorted(accepted)) or 'none'}")
+        options[key] = _literal(value.strip())
+    return create_pass(name.strip(), **options)
+
+
+def _split_options(text: str) -> list[str]:
+    # commas inside brackets or quotes belong to a value: ignore=('a','b')
+    parts, depth, quote, current = [], 0, "", ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += ch
+    return [*parts, current]
+
+
+def _literal(value: str) -> Any:
+    import ast
+
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def _accepted_options(cls: type) -> set[str] | None:
+    import inspect
+
+    params = list(inspect.signature(cls).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def load_calib_data(path: str) -> list[tuple[torch.Tensor, ...]]:
+    """Calibration batches from a file: ``.pt`` (a list of tensors or of tuples of tensors,
+    loaded with ``weights_only=True``) or ``.npz`` (one array per model input, ``input_0``,
+    ``input_1``, ... or ``arr_0``, ..., each ``(num_batches, *input_shape)``)."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise InputError(f"--calib-data '{path}' is not a file")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                keys = sorted(data.files, key=lambda k: (len(k), k))
+                arrays = [torch.from_numpy(data[k]) for k in keys]
+            if not arrays or len({a.shape[0] for a in arrays}) != 1:
+                raise InputError(f"--calib-data '{path}': every array needs the same number of batches (first dim), got {[tuple(a.shape) for a in arrays]}")
+            return [tuple(a[i] for a in arrays) for i in range(arrays[0].shape[0])]
+        if path.endswith((".pt", ".pth")):
+            data = torch.load(path, weights_only=True)
+            if isinstance(data, torch.Tensor) or not isinstance(data, (list, tuple)):
+                raise InputError(f"--calib-data '{path}' must hold a list of input batches (tensors or tuples of tensors), got {type(data).__name__}")
+            return [tuple(b) if isinstance(b, (list, tuple)) else (b,) for b in data]
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a corrupt or unsafe file is the user's input
+        raise InputError(f"cannot read --calib-data '{path}': {type(exc).__name__}: {exc}") from exc
+    raise InputError(f"--calib-data '{path}': use a .pt or .npz file")
 
 
 def _model_inputs_precision(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[Any, ...], str | None]:
@@ -89,17 +185,43 @@ def _model_inputs_precision(args: argparse.Namespace) -> tuple[torch.nn.Module, 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     import fxopt
+    from fxopt.output_folder import check_output_folder
 
+    check_output_folder(args.output)  # before minutes of work, not after
+    passes: list[Any] | None = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
+    if args.pass_specs:
+        passes = (passes or []) + [parse_pass(text) for text in args.pass_specs]
+    options = {"calib_data": load_calib_data(args.calib_data)} if args.calib_data else {}
     model, inputs, precision = _model_inputs_precision(args)
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
     print(f"compiling {args.model} for {args.target} ...", file=sys.stderr)
     compiled = fxopt.compile(
         model, args.target, example_inputs=inputs, passes=passes, precision=precision,
-        strict=args.strict, progress=not args.quiet,
+        strict=args.strict, progress=not args.quiet, leaf_modules=args.leaf, **options,
     )
     print(compiled.report)
     paths = compiled.save(args.output)
     print(f"\nwrote {', '.join(os.path.basename(p) for p in paths.values())} to {args.output}")
+    failed = [r for r in compiled.report.passes if r.status == "rolled_back" and passes and r.name in {_name(p) for p in passes}]
+    for r in failed:
+        print(f"fxopt: error: requested pass '{r.name}' was rolled back: {r.reason}", file=sys.stderr)
+    return 3 if failed else 0
+
+
+def _name(p: Any) -> str:
+    from fxopt.pass_base import pass_name
+
+    return p if isinstance(p, str) else pass_name(p)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from fxopt.output_folder import verify_output_folder
+
+    problems = verify_output_folder(args.folder)
+    for problem in problems:
+        print(f"{args.folder}: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    print(f"{args.folder}: every file matches manifest.json")
     return 0
 
 
@@ -134,17 +256,40 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+COMPILE_EXAMPLES = """examples:
+  fxopt compile torchvision.models:resnet18 --input-shape 1x3x224x224 -o out/resnet18
+  fxopt compile pointpillars --preset kitti --target xavier -o out/pp
+  fxopt compile my_models:net --input-shape 1x3x64x64 --pass prune:amount=0.5,by=flops --pass fold_batchnorm
+  fxopt compile my_models:net --input-shape 1x3x64x64 --pass prune:importance=taylor --calib-data calib.pt
+  fxopt compile my_models:net --input-shape 1x3x64x64 --leaf backbone.custom_block
+  fxopt verify out/resnet18
+"""
+
+
+def _version() -> str:
+    from fxopt import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxopt", description="Compile PyTorch models for NVIDIA Jetson and ONNX Runtime.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"fxopt {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compile", help="compile MODULE:FACTORY for a target")
+    c = sub.add_parser("compile", help="compile MODULE:FACTORY for a target", epilog=COMPILE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("model", help="MODULE:FACTORY, a callable returning an nn.Module (e.g. torchvision.models:resnet18), "
                    "or a bundled model name (see `fxopt models`)")
     c.add_argument("--preset", default=None, help="a bundled model's preset, e.g. kitti for pointpillars")
     c.add_argument("--target", default="xavier", help="target name (see `fxopt targets`)")
     c.add_argument("--input-shape", action="append", default=[], help="example input shape, e.g. 1x3x224x224[:int64]; repeat per input")
     c.add_argument("--passes", default=None, help="comma-separated pass names (default: the target's pipeline)")
+    c.add_argument("--pass", dest="pass_specs", action="append", default=[], metavar="NAME[:key=value,...]",
+                   help="add a pass with options, e.g. prune:amount=0.5,by=flops; repeatable")
+    c.add_argument("--calib-data", default=None, metavar="FILE",
+                   help="calibration batches: .pt (list of input tuples, loaded weights_only) or .npz (one array per input, batches first)")
+    c.add_argument("--leaf", action="append", default=[], metavar="PATH", help="keep this submodule opaque (e.g. head.nms); repeatable")
     c.add_argument("--precision", default=None, help="fp32, fp16 or int8 (default: the target's)")
     c.add_argument("--strict", action="store_true", help="stop at the first failing pass")
     c.add_argument("--seed", type=int, default=0, help="seed of the random example inputs")
@@ -152,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     c.set_defaults(func=_cmd_compile)
+    v = sub.add_parser("verify", help="check a saved folder against its manifest (SHA-256 of every file, onnx.checker)")
+    v.add_argument("folder")
+    v.set_defaults(func=_cmd_verify)
     sub.add_parser("targets", help="list targets").set_defaults(func=_cmd_targets)
     sub.add_parser("passes", help="list registered passes").set_defaults(func=_cmd_passes)
     sub.add_parser("models", help="list bundled models").set_defaults(func=_cmd_models)

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from fxopt.cli import parse_shape
 from fxopt.errors import InputError
@@ -25,6 +26,22 @@ def factory_dir(tmp_path):
 
         def small_net():
             return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+
+        def broken():
+            raise RuntimeError("weights file not found")
+
+        def gated():
+            class Gate(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.conv = nn.Conv2d(3, 8, 3, padding=1)
+                    self.bn = nn.BatchNorm2d(8)
+                    self.mid = nn.Conv2d(8, 8, 3, padding=1)
+                    self.head = nn.Conv2d(8, 2, 1)
+
+                def forward(self, x):
+                    return self.head(self.mid(self.bn(self.conv(x)).relu()))
+            return Gate()
 
         def two_inputs():
             class M(nn.Module):
@@ -96,3 +113,64 @@ def test_compile_a_bundled_model_by_name(tmp_path):
 def test_bundled_model_errors_are_one_line(factory_dir, args, message):
     proc = run_cli(*args, "-q", cwd=factory_dir)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_factory_that_raises_is_a_one_line_error(factory_dir):
+    proc = run_cli("compile", "my_models:broken", "--input-shape", "1x3x8x8", cwd=factory_dir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "fxopt: error: the factory 'my_models:broken' raised RuntimeError: weights file not found" in proc.stderr
+
+
+def test_pass_options_calib_data_leaf_and_verify(factory_dir):
+    torch.save([(torch.randn(1, 3, 16, 16),) for _ in range(3)], factory_dir / "calib.pt")
+    proc = run_cli(
+        "compile", "my_models:gated", "--target", "cpu", "--input-shape", "1x3x16x16",
+        "--pass", "prune:amount=0.5,by=flops,importance=taylor,round_to=1", "--calib-data", "calib.pt", "--leaf", "head",
+        "-o", "out", "-q", cwd=factory_dir,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((factory_dir / "out" / "report.json").read_text())
+    prune = next(p for p in report["passes"] if p["name"] == "prune")
+    assert prune["status"] == "applied" and prune["options"]["importance"] == "taylor" and prune["options"]["amount"] == 0.5
+    assert prune["inputs_checked"] == 1 + 3 + 3
+    assert [leaf["path"] for leaf in report["leaves"]] == ["head"]
+    ok = run_cli("verify", "out", cwd=factory_dir)
+    assert ok.returncode == 0 and "every file matches manifest.json" in ok.stdout
+    (factory_dir / "out" / "report.md").write_text("edited")
+    bad = run_cli("verify", "out", cwd=factory_dir)
+    assert bad.returncode == 2 and "report.md: SHA-256 differs from the manifest" in bad.stderr
+
+
+def test_calib_data_npz(factory_dir):
+    import numpy as np
+
+    np.savez(factory_dir / "calib.npz", input_0=np.random.default_rng(0).standard_normal((2, 1, 3, 16, 16)).astype("float32"))
+    proc = run_cli("compile", "my_models:gated", "--target", "cpu", "--input-shape", "1x3x16x16", "--calib-data", "calib.npz", "-o", "out", "-q", cwd=factory_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((factory_dir / "out" / "manifest.json").read_text())["verification_inputs"] == 1 + 3 + 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--pass", "prune:amout=0.5"), "pass 'prune' has no option 'amout'; its options: allocation, amount,"),
+        (("--pass", "prune:0.5"), "bad --pass 'prune:0.5': expected NAME:key=value"),
+        (("--pass", "prnue"), "unknown pass 'prnue'"),
+        (("--calib-data", "missing.pt"), "--calib-data 'missing.pt' is not a file"),
+        (("-o", "my_models.py/out"), "is a file, not a directory"),
+    ],
+)
+def test_cli_input_errors_come_before_work(factory_dir, args, message):
+    proc = run_cli("compile", "my_models:gated", "--input-shape", "1x3x16x16", *args, "-q", cwd=factory_dir)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert "compiling" not in proc.stderr
+
+
+def test_version_and_help_examples(tmp_path):
+    import fxopt
+
+    proc = run_cli("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"fxopt {fxopt.__version__}"
+    helptext = run_cli("compile", "--help", cwd=tmp_path).stdout
+    for example in ("--pass prune:amount=0.5,by=flops", "--calib-data calib.pt", "--leaf backbone.custom_block", "fxopt verify"):
+        assert example in helptext
