@@ -10,12 +10,14 @@ import math
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxopt.leaf_cost import measure_module, measure_on_values
 from fxopt.targets import BYTES_PER_ELEMENT, TargetProfile, get_target
 
 __all__ = ["NodeCost", "CostSummary", "estimate_costs", "node_op_counts", "tensor_numels"]
@@ -27,12 +29,20 @@ class NodeCost:
 
     Attributes:
         kind: op family used for the efficiency table (``conv``, ``linear``, ``elementwise``...);
-            ``view`` costs nothing, ``unknown`` means fxopt cannot see inside (a leaf module).
+            ``view`` costs nothing; ``leaf`` is a module fxopt has no formula for (an opaque
+            leaf, an unknown layer), costed by running it under a FLOP counter (see
+            `fxopt.leaf_cost.measure_module`); ``unknown`` means it could not be costed.
         params: parameters the node owns (a module's, or a `get_attr` tensor's).
         flops: floating-point operations, counted as 2 x multiply-accumulates for conv,
-            linear and matmul, and one per output element for elementwise ops.
+            linear and matmul (plus one per bias add), and one per output element for
+            elementwise ops.
         bytes: bytes read and written (inputs + outputs + weights) at the target precision.
         latency_s: roofline estimate: max(compute time, memory time) + launch overhead.
+        matmul_flops: the part of `flops` that is 2 x MACs of conv, linear, matmul and
+            attention products, bias adds left out: what `torch.utils.flop_counter.FlopCounterMode`
+            counts, so the two can be compared.
+        uncosted: why the node could not be costed ("" when it was); its `flops` are then 0
+            and every total that includes it is a lower bound.
     """
 
     kind: str
@@ -40,11 +50,17 @@ class NodeCost:
     flops: int
     bytes: int
     latency_s: float
+    matmul_flops: int = 0
+    uncosted: str = ""
 
 
 @dataclass(frozen=True)
 class CostSummary:
-    """Whole-graph totals and the per-node costs they sum."""
+    """Whole-graph totals and the per-node costs they sum.
+
+    `uncosted` maps each node that could not be costed to the reason; when it is not empty
+    the FLOPs and latency totals are lower bounds (see `uncosted_note`).
+    """
 
     target: str
     precision: str
@@ -54,6 +70,21 @@ class CostSummary:
     latency_s: float
     per_node: dict[str, NodeCost] = field(repr=False, default_factory=dict)
     unknown_nodes: tuple[str, ...] = ()
+    matmul_flops: int = 0
+    uncosted: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """True when every node was costed (no total is a lower bound)."""
+        return not self.uncosted
+
+    def uncosted_note(self) -> str:
+        """One line naming the uncosted nodes and why ("" when everything was costed)."""
+        if not self.uncosted:
+            return ""
+        items = "; ".join(f"{name}: {why}" for name, why in list(self.uncosted.items())[:3])
+        more = f" (+{len(self.uncosted) - 3} more)" if len(self.uncosted) > 3 else ""
+        return f"{len(self.uncosted)} node(s) uncosted, FLOPs and latency are lower bounds: {items}{more}"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -61,9 +92,11 @@ class CostSummary:
             "precision": self.precision,
             "params": self.params,
             "flops": self.flops,
+            "matmul_flops": self.matmul_flops,
             "bytes": self.bytes,
             "latency_ms": self.latency_s * 1e3,
             "unknown_nodes": list(self.unknown_nodes),
+            "uncosted": dict(self.uncosted),
         }
 
 
@@ -97,7 +130,24 @@ def _input_numel(node: Node) -> int:
     return sum(sum(tensor_numels(a)) for a in node.all_input_nodes)
 
 
-def _conv_counts(mod: nn.Module, out_numel: int, in_numel: int) -> tuple[str, int]:
+@dataclass(frozen=True)
+class _Count:
+    """What a formula (or a measurement) says about one node, before bytes and latency."""
+
+    kind: str
+    flops: int
+    matmul_flops: int = 0  # 2 x MACs, the part FlopCounterMode also counts
+    uncosted: str = ""
+
+
+_NO_SHAPES = "no recorded shapes for its operands"
+
+
+def _products(kind: str, macs: int, extra: int = 0) -> _Count:
+    return _Count(kind, 2 * macs + extra, 2 * macs)
+
+
+def _conv_counts(mod: nn.Module, out_numel: int, in_numel: int) -> _Count:
     kernel = math.prod(mod.kernel_size)
     if isinstance(mod, nn.modules.conv._ConvTransposeNd):
         macs = in_numel * (mod.out_channels // mod.groups) * kernel
@@ -106,21 +156,19 @@ def _conv_counts(mod: nn.Module, out_numel: int, in_numel: int) -> tuple[str, in
         macs = out_numel * (mod.in_channels // mod.groups) * kernel
         depthwise = mod.groups > 1 and mod.groups == mod.in_channels
         kind = "conv_depthwise" if depthwise else "conv"
-    bias = out_numel if mod.bias is not None else 0
-    return kind, 2 * macs + bias
+    return _products(kind, macs, out_numel if mod.bias is not None else 0)
 
 
-def _mha_counts(mod: nn.MultiheadAttention, node: Node) -> tuple[str, int]:
+def _mha_counts(mod: nn.MultiheadAttention, node: Node) -> _Count:
     q, k = _shape(node.args[0]) if node.args else None, _shape(node.args[1]) if len(node.args) > 1 else None
     if q is None or k is None:
-        return "unknown", 0
+        return _Count("unknown", 0, uncosted=_NO_SHAPES)
     e = mod.embed_dim
     lq = math.prod(q[:-1])
     lk = math.prod(k[:-1])
     seq_q, seq_k = (q[0], k[0]) if not mod.batch_first else (q[1], k[1])
     batch = lq // max(seq_q, 1)
-    macs = lq * e * e + 2 * lk * e * e + 2 * batch * seq_q * seq_k * e + lq * e * e
-    return "matmul", 2 * macs
+    return _products("matmul", lq * e * e + 2 * lk * e * e + 2 * batch * seq_q * seq_k * e + lq * e * e)
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -132,72 +180,79 @@ _ADAPTIVE_POOLS = (
 _FREE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.modules.dropout._DropoutNd)
 
 
-def _module_counts(mod: nn.Module, node: Node, out_numel: int, in_numel: int) -> tuple[str, int]:
+def _module_counts(mod: nn.Module, node: Node, out_numel: int, in_numel: int) -> _Count | None:
+    """The formula for a module call; None when fxopt has none (the module is measured)."""
     if isinstance(mod, nn.modules.conv._ConvNd):
         return _conv_counts(mod, out_numel, in_numel)
     if isinstance(mod, nn.Linear):
-        return "linear", 2 * out_numel * mod.in_features + (out_numel if mod.bias is not None else 0)
+        return _products("linear", out_numel * mod.in_features, out_numel if mod.bias is not None else 0)
     if isinstance(mod, nn.MultiheadAttention):
         return _mha_counts(mod, node)
     if isinstance(mod, _NORMS):
-        return "norm", 2 * out_numel
+        return _Count("norm", 2 * out_numel)
     if isinstance(mod, _POOLS):
         ks = mod.kernel_size if isinstance(mod.kernel_size, tuple) else (mod.kernel_size,)
         dims = len(_shape(node) or ()) - 2
-        return "pool", out_numel * math.prod(ks) ** (1 if len(ks) > 1 else max(dims, 1))
+        return _Count("pool", out_numel * math.prod(ks) ** (1 if len(ks) > 1 else max(dims, 1)))
     if isinstance(mod, _ADAPTIVE_POOLS):
-        return "pool", in_numel
+        return _Count("pool", in_numel)
     if isinstance(mod, nn.Upsample):
         per = 1 if mod.mode == "nearest" else 4
-        return "elementwise", per * out_numel
+        return _Count("elementwise", per * out_numel)
     if isinstance(mod, _FREE_MODULES):
-        return "view", 0
+        return _Count("view", 0)
     if isinstance(mod, nn.Embedding):
-        return "elementwise", out_numel
+        return _Count("elementwise", out_numel)
     if isinstance(mod, nn.Softmax):
-        return "elementwise", 5 * out_numel
+        return _Count("elementwise", 5 * out_numel)
     if not list(mod.children()) and not list(mod.parameters(recurse=False)):
         # parameter-free leaf modules are activations (ReLU, GELU, Sigmoid...): one op per element
-        return "elementwise", out_numel
-    return "unknown", 0
+        return _Count("elementwise", out_numel)
+    return None
 
 
-def _matmul_flops(node: Node) -> int:
+def _measured(gm: nn.Module, node: Node) -> _Count:
+    # a module with no formula (an opaque leaf, an unknown layer) is run under a FLOP counter
+    measured = measure_module(gm.get_submodule(str(node.target)), node)
+    if isinstance(measured, str):
+        return _Count("unknown", 0, uncosted=measured)
+    return _Count("leaf", measured.flops, measured.matmul_flops)
+
+
+def _matmul_flops(node: Node) -> _Count:
     a, b = _shape(node.args[0]), _shape(node.args[1]) if len(node.args) > 1 else None
-    if a is None or b is None or len(a) < 1 or len(b) < 1:
-        return 0
     out = _shape(node)
-    k = a[-1]
-    out_numel = math.prod(out) if out else 0
-    return 2 * out_numel * k
+    if a is None or b is None or out is None or len(a) < 1 or len(b) < 1:
+        return _Count("unknown", 0, uncosted=_NO_SHAPES)
+    return _products("matmul", math.prod(out) * a[-1])
 
 
 def _has_bias(node: Node) -> bool:
     return isinstance(node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"), Node)
 
 
-def _linear_fn_flops(node: Node) -> int:
+def _linear_fn_flops(node: Node) -> _Count:
     w = _shape(node.args[1]) if len(node.args) > 1 else _shape(node.kwargs.get("weight"))
     out = _shape(node)
     if w is None or out is None:
-        return 0
-    return (2 * w[-1] + _has_bias(node)) * math.prod(out)
+        return _Count("unknown", 0, uncosted=_NO_SHAPES)
+    return _products("linear", w[-1] * math.prod(out), _has_bias(node) * math.prod(out))
 
 
-def _sdpa_flops(node: Node) -> int:
+def _sdpa_flops(node: Node) -> _Count:
     q = _shape(node.args[0])
     k = _shape(node.args[1]) if len(node.args) > 1 else None
     if q is None or k is None:
-        return 0
-    return 4 * math.prod(q[:-1]) * k[-2] * q[-1]
+        return _Count("unknown", 0, uncosted=_NO_SHAPES)
+    return _products("matmul", 2 * math.prod(q[:-1]) * k[-2] * q[-1])
 
 
-def _conv_fn_flops(node: Node) -> int:
+def _conv_fn_flops(node: Node) -> _Count:
     w = _shape(node.args[1]) if len(node.args) > 1 else None
     out = _shape(node)
     if w is None or out is None:
-        return 0
-    return (2 * math.prod(w[1:]) + _has_bias(node)) * math.prod(out)
+        return _Count("unknown", 0, uncosted=_NO_SHAPES)
+    return _products("conv", math.prod(w[1:]) * math.prod(out), _has_bias(node) * math.prod(out))
 
 
 _VIEW_FUNCTIONS: set[object] = {
@@ -211,52 +266,55 @@ _VIEW_METHODS = {
     "contiguous", "type_as", "to", "float", "half", "detach", "repeat",
 }
 _MOVE_FUNCTIONS: set[object] = {torch.cat, torch.stack, torch.zeros, torch.ones, torch.zeros_like}
-_FN_COUNTERS: dict[object, tuple[str, Callable[[Node], int]]] = {
-    torch.matmul: ("matmul", _matmul_flops),
-    operator.matmul: ("matmul", _matmul_flops),
-    torch.bmm: ("matmul", _matmul_flops),
-    torch.mm: ("matmul", _matmul_flops),
-    F.linear: ("linear", _linear_fn_flops),
-    F.conv1d: ("conv", _conv_fn_flops),
-    F.conv2d: ("conv", _conv_fn_flops),
-    F.conv3d: ("conv", _conv_fn_flops),
-    F.scaled_dot_product_attention: ("matmul", _sdpa_flops),
+_FN_COUNTERS: dict[object, Callable[[Node], _Count]] = {
+    torch.matmul: _matmul_flops,
+    operator.matmul: _matmul_flops,
+    torch.bmm: _matmul_flops,
+    torch.mm: _matmul_flops,
+    F.linear: _linear_fn_flops,
+    F.conv1d: _conv_fn_flops,
+    F.conv2d: _conv_fn_flops,
+    F.conv3d: _conv_fn_flops,
+    F.scaled_dot_product_attention: _sdpa_flops,
 }
 
 
-def node_op_counts(gm: GraphModule, node: Node) -> tuple[str, int, int]:
-    """(kind, params, flops) of one node, independent of any target."""
+def _count(gm: nn.Module, node: Node) -> tuple[_Count, int]:
+    """(count, params) of one node, independent of any target."""
     out_numel = sum(tensor_numels(node))
-    in_numel = _input_numel(node)
     if node.op in ("placeholder", "output"):
-        return "view", 0, 0
+        return _Count("view", 0), 0
     if node.op == "get_attr":
         target = gm
         for atom in str(node.target).split("."):
             target = getattr(target, atom, None)
-        params = target.numel() if isinstance(target, torch.Tensor) else 0
-        return "view", params, 0
+        return _Count("view", 0), target.numel() if isinstance(target, torch.Tensor) else 0
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         params = sum(p.numel() for p in mod.parameters())
-        kind, flops = _module_counts(mod, node, out_numel, in_numel)
-        return kind, params, flops
+        counted = _module_counts(mod, node, out_numel, _input_numel(node))
+        return (counted if counted is not None else _measured(gm, node)), params
     if node.op == "call_function":
         if node.target in _FN_COUNTERS:
-            kind, counter = _FN_COUNTERS[node.target]
-            return kind, 0, counter(node)
+            return _FN_COUNTERS[node.target](node), 0
         if node.target in _VIEW_FUNCTIONS:
-            return "view", 0, 0
+            return _Count("view", 0), 0
         if node.target in _MOVE_FUNCTIONS:
-            return "elementwise", 0, 0
-        return "elementwise", 0, out_numel
+            return _Count("elementwise", 0), 0
+        return _Count("elementwise", out_numel), 0
     if node.op == "call_method":
         if node.target in _VIEW_METHODS:
-            return "view", 0, 0
+            return _Count("view", 0), 0
         if node.target in ("matmul", "bmm", "mm"):
-            return "matmul", 0, _matmul_flops(node)
-        return "elementwise", 0, out_numel
-    return "unknown", 0, 0
+            return _matmul_flops(node), 0
+        return _Count("elementwise", out_numel), 0
+    return _Count("unknown", 0, uncosted=f"unsupported node op {node.op!r}"), 0
+
+
+def node_op_counts(gm: GraphModule, node: Node) -> tuple[str, int, int]:
+    """(kind, params, flops) of one node, independent of any target (see `NodeCost`)."""
+    counted, params = _count(gm, node)
+    return counted.kind, params, counted.flops
 
 
 def _latency(target: TargetProfile, precision: str, kind: str, flops: int, nbytes: int) -> float:
@@ -269,14 +327,28 @@ def _latency(target: TargetProfile, precision: str, kind: str, flops: int, nbyte
 
 
 def estimate_costs(
-    gm: GraphModule, target: str | TargetProfile = "cpu", precision: str | None = None
+    gm: GraphModule,
+    target: str | TargetProfile = "cpu",
+    precision: str | None = None,
+    *,
+    example_inputs: tuple[Any, ...] | None = None,
 ) -> CostSummary:
     """Cost every node of `gm` (shapes must have been propagated) and sum them.
+
+    A module fxopt has no formula for (an opaque leaf such as a block with data-dependent
+    control flow, or an unknown layer) is run under `torch.utils.flop_counter.FlopCounterMode`
+    on inputs of its recorded shapes: fake tensors where it allows, else the costliest of a few
+    real probe inputs, i.e. the worst branch the probes reach (see
+    `fxopt.leaf_cost.measure_module`). With `example_inputs`, such modules are instead costed on
+    the values they receive when `gm` runs on those inputs: the branches the example takes. A
+    node that still cannot be costed is listed in `CostSummary.uncosted` with the reason.
 
     Args:
         gm: a graph module whose nodes carry ``tensor_meta`` (see `fxopt.trace`).
         target: the target whose roofline to use.
         precision: precision for bytes and peak throughput; the target's default if omitted.
+        example_inputs: inputs to run `gm` on to cost opaque modules on real values (optional;
+            `gm` must be runnable).
 
     Returns:
         A `CostSummary`; each node also gets ``node.meta["fxopt"]["cost"]``.
@@ -290,25 +362,34 @@ def estimate_costs(
     profile = get_target(target)
     precision = precision or profile.default_precision
     width = BYTES_PER_ELEMENT[precision]
+    counts = {node.name: _count(gm, node) for node in gm.graph.nodes}
+    if example_inputs is not None:
+        opaque = {name for name, (c, _) in counts.items() if c.kind in ("leaf", "unknown")}
+        for name, measured in measure_on_values(gm, opaque, tuple(example_inputs)).items():
+            params = counts[name][1]
+            if isinstance(measured, str):
+                counts[name] = (_Count("unknown", 0, uncosted=measured), params)
+            else:
+                counts[name] = (_Count("leaf", measured.flops, measured.matmul_flops), params)
     per_node: dict[str, NodeCost] = {}
-    unknown: list[str] = []
     for node in gm.graph.nodes:
-        kind, params, flops = node_op_counts(gm, node)
-        moved = 0 if kind == "view" else (_input_numel(node) + sum(tensor_numels(node)) + params)
+        c, params = counts[node.name]
+        moved = 0 if c.kind == "view" else (_input_numel(node) + sum(tensor_numels(node)) + params)
         nbytes = moved * width
-        cost = NodeCost(kind, params, flops, nbytes, _latency(profile, precision, kind, flops, nbytes))
+        latency = _latency(profile, precision, c.kind, c.flops, nbytes)
+        cost = NodeCost(c.kind, params, c.flops, nbytes, latency, c.matmul_flops, c.uncosted)
         node.meta.setdefault("fxopt", {})["cost"] = cost
         per_node[node.name] = cost
-        if kind == "unknown":
-            unknown.append(node.name)
-    total_params = sum(p.numel() for p in gm.parameters())
+    uncosted = {name: c.uncosted for name, c in per_node.items() if c.uncosted}
     return CostSummary(
         target=profile.name,
         precision=precision,
-        params=total_params,
+        params=sum(p.numel() for p in gm.parameters()),
         flops=sum(c.flops for c in per_node.values()),
         bytes=sum(c.bytes for c in per_node.values()),
         latency_s=sum(c.latency_s for c in per_node.values()),
         per_node=per_node,
-        unknown_nodes=tuple(unknown),
+        unknown_nodes=tuple(uncosted),
+        matmul_flops=sum(c.matmul_flops for c in per_node.values()),
+        uncosted=uncosted,
     )

@@ -27,6 +27,10 @@ class LayerRow:
     latency_ms: float
     precision: str
     placement: str = ""
+    uncosted: str = ""  # why the cost model could not cost the node (its flops are then 0)
+
+    def flops_text(self) -> str:
+        return f"uncosted ({self.uncosted})" if self.uncosted else _si(self.flops)
 
 
 def layer_rows(gm: GraphModule, cost: CostSummary, placement: dict[str, str] | None = None) -> list[LayerRow]:
@@ -40,7 +44,10 @@ def layer_rows(gm: GraphModule, cost: CostSummary, placement: dict[str, str] | N
             op = type(gm.get_submodule(str(node.target))).__name__
         else:
             op = getattr(node.target, "__name__", str(node.target))
-        rows.append(LayerRow(node.name, op, c.kind, c.params, c.flops, c.latency_s * 1e3, cost.precision, (placement or {}).get(node.name, "")))
+        rows.append(LayerRow(
+            node.name, op, c.kind, c.params, c.flops, c.latency_s * 1e3, cost.precision,
+            (placement or {}).get(node.name, ""), c.uncosted,
+        ))
     return rows
 
 
@@ -97,12 +104,15 @@ class CompileReport:
 
     def _summary_lines(self) -> list[str]:
         b, a = self.cost_before, self.cost_after
-        return [
+        lines = [
             f"params  {_si(b.params)} -> {_si(a.params)}{_change(b.params, a.params)}",
             f"FLOPs   {_si(b.flops)} -> {_si(a.flops)}{_change(b.flops, a.flops)}",
             f"est. {self.target} latency ({self.precision}, roofline)  "
             f"{b.latency_s * 1e3:.3f} ms -> {a.latency_s * 1e3:.3f} ms{_change(b.latency_s, a.latency_s)}",
         ]
+        # a node without a cost is said so, never folded into the totals as a silent zero
+        lines += [f"{when}: {c.uncosted_note()}" for when, c in (("before", b), ("after", a)) if not c.complete]
+        return lines
 
     def _pass_rows(self) -> list[list[str]]:
         rows = []
@@ -132,7 +142,7 @@ class CompileReport:
             lines += ["", "slowest layers (estimated):"]
             for row in top:
                 where = f" [{row.placement}]" if row.placement else ""
-                lines.append(f"  {row.node:<28} {row.op:<16} {_si(row.flops):>8} FLOPs {row.latency_ms:8.4f} ms{where}")
+                lines.append(f"  {row.node:<28} {row.op:<16} {row.flops_text():>8} FLOPs {row.latency_ms:8.4f} ms{where}")
         for title, rows in self.tables.items():
             lines += ["", f"{title}: {len(rows)} rows (see report.md)"]
         if self.notes:
@@ -154,7 +164,7 @@ class CompileReport:
             out += ["", "## ONNX", ""] + [f"- {k}: {v}" for k, v in self.onnx.items()]
         out += ["", "## Layers", "", "| node | op | kind | params | FLOPs | est. ms | precision | placement |", "|---|---|---|---|---|---|---|---|"]
         out += [
-            f"| {r.node} | {r.op} | {r.kind} | {r.params} | {r.flops} | {r.latency_ms:.4f} | {r.precision} | {r.placement} |"
+            f"| {r.node} | {r.op} | {r.kind} | {r.params} | {f'uncosted ({r.uncosted})' if r.uncosted else r.flops} | {r.latency_ms:.4f} | {r.precision} | {r.placement} |"
             for r in self.layers
         ]
         for title, rows in self.tables.items():

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import given
 from torch import nn
 
 import fxopt
+import fxopt.testing
 from fxopt.cost_model import estimate_costs
+from fxopt.leaf_cost import flop_counter
+from fxopt.report import layer_rows
 
 
 def costs_by_kind(model, *inputs, target="xavier", precision=None):
@@ -77,19 +81,106 @@ def test_roofline_lower_precision_is_not_slower_and_moves_fewer_bytes():
     assert fp32.flops == fp16.flops
 
 
-def test_unknown_leaf_is_reported_not_guessed():
-    class Opaque(nn.Module):
+class Gated(nn.Module):
+    """Data-dependent control flow: fxopt keeps it as a leaf."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.inner = nn.Linear(c, c)
+
+    def forward(self, x):
+        return self.inner(x) if x.sum() > 0 else x
+
+
+def test_a_leaf_is_costed_by_running_it_worst_branch_without_example_inputs():
+    model = nn.Sequential(nn.Linear(4, 4), Gated())
+    x = -torch.ones(1, 4)  # the first layer is zero-initialised below, so the leaf sees 0 -> cheap branch
+    nn.init.zeros_(model[0].weight), nn.init.zeros_(model[0].bias)
+    summary, _ = costs_by_kind(model, x)
+    leaf = summary.per_node["_1"]
+    assert (leaf.kind, leaf.params, leaf.uncosted) == ("leaf", 20, "")
+    assert leaf.matmul_flops == 2 * 4 * 4  # the Linear branch, the costlier of the probes
+    assert summary.complete and summary.unknown_nodes == ()
+    gm = fxopt.trace(model, (x,))
+    on_example = estimate_costs(gm, "cpu", example_inputs=(x,)).per_node["_1"]
+    assert on_example.matmul_flops == 0  # the branch the example takes: no product at all
+
+
+class NeedsCalibratedInput(nn.Module):
+    """Refuses every input but all-threes: no fake or probe run can cost it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if not bool((x == 3).all()):
+            raise ValueError("needs calibrated input")
+        return self.inner(x)
+
+
+def test_what_cannot_be_costed_is_uncosted_with_the_reason_never_zero():
+    model = nn.Sequential(NeedsCalibratedInput(), nn.ReLU())
+    x = torch.full((1, 4), 3.0)
+    gm = fxopt.trace(model, (x,))
+    summary = estimate_costs(gm, "cpu")
+    assert not summary.complete and set(summary.uncosted) == {"_0"}
+    assert "needs calibrated input" in summary.uncosted["_0"] and summary.per_node["_0"].kind == "unknown"
+    assert "1 node(s) uncosted" in summary.uncosted_note() and "_0" in summary.uncosted_note()
+    [row] = [r for r in layer_rows(gm, summary) if r.node == "_0"]
+    assert row.flops_text().startswith("uncosted (") and "needs calibrated input" in row.flops_text()
+    assert summary.to_dict()["uncosted"] == summary.uncosted
+    costed = estimate_costs(gm, "cpu", example_inputs=(x,))  # on its own example it runs
+    assert costed.complete and costed.per_node["_0"].matmul_flops == 2 * 4 * 4
+
+
+def flop_counter_total(model, inputs):
+    # FlopCounterMode plus a formula for CPU flash attention, which it leaves uncounted here
+    with torch.no_grad(), flop_counter() as counter:
+        model(*inputs)
+    return counter.get_total_flops()
+
+
+@given(fxopt.testing.models())
+def test_flops_agree_with_torch_flop_counter_on_drawn_models(drawn):
+    """fxopt's 2 x MAC FLOPs match FlopCounterMode's within 1%, leaves included.
+
+    FlopCounterMode counts only products (conv, mm/addmm/bmm, attention), 2 x MACs without
+    bias adds; fxopt's `flops` add bias adds, elementwise ops, norms and pools, so the
+    comparison is on `matmul_flops`, the part both count. Stock FlopCounterMode misses the
+    attention products of F.scaled_dot_product_attention and nn.MultiheadAttention on CPU (no
+    formula for the CPU flash kernel nor the fused MHA inference op), so the reference is
+    `fxopt.leaf_cost.flop_counter`: FlopCounterMode with those two formulas added.
+    """
+    model, inputs = drawn
+    model.eval()
+    reference = flop_counter_total(model, inputs)
+    gm = fxopt.trace(model, inputs)
+    on_example = estimate_costs(gm, "cpu", example_inputs=inputs)
+    assert on_example.complete, on_example.uncosted
+    assert abs(on_example.matmul_flops - reference) <= 0.01 * reference
+    leaves = {leaf.path for leaf in fxopt.leaves_of(gm)}
+    leaf_nodes = [n.name for n in gm.graph.nodes if n.op == "call_module" and n.target in leaves]
+    assert all(on_example.per_node[n].kind == "leaf" for n in leaf_nodes)
+    # from shapes alone a leaf counts its costliest probed branch: never below the example's
+    from_shapes = estimate_costs(gm, "cpu")
+    assert from_shapes.complete and from_shapes.matmul_flops >= on_example.matmul_flops
+
+
+def test_attention_flops_agree_with_the_flop_counter():
+    class Attn(nn.Module):
         def __init__(self):
             super().__init__()
-            self.inner = nn.Linear(4, 4)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
 
         def forward(self, x):
-            return self.inner(x) if x.sum() > 0 else x
+            y = self.mha(x, x, x, need_weights=False)[0]
+            return torch.nn.functional.scaled_dot_product_attention(y, x, x)
 
-    model = nn.Sequential(nn.Linear(4, 4), Opaque())
-    summary, _ = costs_by_kind(model, torch.randn(1, 4))
-    assert summary.unknown_nodes == ("_1",)
-    assert summary.per_node["_1"].params == 20
+    model, inputs = Attn().eval(), (torch.randn(2, 5, 8),)
+    # four projections of 2x5 tokens, then q @ k^T and attn @ v twice (MHA and SDPA)
+    summary = estimate_costs(fxopt.trace(model, inputs), "cpu")
+    assert summary.matmul_flops == flop_counter_total(model, inputs) == 2 * (4 * 2 * 5 * 8 * 8 + 4 * 2 * 5 * 5 * 8)
 
 
 def test_functional_linear_counts_its_bias():
