@@ -80,12 +80,15 @@ class PrunePlan:
         keep: group index -> atoms kept.
         achieved: fraction of the budget unit removed (estimated on the shape-only build).
         alignment: the channel multiple kept counts were rounded to.
+        uncosted: when the budget unit depends on nodes the cost model could not cost, which
+            and why (`achieved` then leaves them out); "" otherwise.
     """
 
     removed: np.ndarray
     keep: Mapping[int, int]
     achieved: float
     alignment: int
+    uncosted: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,7 +589,10 @@ class _Measure:
     def __init__(self, gm: GraphModule, analysis: DependencyAnalysis, by: str, target: Any, precision: str) -> None:
         self.gm, self.analysis, self.by = gm, analysis, by
         self.target, self.precision = target, precision
-        self.base = _unit(estimate_costs(gm, target, precision), by) if by != "channels" else 0.0
+        base = estimate_costs(gm, target, precision)
+        self.base = _unit(base, by) if by != "channels" else 0.0
+        # params are always known; FLOPs and latency leave out what could not be costed
+        self.uncosted = base.uncosted_note() if by in ("flops", "latency") else ""
         self._cache: dict[bytes, float] = {}
 
     def __call__(self, removed: np.ndarray, keep: Mapping[int, int]) -> float:
@@ -671,9 +677,9 @@ def plan_pruning(
     measure = _Measure(gm, analysis, settings.by, target, precision)
     if settings.amount == 0 and not selector.fixed:
         removed = np.zeros(analysis.num_atoms, dtype=bool)
-        return PrunePlan(removed, {g.index: len(g.atoms) for g in analysis.groups}, 0.0, alignment)
+        return PrunePlan(removed, {g.index: len(g.atoms) for g in analysis.groups}, 0.0, alignment, measure.uncosted)
     removed, keep, achieved = _search(selector, measure, settings.amount)
-    return PrunePlan(removed, keep, achieved, alignment)
+    return PrunePlan(removed, keep, achieved, alignment, measure.uncosted)
 
 
 # --------------------------------------------------------------------------------------------
@@ -739,6 +745,7 @@ def _budget_row(settings: PruneSettings, plan: PrunePlan, analysis: DependencyAn
         "groups": len(analysis.groups), "groups pruned": pruned,
         "frozen nodes": len(analysis.frozen_reasons()),
         "note": budget_note(settings, plan, analysis),
+        "uncosted": plan.uncosted or "none",
     }
 
 
@@ -778,6 +785,7 @@ class PruneChannels(FxoptPass):
 
     name = "prune"
     lossy = True
+    reads_options = ("calib_data", "calib_labels")  # Taylor importance
     after = ("canonicalize",)
     before = ("fold_batchnorm", "quantize")
 
@@ -785,7 +793,6 @@ class PruneChannels(FxoptPass):
         self,
         amount: float = 0.5,
         by: str = "channels",
-    reads_options = ("calib_data", "calib_labels")  # Taylor importance
         allocation: str = "uniform",
         overrides: Mapping[str, float] | None = None,
         ignore: Sequence[str] = (),

@@ -177,6 +177,81 @@ def test_budget_is_met_within_five_points(by, allocation):
     assert abs(p.plan.achieved - (1 - ratio)) < 1e-6  # the shape-only estimate is the real figure
 
 
+class FullResGate(nn.Module):
+    """Data-dependent control flow around a full-resolution 3x3 conv: fxopt keeps it as a leaf."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.conv(x)
+        return x
+
+
+class GatedNet(nn.Module):
+    """Issue 10's example: the leaf holds about a seventh of the FLOPs and cannot be pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU())
+        self.gate = FullResGate(32)
+        self.body = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.head(self.body(self.gate(self.stem(x))))
+
+
+def _measured_flops(model, x) -> int:
+    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def test_flops_budget_with_a_leaf_matches_the_flop_counter():
+    """The budget counts the leaf's conv: what fxopt reports removed is what FlopCounterMode measures.
+
+    (Before leaves were costed the leaf counted 0 FLOPs; the pass then reported about half the
+    FLOPs removed while the real modules lost far less.)
+    """
+    torch.manual_seed(0)
+    model, x = GatedNet().eval(), torch.randn(1, 3, 32, 32)
+    gm = fxopt.trace(model, (x,))
+    assert fxopt.estimate_costs(gm, "cpu").per_node["gate"].matmul_flops == 2 * 32 * 32 * 32 * 32 * 9
+    with use_context(fxopt.CompileContext.create("cpu", (x,))):
+        result = PruneChannels(amount=0.5, by="flops")(gm)
+    [budget] = result.graph_module.meta["fxopt_tables"][BUDGET_TABLE]
+    measured = 1 - _measured_flops(result.graph_module, x) / _measured_flops(model, x)
+    assert abs(budget["achieved"] - 0.5) <= 0.05 and budget["uncosted"] == "none"
+    assert abs(budget["achieved"] - measured) <= 0.01  # fxopt adds bias and elementwise FLOPs
+
+
+class NeedsCalibratedInput(nn.Module):
+    """Refuses every input but all-ones: no fake or probe run can cost it."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        if not bool((x == 1).all()):
+            raise ValueError("needs calibrated input")
+        return self.conv(x)
+
+
+def test_a_budget_that_depends_on_an_uncosted_node_says_so():
+    model = nn.Sequential(NeedsCalibratedInput(3), nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
+    x = torch.ones(1, 3, 12, 12)
+    gm = fxopt.trace(model, (x,))
+    with use_context(fxopt.CompileContext.create("cpu", (x,))):
+        flops = PruneChannels(amount=0.5, by="flops")(gm).graph_module.meta["fxopt_tables"][BUDGET_TABLE][0]
+        params = PruneChannels(amount=0.5, by="params")(gm).graph_module.meta["fxopt_tables"][BUDGET_TABLE][0]
+    assert "uncosted" in flops["uncosted"] and "_0: " in flops["uncosted"] and "needs calibrated input" in flops["uncosted"]
+    assert params["uncosted"] == "none"  # parameters are counted without running anything
+
+
 def test_channel_budget_and_alignment_on_xavier_fp16():
     p = PruneChannels(amount=0.5, by="channels")
     gm, result = _run(p, target="xavier")
