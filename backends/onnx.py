@@ -158,8 +158,14 @@ def export_onnx(
 
 
 def _is_branch(w: warnings.WarningMessage) -> bool:
-    # "Converting a tensor to a Python boolean": an `if`/`while` on tensor values
-    return "Python boolean" in str(w.message)
+    # "Converting a tensor to a Python boolean": an `if`/`while` on a traced tensor. In torch's
+    # own modules (nn.MultiheadAttention as a leaf) these are shape checks, static here; in the
+    # user's code (a leaf's forward) it may be a branch on values
+    return "Python boolean" in str(w.message) and not _in_torch(w.filename)
+
+
+def _in_torch(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(os.path.dirname(torch.__file__) + os.sep)
 
 
 def _leaf_at(module: torch.nn.Module, filename: str, lineno: int) -> str:
@@ -193,6 +199,8 @@ def _scriptable_copy(module: torch.nn.Module) -> torch.nn.Module:
         # fx writes the user's annotations as aliases (`_torch_Tensor_`) TorchScript cannot resolve
         for node in module.graph.nodes:
             node.type = None
+            if node.op == "output":  # a scripted dict/list output has no ONNX form: flat tuple, same order
+                node.args = (tuple(pytree.tree_leaves(node.args[0])),)
         module.recompile()
     return module
 
