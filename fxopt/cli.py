@@ -196,7 +196,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     print(f"compiling {args.model} for {args.target} ...", file=sys.stderr)
     compiled = fxopt.compile(
         model, args.target, example_inputs=inputs, passes=passes, precision=precision,
-        strict=args.strict, progress=not args.quiet, leaf_modules=args.leaf, **options,
+        strict=args.strict, progress=not args.quiet, leaf_modules=args.leaf, safety=args.safety, **options,
     )
     print(compiled.report)
     paths = compiled.save(args.output)
@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--leaf", action="append", default=[], metavar="PATH", help="keep this submodule opaque (e.g. head.nms); repeatable")
     c.add_argument("--precision", default=None, help="fp32, fp16 or int8 (default: the target's)")
     c.add_argument("--strict", action="store_true", help="stop at the first failing pass")
+    c.add_argument("--safety", choices=("strict", "off"), default=None,
+                   help="safety policy (default: the model's; strict for safety_supervisor): no lossy pass, required precision, audited ops, determinism and property checks")
     c.add_argument("--seed", type=int, default=0, help="seed of the random example inputs")
     c.add_argument("-o", "--output", default="out", help="output folder")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -7,6 +7,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -148,6 +149,7 @@ def compile(  # noqa: A001 - the public name the design asks for
     progress: bool = False,
     leaf_modules: Sequence[str] = (),
     save_to: str | os.PathLike[str] | None = None,
+    safety: str | None = None,
     **options: Any,
 ) -> CompiledModel:
     """Compile `model` for `target`: trace, run verified passes, lower to ONNX and verify it.
@@ -164,6 +166,10 @@ def compile(  # noqa: A001 - the public name the design asks for
         progress: show progress bars on stderr.
         leaf_modules: submodule paths to keep opaque on purpose.
         save_to: also save the result into this folder (checked before any work starts).
+        safety: ``"strict"`` compiles under the safety policy (`fxopt.safety.policy`: no lossy
+            pass, the model's required precision, audited ops, a determinism check, the model's
+            property suite; evidence in the manifest); ``"off"`` compiles as any model; ``None``
+            takes the policy of the model's registered spec (``"strict"`` for the supervisor).
         **options: data passes need, e.g. ``calib_data=`` (a list of input tuples, also used
             for verification); an option no pass in the pipeline reads is an `InputError`.
 
@@ -191,6 +197,11 @@ def compile(  # noqa: A001 - the public name the design asks for
     if "calib_data" in options:
         options["calib_data"] = calibration_batches(options["calib_data"])
     pipeline = resolve_passes(_pipeline(profile, passes))
+    policy = _safety_policy(model, safety, export)
+    if policy.strict:
+        precision = precision or policy.required_precision
+        policy.check_request(pipeline, precision or profile.default_precision)
+        strict = True  # a safety model never ships with a pass silently rolled back
     _check_request(pipeline, options, precision or profile.default_precision, profile)
     if save_to is not None:
         check_output_folder(os.fspath(save_to))
@@ -210,6 +221,7 @@ def compile(  # noqa: A001 - the public name the design asks for
         passes_s = time.perf_counter() - start - traced_s
         cost_after = estimate_costs(final, profile, context.precision)
         onnx_info, onnx_model, notes, extras, placement = None, None, list(input_notes), {}, None
+        safety_evidence: dict[str, Any] = {"policy": "off"}
         notes += _pass_warnings(result.records, passes)
         with phases("export"):
             if export:
@@ -218,6 +230,9 @@ def compile(  # noqa: A001 - the public name the design asks for
                 exported = lower(final, inputs, profile, check_inputs=check_inputs)
                 onnx_info, onnx_model = exported.to_dict(), exported.model
                 notes += [f"ONNX export: {finding}" for finding in exported.findings]
+                if policy.strict:
+                    safety_evidence = policy.checks(model, final, onnx_model, inputs, profile)
+                    notes += policy.summary(safety_evidence)
                 if profile.backend == "tensorrt":
                     from fxopt.backends.tensorrt import plan_deployment
 
@@ -252,6 +267,7 @@ def compile(  # noqa: A001 - the public name the design asks for
         "input_state_dict_sha256": input_sha,
         "example_inputs": [list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs],
         "verification_inputs": len(check_inputs),
+        "safety": safety_evidence,
     }
     if state_dict_sha256(model) != input_sha:  # pragma: no cover - an internal invariant
         raise AssertionError("fxopt modified the user's model")
@@ -259,6 +275,57 @@ def compile(  # noqa: A001 - the public name the design asks for
     if save_to is not None:
         compiled.save(save_to)
     return compiled
+
+
+@dataclass(frozen=True)
+class _SafetyPolicy:
+    """The safety policy one compile runs under, and the model spec it comes from."""
+
+    strict: bool
+    spec: Any = None
+
+    @property
+    def required_precision(self) -> str | None:
+        return getattr(self.spec, "precision", None)
+
+    def check_request(self, pipeline: list[Any], precision: str) -> None:
+        from fxopt.safety.policy import check_strict_request
+
+        name = self.spec.name if self.spec is not None else "this model"
+        check_strict_request([(pass_name(p), bool(pass_attr(p, "lossy", False))) for p in pipeline], precision, self.required_precision, name)
+
+    def checks(self, model: nn.Module, gm: GraphModule, onnx_model: Any, inputs: tuple[Any, ...], profile: TargetProfile) -> dict[str, Any]:
+        from fxopt.safety.policy import strict_checks
+
+        return strict_checks(model, self.spec, gm, onnx_model, inputs, profile)
+
+    @staticmethod
+    def summary(evidence: dict[str, Any]) -> list[str]:
+        lines = [
+            f"safety='strict': {evidence['ops']['ops_checked']} ONNX nodes on the audited op list ({evidence['ops']['allow_list']}); "
+            f"outputs bit-identical over {evidence['determinism']['runs']} ONNX Runtime runs at {evidence['determinism']['threads']} threads"
+        ]
+        for where, counts in evidence.get("properties", {}).items():
+            lines.append(f"safety='strict': property suite on the {where}: {counts['properties']} properties, {counts['cases']} cases, {counts['failures']} failures")
+        if "equivalence" in evidence:
+            e = evidence["equivalence"]
+            lines.append(f"safety='strict': ONNX vs eager over {e['rows']} rows, {e['rule_mismatches']} rule mismatches, max abs error {max(e['max_abs_error'].values()):.3g}")
+        return lines
+
+
+SAFETY_POLICIES = ("strict", "off")
+
+
+def _safety_policy(model: nn.Module, safety: str | None, export: bool) -> _SafetyPolicy:
+    from fxopt.models.registry import spec_of_model
+
+    spec = spec_of_model(model)
+    if safety is not None and safety not in SAFETY_POLICIES:
+        raise InputError(f"safety must be one of {SAFETY_POLICIES} or None (the model spec's default), got {safety!r}")
+    chosen = safety if safety is not None else getattr(spec, "safety", None) or "off"
+    if chosen == "strict" and not export:
+        raise InputError("safety='strict' checks the ONNX file it deploys: it needs export=True")
+    return _SafetyPolicy(chosen == "strict", spec)
 
 
 def _check_request(pipeline: list[Any], options: dict[str, Any], precision: str, profile: TargetProfile) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from fxopt.errors import InputError
 
-__all__ = ["ModelSpec", "TrainingRecipe", "create", "example_inputs", "names", "register_model", "spec"]
+__all__ = ["ModelSpec", "TrainingRecipe", "create", "example_inputs", "names", "register_model", "spec", "spec_of_model"]
 
 # modules that register the bundled models (imported lazily, in this order)
 BUNDLED_MODULES = (
@@ -53,6 +53,8 @@ class ModelSpec:
             runs one implementation (the compiled graph, the ONNX file) on numpy inputs and
             ``model`` is the eager model compiled (or None: the default config); seeded and
             deterministic, a second or so, so strict compiles can run it every time.
+        model_type: the class `build` returns, so `spec_of_model` can find the spec (and its
+            safety policy and precision) of a model the user built directly.
         equivalence: ``(model, onnx_model) -> evidence dict`` (rows checked, max error, rule
             mismatches, passed) comparing the lowering with the eager model beyond the example
             inputs; it raises `fxopt.SafetyPolicyError` when they differ.
@@ -68,6 +70,7 @@ class ModelSpec:
     safety: str | None = None
     properties: Callable[[Callable[..., Mapping[str, Any]], nn.Module | None], Mapping[str, Mapping[str, Any]]] | None = None
     equivalence: Callable[[nn.Module, Any], Mapping[str, Any]] | None = None
+    model_type: type[nn.Module] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,20 @@ def spec(name: str) -> ModelSpec:
         return _SPECS[name]
     except KeyError:
         raise InputError(f"unknown model '{name}'; known models: {', '.join(sorted(_SPECS))}") from None
+
+
+def spec_of_model(model: nn.Module) -> ModelSpec | None:
+    """The registered spec whose `model_type` `model` is an instance of (``None`` if none).
+
+    Only specs already registered are searched (a model's class registers its spec when its
+    module is imported), so asking about an arbitrary model imports nothing.
+
+    Example:
+        >>> from fxopt.safety import SafetySupervisor
+        >>> spec_of_model(SafetySupervisor()).name, spec_of_model(nn.ReLU())
+        ('safety_supervisor', None)
+    """
+    return next((s for s in _SPECS.values() if s.model_type is not None and isinstance(model, s.model_type)), None)
 
 
 def create(name: str, **cfg: Any) -> nn.Module:

@@ -595,6 +595,7 @@ SPEC = register_model(ModelSpec(
     summary="safety cerebellum: stopping-envelope and health rules + tiny learned risk scorer (pass-through or more conservative)",
     precision="fp32",  # fp16 would round the command it must pass through bit for bit
     safety="strict",   # it stands between the planner and the actuators
+    model_type=SafetySupervisor,
     properties=_properties,
     equivalence=_equivalence,
     recipe=TrainingRecipe(

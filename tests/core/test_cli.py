@@ -174,3 +174,11 @@ def test_version_and_help_examples(tmp_path):
     helptext = run_cli("compile", "--help", cwd=tmp_path).stdout
     for example in ("--pass prune:amount=0.5,by=flops", "--calib-data calib.pt", "--leaf backbone.custom_block", "fxopt verify"):
         assert example in helptext
+
+
+def test_safety_supervisor_refuses_fp16_and_records_its_evidence(tmp_path):
+    proc = run_cli("compile", "safety_supervisor", "--precision", "fp16", "-o", "out", "-q", cwd=tmp_path)
+    assert proc.returncode == 2 and "safety_supervisor must be deployed at fp32; fp16 was requested" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    proc = run_cli("compile", "safety_supervisor", "--pass", "prune", "-o", "out", "-q", cwd=tmp_path)
+    assert proc.returncode == 2 and "refuses lossy pass 'prune'" in proc.stderr
