@@ -32,7 +32,8 @@ class FlagsFaultsOnly(SafetySupervisor):
 
 
 def compile_supervisor(model: SafetySupervisor) -> fxopt.CompiledModel:
-    return fxopt.compile(model.eval(), "xavier", example_inputs=models.example_inputs("safety_supervisor"), precision="fp32")
+    # safety="off": the broken supervisors must get through compile to be checked here
+    return fxopt.compile(model.eval(), "xavier", example_inputs=models.example_inputs("safety_supervisor"), precision="fp32", safety="off")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fxopt
+import fxopt.safety
 from fxopt import models
 from fxopt.output_folder import verify_output_folder
 from fxopt.passes import PruneChannels
@@ -67,3 +68,18 @@ def test_strict_on_any_model_checks_its_ops():
     softmax = nn.Sequential(nn.Linear(4, 8), nn.Softmax(dim=-1)).eval()
     with pytest.raises(fxopt.SafetyPolicyError, match="Softmax"):
         fxopt.compile(softmax, "xavier", example_inputs=(torch.randn(1, 4),), precision="fp32", safety="strict")
+
+
+class IgnoresInputFaults(fxopt.safety.SafetySupervisor):
+    """A broken supervisor: the input-fault rule caps nothing."""
+
+    def _rule_table(self, scene, alarm):
+        no_cap = torch.full_like(scene.v, 1e4)
+        rules = super()._rule_table(scene, alarm)
+        return tuple((n, a, no_cap, no_cap) if n == "input_fault" else (n, a, s, c) for n, a, s, c in rules)
+
+
+def test_strict_compile_refuses_a_supervisor_that_breaks_its_properties():
+    torch.manual_seed(0)
+    with pytest.raises(fxopt.SafetyPolicyError, match="input_fault_fails_safe on the graph"):
+        fxopt.compile(IgnoresInputFaults().eval(), "xavier", example_inputs=models.example_inputs("safety_supervisor"))
