@@ -19,6 +19,7 @@ from fxopt.errors import (
     PassRegistryError,
     SafetyPolicyError,
     TargetError,
+    TensorRTCompatError,
     TraceError,
     VerificationError,
 )
@@ -32,7 +33,7 @@ from fxopt.tracing import Leaf, leaves_of, trace
 __all__ = [
     "CompileContext", "CompileReport", "CompiledModel", "CostSummary", "ExportError", "FxoptError", "FxoptWarning",
     "FxoptPass", "InputError", "Leaf", "NodeCost", "PassError", "PassManager", "PassOrderError",
-    "PassRecord", "PassRegistryError", "SafetyPolicyError", "PassResult", "TargetError", "TargetProfile", "TraceError",
+    "PassRecord", "PassRegistryError", "SafetyPolicyError", "PassResult", "TargetError", "TargetProfile", "TensorRTCompatError", "TraceError",
     "VerificationError", "compile", "create_pass", "current_context", "default_pipeline",
     "estimate_costs", "get_target", "leaves_of", "pass_names", "register_pass", "register_target",
     "target_names", "trace", "__version__",

@@ -50,6 +50,17 @@ class ExportError(FxoptError):
     """Lowering to ONNX (or TensorRT) failed."""
 
 
+class TensorRTCompatError(ExportError):
+    """The exported ONNX file uses something the target's TensorRT cannot parse or run as written.
+
+    ``findings`` holds the `fxopt.backends.tensorrt_compat.CompatFinding` of each incompatibility.
+    """
+
+    def __init__(self, message: str, *, findings: Sequence[object] = ()) -> None:
+        self.findings = tuple(findings)
+        super().__init__(message)
+
+
 class VerificationError(FxoptError):
     """A lowered model does not reproduce the torch graph within tolerance."""
 
