@@ -47,6 +47,7 @@ class OnnxExport:
     findings: list[str] = field(default_factory=list)
     lowered_by: str = "trace"
     inputs_checked: int = 0
+    rewrites: list[str] = field(default_factory=list)
 
     def serialized(self) -> bytes:
         return self.model.SerializeToString()
@@ -65,6 +66,7 @@ class OnnxExport:
             "inputs_checked": self.inputs_checked,
             "lowered_by": self.lowered_by,
             "findings": self.findings,
+            "rewrites": self.rewrites,
             "op_types": sorted(self.op_types()),
         }
 
@@ -91,6 +93,7 @@ def export_onnx(
     *,
     opset: int = 17,
     cleanup: bool = True,
+    tensorrt_version: str | None = None,
 ) -> OnnxExport:
     """Export `module` to an in-memory ONNX model at `opset`, cleaned and checked.
 
@@ -99,6 +102,8 @@ def export_onnx(
         example_inputs: positional tensors; their shapes become the model's static shapes.
         opset: the default-domain opset to write.
         cleanup: fold constants and drop unused nodes with onnx-graphsurgeon.
+        tensorrt_version: the TensorRT release that will parse the file (``"8.5"``): the clean-up
+            rewrites ops that release lacks (`fxopt.backends.onnx_rewrites`); ``None`` rewrites nothing.
 
     Returns:
         An `OnnxExport` (not yet verified: see `verify_onnx`).
@@ -138,9 +143,10 @@ def export_onnx(
         # ONNX gets an If (TensorRT 8.5 parses it), or refuse
         data, findings, lowered_by = _export_scripted(module, export, branches)
     model = onnx.load_from_string(data)
+    rewrites: list[str] = []
     if cleanup:
         try:
-            model = _cleanup(model)
+            model = _cleanup(model, tensorrt_version, rewrites)
         except Exception as exc:
             raise ExportError(f"ONNX clean-up (onnx-graphsurgeon) failed: {type(exc).__name__}: {exc}") from exc
     written = opset_of(model)
@@ -153,7 +159,7 @@ def export_onnx(
     graph_inputs = [i.name for i in model.graph.input]
     return OnnxExport(
         model, written, graph_inputs, [o.name for o in model.graph.output], node_count=len(model.graph.node),
-        findings=findings, lowered_by=lowered_by,
+        findings=findings, lowered_by=lowered_by, rewrites=rewrites,
     )
 
 
@@ -224,14 +230,20 @@ def _export_scripted(module: torch.nn.Module, export: Any, branches: list[str]) 
     return data, findings + [f"(scripted export) {w.message}" for w in tracer_warnings], "script"
 
 
-def _cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
+def _cleanup(model: onnx.ModelProto, tensorrt_version: str | None = None, rewrites: list[str] | None = None) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
+
+    from fxopt.backends.onnx_rewrites import rewrite_for_tensorrt
 
     graph = gs.import_onnx(model)
     try:
         graph.fold_constants()
     except Exception as exc:  # noqa: BLE001 - folding is an optimisation; the unfolded graph is valid
         warnings.warn(f"onnx-graphsurgeon constant folding skipped: {exc}", stacklevel=2)
+    if tensorrt_version is not None:
+        applied = rewrite_for_tensorrt(graph, tensorrt_version)
+        if rewrites is not None:
+            rewrites.extend(applied)
     _uniform_constants_to_constant_of_shape(graph)
     graph.cleanup().toposort()
     cleaned = gs.export_onnx(graph)
@@ -343,8 +355,8 @@ def lower(
     verify: bool = True,
     check_inputs: Sequence[tuple[Any, ...]] = (),
 ) -> OnnxExport:
-    """Export at the target's highest opset and verify in ONNX Runtime on the example inputs
-    and every set in `check_inputs`."""
+    """Export at the target's highest opset, rewritten for its TensorRT release where it has one, and
+    verify in ONNX Runtime on the example inputs and every set in `check_inputs`."""
     profile = get_target(target)
-    exported = export_onnx(module, example_inputs, opset=profile.max_onnx_opset)
+    exported = export_onnx(module, example_inputs, opset=profile.max_onnx_opset, tensorrt_version=profile.tensorrt_version)
     return verify_onnx(exported, module, example_inputs, check_inputs=check_inputs) if verify else exported
