@@ -8,8 +8,15 @@ that split or merge a channel dimension). The spaces and their couplings form a 
 at channel level a union-find over the index maps yields *atoms* (sets of channel indices that
 live or die together). An atom is prunable when it holds an output channel of a conv/linear and
 no index that is frozen (graph inputs/outputs, unknown ops, leaf modules, shared parameters,
-sizes read into arithmetic). Prunable atoms living in the same producers and the same spaces
+sizes read into arithmetic the analysis does not model). Prunable atoms living in the same producers and the same spaces
 form a `PruneGroup` (so the pieces of a split are separate groups, and none is ever emptied).
+
+Sizes read at run time (``b, c, h, w = x.shape``) and recomputed into view/reshape/expand
+arguments by products and floor division by constants (``c // groups``, ``d // heads``) are
+*size constraints*: the pruning must keep the arithmetic exact, i.e. every prunable atom must
+take ``coef`` times as many indices from the reshaped dim as from the size it reads (equal
+counts per channel-shuffle group, equal head dims in every head). A constraint that an index
+coupling can satisfy (a size copied as is) gets one; one that nothing satisfies freezes.
 
 The analysis writes a frozen `NodeChannels` under ``node.meta["fxopt"]["prune_group"]``; the
 pruning transform (`fxopt.passes.prune`) reads it.
@@ -22,6 +29,7 @@ import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import networkx as nx
@@ -37,8 +45,11 @@ __all__ = [
     "NodeChannels",
     "ParamDim",
     "PruneGroup",
+    "SizeConstraint",
+    "SizeExpr",
     "SpaceKey",
     "analyze_dependencies",
+    "size_expr",
     "META_KEY",
 ]
 
@@ -89,6 +100,33 @@ class ParamDim:
     dim: int
     space: SpaceKey
     kind: str
+
+
+@dataclass(frozen=True)
+class SizeExpr:
+    """A size computed from sizes read at run time: ``coef * prod(size of each factor)``.
+
+    Attributes:
+        coef: the constant part (``c // 4`` has coef 1/4).
+        factors: ``(tensor node, dim)`` of every size read that the product multiplies.
+    """
+
+    coef: Fraction
+    factors: tuple[tuple[Node, int], ...]
+
+
+@dataclass(frozen=True)
+class SizeConstraint:
+    """``size(target) == coef * prod(size(f) for f in factors)`` must hold after pruning too.
+
+    It holds for every plan when at most one factor holds prunable atoms and each prunable
+    atom takes ``coef * (the other factors' sizes)`` times as many indices from `target` as
+    from that factor.
+    """
+
+    target: SpaceKey
+    coef: Fraction
+    factors: tuple[SpaceKey, ...]
 
 
 @dataclass(frozen=True)
@@ -240,6 +278,9 @@ class _Builder:
         self.owners: dict[int, set[str]] = {}
         self.nodes: dict[str, Node] = {n.name: n for n in gm.graph.nodes}
         self.linked: set[SpaceKey] = set()
+        self.size_constraints: list[SizeConstraint] = []
+        # factors a split keeps whole because the size arithmetic fixes them (shuffle groups, heads)
+        self.fixed_factors: set[SpaceKey] = set()
 
     # spaces ---------------------------------------------------------------------------------
 
@@ -387,13 +428,19 @@ _STACKING_FACTOR = 4
 def _split_run(b: _Builder, src: Node, node: Node, in_dim: int, out_dims: list[int]) -> None:
     """Couple one output factor of a split with strided blocks of the input; freeze the rest.
 
-    The outermost factor is the unit (``C -> (C, H, W)`` keeps channels), unless it is a small
-    stacking factor in front of two more (``3C -> (3, heads, head_dim)``): then each head owns
-    one block of head_dim in every stacked part.
+    The factor whose size argument is computed from a size read (``c // groups`` in a channel
+    shuffle, ``d // heads`` in attention) is the unit and the literal factors stay whole.
+    Otherwise the outermost factor is the unit (``C -> (C, H, W)`` keeps channels), unless it
+    is a small stacking factor in front of two more (``3C -> (3, heads, head_dim)``): then each
+    head owns one block of head_dim in every stacked part.
     """
     outs = _shape(node)
     assert outs is not None
-    m = 1 if len(out_dims) >= 3 and outs[out_dims[0]] <= _STACKING_FACTOR else 0
+    m = _computed_factor(node, out_dims)
+    if m is None:
+        m = 1 if len(out_dims) >= 3 and outs[out_dims[0]] <= _STACKING_FACTOR else 0
+    else:
+        b.fixed_factors.update(k for d in out_dims if d != out_dims[m] and (k := b.space(node, d)) is not None)
     unit = out_dims[m]
     inner = math.prod(outs[d] for d in out_dims[m + 1:])
     prefix = math.prod(outs[d] for d in out_dims[:m])
@@ -402,6 +449,33 @@ def _split_run(b: _Builder, src: Node, node: Node, in_dim: int, out_dims: list[i
                  b_block=inner, count=outs[unit], kind="block")
     for d in out_dims[m + 1:]:
         b.freeze(b.space(node, d), "inner factor of a split dimension")
+
+
+def _merge_run(b: _Builder, src: Node, node: Node, in_dims: list[int], out_dim: int) -> None:
+    """Couple one input factor of a merge with strided blocks of the output; freeze the rest.
+
+    The outermost factor owns blocks of the output (flatten -> linear), unless it is a factor
+    a split kept whole (heads, shuffle groups): then the one factor that is not is the unit.
+    """
+    ins = _shape(src)
+    assert ins is not None
+    m = 0
+    if b.fixed_factors:
+        free = [i for i, d in enumerate(in_dims) if not _reaches_fixed_factor(b, b.space(src, d))]
+        m = free[0] if len(free) == 1 else 0
+    unit = in_dims[m]
+    inner = math.prod(ins[d] for d in in_dims[m + 1:])
+    prefix = math.prod(ins[d] for d in in_dims[:m])
+    for p in range(prefix):
+        b.couple(b.space(src, unit), b.space(node, out_dim), b_offset=p * ins[unit] * inner,
+                 b_block=inner, count=ins[unit], kind="block")
+    for d in in_dims:
+        if d != unit:
+            b.freeze(b.space(src, d), "inner factor of a merged dimension")
+
+
+def _reaches_fixed_factor(b: _Builder, key: SpaceKey | None) -> bool:
+    return key is not None and not b.fixed_factors.isdisjoint(nx.node_connected_component(b.graph, key))
 
 
 def _reshape_run(b: _Builder, src: Node, node: Node, in_dims: list[int], out_dims: list[int]) -> None:
@@ -417,11 +491,8 @@ def _reshape_run(b: _Builder, src: Node, node: Node, in_dims: list[int], out_dim
     if len(big_in) == 1:  # a split: one output factor takes whole blocks of the input
         _split_run(b, src, node, big_in[0], big_out)
         return
-    if len(big_out) == 1:  # a merge (flatten): the outer input dim owns blocks of the output
-        block = math.prod(ins[d] for d in big_in[1:])
-        b.couple(b.space(src, big_in[0]), b.space(node, big_out[0]), b_block=block, kind="block")
-        for d in big_in[1:]:
-            b.freeze(b.space(src, d), "inner factor of a merged dimension")
+    if len(big_out) == 1:  # a merge (flatten): one input factor owns blocks of the output
+        _merge_run(b, src, node, big_in, big_out[0])
         return
     for d in big_in:
         b.freeze(b.space(src, d), "reshape regroups several dimensions")
@@ -650,14 +721,24 @@ def _reshape_fn_rule(b: _Builder, node: Node) -> None:
     _couple_size_args(b, node)
 
 
+# --------------------------------------------------------------------------------------------
+# shape arithmetic: sizes read at run time and recomputed into view/reshape/expand arguments
+
+
 def _couple_size_args(b: _Builder, node: Node) -> None:
+    """Computed size arguments become size constraints (checked once the atoms are known)."""
     for j, spec in enumerate(_shape_spec(node) or ()):
-        if isinstance(spec, Node):
-            source = size_source(spec)
-            if source is None:
-                b.freeze(b.space(node, j), "reshape size computed from other sizes")
-            else:
-                b.couple(b.space(source[0], source[1]), b.space(node, j), kind="size")
+        if not isinstance(spec, Node):
+            continue
+        target, expr = b.space(node, j), size_expr(spec)
+        if target is None:
+            continue
+        factors = [key for t, d in expr.factors if (key := b.space(t, d)) is not None] if expr is not None else []
+        if expr is None or len(factors) != len(expr.factors):
+            b.freeze(target, "reshape size computed by arithmetic the analysis does not model")
+            continue
+        b.size_constraints.append(SizeConstraint(target, expr.coef, tuple(factors)))
+        b.linked.add(target)
 
 
 def _shape_spec(node: Node) -> list[Any] | None:
@@ -688,7 +769,57 @@ def size_source(value: Any) -> tuple[Node, int] | None:
     return None
 
 
-_RESHAPE_CONSUMERS = ("view", "reshape", "expand")
+# Integer arithmetic on sizes that stays a monomial: c * k, a * b, c // k (k a positive constant).
+_SIZE_ARITHMETIC = (operator.mul, operator.floordiv)
+
+
+def size_expr(value: Any) -> SizeExpr | None:
+    """`value` as ``coef * product of size reads``, or None when it is not one.
+
+    Example:
+        >>> import torch, fxopt
+        >>> class Shuffle(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         b, c, h, w = x.shape
+        ...         return x.view(b, 2, c // 2, h, w)
+        >>> gm = fxopt.trace(Shuffle(), torch.randn(1, 4, 2, 2))
+        >>> view = next(n for n in gm.graph.nodes if n.target == "view")
+        >>> e = size_expr(view.args[3])
+        >>> e.coef, [(t.name, d) for t, d in e.factors]
+        (Fraction(1, 2), [('x', 1)])
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return SizeExpr(Fraction(value), ())
+    source = size_source(value)
+    if source is not None:
+        return SizeExpr(Fraction(1), (source,))
+    if not isinstance(value, Node) or value.op != "call_function" or value.target not in _SIZE_ARITHMETIC:
+        return None
+    if len(value.args) != 2 or value.kwargs:
+        return None
+    left, right = size_expr(value.args[0]), size_expr(value.args[1])
+    if left is None or right is None:
+        return None
+    if value.target is operator.mul:  # c * k, a * b
+        return SizeExpr(left.coef * right.coef, left.factors + right.factors)
+    if not right.factors and right.coef > 0:  # c // k
+        return SizeExpr(left.coef / right.coef, left.factors)
+    return None
+
+
+def _computed_factor(node: Node, out_dims: list[int]) -> int | None:
+    """Position in `out_dims` of the one factor whose size is computed (``c // g``), the rest literal."""
+    spec = _shape_spec(node)
+    if spec is None:
+        return None
+    computed = [i for i, d in enumerate(out_dims) if isinstance(spec[d], Node)]
+    literal = all(type(spec[d]) is int and spec[d] > 0 for i, d in enumerate(out_dims) if i not in computed)
+    if len(computed) != 1 or not literal:
+        return None
+    expr = size_expr(spec[out_dims[computed[0]]])
+    return computed[0] if expr is not None and expr.factors else None
 
 
 def _is_clean_size_use(user: Node, value: Node) -> bool:
@@ -696,8 +827,16 @@ def _is_clean_size_use(user: Node, value: Node) -> bool:
     return spec is not None and user.args[0] is not value and any(s is value for s in spec)
 
 
+def _is_modelled_size_use(user: Node, value: Node) -> bool:
+    """A size goes into reshape arguments, directly or through modelled arithmetic."""
+    if _is_clean_size_use(user, value):
+        return True
+    return (user.op == "call_function" and user.target in _SIZE_ARITHMETIC and size_expr(user) is not None
+            and all(_is_modelled_size_use(u, user) for u in user.users))
+
+
 def _size_read_rule(b: _Builder, node: Node) -> None:
-    """``t.shape`` / ``t.size()`` / ``t.size(d)``: sizes used other than as reshape args freeze."""
+    """``t.shape`` / ``t.size()`` / ``t.size(d)``: sizes used other than in reshape sizes freeze."""
     t = node.args[0]
     if not isinstance(t, Node) or _shape(t) is None:
         return
@@ -714,8 +853,67 @@ def _size_read_rule(b: _Builder, node: Node) -> None:
                 for d in range(rank):
                     b.freeze(b.space(t, d), "whole shape read")
     for value, dim in reads:
-        if not all(_is_clean_size_use(u, value) for u in value.users):
+        if not all(_is_modelled_size_use(u, value) for u in value.users):
             b.freeze(b.space(t, dim), f"size of dim {dim} used in arithmetic or control flow")
+
+
+def _widths(b: _Builder, key: SpaceKey, atom_of: np.ndarray, n_atoms: int) -> np.ndarray:
+    """Indices of `key` each atom holds."""
+    offset, size = b.spaces[key]
+    return np.bincount(atom_of[offset:offset + size], minlength=n_atoms)
+
+
+def _constraint_holds(b: _Builder, c: SizeConstraint, atom_of: np.ndarray, prunable: np.ndarray) -> bool:
+    if c.coef * math.prod(b.size(f) for f in c.factors) != b.size(c.target):
+        return False  # not exact even before pruning (a floor division with a remainder)
+    n = prunable.shape[0]
+    live = [i for i, f in enumerate(c.factors) if prunable[_elements(b, f, atom_of)].any()]
+    target = _widths(b, c.target, atom_of, n)[prunable]
+    if not live:
+        return not target.any()
+    if len(live) > 1:
+        return False  # a product of two pruned sizes is not linear in the atoms removed
+    k = c.coef * math.prod(b.size(f) for i, f in enumerate(c.factors) if i != live[0])
+    factor = _widths(b, c.factors[live[0]], atom_of, n)[prunable]
+    return bool(np.array_equal(target * k.denominator, factor * k.numerator))
+
+
+def _elements(b: _Builder, key: SpaceKey, atom_of: np.ndarray) -> np.ndarray:
+    offset, size = b.spaces[key]
+    return atom_of[offset:offset + size]
+
+
+def _is_copy(b: _Builder, c: SizeConstraint) -> bool:
+    return c.coef == 1 and len(c.factors) == 1 and b.size(c.factors[0]) == b.size(c.target)
+
+
+def _resolve_size_constraints(b: _Builder) -> tuple[np.ndarray, np.ndarray]:
+    """Atoms and prunable atoms once every size constraint holds.
+
+    A copied size that the atoms do not keep equal (``reshape(b, n, d)`` with ``d`` read from
+    another tensor) gets an index coupling, as a copy of the size would; whatever still breaks
+    its constraint then is frozen (freezing only ever removes atoms from the check).
+    """
+    atom_of, prunable = _atoms(b)
+    pending = [c for c in b.size_constraints if _is_copy(b, c)]
+    while pending:
+        broken = [c for c in pending if not _constraint_holds(b, c, atom_of, prunable)]
+        if not broken:
+            break
+        for c in broken:
+            b.couple(c.factors[0], c.target, kind="size")
+        pending = [c for c in pending if c not in broken]
+        atom_of, prunable = _atoms(b)
+    remaining = list(b.size_constraints)
+    while True:
+        broken = [c for c in remaining if not _constraint_holds(b, c, atom_of, prunable)]
+        if not broken:
+            return atom_of, prunable
+        for c in broken:  # frozen, its sizes keep their values: it holds from now on
+            for key in (c.target, *c.factors):
+                b.freeze(key, "size arithmetic the pruning cannot keep exact")
+        remaining = [c for c in remaining if c not in broken]
+        prunable = _prunable(b, atom_of)
 
 
 def _getattr_rule(b: _Builder, node: Node) -> None:
@@ -1269,6 +1467,11 @@ def _atoms(b: _Builder) -> tuple[np.ndarray, np.ndarray]:
     c = np.concatenate(b.pairs_b) if b.pairs_b else np.zeros(0, dtype=np.int64)
     labels = _union_find(b.total, a, c)
     _, atom_of = np.unique(labels, return_inverse=True)
+    return atom_of, _prunable(b, atom_of)
+
+
+def _prunable(b: _Builder, atom_of: np.ndarray) -> np.ndarray:
+    """Atoms that hold a producer output channel and no frozen index."""
     n_atoms = int(atom_of.max()) + 1 if atom_of.size else 0
     frozen = np.zeros(n_atoms, dtype=bool)
     for key in b.frozen:
@@ -1278,7 +1481,7 @@ def _atoms(b: _Builder) -> tuple[np.ndarray, np.ndarray]:
     for key in b.roots:
         offset, size = b.spaces[key]
         rooted[atom_of[offset:offset + size]] = True
-    return atom_of, rooted & ~frozen
+    return rooted & ~frozen
 
 
 def _groups(b: _Builder, atom_of: np.ndarray, prunable: np.ndarray) -> list[PruneGroup]:
@@ -1391,7 +1594,7 @@ def analyze_dependencies(gm: GraphModule, *, ignore: Sequence[str] = (), annotat
     _run_rules(b, gm, tuple(ignore))
     _freeze_unlinked_outputs(b, gm)
     _freeze_shared_parameters(b)
-    atom_of, prunable = _atoms(b)
+    atom_of, prunable = _resolve_size_constraints(b)
     groups = _root_modules(gm, _groups(b, atom_of, prunable))
     analysis = DependencyAnalysis(
         spaces=b.spaces, atom_of=atom_of, prunable=prunable, groups=groups, frozen=b.frozen,

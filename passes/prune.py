@@ -370,6 +370,17 @@ def _update_conv_groups(node: Node, keep: _Keep) -> None:
         node.kwargs = {**node.kwargs, "groups": new}
 
 
+def _update_attention_scale(node: Node, keep: _Keep) -> None:
+    """Pruned head dims: the default softmax scale 1/sqrt(E) would change, so pass the original."""
+    q = node.args[0] if node.args else None
+    shapes = output_shapes(q) if isinstance(q, Node) else None
+    if shapes is None or len(node.args) > 6 or node.kwargs.get("scale") is not None:
+        return
+    e = shapes[0][-1]
+    if keep.size(q.name, 0, len(shapes[0]) - 1, e) != e:
+        node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(e)}
+
+
 # Size literals to rewrite, keyed by method name or function.
 LITERAL_UPDATES: dict[Any, Callable[[Node, _Keep], None]] = {
     "view": _update_view,
@@ -383,6 +394,7 @@ LITERAL_UPDATES: dict[Any, Callable[[Node, _Keep], None]] = {
     F.conv1d: _update_conv_groups,
     F.conv2d: _update_conv_groups,
     F.conv3d: _update_conv_groups,
+    F.scaled_dot_product_attention: _update_attention_scale,
 }
 
 

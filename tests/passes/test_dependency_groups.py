@@ -263,20 +263,36 @@ def test_ignore_keeps_a_producer():
     assert _groups(a) == [(("inner",), 6)]
 
 
-def test_size_read_into_arithmetic_freezes_the_dim():
-    class Heads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 8)
-            self.b = nn.Linear(8, 8)
+class HalvedSize(nn.Module):
+    """A size read, halved and doubled again in reshape arguments."""
 
-        def forward(self, x):
-            y = self.a(x)
-            n = y.shape[-1] // 2
-            return self.b(y.reshape(y.shape[0], 2, n).reshape(y.shape[0], 2 * n))
+    def __init__(self, offset: int = 0):
+        super().__init__()
+        self.offset = offset
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 8)
 
-    gm, a = _analyze(Heads(), torch.randn(3, 4))
+    def forward(self, x):
+        y = self.a(x)
+        n = y.shape[-1] // 2 if not self.offset else y.shape[-1] - self.offset
+        return self.b(y.reshape(y.shape[0], 2, n).reshape(y.shape[0], 2 * n))
+
+
+def test_size_read_into_modelled_arithmetic_prunes_equal_halves():
+    x = torch.randn(3, 4)
+    gm, a = _analyze(HalvedSize(), x)
+    [g] = a.groups
+    assert g.root_modules == ("a",) and len(g.atoms) == 4 and g.atom_width == 2  # index j of both halves
+    removed = _remove_first(a, 0, 1)
+    assert a.kept_indices(("a", 0, 1), removed).tolist() == [1, 2, 3, 5, 6, 7]
+    sliced = _check_sliced(gm, a, removed, x)
+    assert sliced.get_submodule("a").out_features == 6 and sliced.get_submodule("b").in_features == 6
+
+
+def test_size_read_into_unmodelled_arithmetic_freezes_the_dim():
+    gm, a = _analyze(HalvedSize(offset=4), torch.randn(3, 4))  # c - 4 is not a product
     assert _groups(a) == []
+    assert a.frozen_reasons()["a"] == "size of dim 1 used in arithmetic or control flow"
 
 
 def test_analysis_writes_frozen_node_meta():
@@ -499,3 +515,122 @@ def test_functional_conv_prunes_whole_groups_and_its_weight_chain():
     assert sliced.b.weight.shape == (6, 2, 3, 3) and sliced.b.bias.shape == (6,)
     convs = [n for n in sliced.graph.nodes if n.target is F.conv2d]
     assert [n.args[6] for n in convs] == [1, 3] and sliced.get_submodule("out").in_channels == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# shape arithmetic: sizes read at run time and recomputed into reshape arguments
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's shuffle, sizes read from the tensor (as torchvision writes it)."""
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class ShuffleBlock(nn.Module):
+    """Branch convs concatenated, channel-shuffled, then a depthwise and a 1x1 conv."""
+
+    def __init__(self, groups: int = 2, width: int = 8):
+        super().__init__()
+        self.groups = groups
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.branches = nn.ModuleList(nn.Conv2d(16, width, 1) for _ in range(groups))
+        c = groups * width
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.bn = nn.BatchNorm2d(c)
+        self.pw = nn.Conv2d(c, 32, 1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = torch.cat([F.relu(branch(x)) for branch in self.branches], 1)
+        x = channel_shuffle(x, self.groups)
+        x = F.relu(self.pw(self.bn(self.dw(x))))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_channel_shuffle_prunes_equal_counts_per_group(groups):
+    x = torch.randn(2, 3, 8, 8)
+    gm, a = _analyze(ShuffleBlock(groups), x)
+    branches = tuple(f"branches.{i}" for i in range(groups))
+    # Expected: channel j of every branch is one atom (was: frozen, "size ... used in arithmetic")
+    assert _groups(a) == [(("stem",), 16), ((*branches, "dw"), 8), (("pw",), 32)]  # 8 in each branch
+    shuffled = a.groups[1]
+    assert len(shuffled.atoms) == 8 and shuffled.atom_width == 1
+    removed = _remove_first(a, 1, 3)
+    cat = next(n.name for n in gm.graph.nodes if n.target is torch.cat)
+    kept = a.kept_indices((cat, 0, 1), removed).tolist()
+    assert kept == [p * 8 + j for p in range(groups) for j in range(3, 8)]  # 5 in every group
+    # after the shuffle the removed channels are whole runs of `groups` positions
+    assert a.kept_indices(("dw", 0, 1), removed).tolist() == list(range(3 * groups, 8 * groups))
+    sliced = _check_sliced(gm, a, removed, x)
+    assert sliced.get_submodule("dw").groups == 5 * groups
+    views = [n for n in sliced.graph.nodes if n.target == "view"]
+    assert views[0].args[2] == groups  # the literal group count is kept, c // groups is recomputed
+
+
+class SizeReadAttention(nn.Module):
+    """Attention whose head split is computed from the embedding size read at run time.
+
+    ``whole_heads=False``: ``reshape(b, n, 3, heads, d // heads)`` (equal head dims);
+    ``whole_heads=True``: ``reshape(b, n, 3, d // head_dim, head_dim)`` (whole heads).
+    """
+
+    def __init__(self, dim: int = 32, heads: int = 4, whole_heads: bool = False):
+        super().__init__()
+        self.heads, self.head_dim, self.whole_heads = heads, dim // heads, whole_heads
+        self.embed = nn.Linear(5, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        t = self.embed(x)
+        b, n, d = t.shape
+        if self.whole_heads:
+            qkv = self.qkv(t).reshape(b, n, 3, d // self.head_dim, self.head_dim)
+        else:
+            qkv = self.qkv(t).reshape(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        t = t + self.proj(o)
+        t = t + self.fc2(F.gelu(self.fc1(t)))
+        return self.out(t).mean(1)
+
+
+def test_attention_with_computed_head_dim_prunes_equal_head_dims():
+    x = torch.randn(2, 6, 5)
+    gm, a = _analyze(SizeReadAttention(), x)
+    assert _groups(a) == [(("embed", "fc2", "proj", "qkv"), 32), (("fc1",), 64)]
+    dims = a.groups[0]
+    assert len(dims.atoms) == 8 and dims.atom_width == 4  # dim j of each of the 4 heads
+    removed = _remove_first(a, 0, 2)
+    assert a.kept_indices(("embed", 0, 2), removed).tolist() == [h * 8 + j for h in range(4) for j in range(2, 8)]
+    kept_qkv = a.kept_indices(("qkv", 0, 2), removed).tolist()
+    assert kept_qkv == [p * 8 + j for p in range(12) for j in range(2, 8)]  # q, k and v of every head
+    sliced = _check_sliced(gm, a, removed, x)  # the softmax keeps the original 1/sqrt(head_dim)
+    assert sliced.get_submodule("qkv").out_features == 72 and sliced.get_submodule("embed").out_features == 24
+
+
+def test_attention_with_computed_head_count_prunes_whole_heads():
+    x = torch.randn(2, 6, 5)
+    gm, a = _analyze(SizeReadAttention(whole_heads=True), x)
+    assert _groups(a) == [(("embed", "fc2", "proj", "qkv"), 32), (("fc1",), 64)]
+    heads = a.groups[0]
+    assert len(heads.atoms) == 4 and heads.atom_width == 8
+    removed = _remove_first(a, 0, 1)
+    assert a.kept_indices(("embed", 0, 2), removed).tolist() == list(range(8, 32))
+    sliced = _check_sliced(gm, a, removed, x)
+    assert sliced.get_submodule("proj").in_features == 24
+
+
+def test_a_copied_size_the_atoms_keep_equal_adds_no_coupling():
+    """The shuffle's ``reshape(b, c, h, w)`` copies c from before the shuffle: equal counts, no index tie."""
+    gm, a = _analyze(ShuffleBlock(2), torch.randn(1, 3, 8, 8))
+    assert not any(kind == "size" for _, _, kind in a.space_graph.edges(data="kind"))
+    gm, a = _analyze(SizeReadAttention(), torch.randn(2, 6, 5))
+    # reshape(b, n, d) after attention copies d from the residual stream: tied index by index
+    assert sum(kind == "size" for _, _, kind in a.space_graph.edges(data="kind")) == 1

@@ -622,3 +622,38 @@ def test_a_missed_budget_is_reported_with_what_blocked_it():
     assert record.status == "applied" and budget["achieved"] < 0.5 - 0.05
     assert budget["note"].startswith("budget missed: ") and "unknown op cumsum (64 channels)" in budget["note"]
     assert budget["note"] in compiled.report.to_markdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# shape arithmetic: sizes read at run time (channel shuffle, attention heads) no longer freeze
+
+
+def _shape_arithmetic_cases():
+    from test_dependency_groups import ShuffleBlock, SizeReadAttention  # the analysis tests' models
+
+    image, tokens = (torch.randn(1, 3, 16, 16),), (torch.randn(2, 16, 5),)
+    return [
+        pytest.param(ShuffleBlock(2), image, ("branches.0",), id="shuffle-2-groups"),
+        pytest.param(ShuffleBlock(4), image, ("branches.0",), id="shuffle-4-groups"),
+        pytest.param(SizeReadAttention(64, heads=4), tokens, ("qkv",), id="attention-d//heads"),
+        pytest.param(SizeReadAttention(64, heads=16, whole_heads=True), tokens, ("qkv",), id="attention-d//head_dim"),
+    ]
+
+
+@pytest.mark.parametrize("model, inputs, coupled", _shape_arithmetic_cases())
+def test_shape_arithmetic_patterns_prune_to_half_the_flops(model, inputs, coupled):
+    gm = fxopt.trace(model.eval(), inputs)
+    p = PruneChannels(amount=0.5, by="flops")
+    with use_context(fxopt.CompileContext.create("cpu", inputs)):
+        result = p(gm)
+    assert result.modified and abs(p.plan.achieved - 0.5) <= 0.05
+    [group] = [g for g in p.analysis.groups if set(coupled) <= set(g.root_modules)]
+    assert 0 < p.plan.keep[group.index] < len(group.atoms)  # the shuffled / attention channels are pruned
+    masked = apply_plan(gm, p.analysis, p.plan.removed, "mask")
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(*inputs), masked(*inputs), atol=1e-5, rtol=1e-4)
+    compiled = fxopt.compile(model, "cpu", example_inputs=inputs, passes=[PruneChannels(amount=0.5, by="flops")])
+    [record] = [r for r in compiled.report.passes if r.name == "prune"]
+    assert record.status == "applied", record.reason
+    assert compiled.report.onnx is not None and compiled.report.onnx["max_abs_error_vs_torch"] < 1e-4
+    assert abs(record.after.flops / record.before.flops - 0.5) <= 0.05
