@@ -235,6 +235,12 @@ def compile(  # noqa: A001 - the public name the design asks for
                     notes += policy.summary(safety_evidence)
                 if profile.backend == "tensorrt":
                     from fxopt.backends.tensorrt import plan_deployment
+                    from fxopt.backends.tensorrt_compat import check_tensorrt_compat
+
+                    notes += [f"ONNX rewrite for TensorRT {profile.tensorrt_version}: {line}" for line in exported.rewrites]
+                    compat = check_tensorrt_compat(onnx_model, profile, graph_module=final)
+                    compat.raise_if_errors()  # a hard incompatibility: TensorRTCompatError naming each node
+                    notes += compat.notes()
 
                     deployment = plan_deployment(onnx_model, profile, context.precision)
                     extras["files"] = deployment.files
