@@ -27,13 +27,14 @@ from fxopt.pass_base import CompileContext, FxoptPass, PassResult, current_conte
 from fxopt.pass_manager import PassManager, PassRecord
 from fxopt.registry import create_pass, pass_names, register_pass
 from fxopt.report import CompileReport
+from fxopt.stages import Stages
 from fxopt.targets import TargetProfile, get_target, register_target, target_names
 from fxopt.tracing import Leaf, leaves_of, trace
 
 __all__ = [
     "CompileContext", "CompileReport", "CompiledModel", "CostSummary", "ExportError", "FxoptError", "FxoptWarning",
     "FxoptPass", "InputError", "Leaf", "NodeCost", "PassError", "PassManager", "PassOrderError",
-    "PassRecord", "PassRegistryError", "SafetyPolicyError", "PassResult", "TargetError", "TargetProfile", "TensorRTCompatError", "TraceError",
+    "PassRecord", "PassRegistryError", "SafetyPolicyError", "PassResult", "Stages", "TargetError", "TargetProfile", "TensorRTCompatError", "TraceError",
     "VerificationError", "compile", "create_pass", "current_context", "default_pipeline",
     "estimate_costs", "get_target", "leaves_of", "pass_names", "register_pass", "register_target",
     "target_names", "trace", "__version__",

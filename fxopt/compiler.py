@@ -22,6 +22,7 @@ from fxopt.pass_base import CompileContext, pass_attr, pass_name
 from fxopt.pass_manager import PassManager, resolve_passes
 from fxopt.progress import Phases
 from fxopt.report import CompileReport, layer_rows, report_tables
+from fxopt.stages import Stages, split_stages
 from fxopt.targets import TargetProfile, get_target
 from fxopt.tracing import leaves_of, normalize_inputs, trace
 
@@ -63,9 +64,11 @@ class CompiledModel(nn.Module):
         context: CompileContext,
         onnx_model: Any,
         manifest: dict[str, Any],
+        staged: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
+        self.staged = staged  # a staged compile: the model's eager stages around graph_module
         self.report = report
         self.context = context
         self.onnx_model = onnx_model
@@ -76,7 +79,7 @@ class CompiledModel(nn.Module):
         return self.context.target
 
     def forward(self, *args: Any) -> Any:
-        return self.graph_module(*args)
+        return self.graph_module(*args) if self.staged is None else self.staged(*args)
 
     def save(self, directory: str | os.PathLike[str]) -> dict[str, str]:
         """Write model.onnx, the build plan, report.md, report.json and manifest.json as one folder.
@@ -150,6 +153,7 @@ def compile(  # noqa: A001 - the public name the design asks for
     leaf_modules: Sequence[str] = (),
     save_to: str | os.PathLike[str] | None = None,
     safety: str | None = None,
+    stages: Stages | str | Sequence[str] | None = None,
     **options: Any,
 ) -> CompiledModel:
     """Compile `model` for `target`: trace, run verified passes, lower to ONNX and verify it.
@@ -170,6 +174,10 @@ def compile(  # noqa: A001 - the public name the design asks for
             pass, the model's required precision, audited ops, a determinism check, the model's
             property suite; evidence in the manifest); ``"off"`` compiles as any model; ``None``
             takes the policy of the model's registered spec (``"strict"`` for the supervisor).
+        stages: compile only the tensor part of a model whose pre/post-processing cannot be a
+            graph: the submodule path(s) whose calls form the graph (``("backbone", "head")``)
+            or a `fxopt.Stages`; ``None`` uses the preset for torchvision detectors, else the
+            whole model. The rest runs eagerly around the compiled graph (`fxopt.stages`).
         **options: data passes need, e.g. ``calib_data=`` (a list of input tuples, also used
             for verification); an option no pass in the pipeline reads is an `InputError`.
 
@@ -196,8 +204,15 @@ def compile(  # noqa: A001 - the public name the design asks for
     input_notes = validate_inputs(inputs)
     if "calib_data" in options:
         options["calib_data"] = calibration_batches(options["calib_data"])
+    split = split_stages(model, inputs, stages)  # None: the whole model is the graph
+    if split is not None:
+        inputs = split.graph_inputs
+        if "calib_data" in options:
+            options["calib_data"] = [split.graph_inputs_for(b) for b in options["calib_data"]]
     pipeline = resolve_passes(_pipeline(profile, passes))
     policy = _safety_policy(model, safety, export)
+    if policy.strict and split is not None:
+        raise InputError("safety='strict' verifies the whole model as one graph; a staged compile (stages=) cannot run under it")
     if policy.strict:
         precision = precision or policy.required_precision
         policy.check_request(pipeline, precision or profile.default_precision)
@@ -211,7 +226,7 @@ def compile(  # noqa: A001 - the public name the design asks for
     phases = Phases(["trace", "passes", "export"], enabled=progress)
     try:
         with phases("trace"):
-            gm = trace(model, inputs, leaf_modules=leaf_modules)
+            gm = trace(model if split is None else split.root, inputs, leaf_modules=leaf_modules)
         traced_s = time.perf_counter() - start
         cost_before = estimate_costs(gm, profile, context.precision)
         manager = PassManager(pipeline, strict=strict, progress=progress)
@@ -222,7 +237,7 @@ def compile(  # noqa: A001 - the public name the design asks for
         cost_after = estimate_costs(final, profile, context.precision)
         onnx_info, onnx_model, notes, extras, placement = None, None, list(input_notes), {}, None
         safety_evidence: dict[str, Any] = {"policy": "off"}
-        notes += _pass_warnings(result.records, passes)
+        notes += _pass_warnings(result.records, passes) + (split.notes() if split is not None else [])
         with phases("export"):
             if export:
                 from fxopt.backends.onnx import lower
@@ -274,10 +289,10 @@ def compile(  # noqa: A001 - the public name the design asks for
         "example_inputs": [list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs],
         "verification_inputs": len(check_inputs),
         "safety": safety_evidence,
-    }
+    } | ({"stages": split.cut()} if split is not None else {})
     if state_dict_sha256(model) != input_sha:  # pragma: no cover - an internal invariant
         raise AssertionError("fxopt modified the user's model")
-    compiled = CompiledModel(final, report, context, onnx_model, manifest)
+    compiled = CompiledModel(final, report, context, onnx_model, manifest, split.runner(final) if split is not None else None)
     if save_to is not None:
         compiled.save(save_to)
     return compiled
