@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fxopt.backends.tensorrt_ops import SupportMatrix, support_matrix
-from fxopt.errors import TensorRTCompatError
+from fxopt.backends.tensorrt_ops import SupportMatrix, parse_version, support_matrix
+from fxopt.errors import TargetError, TensorRTCompatError
 from fxopt.targets import TargetProfile, get_target
 
 __all__ = ["CompatFinding", "CompatReport", "check_tensorrt_compat", "torch_source_names"]
@@ -436,8 +436,6 @@ def _type_issues(node: onnx.NodeProto, g: _Graph) -> list[Issue]:
 
 
 def _check_node(node: onnx.NodeProto, g: _Graph, version: tuple[int, int]) -> list[Issue]:
-    from fxopt.backends.tensorrt_ops import parse_version
-
     if node.domain not in ("", "ai.onnx"):
         return [("domain", ERROR, f"custom-domain op '{node.domain}::{node.op_type}'", "TensorRT needs a plugin for it; write it with standard ops")]
     if not g.matrix.supported(node.op_type):
@@ -513,15 +511,11 @@ def check_tensorrt_compat(
         >>> report.ok, report.errors[0].op_type
         (False, 'IsInf')
     """
-    from fxopt.backends.tensorrt_ops import parse_version
-
     if isinstance(target, str) and target[:1].isdigit():
         version = target
     else:
         profile = get_target(target)
         if profile.tensorrt_version is None:
-            from fxopt.errors import TargetError
-
             raise TargetError(f"target '{profile.name}' does not use TensorRT (backend: {profile.backend})")
         version = profile.tensorrt_version
     matrix, note = support_matrix(version)
