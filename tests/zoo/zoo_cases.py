@@ -20,6 +20,7 @@ from torch import nn
 
 import fxopt
 from fxopt.numerics import compare_outputs, run_model
+from fxopt.stages import preset_for, split_stages
 
 ZOO_DIR = Path(__file__).resolve().parent
 ROOT = ZOO_DIR.parent.parent
@@ -159,6 +160,7 @@ class ZooResult:
     trace_reason: str
     targets: dict[str, TargetRun]
     time_s: float
+    staged: str = ""  # a staged compile: "backbone -> head" (the graph part; the rest runs eagerly)
 
     @property
     def passed(self) -> bool:
@@ -219,8 +221,10 @@ def _compile_one(model: nn.Module, inputs: tuple[Any, ...], reference: Any, targ
 
 
 def _classify_trace(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[str, list[str], str]:
+    """How `fxopt.compile` traces the model: whole, or (a detector) its graph part (`fxopt.stages`)."""
     try:
-        gm = fxopt.trace(model, inputs)
+        split = split_stages(model, inputs, None)
+        gm = fxopt.trace(model, inputs) if split is None else fxopt.trace(split.root, split.graph_inputs)
     except fxopt.FxoptError as exc:
         return "failed", [], _short(exc)
     except Exception as exc:  # noqa: BLE001
@@ -237,6 +241,7 @@ def run_case(case: ZooCase, targets: Sequence[str] = TARGETS) -> ZooResult:
     params = sum(p.numel() for p in model.parameters())
     fx_ok, fx_reason = plain_fx_trace(model, inputs, reference)
     trace, leaves, trace_reason = _classify_trace(model, inputs)
+    preset = preset_for(model)
     runs: dict[str, TargetRun] = {}
     if trace != "failed":
         with warnings.catch_warnings():
@@ -244,7 +249,7 @@ def run_case(case: ZooCase, targets: Sequence[str] = TARGETS) -> ZooResult:
             for target in targets:
                 runs[target], _ = _compile_one(model, inputs, reference, target)
     return ZooResult(case.name, case.kind, params, fx_ok, fx_reason, trace, leaves, trace_reason, runs,
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, " -> ".join(preset.graph) if preset else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +321,7 @@ def model_rows(results: Iterable[ZooResult]) -> list[tuple[str, ...]]:
         torch_err = [t.torch_max_abs for t in r.targets.values() if t.torch_max_abs is not None]
         onnx_err = [t.onnx_max_abs for t in r.targets.values() if t.onnx_max_abs is not None]
         trace = r.trace if r.trace != "leaves" else f"leaves ({len(r.leaves)})"
+        trace += f", staged: {r.staged}" if r.staged and r.trace != "failed" else ""
         rows.append((
             r.name, r.kind, f"{r.params / 1e6:.1f}M", "ok" if r.fx_ok else "fail", trace,
             "pass" if r.passed else "FAIL", _fmt(max(torch_err, default=None)),
@@ -338,6 +344,8 @@ def render_markdown(results: Sequence[ZooResult], command: str) -> str:
         f"`fxopt.compile` with the default pipeline for {' and '.join(TARGETS)} including ONNX export",
         f"(opset 17) and ONNX Runtime parity; compiled graph vs the original within {ATOL:g} + {RTOL:g} x max|ref|.",
         "Errors are max abs errors over both targets (torch: compiled vs original; ORT: ONNX vs compiled).",
+        "Detectors compile as stages (`fxopt.stages` presets): \"fxopt trace\" is their graph part (backbone, FPN,",
+        "heads), the transform and post-processing run eagerly; torch err compares the final detections.",
         "",
         "## Summary",
         "",
