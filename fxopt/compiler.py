@@ -21,6 +21,7 @@ from fxopt.output_folder import MANIFEST, check_output_folder, write_output_fold
 from fxopt.pass_base import CompileContext, pass_attr, pass_name
 from fxopt.pass_manager import PassManager, resolve_passes
 from fxopt.progress import Phases
+from fxopt.registry import create_pass
 from fxopt.report import CompileReport, layer_rows, report_tables
 from fxopt.stages import Stages, split_stages
 from fxopt.targets import TargetProfile, get_target
@@ -203,13 +204,15 @@ def compile(  # noqa: A001 - the public name the design asks for
     inputs = copy_inputs(normalize_inputs(example_inputs))  # the user's tensors are never run
     input_notes = validate_inputs(inputs)
     if "calib_data" in options:
-        options["calib_data"] = calibration_batches(options["calib_data"])
+        options["calib_data"] = calibration_batches(options["calib_data"], like=inputs)
     split = split_stages(model, inputs, stages)  # None: the whole model is the graph
     if split is not None:
         inputs = split.graph_inputs
         if "calib_data" in options:
             options["calib_data"] = [split.graph_inputs_for(b) for b in options["calib_data"]]
     pipeline = resolve_passes(_pipeline(profile, passes))
+    if (precision or profile.default_precision) == "int8" and "quantize" not in {pass_name(p) for p in pipeline}:
+        pipeline.append(create_pass("quantize"))  # int8 is the quantize pass's Q/DQ, never an uncalibrated engine
     policy = _safety_policy(model, safety, export)
     if policy.strict and split is not None:
         raise InputError("safety='strict' verifies the whole model as one graph; a staged compile (stages=) cannot run under it")
@@ -361,11 +364,10 @@ def _check_request(pipeline: list[Any], options: dict[str, Any], precision: str,
             "(a pass reading other options declares them in its `reads_options`)"
         )
     names = {pass_name(p) for p in pipeline}
-    if precision == "int8" and "quantize" not in names:
+    if (precision == "int8" or "quantize" in names) and not options.get("calib_data"):
         raise InputError(
-            f"precision='int8' for '{profile.name}' needs the 'quantize' pass (Q/DQ nodes from calibration) "
-            "in the pipeline; without it the engine would be built with --int8 and no calibration. "
-            "Add passes=[..., 'quantize'] with calib_data=, or compile at fp16"
+            f"int8 for '{profile.name}' needs calib_data=[(x,), ...]: a few batches like the example inputs "
+            "to calibrate the quantisation ranges (without it an int8 engine would run uncalibrated)"
         )
 
 

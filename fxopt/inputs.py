@@ -112,15 +112,19 @@ def input_variants(inputs: tuple[Any, ...], *, seed: int = 0, kinds: Sequence[st
     return [pytree.tree_map(lambda t, k=kind: vary(k, t) if isinstance(t, torch.Tensor) else t, inputs) for kind in kinds]
 
 
-def calibration_batches(calib_data: Any, *, what: str = "calib_data") -> list[tuple[Any, ...]]:
+def calibration_batches(calib_data: Any, *, what: str = "calib_data", like: tuple[Any, ...] | None = None) -> list[tuple[Any, ...]]:
     """`calib_data` as a list of input tuples, each validated like the example inputs.
 
     Accepts any re-iterable of tensors or tuples of tensors (a list, a DataLoader); a one-shot
     iterator or generator is refused, since it would be exhausted by the first pass reading it.
 
+    Args:
+        like: the example inputs: each batch must have as many inputs, the same dtypes and the
+            same shapes but for the batch (first) dimension.
+
     Raises:
-        InputError: not re-iterable, empty, or a batch with NaN/Inf or no samples (the message
-            names the batch index).
+        InputError: not re-iterable, empty, or a batch with NaN/Inf, no samples, or another
+            structure than the example inputs (the message names the batch index).
     """
     if isinstance(calib_data, torch.Tensor) or not isinstance(calib_data, Iterable):
         raise InputError(f"{what} must be a list (or other re-iterable) of input tuples, e.g. [(x1,), (x2,)], got {type(calib_data).__name__}")
@@ -133,7 +137,23 @@ def calibration_batches(calib_data: Any, *, what: str = "calib_data") -> list[tu
         if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(batch)):
             raise InputError(f"{what}[{i}] holds no tensor: each batch is a tuple of the model's inputs")
         validate_inputs(batch, what=f"{what}[{i}]")
+        if like is not None:
+            _check_like(batch, like, f"{what}[{i}]")
     return batches
+
+
+def _check_like(batch: tuple[Any, ...], like: tuple[Any, ...], what: str) -> None:
+    got, want = pytree.tree_leaves(batch), pytree.tree_leaves(like)
+    if len(got) != len(want):
+        raise InputError(f"{what} has {len(got)} inputs, the example inputs have {len(want)}")
+    for j, (g, w) in enumerate(zip(got, want)):
+        if not (isinstance(g, torch.Tensor) and isinstance(w, torch.Tensor)):
+            continue
+        if g.dtype != w.dtype or g.dim() != w.dim() or tuple(g.shape[1:]) != tuple(w.shape[1:]):
+            raise InputError(
+                f"{what}[{j}] is {tuple(g.shape)}:{str(g.dtype).replace('torch.', '')}, the example input is "
+                f"{tuple(w.shape)}:{str(w.dtype).replace('torch.', '')}: a batch may differ only in its first dimension"
+            )
 
 
 def _signature(inputs: tuple[Any, ...]) -> list[Any]:

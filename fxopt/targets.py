@@ -21,6 +21,36 @@ def _frozen(mapping: Mapping[str, float]) -> Mapping[str, float]:
 
 
 @dataclass(frozen=True)
+class QuantScheme:
+    """Where and how a target runs int8: data the `quantize` pass reads, not rules inside it.
+
+    Attributes:
+        quantized_ops: op kinds whose activation inputs get a Q/DQ pair (``conv``,
+            ``conv_transpose``, ``linear``, ``matmul``); their weights are quantised per
+            output channel.
+        residual_add: also quantise the other input of an add whose one input is a quantised
+            conv's output, so TensorRT fuses the add into the conv's epilogue in int8.
+        symmetric: zero point 0 (TensorRT's explicit quantisation accepts nothing else).
+        source: where the rules come from.
+    """
+
+    quantized_ops: tuple[str, ...] = ("conv", "conv_transpose", "linear", "matmul")
+    residual_add: bool = True
+    symmetric: bool = True
+    source: str = ""
+
+
+# TensorRT 8.5 explicit quantisation (Q/DQ): symmetric int8, per-channel weights, Q/DQ on the
+# inputs of conv/deconv/gemm/matmul and on a residual add's other input, which TensorRT fuses
+# into the conv (TensorRT developer guide, "Working with INT8": Q/DQ layer placement).
+TENSORRT_QDQ = QuantScheme(source="TensorRT 8.5 developer guide, explicit quantization (Q/DQ placement)")
+# ONNX Runtime on x86: QDQ with signed int8 activations and weights ("S8S8 with QDQ is the default
+# and should be the first choice", ONNX Runtime quantization docs, data type selection); its QDQ
+# fusions need no Q/DQ on a residual add.
+ORT_QDQ = QuantScheme(residual_add=False, source="ONNX Runtime quantization docs (S8S8, QDQ format)")
+
+
+@dataclass(frozen=True)
 class TargetProfile:
     """Everything fxopt needs to know about a device and its toolchain.
 
@@ -40,6 +70,7 @@ class TargetProfile:
         op_efficiency: fraction of peak a kind of op reaches (the roofline's compute ceiling).
         launch_overhead_s: fixed cost per kernel (per graph node that computes).
         default_passes: names of the passes `compile(passes=None)` runs for this target.
+        quant_scheme: where and how int8 runs (`QuantScheme`); ``None`` if it has no int8.
 
     Example:
         >>> from fxopt.targets import get_target
@@ -62,6 +93,7 @@ class TargetProfile:
     op_efficiency: Mapping[str, float] = field(default_factory=lambda: _frozen({}))
     launch_overhead_s: float = 0.0
     default_passes: tuple[str, ...] = ("canonicalize", "fold_batchnorm")
+    quant_scheme: QuantScheme | None = None
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -95,6 +127,8 @@ class TargetProfile:
         out: dict[str, object] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, QuantScheme):
+                value = dataclasses.asdict(value)
             out[f.name] = dict(value) if isinstance(value, Mapping) else value
         return out
 
@@ -133,6 +167,7 @@ XAVIER = TargetProfile(
     channel_alignment={"fp32": 1, "fp16": 8, "int8": 32},
     op_efficiency=_GPU_EFFICIENCY,
     launch_overhead_s=8e-6,
+    quant_scheme=TENSORRT_QDQ,
 )
 
 ORIN = TargetProfile(
@@ -154,6 +189,7 @@ ORIN = TargetProfile(
     channel_alignment={"fp32": 1, "fp16": 8, "int8": 32},
     op_efficiency=_GPU_EFFICIENCY,
     launch_overhead_s=5e-6,
+    quant_scheme=TENSORRT_QDQ,
 )
 
 CPU = TargetProfile(
@@ -177,6 +213,7 @@ CPU = TargetProfile(
         "default": 0.5,
     },
     launch_overhead_s=2e-6,
+    quant_scheme=ORT_QDQ,
 )
 
 _REGISTRY: dict[str, TargetProfile] = {t.name: t for t in (XAVIER, ORIN, CPU)}

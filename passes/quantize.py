@@ -1,0 +1,268 @@
+"""Int8 post-training quantisation: Q/DQ placed by the target's rules, calibrated on `calib_data`.
+
+Runs last among the transformations: after `prune`/`slim` and after `fold_batchnorm`, so the folded
+weights are the ones quantised. It goes annotate → calibrate → transform:
+
+1. annotate: from the target's `QuantScheme`, which tensors get a Q/DQ pair (the activation inputs
+   of conv / transposed conv / linear / matmul, and the residual input of an add after a conv)
+   and which weights are quantised per output channel; written under
+   ``node.meta["fxopt"]["quantize"]``;
+2. insert one `FakeQuantize` per such tensor and wrap each weighted op in `WeightFakeQuant`;
+3. calibrate: two passes over `calib_data` (range, then a histogram of |x|), then each tensor's
+   clipping range from its calibrator (max, percentile, entropy, mse).
+
+The result is a fake-quantised graph: differentiable (straight-through estimator), so it can be
+fine-tuned, and exported by the ONNX backend as QuantizeLinear/DequantizeLinear pairs (zero point 0).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxopt.errors import InputError
+from fxopt.pass_base import FxoptPass, PassResult, current_context
+from fxopt.passes.quant_observers import (
+    CALIBRATORS,
+    WEIGHT_FAKE_QUANT,
+    FakeQuantize,
+    RangeObserver,
+    WeightFakeQuant,
+    observing,
+)
+from fxopt.registry import register_pass
+
+__all__ = ["QuantAnnotation", "QuantizeInt8", "annotate_int8"]
+
+META_KEY = "quantize"
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_MATMUL_FUNCTIONS = {torch.matmul, torch.bmm, operator.matmul}
+_MATMUL_METHODS = {"matmul", "bmm"}
+_ADD = {operator.add, torch.add, operator.iadd}
+
+
+@dataclass(frozen=True)
+class QuantAnnotation:
+    """How one node is quantised.
+
+    Attributes:
+        kind: the scheme's op kind (``conv``, ``conv_transpose``, ``linear``, ``matmul``,
+            ``residual_add``).
+        quantized_inputs: names of the nodes whose output tensors get a Q/DQ pair before it.
+        weight: its weight is fake-quantised per output channel.
+    """
+
+    kind: str
+    quantized_inputs: tuple[str, ...]
+    weight: bool
+
+
+def _module_kind(module: nn.Module) -> str | None:
+    if isinstance(module, _CONV):
+        return "conv"
+    if isinstance(module, _CONV_T):
+        return None if module.groups > 1 else "conv_transpose"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return None
+
+
+def _is_float(node: Any) -> bool:
+    meta = node.meta.get("tensor_meta") if isinstance(node, Node) else None
+    return meta is not None and hasattr(meta, "dtype") and meta.dtype.is_floating_point
+
+
+def _matches(path: str, patterns: Sequence[str]) -> bool:
+    return any(path == p or re.fullmatch(p, path) for p in patterns)
+
+
+def annotate_int8(gm: GraphModule, scheme: Any, skip: Sequence[str] = ()) -> dict[str, QuantAnnotation]:
+    """Which nodes the target's scheme quantises; writes ``node.meta["fxopt"]["quantize"]``.
+
+    Args:
+        gm: a traced graph with shapes.
+        scheme: the target's `fxopt.targets.QuantScheme`.
+        skip: module paths (or regexes) to leave in higher precision.
+
+    Returns:
+        node name -> `QuantAnnotation`, in graph order.
+    """
+    wanted = set(scheme.quantized_ops)
+    found: dict[str, QuantAnnotation] = {}
+    for node in gm.graph.nodes:
+        kind, inputs, weight = None, (), False
+        if node.op == "call_module":
+            kind = _module_kind(gm.get_submodule(str(node.target)))
+            if _matches(str(node.target), skip):
+                kind = None
+            inputs, weight = node.args[:1], True
+        elif (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (node.op == "call_method" and node.target in _MATMUL_METHODS):
+            kind, inputs = "matmul", node.args[:2]
+        if kind in wanted and all(_is_float(a) for a in inputs):
+            found[node.name] = QuantAnnotation(kind, tuple(a.name for a in inputs), weight)
+    if scheme.residual_add:
+        for node in gm.graph.nodes:
+            if not ((node.op == "call_function" and node.target in _ADD) or (node.op == "call_method" and node.target in ("add", "add_"))):
+                continue
+            args = [a for a in node.args[:2] if isinstance(a, Node)]
+            convs = [a for a in args if found.get(a.name, QuantAnnotation("", (), False)).kind == "conv"]
+            others = [a for a in args if a not in convs and _is_float(a)]
+            if len(args) == 2 and convs and others:  # the conv fuses the add; its other input is int8
+                found[node.name] = QuantAnnotation("residual_add", (others[0].name,), False)
+    for node in gm.graph.nodes:
+        node.meta.setdefault("fxopt", {}).pop(META_KEY, None)
+        if node.name in found:
+            node.meta["fxopt"][META_KEY] = found[node.name]
+    return found
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
+
+
+@register_pass
+class QuantizeInt8(FxoptPass):
+    """Int8 fake quantisation placed by the target's `QuantScheme` and calibrated on `calib_data`.
+
+    Args:
+        calibrator: how an activation's range is chosen from its histogram: ``"max"``,
+            ``"percentile"``, ``"entropy"`` (TensorRT's KL search) or ``"mse"``.
+        percentile: the percentile of ``"percentile"``.
+        calibrators: per-tensor overrides, ``{node name or regex: calibrator}``. The model's
+            own inputs use ``"max"`` unless named here: they are bounded data (pixels, point
+            features) whose clipping the entropy fit cannot judge (on the digits images it
+            clipped at 0.69 of the range and cost 1.8 points of accuracy).
+        skip: module paths (or regexes) kept in higher precision.
+
+    Example:
+        >>> import torch, fxopt
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+        >>> x = torch.randn(1, 3, 16, 16)
+        >>> compiled = fxopt.compile(model, "xavier", example_inputs=(x,), precision="int8",
+        ...                          calib_data=[(torch.randn(1, 3, 16, 16),) for _ in range(4)])
+        >>> sorted({n.op_type for n in compiled.onnx_model.graph.node})
+        ['Conv', 'DequantizeLinear', 'QuantizeLinear', 'Relu']
+    """
+
+    name = "quantize"
+    lossy = True
+    after = ("canonicalize", "prune", "slim", "distill", "fold_batchnorm")
+    reads_options = ("calib_data",)
+
+    def __init__(
+        self,
+        calibrator: str = "entropy",
+        percentile: float = 99.99,
+        calibrators: Mapping[str, str] | None = None,
+        skip: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        for name in [calibrator, *(calibrators or {}).values()]:
+            if name not in CALIBRATORS:
+                raise InputError(f"unknown calibrator '{name}'; choose one of {', '.join(CALIBRATORS)}")
+        if not 0 < percentile <= 100:
+            raise InputError(f"percentile must be in (0, 100], got {percentile}")
+        self.calibrator = calibrator
+        self.percentile = percentile
+        self.calibrators = dict(calibrators or {})
+        self.skip = tuple(skip)
+
+    def options(self) -> dict[str, Any]:
+        return {"calibrator": self.calibrator, "percentile": self.percentile, "calibrators": self.calibrators, "skip": list(self.skip)}
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        ctx = current_context()
+        scheme = ctx.target.quant_scheme
+        if scheme is None:
+            raise InputError(f"target '{ctx.target.name}' has no int8 scheme (TargetProfile.quant_scheme)")
+        calib = ctx.options.get("calib_data")
+        if not calib:
+            raise InputError("the quantize pass needs calib_data=[(x,), ...] (batches like the example inputs) to calibrate")
+        annotations = annotate_int8(graph_module, scheme, self.skip)
+        if not annotations:
+            self.unchanged_reason = f"no op the '{ctx.target.name}' int8 scheme quantises ({', '.join(scheme.quantized_ops)})"
+            return PassResult(graph_module, False)
+        quantizers = self._insert(graph_module, annotations)
+        graph_module.recompile()
+        inputs = {n.name for n in graph_module.graph.nodes if n.op == "placeholder"}
+        self._calibrate(graph_module, quantizers, calib, inputs)
+        graph_module.meta.setdefault("fxopt_tables", {})["int8 calibration"] = self._table(quantizers, annotations)
+        return PassResult(graph_module, True)
+
+    def _insert(self, gm: GraphModule, annotations: dict[str, QuantAnnotation]) -> dict[str, FakeQuantize]:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        quantizers: dict[str, FakeQuantize] = {}
+        inserted: dict[str, Node] = {}
+        for name, note in annotations.items():
+            consumer = nodes[name]
+            for producer_name in note.quantized_inputs:
+                if producer_name not in inserted:
+                    producer = nodes[producer_name]
+                    attr = f"fxopt_fq_{producer_name}"
+                    quantizers[producer_name] = FakeQuantize()
+                    gm.add_submodule(attr, quantizers[producer_name])
+                    with gm.graph.inserting_after(producer):
+                        inserted[producer_name] = gm.graph.call_module(attr, (producer,))
+                    inserted[producer_name].meta["tensor_meta"] = producer.meta.get("tensor_meta")
+                consumer.replace_input_with(nodes[producer_name], inserted[producer_name])
+            if note.weight:
+                path = str(consumer.target)
+                module = gm.get_submodule(path)
+                if not isinstance(module, WEIGHT_FAKE_QUANT):  # a module called twice is wrapped once
+                    _set_submodule(gm, path, WeightFakeQuant(module))
+        return quantizers
+
+    def _calibrate(self, gm: GraphModule, quantizers: dict[str, FakeQuantize], calib: Sequence[tuple[Any, ...]], inputs: set[str]) -> None:
+        observed = {name: (fq, RangeObserver()) for name, fq in quantizers.items()}
+        steps = [(what, batch) for what in ("range", "histogram") for batch in calib]
+        iterator: Any = steps
+        if sys.stderr.isatty() and len(steps) > 8:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(steps, desc="int8 calibration", unit="batch", leave=False)
+        with torch.no_grad():
+            for what, batch in iterator:
+                with observing(observed, what):
+                    gm(*[x.detach().clone() if isinstance(x, torch.Tensor) else x for x in batch])
+        self.ranges: dict[str, tuple[str, float, float]] = {}
+        for name, (fq, obs) in observed.items():
+            chosen = self._calibrator_for(name, name in inputs)
+            if obs.hist is None or obs.amax <= 0:
+                amax = obs.amax
+            elif chosen == "percentile":
+                amax = CALIBRATORS[chosen](obs.hist, obs.edges, self.percentile)
+            else:
+                amax = CALIBRATORS[chosen](obs.hist, obs.edges)
+            fq.set_amax(amax)
+            self.ranges[name] = (chosen, obs.amax, fq.amax)
+
+    def _calibrator_for(self, tensor: str, is_input: bool) -> str:
+        default = "max" if is_input else self.calibrator
+        return next((c for pattern, c in self.calibrators.items() if _matches(tensor, [pattern])), default)
+
+    def _table(self, quantizers: dict[str, FakeQuantize], annotations: dict[str, QuantAnnotation]) -> list[dict[str, Any]]:
+        consumers: dict[str, list[str]] = {}
+        for name, note in annotations.items():
+            for producer in note.quantized_inputs:
+                consumers.setdefault(producer, []).append(f"{name} ({note.kind})")
+        return [
+            {
+                "tensor": name,
+                "feeds": ", ".join(consumers.get(name, [])),
+                "calibrator": self.ranges[name][0],
+                "observed |x| max": f"{self.ranges[name][1]:.4g}",
+                "clip at": f"{self.ranges[name][2]:.4g}",
+                "scale": f"{float(fq.scale):.4g}",
+            }
+            for name, fq in quantizers.items()
+        ]

@@ -1,0 +1,293 @@
+"""The int8 pass: placement by the target's scheme, calibrators, fake quantisation, Q/DQ lowering,
+and accuracy on real data (scikit-learn's digits) in ONNX Runtime."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import operator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+import fxopt
+from fxopt.models.digits import DigitsCNN, fit, load_digits_split
+from fxopt.passes import QuantizeInt8
+from fxopt.passes.quant_observers import FakeQuantize, RangeObserver, amax_entropy, amax_max, amax_mse, amax_percentile
+from fxopt.passes.quantize import annotate_int8
+from fxopt.targets import get_target
+
+
+def traced(model, *inputs):
+    return fxopt.trace(model.eval(), inputs)
+
+
+def fq_inputs(gm, consumer_target):
+    """Names of the FakeQuantize nodes feeding the node that calls `consumer_target`."""
+    node = next(n for n in gm.graph.nodes if n.target == consumer_target)
+    return [a.target for a in node.args if isinstance(a, torch.fx.Node) and str(a.target).startswith("fxopt_fq_")]
+
+
+def quantize(model, inputs, target="xavier", **kw):
+    calib = [tuple(torch.randn_like(x) for x in inputs) for _ in range(3)]
+    compiled = fxopt.compile(model, target, example_inputs=inputs, precision="int8", calib_data=calib, passes=[QuantizeInt8(**kw)])
+    return compiled
+
+
+# --- placement -----------------------------------------------------------------------------------
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(self.a(x).relu()) + x
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.out(attn @ v)
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.mean() > 0 else x
+
+
+class WithLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.gate, self.b = nn.Conv2d(3, 4, 1), Gate(), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.b(self.gate(self.a(x)))
+
+
+def test_conv_bn_relu_chain_quantizes_every_conv_input_and_weight():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.ReLU()).eval()
+    compiled = quantize(model, (torch.randn(1, 3, 8, 8),))
+    gm = compiled.graph_module
+    placeholder = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    assert fq_inputs(gm, "0") == [f"fxopt_fq_{placeholder}"] and fq_inputs(gm, "3") == ["fxopt_fq__2"]
+    assert [type(gm.get_submodule(p)).__name__ for p in ("0", "3")] == ["_ConvFakeQuant", "_ConvFakeQuant"]
+    assert sum(isinstance(m, FakeQuantize) for m in gm.modules()) == 2  # no Q/DQ after the last ReLU
+
+
+def test_residual_add_input_is_quantized_for_tensorrt_not_for_onnx_runtime():
+    x = torch.randn(1, 4, 8, 8)
+    xavier = annotate_int8(traced(Residual(), x), get_target("xavier").quant_scheme)
+    cpu = annotate_int8(traced(Residual(), x), get_target("cpu").quant_scheme)
+    assert xavier["add"].kind == "residual_add" and xavier["add"].quantized_inputs == ("x",)
+    assert "add" not in cpu
+    assert {n.kind for n in xavier.values()} == {"conv", "residual_add"}
+
+
+def test_concat_quantizes_the_consumer_input_not_the_branches():
+    notes = annotate_int8(traced(Concat(), torch.randn(1, 3, 4, 4)), get_target("xavier").quant_scheme)
+    assert notes["c"].quantized_inputs == ("cat",)
+    assert notes["a"].quantized_inputs == notes["b"].quantized_inputs == ("x",)
+
+
+def test_depthwise_conv_and_linear_head_get_per_channel_weights():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    gm = quantize(model, (torch.randn(1, 4, 8, 8),)).graph_module
+    assert tuple(gm.get_submodule("0").scale.shape) == (4,) and tuple(gm.get_submodule("3").scale.shape) == (3,)
+    assert fq_inputs(gm, "3") == ["fxopt_fq__2"]  # the flatten's output
+
+
+def test_attention_matmuls_quantize_both_operands():
+    notes = annotate_int8(traced(Attention(), torch.randn(1, 5, 8)), get_target("xavier").quant_scheme)
+    matmuls = [n for n in notes.values() if n.kind == "matmul"]
+    assert len(matmuls) == 2 and all(len(n.quantized_inputs) == 2 for n in matmuls)
+
+
+def test_a_leaf_is_left_alone_but_feeds_a_quantized_conv():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 4, 4)
+    gm = traced(WithLeaf(), x)
+    notes = annotate_int8(gm, get_target("xavier").quant_scheme)
+    assert set(notes) == {"a", "b"} and notes["b"].quantized_inputs == ("gate",)
+
+
+def test_skip_keeps_a_layer_in_higher_precision():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    gm = quantize(model, (torch.randn(1, 3, 8, 8),), skip=("2",)).graph_module
+    assert isinstance(gm.get_submodule("2"), nn.Conv2d) and fq_inputs(gm, "2") == []
+
+
+# --- calibrators ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gaussian():
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.standard_normal(100_000))
+    x[:10] = 30.0  # outliers
+    hist, edges = np.histogram(x, bins=2048, range=(0, x.max()))
+    return x, hist.astype(float), edges
+
+
+def test_max_and_percentile_match_numpy(gaussian):
+    x, hist, edges = gaussian
+    assert amax_max(hist, edges) == pytest.approx(x.max())
+    bin_width = edges[1] - edges[0]
+    # an upper bin edge: above numpy's interpolated value by at most two bins of the histogram
+    assert 0 <= amax_percentile(hist, edges, 99.9) - np.percentile(x, 99.9) <= 2 * bin_width
+
+
+def test_entropy_clips_outliers_and_keeps_a_uniform_range(gaussian):
+    x, hist, edges = gaussian
+    assert 2.5 < amax_entropy(hist, edges) < 10.0  # between the bulk's tail and the outliers
+    uniform, uedges = np.histogram(np.random.default_rng(1).uniform(0, 1, 100_000), bins=2048, range=(0, 1))
+    assert amax_entropy(uniform.astype(float), uedges) > 0.9
+
+
+def test_mse_matches_a_brute_force_search_on_the_raw_values(gaussian):
+    x, hist, edges = gaussian
+    candidates = np.linspace(x.max() / 128, x.max(), 128)
+
+    def mse(amax):
+        s = amax / 127
+        return np.mean((np.clip(np.round(x / s), 0, 127) * s - x) ** 2)
+
+    brute = candidates[np.argmin([mse(a) for a in candidates])]
+    assert amax_mse(hist, edges) == pytest.approx(brute, rel=0.05)
+
+
+def test_range_observer_histogram_counts_every_value():
+    obs = RangeObserver(num_bins=16)
+    for t in (torch.tensor([1.0, -2.0]), torch.tensor([4.0, 0.5, -0.25])):
+        obs.observe_range(t)
+    obs.observe_histogram(torch.tensor([1.0, -2.0, 4.0, 0.5, -0.25]))
+    assert obs.amax == 4.0 and obs.hist.sum() == 5
+
+
+# --- fake quantisation ------------------------------------------------------------------------------
+
+def test_fake_quant_matches_numpy_and_passes_straight_through_gradients():
+    fq = FakeQuantize()
+    fq.set_amax(2.54)
+    x = torch.linspace(-4, 4, 101, requires_grad=True)
+    y = fq(x)
+    s = 2.54 / 127
+    expected = np.clip(np.round(x.detach().numpy() / s), -128, 127) * s
+    np.testing.assert_allclose(y.detach().numpy(), expected, atol=1e-6)
+    y.sum().backward()
+    inside = (x.detach() >= -128 * s) & (x.detach() <= 127 * s)
+    assert torch.equal(x.grad, inside.float())
+
+
+# --- lowering --------------------------------------------------------------------------------------
+
+def test_qdq_onnx_has_zero_points_0_per_channel_weights_and_matches_torch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    compiled = quantize(model, (x,))
+    graph = compiled.onnx_model.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    values = inits | constants
+    qs = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert len(qs) == 4  # two activations, two weights
+    for q in qs:
+        zp = values[q.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()
+    per_channel = [q for q in qs if values[q.input[1]].size > 1]
+    assert sorted(values[q.input[1]].size for q in per_channel) == [4, 8]
+    session = ort.InferenceSession(compiled.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for seed in range(3):
+        xi = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        got = session.run(None, {session.get_inputs()[0].name: xi.numpy()})[0]
+        want = compiled(xi).detach().numpy()
+        step = np.abs(want).max() / 127
+        assert np.abs(got - want).max() <= 2 * step
+    assert compiled.report.onnx["inputs_checked"] == 1 + 3 + 3
+    onnx.checker.check_model(compiled.onnx_model)
+
+
+def test_report_has_the_calibration_table():
+    compiled = quantize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval(), (torch.randn(1, 3, 8, 8),), calibrator="percentile")
+    rows = compiled.report.tables["int8 calibration"]
+    assert [r["calibrator"] for r in rows] == ["max", "percentile"]  # the model input is calibrated with max
+    assert "## int8 calibration" in compiled.report.to_markdown()
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+def test_int8_needs_calib_data_and_matching_batches():
+    model, x = nn.Conv2d(3, 4, 3).eval(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(fxopt.InputError, match=r"needs calib_data=\[\(x,\), \.\.\.\]"):
+        fxopt.compile(model, "xavier", example_inputs=(x,), precision="int8")
+    with pytest.raises(fxopt.InputError, match=r"calib_data\[1\]\[0\] is \(1, 3, 9, 8\):float32, the example input is \(1, 3, 8, 8\)"):
+        fxopt.compile(model, "xavier", example_inputs=(x,), precision="int8", calib_data=[(x,), (torch.randn(1, 3, 9, 8),)])
+    with pytest.raises(fxopt.InputError, match="unknown calibrator 'kl'"):
+        QuantizeInt8(calibrator="kl")
+
+
+def test_precision_int8_adds_the_quantize_pass():
+    x = torch.randn(1, 3, 8, 8)
+    compiled = fxopt.compile(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), "xavier", example_inputs=(x,), precision="int8", calib_data=[(x,)])
+    assert compiled.report.pipeline[-1] == "quantize"
+    assert next(r for r in compiled.report.passes if r.name == "quantize").status == "applied"
+
+
+def test_doctests():
+    for name in ("fxopt.passes.quant_observers", "fxopt.passes.quantize"):
+        result = doctest.testmod(importlib.import_module(name))
+        assert result.attempted > 0 and result.failed == 0
+
+
+# --- real data -----------------------------------------------------------------------------------------
+
+def ort_accuracy(onnx_model, x, y):
+    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    correct = sum(int(session.run(None, {name: x[i:i + 1].numpy()})[0].argmax()) == int(y[i]) for i in range(len(y)))
+    return correct / len(y)
+
+
+@pytest.mark.parametrize("target", ["xavier", "cpu"])
+def test_digits_int8_accuracy_within_half_a_point_of_fp32_in_onnx_runtime(target):
+    split = load_digits_split(0)
+    torch.manual_seed(0)
+    model = DigitsCNN(width=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(model, split.x_train, split.y_train, epochs=8, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    x = split.x_train[:1]
+    calib = [(split.x_train[i:i + 1],) for i in range(0, 256, 8)]  # 32 training images
+    fp32 = fxopt.compile(model, target, example_inputs=(x,), precision="fp32")
+    int8 = fxopt.compile(model, target, example_inputs=(x,), precision="int8", calib_data=calib)
+    assert sum(n.op_type == "QuantizeLinear" for n in int8.onnx_model.graph.node) >= 10
+    acc32, acc8 = ort_accuracy(fp32.onnx_model, split.x_test, split.y_test), ort_accuracy(int8.onnx_model, split.x_test, split.y_test)
+    assert acc32 > 0.9
+    assert acc8 >= acc32 - 0.005, (acc32, acc8)
+
+
+def test_operator_matmul_is_recognised():
+    assert operator.matmul in importlib.import_module("fxopt.passes.quantize")._MATMUL_FUNCTIONS
