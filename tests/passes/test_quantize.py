@@ -18,7 +18,14 @@ from torch import nn
 import fxopt
 from fxopt.models.digits import DigitsCNN, fit, load_digits_split
 from fxopt.passes import QuantizeInt8
-from fxopt.passes.quant_observers import FakeQuantize, RangeObserver, amax_entropy, amax_max, amax_mse, amax_percentile
+from fxopt.passes.quant_observers import (
+    FakeQuantize,
+    RangeObserver,
+    amax_entropy,
+    amax_max,
+    amax_mse,
+    amax_percentile,
+)
 from fxopt.passes.quantize import annotate_int8
 from fxopt.targets import get_target
 
