@@ -136,7 +136,9 @@ def amax_entropy(hist: np.ndarray, edges: np.ndarray, levels: int = 128, start: 
             mass, support = hist[chunk].sum(), nonzero[chunk].sum()
             if support:
                 q[chunk] = np.where(nonzero[chunk], mass / support, 0.0)
-        p, q = _smooth(p / p.sum()), _smooth(q / max(q.sum(), 1e-12))
+        if q.sum() == 0:  # every value of this range clipped into its last bin: no candidate
+            continue
+        p, q = _smooth(p / p.sum()), _smooth(q / q.sum())
         kl = float(np.sum(p * np.log(p / q)))
         if kl < best_kl:
             best_i, best_kl = i, kl
