@@ -240,7 +240,8 @@ def compile(  # noqa: A001 - the public name the design asks for
         cost_after = estimate_costs(final, profile, context.precision)
         onnx_info, onnx_model, notes, extras, placement = None, None, list(input_notes), {}, None
         safety_evidence: dict[str, Any] = {"policy": "off"}
-        notes += _pass_warnings(result.records, passes) + (split.notes() if split is not None else [])
+        requested = [*(passes or ()), *(["quantize"] if context.precision == "int8" else [])]  # int8 asks for quantize
+        notes += _pass_warnings(result.records, requested) + (split.notes() if split is not None else [])
         with phases("export"):
             if export:
                 from fxopt.backends.onnx import lower

@@ -17,9 +17,12 @@ fine-tuned, and exported by the ONNX backend as QuantizeLinear/DequantizeLinear 
 
 from __future__ import annotations
 
+import copy
 import operator
 import re
+import statistics
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +43,7 @@ from fxopt.passes.quant_observers import (
 )
 from fxopt.registry import register_pass
 
-__all__ = ["QuantAnnotation", "QuantizeInt8", "annotate_int8"]
+__all__ = ["QuantAnnotation", "QuantizeInt8", "annotate_int8", "measure_ort_latency_ms"]
 
 META_KEY = "quantize"
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -125,6 +128,33 @@ def annotate_int8(gm: GraphModule, scheme: Any, skip: Sequence[str] = ()) -> dic
     return found
 
 
+def measure_ort_latency_ms(graphs: Mapping[str, nn.Module], inputs: tuple[Any, ...], opset: int, runs: int) -> dict[str, float]:
+    """Median ONNX Runtime (CPU) latency of each graph on `inputs`, runs interleaved so a burst
+    of load on the machine hits every candidate alike."""
+    import onnxruntime as ort
+
+    from fxopt.backends.onnx import export_onnx
+
+    sessions = {}
+    for name, gm in graphs.items():
+        model = export_onnx(gm, inputs, opset=opset).model
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        sessions[name] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {
+        name: {i.name: x.detach().numpy() for i, x in zip(s.get_inputs(), [t for t in inputs if isinstance(t, torch.Tensor)])}
+        for name, s in sessions.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for step in range(runs + 3):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds[name])
+            if step >= 3:  # warm-up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
@@ -143,6 +173,10 @@ class QuantizeInt8(FxoptPass):
             features) whose clipping the entropy fit cannot judge (on the digits images it
             clipped at 0.69 of the range and cost 1.8 points of accuracy).
         skip: module paths (or regexes) kept in higher precision.
+        keep_faster: on a target measured here (``cpu``: ONNX Runtime on this host), time the
+            int8 and the fp32 graph in ONNX Runtime on the example inputs and keep int8 only when
+            it is faster; otherwise the pass changes nothing and says why with the figures.
+        timing_runs: ONNX Runtime runs per candidate (median, interleaved).
 
     Example:
         >>> import torch, fxopt
@@ -165,6 +199,8 @@ class QuantizeInt8(FxoptPass):
         percentile: float = 99.99,
         calibrators: Mapping[str, str] | None = None,
         skip: Sequence[str] = (),
+        keep_faster: bool = True,
+        timing_runs: int = 30,
     ) -> None:
         super().__init__()
         for name in [calibrator, *(calibrators or {}).values()]:
@@ -176,9 +212,15 @@ class QuantizeInt8(FxoptPass):
         self.percentile = percentile
         self.calibrators = dict(calibrators or {})
         self.skip = tuple(skip)
+        self.keep_faster = keep_faster
+        self.timing_runs = timing_runs
+        self.timing: dict[str, float] = {}
 
     def options(self) -> dict[str, Any]:
-        return {"calibrator": self.calibrator, "percentile": self.percentile, "calibrators": self.calibrators, "skip": list(self.skip)}
+        return {
+            "calibrator": self.calibrator, "percentile": self.percentile, "calibrators": self.calibrators,
+            "skip": list(self.skip), "keep_faster": self.keep_faster, "timing_runs": self.timing_runs,
+        }
 
     def call(self, graph_module: GraphModule) -> PassResult:
         ctx = current_context()
@@ -192,12 +234,29 @@ class QuantizeInt8(FxoptPass):
         if not annotations:
             self.unchanged_reason = f"no op the '{ctx.target.name}' int8 scheme quantises ({', '.join(scheme.quantized_ops)})"
             return PassResult(graph_module, False)
+        original = copy.deepcopy(graph_module) if self._measured(ctx) else None
         quantizers = self._insert(graph_module, annotations)
         graph_module.recompile()
         inputs = {n.name for n in graph_module.graph.nodes if n.op == "placeholder"}
         self._calibrate(graph_module, quantizers, calib, inputs)
         graph_module.meta.setdefault("fxopt_tables", {})["int8 calibration"] = self._table(quantizers, annotations)
+        if original is not None:
+            self.timing = measure_ort_latency_ms({"fp32": original, "int8": graph_module}, ctx.example_inputs, ctx.target.max_onnx_opset, self.timing_runs)
+            graph_module.meta["fxopt_tables"]["int8 vs fp32 in ONNX Runtime (this host)"] = [
+                {"graph": k, "median ms": f"{v:.4f}", "runs": self.timing_runs} for k, v in self.timing.items()
+            ]
+            if self.timing["int8"] >= self.timing["fp32"]:
+                self.unchanged_reason = (
+                    f"int8 is not faster on this host: ONNX Runtime median {self.timing['int8']:.3f} ms vs fp32 "
+                    f"{self.timing['fp32']:.3f} ms over {self.timing_runs} runs; kept fp32 (keep_faster=False forces int8)"
+                )
+                original.meta.setdefault("fxopt_tables", {}).update(graph_module.meta["fxopt_tables"])
+                return PassResult(original, False)
         return PassResult(graph_module, True)
+
+    def _measured(self, ctx: Any) -> bool:
+        # only a target that runs here can be measured here
+        return self.keep_faster and ctx.target.backend == "onnxruntime" and bool(ctx.example_inputs)
 
     def _insert(self, gm: GraphModule, annotations: dict[str, QuantAnnotation]) -> dict[str, FakeQuantize]:
         nodes = {n.name: n for n in gm.graph.nodes}
