@@ -188,6 +188,7 @@ class FakeQuantize(nn.Module):
         super().__init__()
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+        self.enabled: bool = True  # False: pass through (a layer kept in higher precision)
 
     def set_amax(self, amax: float) -> None:
         self.scale.copy_(symmetric_scale(torch.tensor([amax])))
@@ -197,6 +198,8 @@ class FakeQuantize(nn.Module):
         return float(self.scale) * 127.0
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, -128, 127)  # QMIN, QMAX
 
 
@@ -235,12 +238,15 @@ class _WeightFakeQuant(nn.Module):
         super().__init__()
         self.module = module
         self.axis: int = self.AXIS  # an instance attribute, so TorchScript sees it
+        self.enabled: bool = True  # False: the weight stays in higher precision
         weight = module.weight.detach()
         dims = [d for d in range(weight.dim()) if d != self.axis]
         self.register_buffer("scale", symmetric_scale(weight.abs().amax(dim=dims)).float())
         self.register_buffer("zero_point", torch.zeros(weight.shape[self.axis], dtype=torch.int32))
 
     def quantized_weight(self) -> Tensor:
+        if not self.enabled:
+            return self.module.weight
         # literals, not QMIN/QMAX: TorchScript cannot read module globals
         return torch.fake_quantize_per_channel_affine(self.module.weight, self.scale, self.zero_point, self.axis, -128, 127)
 

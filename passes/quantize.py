@@ -43,7 +43,10 @@ from fxopt.passes.quant_observers import (
 )
 from fxopt.registry import register_pass
 
-__all__ = ["QuantAnnotation", "QuantizeInt8", "annotate_int8", "measure_ort_latency_ms"]
+__all__ = [
+    "LayerSensitivity", "QuantAnnotation", "QuantizeInt8", "annotate_int8", "measure_ort_latency_ms",
+    "quantized_layers", "sensitivity",
+]
 
 META_KEY = "quantize"
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -128,6 +131,104 @@ def annotate_int8(gm: GraphModule, scheme: Any, skip: Sequence[str] = ()) -> dic
     return found
 
 
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """How much one layer's int8 alone changes the model's outputs on the calibration data.
+
+    Attributes:
+        layer: the node name of the quantised op.
+        kind: its scheme kind (``conv``, ``linear``, ``matmul``, ``residual_add`` ...).
+        error: relative L2 error of all outputs (``||int8 - fp32|| / ||fp32||``).
+        metric: the user metric's value, when one was given.
+    """
+
+    layer: str
+    kind: str
+    error: float
+    metric: float | None = None
+
+
+def quantized_layers(gm: GraphModule) -> dict[str, list[nn.Module]]:
+    """Each quantised op of a `quantize`d graph -> its quantisers (input `FakeQuantize`s, weight)."""
+    layers: dict[str, list[nn.Module]] = {}
+    for node in gm.graph.nodes:
+        if not isinstance(node.meta.get("fxopt", {}).get(META_KEY), QuantAnnotation):
+            continue
+        parts = [gm.get_submodule(str(a.target)) for a in node.args if isinstance(a, Node) and a.op == "call_module"]
+        if node.op == "call_module":
+            parts.append(gm.get_submodule(str(node.target)))
+        layers[node.name] = [m for m in parts if isinstance(m, (FakeQuantize, *WEIGHT_FAKE_QUANT))]
+    return layers
+
+
+def _enable(layers: Mapping[str, list[nn.Module]], on: set[str]) -> None:
+    # a quantiser shared by two layers (one tensor feeding both) stays on while either is on
+    for parts in layers.values():
+        for m in parts:
+            m.enabled = False
+    for name in on:
+        for m in layers[name]:
+            m.enabled = True
+
+
+def _outputs(gm: GraphModule, calib: Sequence[tuple[Any, ...]]) -> list[list[torch.Tensor]]:
+    from fxopt.numerics import flatten_outputs, run_model
+
+    return [[t.double() for t in flatten_outputs(run_model(gm, batch))] for batch in calib]
+
+
+def _relative_error(outputs: list[list[torch.Tensor]], reference: list[list[torch.Tensor]]) -> float:
+    num = sum(float(((o - r) ** 2).sum()) for out, ref in zip(outputs, reference) for o, r in zip(out, ref))
+    den = sum(float((r ** 2).sum()) for ref in reference for r in ref)
+    return (num / den) ** 0.5 if den > 0 else num ** 0.5
+
+
+def _fp32_outputs(gm: GraphModule, calib: Sequence[tuple[Any, ...]]) -> list[list[torch.Tensor]]:
+    layers = quantized_layers(gm)
+    state = {id(m): m.enabled for parts in layers.values() for m in parts}
+    _enable(layers, set())
+    try:
+        return _outputs(gm, calib)
+    finally:
+        for parts in layers.values():
+            for m in parts:
+                m.enabled = state[id(m)]
+
+
+def _error(gm: GraphModule, calib: Sequence[tuple[Any, ...]], reference: list[list[torch.Tensor]]) -> float:
+    return _relative_error(_outputs(gm, calib), reference)
+
+
+def sensitivity(gm: GraphModule, calib_data: Sequence[tuple[Any, ...]], metric: Any = None) -> list[LayerSensitivity]:
+    """Per quantised layer of a `quantize`d graph, the output error with only that layer in int8.
+
+    Args:
+        gm: a graph the `quantize` pass produced (e.g. ``compiled.graph_module``).
+        calib_data: input batches to measure on.
+        metric: optional ``(outputs, reference) -> float`` over the lists of per-batch outputs.
+
+    Returns:
+        The layers, most sensitive first. The graph's quantisers are left as they were. A tensor
+        feeding two quantised layers has one quantiser, so it counts for both.
+    """
+    layers = quantized_layers(gm)
+    state = {id(m): m.enabled for parts in layers.values() for m in parts}
+    kinds = {n.name: n.meta["fxopt"][META_KEY].kind for n in gm.graph.nodes if n.name in layers}
+    try:
+        _enable(layers, set())
+        reference = _outputs(gm, calib_data)
+        rows = []
+        for name in layers:
+            _enable(layers, {name})
+            outputs = _outputs(gm, calib_data)
+            rows.append(LayerSensitivity(name, kinds[name], _relative_error(outputs, reference), metric(outputs, reference) if metric else None))
+    finally:
+        for parts in layers.values():
+            for m in parts:
+                m.enabled = state[id(m)]
+    return sorted(rows, key=lambda r: -r.error)
+
+
 def measure_ort_latency_ms(graphs: Mapping[str, nn.Module], inputs: tuple[Any, ...], opset: int, runs: int) -> dict[str, float]:
     """Median ONNX Runtime (CPU) latency of each graph on `inputs`, runs interleaved so a burst
     of load on the machine hits every candidate alike."""
@@ -173,6 +274,10 @@ class QuantizeInt8(FxoptPass):
             features) whose clipping the entropy fit cannot judge (on the digits images it
             clipped at 0.69 of the range and cost 1.8 points of accuracy).
         skip: module paths (or regexes) kept in higher precision.
+        skip_most_sensitive: keep this many layers in higher precision (fp16 on TensorRT, fp32 on
+            cpu): the ones whose int8 alone changes the outputs most (see `sensitivity`).
+        error_budget: instead, keep the most sensitive layers out until the whole model's relative
+            output error on `calib_data` is at most this (e.g. 0.02).
         keep_faster: on a target measured here (``cpu``: ONNX Runtime on this host), time the
             int8 and the fp32 graph in ONNX Runtime on the example inputs and keep int8 only when
             it is faster; otherwise the pass changes nothing and says why with the figures.
@@ -199,10 +304,16 @@ class QuantizeInt8(FxoptPass):
         percentile: float = 99.99,
         calibrators: Mapping[str, str] | None = None,
         skip: Sequence[str] = (),
+        skip_most_sensitive: int = 0,
+        error_budget: float | None = None,
         keep_faster: bool = True,
         timing_runs: int = 30,
     ) -> None:
         super().__init__()
+        if skip_most_sensitive < 0 or (error_budget is not None and not error_budget > 0):
+            raise InputError(f"skip_most_sensitive must be >= 0 and error_budget > 0, got {skip_most_sensitive}, {error_budget}")
+        self.skip_most_sensitive = skip_most_sensitive
+        self.error_budget = error_budget
         for name in [calibrator, *(calibrators or {}).values()]:
             if name not in CALIBRATORS:
                 raise InputError(f"unknown calibrator '{name}'; choose one of {', '.join(CALIBRATORS)}")
@@ -219,7 +330,8 @@ class QuantizeInt8(FxoptPass):
     def options(self) -> dict[str, Any]:
         return {
             "calibrator": self.calibrator, "percentile": self.percentile, "calibrators": self.calibrators,
-            "skip": list(self.skip), "keep_faster": self.keep_faster, "timing_runs": self.timing_runs,
+            "skip": list(self.skip), "skip_most_sensitive": self.skip_most_sensitive, "error_budget": self.error_budget,
+            "keep_faster": self.keep_faster, "timing_runs": self.timing_runs,
         }
 
     def call(self, graph_module: GraphModule) -> PassResult:
@@ -240,6 +352,9 @@ class QuantizeInt8(FxoptPass):
         inputs = {n.name for n in graph_module.graph.nodes if n.op == "placeholder"}
         self._calibrate(graph_module, quantizers, calib, inputs)
         graph_module.meta.setdefault("fxopt_tables", {})["int8 calibration"] = self._table(quantizers, annotations)
+        if self.skip_most_sensitive or self.error_budget is not None:
+            higher = "fp32" if ctx.target.backend == "onnxruntime" else "fp16"
+            graph_module.meta["fxopt_tables"]["int8 sensitivity"] = self._mixed_precision(graph_module, calib, higher)
         if original is not None:
             self.timing = measure_ort_latency_ms({"fp32": original, "int8": graph_module}, ctx.example_inputs, ctx.target.max_onnx_opset, self.timing_runs)
             graph_module.meta["fxopt_tables"]["int8 vs fp32 in ONNX Runtime (this host)"] = [
@@ -304,6 +419,22 @@ class QuantizeInt8(FxoptPass):
                 amax = CALIBRATORS[chosen](obs.hist, obs.edges)
             fq.set_amax(amax)
             self.ranges[name] = (chosen, obs.amax, fq.amax)
+
+    def _mixed_precision(self, gm: GraphModule, calib: Sequence[tuple[Any, ...]], higher: str) -> list[dict[str, Any]]:
+        ranked = sensitivity(gm, calib)
+        layers = quantized_layers(gm)
+        kept: dict[str, str] = {}
+        for rank, row in enumerate(ranked, 1):
+            if self.error_budget is None and rank > self.skip_most_sensitive:
+                break
+            if self.error_budget is not None and _error(gm, calib, _fp32_outputs(gm, calib)) <= self.error_budget:
+                break
+            kept[row.layer] = f"kept in {higher}: rank {rank} of {len(ranked)} by sensitivity"
+            _enable(layers, {name for name in layers if name not in kept})
+        return [
+            {"layer": r.layer, "kind": r.kind, "output error with only this layer int8": f"{r.error:.3g}", "precision": kept.get(r.layer, "int8")}
+            for r in ranked
+        ]
 
     def _calibrator_for(self, tensor: str, is_input: bool) -> str:
         default = "max" if is_input else self.calibrator

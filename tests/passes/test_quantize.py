@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import fxopt
+import fxopt.passes.quantize as q
 from fxopt.models.digits import DigitsCNN, fit, load_digits_split
 from fxopt.passes import QuantizeInt8
 from fxopt.passes.quant_observers import (
@@ -218,11 +219,11 @@ def test_qdq_onnx_has_zero_points_0_per_channel_weights_and_matches_torch():
     values = inits | constants
     qs = [n for n in graph.node if n.op_type == "QuantizeLinear"]
     assert len(qs) == 4  # two activations, two weights
-    for q in qs:
-        zp = values[q.input[2]]
+    for node in qs:
+        zp = values[node.input[2]]
         assert zp.dtype == np.int8 and not zp.any()
-    per_channel = [q for q in qs if values[q.input[1]].size > 1]
-    assert sorted(values[q.input[1]].size for q in per_channel) == [4, 8]
+    per_channel = [node for node in qs if values[node.input[1]].size > 1]
+    assert sorted(values[node.input[1]].size for node in per_channel) == [4, 8]
     session = ort.InferenceSession(compiled.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
     for seed in range(3):
         xi = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
@@ -333,3 +334,30 @@ def test_xavier_is_never_timed_here(monkeypatch):
     x = torch.randn(1, 3, 8, 8)
     compiled = fxopt.compile(nn.Sequential(nn.Conv2d(3, 8, 3)).eval(), "xavier", example_inputs=(x,), precision="int8", calib_data=[(x,)])
     assert next(r for r in compiled.report.passes if r.name == "quantize").status == "applied"
+
+
+def test_sensitivity_ranks_layers_and_skip_most_sensitive_keeps_the_worst_in_higher_precision():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    calib = [(torch.randn(1, 3, 12, 12),) for _ in range(4)]
+    plain = quantize(model, (x,))
+    ranked = q.sensitivity(plain.graph_module, calib)
+    assert sorted(r.layer for r in ranked) == ["_0", "_2", "_4"]
+    assert [r.error for r in ranked] == sorted((r.error for r in ranked), reverse=True) and ranked[-1].error > 0
+    assert all(m.enabled for parts in q.quantized_layers(plain.graph_module).values() for m in parts)  # left as it was
+    mixed = quantize(model, (x,), skip_most_sensitive=1)
+    table = mixed.report.tables["int8 sensitivity"]  # most sensitive first, on the pass's calib_data
+    worst = table[0]["layer"]
+    assert [r["precision"] for r in table] == ["kept in fp16: rank 1 of 3 by sensitivity", "int8", "int8"]
+    assert not mixed.graph_module.get_submodule(worst.lstrip("_")).enabled
+    qdq = sum(n.op_type == "QuantizeLinear" for n in mixed.onnx_model.graph.node)
+    assert qdq < sum(n.op_type == "QuantizeLinear" for n in plain.onnx_model.graph.node)  # its weight Q/DQ is gone
+
+
+def test_error_budget_keeps_layers_out_until_the_error_fits():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    compiled = quantize(model, (x,), error_budget=1e-9)  # only fp32 meets it: every layer is kept out
+    assert all(r["precision"].startswith("kept in fp16") for r in compiled.report.tables["int8 sensitivity"])
