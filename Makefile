@@ -7,7 +7,7 @@ PYTEST := $(PY) -m pytest
 # -n 2: the CI machine has two cores
 XDIST := -n 2 -p xdist
 
-.PHONY: venv demo test zoo fuzz slow bench bench-prune lint wheel-check clean
+.PHONY: venv demo test zoo fuzz slow bench bench-prune bench-quant lint wheel-check clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: venv
 bench-prune: venv
 	$(PY) bench/prune.py
 	$(PY) bench/prune_digits.py
+
+# peers (NNCF, ModelOpt's ONNX PTQ) come from the `bench` extra; a peer that fails is a table row
+bench-quant: venv
+	$(PY) -m pip install -e '.[dev,bench]' -c requirements-dev.txt
+	$(PY) bench/quantize.py
 
 lint: venv
 	$(PY) -m ruff check .
