@@ -188,15 +188,29 @@ def torch_ao_x86(case: Case, fp32: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-def modelopt_onnx(case: Case, fp32: onnx.ModelProto) -> onnx.ModelProto:
-    from modelopt.onnx.quantization import quantize
+_MODELOPT = """
+import sys, numpy as np
+from modelopt.onnx.quantization import quantize
+src, data, name, out = sys.argv[1:]
+quantize(src, quantize_mode="int8", calibration_data={name: np.load(data)}, calibration_eps=["cpu"],
+         high_precision_dtype="fp32", output_path=out, log_level="WARNING")
+"""
 
-    data = np.concatenate([b[0].numpy() for b in case.calib])
+
+def modelopt_onnx(case: Case, fp32: onnx.ModelProto) -> onnx.ModelProto:
+    """In a child process: importing ModelOpt's ONNX quantisation patches ONNX Runtime's quantize_static."""
+    import importlib.util
+
+    if importlib.util.find_spec("modelopt") is None:
+        raise ImportError("nvidia-modelopt (pip install -e '.[bench]')")
     with tempfile.TemporaryDirectory() as tmp:
-        src, out = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+        src, data, out = (os.path.join(tmp, f) for f in ("fp32.onnx", "calib.npy", "int8.onnx"))
         onnx.save(fp32, src)
-        quantize(src, quantize_mode="int8", calibration_data={input_name(fp32): data}, calibration_eps=["cpu"],
-                 high_precision_dtype="fp32", output_path=out, log_level="WARNING")
+        np.save(data, np.concatenate([b[0].numpy() for b in case.calib]))
+        done = subprocess.run([sys.executable, "-c", _MODELOPT, src, data, input_name(fp32), out],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError((done.stderr.strip().splitlines() or ["no output"])[-1])
         return onnx.load(out)
 
 
@@ -536,7 +550,8 @@ def code_version() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown commit"
-    return f"commit {head}" + (" (with uncommitted changes)" if dirty else "")
+    changed = sorted({line[3:].split(" -> ")[-1] for line in dirty.splitlines()})
+    return f"commit {head}" + (f" (uncommitted changes in the tree: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})" if changed else "")
 
 
 def versions() -> str:
