@@ -1,4 +1,8 @@
-"""PruneChannels: properties on random models, budgets, options, report, end-to-end compiles."""
+"""PruneChannels: properties on random models, budgets, options, report, end-to-end compiles.
+
+Tests about grouping and budgets pass ``round_to=1``: the cpu target aligns kept channels to 16
+(bench/results/cpu_alignment.md), which leaves these small nets only a few coarse steps.
+"""
 
 from __future__ import annotations
 
@@ -169,7 +173,9 @@ def _ratio(gm, pruned, by: str, target: str = "xavier") -> float:
 @pytest.mark.parametrize("by", ["params", "flops", "latency"])
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_budget_is_met_within_five_points(by, allocation):
-    p = PruneChannels(amount=0.5, by=by, allocation=allocation)
+    # round_to=1: the budget search itself, without the cpu target's 16-channel alignment, which
+    # leaves this small net only a few coarse steps
+    p = PruneChannels(amount=0.5, by=by, allocation=allocation, round_to=1)
     gm, result = _run(p, target="cpu")
     assert result.modified
     ratio = _ratio(gm, result.graph_module, by, "cpu")
@@ -221,7 +227,7 @@ def test_flops_budget_with_a_leaf_matches_the_flop_counter():
     gm = fxopt.trace(model, (x,))
     assert fxopt.estimate_costs(gm, "cpu").per_node["gate"].matmul_flops == 2 * 32 * 32 * 32 * 32 * 9
     with use_context(fxopt.CompileContext.create("cpu", (x,))):
-        result = PruneChannels(amount=0.5, by="flops")(gm)
+        result = PruneChannels(amount=0.5, by="flops", round_to=1)(gm)
     [budget] = result.graph_module.meta["fxopt_tables"][BUDGET_TABLE]
     measured = 1 - _measured_flops(result.graph_module, x) / _measured_flops(model, x)
     assert abs(budget["achieved"] - 0.5) <= 0.05 and budget["uncosted"] == "none"
@@ -246,8 +252,8 @@ def test_a_budget_that_depends_on_an_uncosted_node_says_so():
     x = torch.ones(1, 3, 12, 12)
     gm = fxopt.trace(model, (x,))
     with use_context(fxopt.CompileContext.create("cpu", (x,))):
-        flops = PruneChannels(amount=0.5, by="flops")(gm).graph_module.meta["fxopt_tables"][BUDGET_TABLE][0]
-        params = PruneChannels(amount=0.5, by="params")(gm).graph_module.meta["fxopt_tables"][BUDGET_TABLE][0]
+        flops = PruneChannels(amount=0.5, by="flops", round_to=1)(gm).graph_module.meta["fxopt_tables"][BUDGET_TABLE][0]
+        params = PruneChannels(amount=0.5, by="params", round_to=1)(gm).graph_module.meta["fxopt_tables"][BUDGET_TABLE][0]
     assert "uncosted" in flops["uncosted"] and "_0: " in flops["uncosted"] and "needs calibrated input" in flops["uncosted"]
     assert params["uncosted"] == "none"  # parameters are counted without running anything
 
@@ -261,6 +267,15 @@ def test_channel_budget_and_alignment_on_xavier_fp16():
     assert result.graph_module.get_submodule("fc").in_features == 32 * 16
 
 
+def test_cpu_keeps_channels_in_multiples_of_16():
+    # the host's fp32 alignment, chosen by bench/cpu_alignment.py (AVX-512: 16 fp32 lanes)
+    assert fxopt.get_target("cpu").alignment("fp32") == 16
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 8, 1)).eval()
+    compiled = fxopt.compile(model, "cpu", example_inputs=(X,), export=False, passes=[PruneChannels(amount=0.5, by="channels")])
+    kept = [m.out_channels for m in compiled.graph_module.modules() if isinstance(m, nn.Conv2d)][:2]
+    assert kept == [32, 32]
+
+
 def test_round_to_overrides_the_target_alignment():
     p = PruneChannels(amount=0.3, by="channels", round_to=1)
     _, result = _run(p, target="xavier")
@@ -268,11 +283,11 @@ def test_round_to_overrides_the_target_alignment():
 
 
 def test_max_ratio_caps_every_group_and_never_empties_one():
-    p = PruneChannels(amount=0.99, by="flops", max_ratio=1.0)
+    p = PruneChannels(amount=0.99, by="flops", max_ratio=1.0, round_to=1)
     _, result = _run(p, target="cpu")
     convs = [m for m in result.graph_module.modules() if isinstance(m, nn.Conv2d)]
     assert min(c.out_channels for c in convs) >= 1
-    p = PruneChannels(amount=0.9, by="channels", max_ratio=0.25)
+    p = PruneChannels(amount=0.9, by="channels", max_ratio=0.25, round_to=1)
     _, result = _run(p, target="cpu")
     assert result.graph_module.get_submodule("stem.0").out_channels == 24
 
@@ -288,7 +303,7 @@ def test_overrides_and_ignore_pick_groups_by_module_name():
 
 
 def test_the_input_graph_module_is_not_modified():
-    p = PruneChannels(amount=0.5, by="flops")
+    p = PruneChannels(amount=0.5, by="flops", round_to=1)
     gm, result = _run(p)
     assert result.graph_module is not gm
     assert gm.get_submodule("stem.0").weight.shape == (32, 3, 3, 3)
@@ -358,7 +373,7 @@ def test_registered_and_ordered():
 
 def test_report_tables_reach_report_md():
     compiled = fxopt.compile(SmallResNet(), "xavier", example_inputs=(X,),
-                             passes=[PruneChannels(amount=0.5, by="flops")])
+                             passes=[PruneChannels(amount=0.5, by="flops", round_to=1)])
     assert [r.status for r in compiled.report.passes if r.name == "prune"] == ["applied"]
     rows = compiled.report.tables[TABLE]
     assert len(rows) == 4 and all(r["channels after"] <= r["channels before"] for r in rows)
@@ -443,7 +458,7 @@ class ChannelsLastBlock(nn.Module):
                          ids=["densenet-like", "squeeze-excite", "channels-last"])
 def test_architecture_patterns_prune_and_match_the_mask(model):
     gm = fxopt.trace(model.eval(), (X,))
-    p = PruneChannels(amount=0.5, by="flops")
+    p = PruneChannels(amount=0.5, by="flops", round_to=1)
     with use_context(fxopt.CompileContext.create("cpu", (X,))):
         result = p(gm)
     assert result.modified and abs(p.plan.achieved - 0.5) <= 0.05
@@ -497,7 +512,7 @@ def test_model_families_prune_to_half_the_flops(name):
     model = timm.create_model(name[5:]) if name.startswith("timm:") else getattr(torchvision.models, name)()
     x = torch.randn(1, 3, 224, 224) if name.startswith("timm:") else torch.randn(1, 3, 64, 64)
     gm = fxopt.trace(model.eval(), (x,))
-    p = PruneChannels(amount=0.5, by="flops")
+    p = PruneChannels(amount=0.5, by="flops", round_to=1)
     with use_context(fxopt.CompileContext.create("xavier", (x,))):
         result = p(gm)
     assert result.modified and abs(p.plan.achieved - 0.5) <= 0.05
@@ -616,7 +631,7 @@ class MostlyFrozen(nn.Module):
 
 def test_a_missed_budget_is_reported_with_what_blocked_it():
     compiled = fxopt.compile(MostlyFrozen(), "cpu", example_inputs=(X,), export=False,
-                             passes=[PruneChannels(amount=0.5, by="flops")])
+                             passes=[PruneChannels(amount=0.5, by="flops", round_to=1)])
     [record] = [r for r in compiled.report.passes if r.name == "prune"]
     [budget] = compiled.report.tables[BUDGET_TABLE]
     assert record.status == "applied" and budget["achieved"] < 0.5 - 0.05
@@ -643,7 +658,7 @@ def _shape_arithmetic_cases():
 @pytest.mark.parametrize("model, inputs, coupled", _shape_arithmetic_cases())
 def test_shape_arithmetic_patterns_prune_to_half_the_flops(model, inputs, coupled):
     gm = fxopt.trace(model.eval(), inputs)
-    p = PruneChannels(amount=0.5, by="flops")
+    p = PruneChannels(amount=0.5, by="flops", round_to=1)
     with use_context(fxopt.CompileContext.create("cpu", inputs)):
         result = p(gm)
     assert result.modified and abs(p.plan.achieved - 0.5) <= 0.05
@@ -652,7 +667,7 @@ def test_shape_arithmetic_patterns_prune_to_half_the_flops(model, inputs, couple
     masked = apply_plan(gm, p.analysis, p.plan.removed, "mask")
     with torch.no_grad():
         torch.testing.assert_close(result.graph_module(*inputs), masked(*inputs), atol=1e-5, rtol=1e-4)
-    compiled = fxopt.compile(model, "cpu", example_inputs=inputs, passes=[PruneChannels(amount=0.5, by="flops")])
+    compiled = fxopt.compile(model, "cpu", example_inputs=inputs, passes=[PruneChannels(amount=0.5, by="flops", round_to=1)])
     [record] = [r for r in compiled.report.passes if r.name == "prune"]
     assert record.status == "applied", record.reason
     assert compiled.report.onnx is not None and compiled.report.onnx["max_abs_error_vs_torch"] < 1e-4

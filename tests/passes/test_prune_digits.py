@@ -71,7 +71,7 @@ def test_prune_half_the_flops_then_fine_tune_recovers(trained: tuple[nn.Module, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled = fxopt.compile(model, "cpu", example_inputs=(split.x_train[:8],), export=False,
-                                 passes=[PruneChannels(amount=AMOUNT, by="flops")])
+                                 passes=[PruneChannels(amount=AMOUNT, by="flops", round_to=1)])  # the recipe measured; cpu aligns to 16
     record = next(r for r in compiled.report.passes if r.name == "prune")
     assert record.status == "applied", record.reason
     assert abs(record.after.flops / record.before.flops - (1 - AMOUNT)) <= 0.05

@@ -52,7 +52,7 @@ def split_cat_twice() -> tuple[nn.Module, tuple[torch.Tensor]]:
 
 def test_prune_keeps_output_channels_through_chained_split_cat():
     model, inputs = split_cat_twice()
-    result = check_pass(functools.partial(fxopt.create_pass, "prune", amount=0.5), model, inputs)
+    result = check_pass(functools.partial(fxopt.create_pass, "prune", amount=0.5, round_to=1), model, inputs)
     assert result.graph_module(*inputs).shape == (1, 4, 6, 6)
 
 
@@ -77,5 +77,5 @@ class UnevenSplitCat(nn.Module):
 def test_prune_handles_an_uneven_split_feeding_a_cat():
     torch.manual_seed(0)
     model, inputs = UnevenSplitCat().eval(), (torch.randn(1, 1, 6, 6),)
-    result = check_pass(functools.partial(fxopt.create_pass, "prune", amount=0.5), model, inputs)
+    result = check_pass(functools.partial(fxopt.create_pass, "prune", amount=0.5, round_to=1), model, inputs)
     assert result.record.status == "applied"
