@@ -31,12 +31,18 @@ class QuantScheme:
         residual_add: also quantise the other input of an add whose one input is a quantised
             conv's output, so TensorRT fuses the add into the conv's epilogue in int8.
         symmetric: zero point 0 (TensorRT's explicit quantisation accepts nothing else).
+        quantize_outputs: also quantise the outputs of those ops (after a ReLU that follows one)
+            and of adds fed by them, so a runtime that fuses DQ -> op -> Q runs the op in int8.
+        unsigned_after_relu: quantise a ReLU's output as uint8 with zero point 0 (its range is
+            never negative), which lets ONNX Runtime fold the ReLU into the conv.
         source: where the rules come from.
     """
 
     quantized_ops: tuple[str, ...] = ("conv", "conv_transpose", "linear", "matmul")
     residual_add: bool = True
     symmetric: bool = True
+    quantize_outputs: bool = False
+    unsigned_after_relu: bool = False
     source: str = ""
 
 
@@ -47,7 +53,10 @@ TENSORRT_QDQ = QuantScheme(source="TensorRT 8.5 developer guide, explicit quanti
 # ONNX Runtime on x86: QDQ with signed int8 activations and weights ("S8S8 with QDQ is the default
 # and should be the first choice", ONNX Runtime quantization docs, data type selection); its QDQ
 # fusions need no Q/DQ on a residual add.
-ORT_QDQ = QuantScheme(residual_add=False, source="ONNX Runtime quantization docs (S8S8, QDQ format)")
+ORT_QDQ = QuantScheme(
+    residual_add=False, quantize_outputs=True, unsigned_after_relu=True,
+    source="ONNX Runtime quantization docs (QDQ format: DQ -> op -> Q fuses into QLinear ops); measured in bench/results/quantize.md",
+)
 
 
 @dataclass(frozen=True)

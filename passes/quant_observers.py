@@ -173,34 +173,49 @@ CALIBRATORS: dict[str, Callable[..., float]] = {
 
 
 class FakeQuantize(nn.Module):
-    """Per-tensor symmetric int8 fake quantisation of an activation (zero point 0).
+    """Per-tensor int8 fake quantisation of an activation, zero point 0.
 
-    Exported to ONNX as QuantizeLinear + DequantizeLinear. Calibration observes its input
-    through `observing` (a forward pre-hook), so `forward` stays one scriptable line.
+    Signed (``[-128, 127]``, symmetric) by default; ``unsigned=True`` uses ``[0, 255]`` for a
+    tensor that is never negative (a ReLU's output), where ONNX Runtime's QDQ fusion then drops
+    the ReLU into the conv before it. Exported to ONNX as QuantizeLinear + DequantizeLinear.
+    Calibration observes its input through `observing` (a forward hook), so `forward` stays
+    scriptable.
 
     Example:
         >>> fq = FakeQuantize(); fq.set_amax(1.27)
         >>> fq(torch.tensor([0.004, 0.006, 5.0])).tolist()
         [0.0, 0.009999999776482582, 1.2699999809265137]
+        >>> u = FakeQuantize(unsigned=True); u.set_amax(2.55)
+        >>> u(torch.tensor([-1.0, 0.01, 3.0])).tolist()
+        [0.0, 0.009999999776482582, 2.549999952316284]
     """
 
-    def __init__(self) -> None:
+    def __init__(self, unsigned: bool = False) -> None:
         super().__init__()
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
         self.enabled: bool = True  # False: pass through (a layer kept in higher precision)
+        self.unsigned: bool = unsigned
+
+    @property
+    def levels(self) -> float:
+        return 255.0 if self.unsigned else 127.0
 
     def set_amax(self, amax: float) -> None:
-        self.scale.copy_(symmetric_scale(torch.tensor([amax])))
+        amax_t = torch.tensor([amax], dtype=torch.float32)
+        self.scale.copy_(torch.where(amax_t > 0, amax_t / self.levels, torch.ones_like(amax_t)))
 
     @property
     def amax(self) -> float:
-        return float(self.scale) * 127.0
+        return float(self.scale) * self.levels
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, -128, 127)  # QMIN, QMAX
+        # literal ranges: TorchScript cannot read module globals
+        if self.unsigned:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, -128, 127)
 
 
 class observing:  # noqa: N801 - used as a context manager, like torch.no_grad

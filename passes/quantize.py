@@ -117,18 +117,71 @@ def annotate_int8(gm: GraphModule, scheme: Any, skip: Sequence[str] = ()) -> dic
             found[node.name] = QuantAnnotation(kind, tuple(a.name for a in inputs), weight)
     if scheme.residual_add:
         for node in gm.graph.nodes:
-            if not ((node.op == "call_function" and node.target in _ADD) or (node.op == "call_method" and node.target in ("add", "add_"))):
+            if not _is_add(node):
                 continue
             args = [a for a in node.args[:2] if isinstance(a, Node)]
             convs = [a for a in args if found.get(a.name, QuantAnnotation("", (), False)).kind == "conv"]
             others = [a for a in args if a not in convs and _is_float(a)]
             if len(args) == 2 and convs and others:  # the conv fuses the add; its other input is int8
                 found[node.name] = QuantAnnotation("residual_add", (others[0].name,), False)
+    if getattr(scheme, "quantize_outputs", False):
+        _annotate_outputs(gm, found)
     for node in gm.graph.nodes:
         node.meta.setdefault("fxopt", {}).pop(META_KEY, None)
         if node.name in found:
             node.meta["fxopt"][META_KEY] = found[node.name]
     return found
+
+
+def _annotate_outputs(gm: GraphModule, found: dict[str, QuantAnnotation]) -> None:
+    """Quantise the outputs of quantised ops (after the ReLU that follows one) and of adds of
+    such outputs, for every user but the graph output: the DQ -> op -> Q a runtime fuses."""
+    ops = [n for n in gm.graph.nodes if n.name in found and found[n.name].kind != "residual_add"]
+    tensors = []
+    for node in ops:
+        users = list(node.users)
+        tensors.append(users[0] if len(users) == 1 and _is_relu(users[0]) else node)
+    quantized = {t.name for t in tensors}
+    for node in gm.graph.nodes:
+        if _is_add(node) and any(isinstance(a, Node) and (a.name in quantized or _is_relu(a) and a.args[0].name in quantized) for a in node.args[:2]):
+            users = list(node.users)
+            tensors.append(users[0] if len(users) == 1 and _is_relu(users[0]) else node)
+    for tensor in tensors:
+        for user in tensor.users:
+            if user.op == "output" or not _is_float(tensor):
+                continue
+            note = found.get(user.name)
+            if note is None:
+                found[user.name] = QuantAnnotation("output", (tensor.name,), False)
+            elif tensor.name not in note.quantized_inputs:
+                found[user.name] = QuantAnnotation(note.kind, (*note.quantized_inputs, tensor.name), note.weight)
+
+
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+_RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6}
+_NONNEGATIVE_KEEPERS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
+
+
+def _is_relu(node: Any) -> bool:
+    if not isinstance(node, Node):
+        return False
+    if node.op == "call_module":
+        return isinstance(node.graph.owning_module.get_submodule(str(node.target)), _RELU_MODULES)
+    return (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or (node.op == "call_method" and node.target in ("relu", "relu_"))
+
+
+def _is_add(node: Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADD) or (node.op == "call_method" and node.target in ("add", "add_"))
+
+
+def nonnegative(node: Any) -> bool:
+    """True when `node`'s values are never negative: a ReLU, or a pool/flatten of one."""
+    if _is_relu(node):
+        return True
+    if isinstance(node, Node) and node.op == "call_module" and node.args:
+        module = node.graph.owning_module.get_submodule(str(node.target))
+        return isinstance(module, _NONNEGATIVE_KEEPERS) and nonnegative(node.args[0])
+    return False
 
 
 @dataclass(frozen=True)
@@ -347,7 +400,7 @@ class QuantizeInt8(FxoptPass):
             self.unchanged_reason = f"no op the '{ctx.target.name}' int8 scheme quantises ({', '.join(scheme.quantized_ops)})"
             return PassResult(graph_module, False)
         original = copy.deepcopy(graph_module) if self._measured(ctx) else None
-        quantizers = self._insert(graph_module, annotations)
+        quantizers = self._insert(graph_module, annotations, unsigned_after_relu=scheme.unsigned_after_relu)
         graph_module.recompile()
         inputs = {n.name for n in graph_module.graph.nodes if n.op == "placeholder"}
         self._calibrate(graph_module, quantizers, calib, inputs)
@@ -373,7 +426,7 @@ class QuantizeInt8(FxoptPass):
         # only a target that runs here can be measured here
         return self.keep_faster and ctx.target.backend == "onnxruntime" and bool(ctx.example_inputs)
 
-    def _insert(self, gm: GraphModule, annotations: dict[str, QuantAnnotation]) -> dict[str, FakeQuantize]:
+    def _insert(self, gm: GraphModule, annotations: dict[str, QuantAnnotation], unsigned_after_relu: bool = False) -> dict[str, FakeQuantize]:
         nodes = {n.name: n for n in gm.graph.nodes}
         quantizers: dict[str, FakeQuantize] = {}
         inserted: dict[str, Node] = {}
@@ -383,7 +436,7 @@ class QuantizeInt8(FxoptPass):
                 if producer_name not in inserted:
                     producer = nodes[producer_name]
                     attr = f"fxopt_fq_{producer_name}"
-                    quantizers[producer_name] = FakeQuantize()
+                    quantizers[producer_name] = FakeQuantize(unsigned=unsigned_after_relu and nonnegative(producer))
                     gm.add_submodule(attr, quantizers[producer_name])
                     with gm.graph.inserting_after(producer):
                         inserted[producer_name] = gm.graph.call_module(attr, (producer,))

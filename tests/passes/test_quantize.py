@@ -108,8 +108,21 @@ def test_residual_add_input_is_quantized_for_tensorrt_not_for_onnx_runtime():
     xavier = annotate_int8(traced(Residual(), x), get_target("xavier").quant_scheme)
     cpu = annotate_int8(traced(Residual(), x), get_target("cpu").quant_scheme)
     assert xavier["add"].kind == "residual_add" and xavier["add"].quantized_inputs == ("x",)
-    assert "add" not in cpu
     assert {n.kind for n in xavier.values()} == {"conv", "residual_add"}
+    # ONNX Runtime: no residual rule, but the conv's output is quantised where the add reads it
+    # (DQ -> Conv -> Q is what its QDQ fusion turns into an int8 QLinearConv)
+    assert cpu["add"] == q.QuantAnnotation("output", ("b",), False)
+    assert cpu["b"].quantized_inputs == ("relu",)
+
+
+def test_onnx_runtime_scheme_quantizes_relu_outputs_unsigned_and_op_outputs():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)).eval()
+    gm = quantize(model, (torch.randn(1, 3, 8, 8),), target="cpu").graph_module
+    fqs = {name: m for name, m in gm.named_modules() if isinstance(m, FakeQuantize)}
+    # the relu output (uint8, zero point 0) and the pool of it; the input and the conv output are signed
+    assert {n: m.unsigned for n, m in fqs.items()} == {"fxopt_fq_input_1": False, "fxopt_fq__1": True, "fxopt_fq__2": True, "fxopt_fq__3": False, "fxopt_fq__4": False}
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    assert out.args[0].name == "_5"  # the last linear's output is not quantised
 
 
 def test_concat_quantizes_the_consumer_input_not_the_branches():
