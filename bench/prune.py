@@ -459,6 +459,12 @@ def code_version() -> str:
     return f"commit {head}" + (" with uncommitted changes in passes/" if dirty else "")
 
 
+def _rounding(round_to: int | None) -> str:
+    if round_to:
+        return str(round_to)
+    return f"{fxopt.get_target('cpu').alignment('fp32')} for fxopt (the cpu target's alignment) and 1 for Torch-Pruning (its default)"
+
+
 def render_markdown(rows: Sequence[Row], args: argparse.Namespace, wall_s: float, version: str) -> str:
     """bench/results/prune.md."""
     import torch_pruning as tp
@@ -471,7 +477,7 @@ def render_markdown(rows: Sequence[Row], args: argparse.Namespace, wall_s: float
         f"1x3x{args.size}x{args.size}); whole run {wall_s / 60:.1f} min.",
         "",
         f"Request: remove {args.amount:.0%} of the FLOPs, {args.allocation} allocation, L1 magnitude importance,",
-        f"channel counts rounded to multiples of {args.round_to or 1}, classifier kept. fxopt: `fxopt.compile(model, \"cpu\", passes=[PruneChannels(amount, by=\"flops\", ...)],",
+        f"channel counts rounded to multiples of {_rounding(args.round_to)}, classifier kept. fxopt: `fxopt.compile(model, \"cpu\", passes=[PruneChannels(amount, by=\"flops\", ...)],",
         "export=False)`; its time is the whole compile (trace, canonicalise, prune, fold BatchNorm, per-pass",
         "numerical checks). Torch-Pruning: `MetaPruner(MagnitudeImportance(p=1), pruning_ratio=r)` with",
         "its documented head settings for transformers; it takes a channel ratio, so r is searched by",
