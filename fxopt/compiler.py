@@ -203,6 +203,8 @@ def compile(  # noqa: A001 - the public name the design asks for
         raise InputError(f"target '{profile.name}' has no precision '{precision}'; it has {profile.precisions}")
     inputs = copy_inputs(normalize_inputs(example_inputs))  # the user's tensors are never run
     input_notes = validate_inputs(inputs)
+    if save_to is not None:
+        check_output_folder(os.fspath(save_to))  # before any work
     if "calib_data" in options:
         options["calib_data"] = calibration_batches(options["calib_data"], like=inputs)
     split = split_stages(model, inputs, stages)  # None: the whole model is the graph
@@ -221,8 +223,6 @@ def compile(  # noqa: A001 - the public name the design asks for
         policy.check_request(pipeline, precision or profile.default_precision)
         strict = True  # a safety model never ships with a pass silently rolled back
     _check_request(pipeline, options, precision or profile.default_precision, profile)
-    if save_to is not None:
-        check_output_folder(os.fspath(save_to))
     check_inputs = verification_inputs(inputs, options.get("calib_data"))
     input_sha = state_dict_sha256(model)
     context = CompileContext.create(profile, inputs, precision, check_inputs=check_inputs, **options)
