@@ -40,7 +40,7 @@ __all__ = [
     "target_names", "trace", "__version__",
 ]
 
-_SUBPACKAGES = frozenset({"backends", "models", "passes", "safety", "testing"})
+_SUBPACKAGES = frozenset({"backends", "distill", "models", "passes", "safety", "testing"})
 
 
 def __getattr__(name: str) -> object:
@@ -49,4 +49,8 @@ def __getattr__(name: str) -> object:
         import importlib
 
         return importlib.import_module(f"fxopt.{name}")
+    if name == "finetune":  # training needs no import at `import fxopt`
+        from fxopt.distill import finetune
+
+        return finetune
     raise AttributeError(f"module 'fxopt' has no attribute '{name}'")

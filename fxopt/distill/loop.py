@@ -1,0 +1,407 @@
+"""The fine-tune loop that wins back what pruning and int8 lose: task loss plus optional
+distillation from a teacher, periodic evaluation keeping the best state, seeded and NaN-safe.
+
+Works on any module, including the GraphModule of `fxopt.compile(...)` (pruned, or
+fake-quantised by `QuantizeInt8`: fake quantisation passes gradients straight through, so this is
+quantisation-aware training). Feature distillation adds `fxopt.passes.distill` hooks to a copy of
+the graph that shares the student's parameters; the student's own graph never changes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxopt.errors import FxoptWarning, InputError
+
+__all__ = ["Distill", "FinetuneResult", "TensorBatches", "finetune"]
+
+
+@dataclass(frozen=True)
+class Distill:
+    """What the student learns from the teacher, and how much each part weighs.
+
+    Attributes:
+        logits: a loss on ``(student output, teacher output)``, e.g. `LogitKD` or `SigmoidKD`;
+            None: no output distillation.
+        logit_weight: its weight.
+        features: node names in both graphs, ``{student node: teacher node}``, or ``"stages"``
+            (the last node at each spatial resolution); see `fxopt.passes.distill.match_features`.
+        feature_loss: a loss on ``(student feature, teacher feature)``, e.g. `FeatureMSE`, `ICKD`;
+            averaged over the matched features.
+        feature_weight: its weight.
+        kept: ``{student node: kept teacher channel indices}`` (`fxopt.passes.distill.kept_channels`
+            of the prune pass): the teacher feature is sliced to them. Without it a channel count
+            mismatch gets a learned 1×1 adapter (conv, or linear on 2-D features), used in
+            training only and never exported.
+        task_weight: weight of the task `loss` given to `finetune`.
+    """
+
+    logits: nn.Module | Callable[[Any, Any], Tensor] | None = None
+    logit_weight: float = 1.0
+    features: Sequence[str] | Mapping[str, str] | str = ()
+    feature_loss: nn.Module | Callable[[Tensor, Tensor], Tensor] | None = None
+    feature_weight: float = 1.0
+    kept: Mapping[str, Sequence[int]] | None = None
+    task_weight: float = 1.0
+
+
+@dataclass
+class FinetuneResult:
+    """What a `finetune` run did.
+
+    Attributes:
+        steps_run: optimiser steps taken.
+        history: one dict per step: ``step``, ``loss`` (the total) and its parts ``task``,
+            ``logits``, ``features`` where present.
+        evals: ``(step, metric)`` for every evaluation (step 0 is before training).
+        best_metric: the best metric seen (None without `eval_fn`).
+        best_step: the step whose state the student holds at the end (None: the last step).
+        stopped_reason: ``"completed"`` or ``"non-finite loss (nan) at step k"``.
+        notes: what happened that a user should know (a restored state, a stop).
+    """
+
+    steps_run: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    best_metric: float | None = None
+    best_step: int | None = None
+    stopped_reason: str = "completed"
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line per fact: steps, stop reason, best metric, notes."""
+        lines = [f"fine-tune: {self.steps_run} steps, {self.stopped_reason}"]
+        if self.best_metric is not None:
+            lines.append(f"best metric {self.best_metric:.4f} at step {self.best_step}")
+        return "\n".join(lines + self.notes)
+
+
+class TensorBatches:
+    """Shuffled mini-batches ``(x[idx], y[idx])`` of in-memory tensors; every pass over it draws
+    a new order from its own seeded generator, so runs repeat exactly.
+
+    Example:
+        >>> batches = TensorBatches(torch.arange(5.0), torch.arange(5), batch_size=2, seed=0)
+        >>> [len(y) for _, y in batches]
+        [2, 2, 1]
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int = 64, seed: int = 0) -> None:
+        if len(x) != len(y) or len(y) == 0 or batch_size < 1:
+            raise InputError(f"need x and y of the same non-zero length and batch_size >= 1, got {len(x)}, {len(y)}, {batch_size}")
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(self.y), generator=self.generator)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+def _cycle(data: Iterable[Any]) -> Iterator[Any]:
+    rounds = 0
+    while True:
+        n = 0
+        for batch in data:
+            n += 1
+            yield batch
+        if n == 0:
+            raise InputError("data yielded no batches" if rounds == 0 else
+                             "data was exhausted after one pass; give a re-iterable (a list, a DataLoader, TensorBatches)")
+        rounds += 1
+
+
+def _unpack(batch: Any) -> tuple[tuple[Any, ...], Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise InputError(f"each batch must be (inputs, target), got {type(batch).__name__}")
+    inputs, target = batch
+    return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), target
+
+
+def _with_shapes(gm: GraphModule, args: tuple[Any, ...]) -> None:
+    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+        training = gm.training
+        gm.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*args)
+        gm.train(training)
+
+
+class _FeatureMatch(nn.Module):
+    """Teacher features reduced to the student's channels (kept indices) or student features
+    mapped to the teacher's (learned adapters); training only."""
+
+    def __init__(self, pairs: list[Any]) -> None:
+        super().__init__()
+        self.pairs = pairs
+        self.adapters = nn.ModuleDict()
+        for p in pairs:
+            if p.kept is not None:
+                if len(p.kept) != p.student_channels:
+                    raise InputError(f"feature '{p.student}': {len(p.kept)} kept indices for {p.student_channels} student channels")
+            elif p.student_channels != p.teacher_channels:
+                if p.student_channels is None or p.teacher_channels is None:
+                    raise InputError(f"feature '{p.student}': channel counts unknown; the graphs need shapes")
+                self.adapters[p.student] = _adapter(p.student_channels, p.teacher_channels)
+
+    def forward(self, s_feats: dict[str, Tensor], t_feats: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+        out = []
+        for p in self.pairs:
+            s, t = s_feats[p.student], t_feats[p.teacher]
+            if p.kept is not None:
+                t = t.index_select(1, torch.as_tensor(p.kept, device=t.device))
+            elif p.student in self.adapters:
+                s = self.adapters[p.student](s)
+            out.append((s, t))
+        return out
+
+
+class _Adapter(nn.Module):
+    """A 1×1 conv over dim 1 of any-rank features (a linear map of channels)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(c_in, c_out, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def _adapter(c_in: int, c_out: int) -> nn.Module:
+    return _Adapter(c_in, c_out)
+
+
+@dataclass
+class _Models:
+    """The forward functions one step runs: student (and hooked), teacher (and hooked)."""
+
+    student: nn.Module
+    teacher: nn.Module | None
+    match: _FeatureMatch | None
+
+    def run(self, args: tuple[Any, ...]) -> tuple[Any, Any, list[tuple[Tensor, Tensor]]]:
+        out = self.student(*args)
+        t_out, pairs = None, []
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_out = self.teacher(*args)
+        if self.match is not None:
+            (out, s_feats), (t_out, t_feats) = out, t_out
+            pairs = self.match(s_feats, t_feats)
+        return out, t_out, pairs
+
+
+def _prepare(student: nn.Module, teacher: nn.Module | None, distill: Distill | None, first: tuple[Any, ...]) -> _Models:
+    if distill is None:
+        return _Models(student, None, None)
+    if teacher is None:
+        raise InputError("distill= needs a teacher=")
+    teacher = getattr(teacher, "graph_module", teacher)  # a CompiledModel
+    teacher.eval()
+    features = distill.features
+    if not features or distill.feature_loss is None:
+        if features or distill.feature_loss is not None:
+            raise InputError("feature distillation needs both Distill.features and Distill.feature_loss")
+        return _Models(student, teacher, None)
+    from fxopt.passes.distill import hooked_copy, match_features
+    from fxopt.tracing import trace
+
+    if not isinstance(student, GraphModule):
+        raise InputError("feature distillation needs the student as a GraphModule: fxopt.trace(model, x) or fxopt.compile(...).graph_module")
+    if not isinstance(teacher, GraphModule):
+        teacher = trace(teacher, first)
+    _with_shapes(student, first)
+    _with_shapes(teacher, first)
+    pairs = match_features(student, teacher, features, kept=distill.kept)
+    match = _FeatureMatch(pairs)
+    return _Models(
+        hooked_copy(student, list(dict.fromkeys(p.student for p in pairs))),
+        hooked_copy(teacher, list(dict.fromkeys(p.teacher for p in pairs))),
+        match,
+    )
+
+
+def _state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _show_progress(progress: bool | None) -> bool:
+    return bool(progress) if progress is not None else sys.stderr.isatty()
+
+
+def finetune(
+    student: nn.Module,
+    data: Iterable[Any],
+    *,
+    loss: Callable[[Any, Any], Tensor] | None,
+    teacher: nn.Module | None = None,
+    distill: Distill | None = None,
+    steps: int,
+    lr: float,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    schedule: str = "cosine",
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    eval_every: int | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> FinetuneResult:
+    """Fine-tune `student` in place for `steps` steps and leave it in eval mode.
+
+    The loss of a step is ``task_weight · loss(output, target)`` plus, with a teacher,
+    ``logit_weight · logits(output, teacher output)`` and ``feature_weight · mean over matched
+    features of feature_loss(student feature, teacher feature)``. The teacher is run in eval
+    mode without gradients.
+
+    Args:
+        student: the model to train (a module, or a GraphModule from `fxopt.compile`).
+        data: a re-iterable of ``(inputs, target)`` batches, cycled as long as needed;
+            ``inputs`` is a tensor or a tuple of positional inputs.
+        loss: the task loss ``(output, target) -> scalar``; None trains on distillation alone.
+        teacher: the reference model for distillation.
+        distill: what to distil (`Distill`); needs `teacher`.
+        steps: optimiser steps.
+        lr: learning rate.
+        optimizer: ``params -> torch.optim.Optimizer``; default Adam.
+        schedule: ``"cosine"`` decays the rate to zero over `steps`; ``"constant"`` keeps it.
+        eval_fn: ``student -> metric``, higher is better; run (in eval mode, no gradients)
+            before training, every `eval_every` steps and at the end. The best state is restored.
+        eval_every: steps between evaluations; default ``max(1, steps // 10)``.
+        seed: seeds torch's generators for the run (adapters, dropout, a DataLoader's order);
+            the global generator state is restored afterwards.
+        progress: a tqdm bar on stderr; default when stderr is a terminal.
+
+    Returns:
+        A `FinetuneResult`. A NaN/Inf loss stops the run before its step is taken; the best
+        (or, without `eval_fn`, the last finite checkpoint) state is restored and a
+        `fxopt.FxoptWarning` says so.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> x = torch.randn(64, 2); y = x.sum(dim=1, keepdim=True)
+        >>> r = finetune(model, [(x, y)], loss=nn.MSELoss(), steps=50, lr=0.1, progress=False)
+        >>> r.history[-1]["loss"] < r.history[0]["loss"], r.stopped_reason
+        (True, 'completed')
+    """
+    if steps < 0 or lr <= 0 or (eval_every is not None and eval_every < 1):
+        raise InputError(f"need steps >= 0, lr > 0 and eval_every >= 1, got {steps}, {lr}, {eval_every}")
+    if schedule not in ("cosine", "constant"):
+        raise InputError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if loss is None and distill is None:
+        raise InputError("nothing to train on: give loss= and/or distill=")
+    student = getattr(student, "graph_module", student) if not isinstance(student, GraphModule) else student
+    every = eval_every or max(1, steps // 10)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _Loop(student, data, loss, teacher, distill, steps, lr, optimizer, schedule, eval_fn, every, progress).run()
+
+
+class _Loop:
+    """One fine-tune run: the state `finetune` threads through its steps."""
+
+    def __init__(self, student: nn.Module, data: Iterable[Any], loss: Any, teacher: Any, distill: Distill | None,
+                 steps: int, lr: float, optimizer: Any, schedule: str, eval_fn: Any, every: int, progress: bool | None) -> None:
+        self.student, self.loss, self.distill, self.steps = student, loss, distill, steps
+        self.eval_fn, self.every = eval_fn, every
+        self.batches = _cycle(data)
+        first = next(self.batches)
+        self.pending = [first]
+        self.models = _prepare(student, teacher, distill, _unpack(first)[0])
+        params = [p for p in student.parameters() if p.requires_grad]
+        if self.models.match is not None:
+            params += list(self.models.match.parameters())
+        if not params:
+            raise InputError("the student has no trainable parameters")
+        self.optimizer = (optimizer or (lambda ps: torch.optim.Adam(ps, lr=lr)))(params)
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, steps))
+                          if schedule == "cosine" else None)
+        self.result = FinetuneResult()
+        self.best_state: dict[str, Tensor] = _state(student)
+        self.show = _show_progress(progress)
+
+    def next_batch(self) -> tuple[tuple[Any, ...], Any]:
+        return _unpack(self.pending.pop() if self.pending else next(self.batches))
+
+    def step_loss(self) -> tuple[Tensor, dict[str, float]]:
+        args, target = self.next_batch()
+        out, t_out, pairs = self.models.run(args)
+        d = self.distill or Distill()
+        terms: dict[str, Tensor] = {}
+        if self.loss is not None:
+            terms["task"] = d.task_weight * self.loss(out, target)
+        if d.logits is not None:
+            terms["logits"] = d.logit_weight * d.logits(out, t_out)
+        if pairs and d.feature_loss is not None:
+            terms["features"] = d.feature_weight * torch.stack([d.feature_loss(s, t) for s, t in pairs]).mean()
+        total = torch.stack(list(terms.values())).sum()
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+    def evaluate(self, step: int) -> None:
+        if self.eval_fn is None:
+            if step > 0:
+                self.best_state = _state(self.student)  # the last finite checkpoint
+            return
+        self.student.eval()
+        with torch.no_grad():
+            metric = float(self.eval_fn(self.student))
+        self.student.train()
+        self.result.evals.append((step, metric))
+        if self.result.best_metric is None or metric > self.result.best_metric:
+            self.result.best_metric, self.result.best_step = metric, step
+            self.best_state = _state(self.student)
+
+    def run(self) -> FinetuneResult:
+        from tqdm.auto import tqdm
+
+        r = self.result
+        self.evaluate(0)
+        self.student.train()
+        bar = tqdm(total=self.steps, desc="fine-tune", disable=not self.show, leave=False)
+        try:
+            for step in range(1, self.steps + 1):
+                total, parts = self.step_loss()
+                value = float(total.detach())
+                if not math.isfinite(value):
+                    r.stopped_reason = f"non-finite loss ({value}) at step {step}"
+                    break
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                self.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                r.steps_run = step
+                r.history.append({"step": step, "loss": value, **parts})
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                if step % self.every == 0 or step == self.steps:
+                    self.evaluate(step)
+        finally:
+            bar.close()
+            self.student.eval()
+        self._finish()
+        return r
+
+    def _finish(self) -> None:
+        r = self.result
+        stopped = r.stopped_reason != "completed"
+        last_eval = r.evals[-1][0] if r.evals else None
+        if self.eval_fn is not None and (stopped or r.best_step != last_eval):
+            self.student.load_state_dict(self.best_state)
+            last = f"; the last evaluation (step {last_eval}) gave {r.evals[-1][1]:.4f}" if not stopped else ""
+            r.notes.append(f"restored the state of step {r.best_step} (metric {r.best_metric:.4f}){last}")
+        elif self.eval_fn is None and stopped:
+            self.student.load_state_dict(self.best_state)
+            r.best_step = r.steps_run - r.steps_run % self.every
+            r.notes.append(f"restored the last finite checkpoint (step {r.best_step})")
+        if stopped:
+            warnings.warn(f"fine-tune stopped: {r.stopped_reason}; {r.notes[-1]}", FxoptWarning, stacklevel=3)
