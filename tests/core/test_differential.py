@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 
 import fxopt
 import fxopt.testing as ft
@@ -24,7 +24,14 @@ def fresh_inputs(inputs: tuple, seed: int) -> tuple:
 
 
 def check_on_fresh_inputs(model: torch.nn.Module, inputs: tuple) -> None:
-    compiled = fxopt.compile(model, "cpu", example_inputs=inputs)
+    try:
+        compiled = fxopt.compile(model, "cpu", example_inputs=inputs)
+    except fxopt.ExportError as exc:
+        # the documented refusal: a leaf's value branch that scripting cannot keep as an ONNX If
+        # (e.g. beside nn.MultiheadAttention, whose scripted export fails) is never frozen silently
+        assert "data-dependent control flow would be frozen" in str(exc) and "leaf '" in str(exc), exc
+        event("refused: a leaf branch that cannot be scripted")
+        return
     session = ort.InferenceSession(compiled.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     for seed in range(3):
