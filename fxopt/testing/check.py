@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from fxopt.compiler import state_dict_sha256
-from fxopt.errors import FxoptError
+from fxopt.errors import ExportError, FxoptError
 from fxopt.numerics import TOLERANCES, Deviation, compare_outputs, output_signature, run_model
 from fxopt.pass_base import CompileContext, pass_attr, pass_name
 from fxopt.pass_manager import PassManager, PassRecord
@@ -37,13 +37,16 @@ class PassCheck:
         record: the PassManager's record of the pass (status, timings, deviation).
         graph_module: the graph after the pass.
         deviation: outputs after the pass against the traced input graph.
-        onnx: the verified ONNX lowering of the result (None when ``export=False``).
+        onnx: the verified ONNX lowering of the result (None when ``export=False``, or when
+            the input graph itself is refused by the ONNX backend: see `onnx_skipped`).
+        onnx_skipped: why the ONNX check was not run ("" when it ran or was not asked for).
     """
 
     record: PassRecord
     graph_module: GraphModule
     deviation: Deviation
     onnx: Any = None
+    onnx_skipped: str = ""
 
     @property
     def modified(self) -> bool:
@@ -129,6 +132,7 @@ def _output_problems(outputs: Any, reference: Any, deviation: Deviation, lossy: 
 
 
 def _onnx_problems(final: GraphModule, before: GraphModule, inputs: tuple[Any, ...], context: CompileContext) -> tuple[list[str], Any]:
+    """Problems of the result's ONNX lowering, and the export (or, as a str, why it was skipped)."""
     from fxopt.backends.onnx import lower
 
     try:
@@ -136,9 +140,13 @@ def _onnx_problems(final: GraphModule, before: GraphModule, inputs: tuple[Any, .
     except FxoptError as exc:
         try:
             lower(before, inputs, context.target)
-            blame = "the input graph lowers fine, so the pass broke it"
+        except ExportError as original:
+            # the backend refuses the model itself (e.g. a leaf branch it cannot script): not the pass's doing
+            return [], f"the input graph is refused by the ONNX backend too: {original}"
         except FxoptError as original:
             blame = f"the input graph fails too ({type(original).__name__}), so this is not the pass's doing"
+        else:
+            blame = "the input graph lowers fine, so the pass broke it"
         return [f"the result does not lower to ONNX / verify in ONNX Runtime ({blame}): {type(exc).__name__}: {exc}"], None
 
 
@@ -211,9 +219,12 @@ def check_pass(
         problems += _output_problems(outputs, reference, deviation, lossy, atol)
     problems += model_before.differences(_Snapshot.of(model, inputs), "the user's model")
     problems += graph_before.differences(_Snapshot.of(gm, inputs), "the input graph")
+    skipped = ""
     if export and not problems:
         onnx_problems, onnx_export = _onnx_problems(final, gm, inputs, context)
         problems += onnx_problems
+        if isinstance(onnx_export, str):
+            skipped, onnx_export = onnx_export, None
     if problems:
         _raise(name, model, inputs, problems)
-    return PassCheck(record, final, deviation, onnx_export)
+    return PassCheck(record, final, deviation, onnx_export, skipped)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -222,3 +223,18 @@ def test_target_and_context_options_reach_the_pass():
     result = check_pass(the_pass, model, inputs, target="xavier", calib_data=[inputs, inputs])
     assert the_pass.seen == ("xavier", 2) and result.record.status == "unchanged"
     assert result.onnx.opset == fxopt.get_target("xavier").max_onnx_opset
+
+
+
+
+class _UnscriptableGate(nn.Module):
+    def forward(self, x):
+        scale = float(np.float32(2.0))  # TorchScript cannot compile this, so the branch cannot become an If
+        return x * scale if x.mean() > 0 else -x
+
+
+def test_a_model_the_onnx_backend_refuses_is_not_blamed_on_the_pass():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), _UnscriptableGate(), nn.Conv2d(4, 2, 1)).eval()
+    result = check_pass("fold_batchnorm", model, (torch.randn(1, 3, 8, 8),))
+    assert result.modified and result.onnx is None
+    assert "refused by the ONNX backend too" in result.onnx_skipped and "data-dependent control flow" in result.onnx_skipped
