@@ -7,7 +7,7 @@ PYTEST := $(PY) -m pytest
 # -n 2: the CI machine has two cores
 XDIST := -n 2 -p xdist
 
-.PHONY: venv demo test zoo fuzz slow bench bench-prune bench-quant lint wheel-check clean
+.PHONY: venv demo test zoo fuzz slow bench bench-prune bench-quant bench-distill lint wheel-check clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,10 @@ bench-prune: venv
 bench-quant: venv
 	$(PY) -m pip install -e '.[dev,bench]' -c requirements-dev.txt
 	$(PY) bench/quantize.py
+
+# labels only vs logit KD vs ICKD after pruning the digits CNN to 20% of its FLOPs (a few minutes)
+bench-distill: venv
+	$(PY) bench/distill.py
 
 lint: venv
 	$(PY) -m ruff check .
