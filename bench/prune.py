@@ -36,6 +36,9 @@ from fxopt.backends.onnx import export_onnx, verify_onnx  # noqa: E402
 from fxopt.files import write_atomic  # noqa: E402
 from fxopt.numerics import output_signature, run_model  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/provenance.py, also when loaded by path
+from provenance import code_version  # noqa: E402
+
 RESULTS_MD = ROOT / "bench" / "results" / "prune.md"
 TOLERANCE = 0.05  # achieved FLOPs ratio within 5 points of the request counts as "at budget"
 SIZE = 128
@@ -443,20 +446,6 @@ def failures(rows: Sequence[Row]) -> list[tuple[str, str, str]]:
             if not r.error and not p.ok:
                 out.append((r.name, tool, p.error))
     return out
-
-
-def code_version() -> str:
-    """The git commit the run used, and whether passes/ had uncommitted changes."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "passes"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown commit"
-    return f"commit {head}" + (" with uncommitted changes in passes/" if dirty else "")
 
 
 def _rounding(round_to: int | None) -> str:

@@ -46,6 +46,9 @@ import fxopt
 from fxopt.files import write_atomic
 from fxopt.passes import QuantizeInt8
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/provenance.py, also when loaded by path
+from provenance import code_version  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "bench" / "results" / "quantize.md"
 WEIGHTED = {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense"}
@@ -540,18 +543,6 @@ def render_model(result: ModelResult) -> list[str]:
     notes = [r for r in result.rows if r.error or r.note]
     lines += [""] + [f"- {r.tool}: {r.error or r.note}" for r in notes] + ([""] if notes else [])
     return lines
-
-
-def code_version() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "passes", "fxopt", "backends"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown commit"
-    changed = sorted({line[3:].split(" -> ")[-1] for line in dirty.splitlines()})
-    return f"commit {head}" + (f" (uncommitted changes in the tree: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})" if changed else "")
 
 
 def versions() -> str:

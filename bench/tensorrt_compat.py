@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import subprocess
 import sys
 import time
 import warnings
@@ -29,6 +28,9 @@ import torch  # noqa: E402
 import fxopt  # noqa: E402
 from fxopt.backends.onnx import export_onnx, verify_onnx  # noqa: E402
 from fxopt.backends.tensorrt_compat import check_tensorrt_compat  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/provenance.py, also when loaded by path
+from provenance import code_version  # noqa: E402
 
 RESULTS_MD = ROOT / "bench" / "results" / "tensorrt_compat.md"
 VERSION = "8.5"
@@ -108,18 +110,11 @@ def zoo(pattern: str) -> list[tuple[str, object]]:
     return [(c.name, c) for c in zc.all_cases() if pattern == "all" or re.search(pattern, c.name)]
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def render(rows: list[Row], command: str, seconds: float) -> str:
     lines = [
         "# TensorRT 8.5 compatibility of exported models",
         "",
-        f"`{command}` at commit {_commit()} ({seconds:.0f} s). Each model traced by fxopt, exported at opset 17 without",
+        f"`{command}` at {code_version()} ({seconds:.0f} s). Each model traced by fxopt, exported at opset 17 without",
         "TensorRT rewrites (before) and with `tensorrt_version=\"8.5\"` (after; verified against torch in ONNX Runtime),",
         "each file checked by `check_tensorrt_compat` against onnx-tensorrt's 8.5 support matrix. A model passes with",
         "no error-level finding (warnings are listed below).",

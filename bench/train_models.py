@@ -10,7 +10,6 @@ that reproduces them.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,17 +19,12 @@ import torch
 import fxopt
 from fxopt.files import write_atomic
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/provenance.py, also when loaded by path
+from provenance import code_version  # noqa: E402
+
 RESULTS_MD = Path(__file__).resolve().parent / "results" / "train_models.md"
 # README's step counts (a few CPU minutes each)
 STEPS = {"pointpillars": 800, "camera_multitask": 300, "motionnet": 300, "safety_supervisor": 300}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Bundled models: training figures",
         "",
-        f"`python bench/train_models.py --seed {args.seed}` at fxopt commit `{_commit()}`, torch {torch.__version__}, "
+        f"`python bench/train_models.py --seed {args.seed}` at fxopt {code_version()}, torch {torch.__version__}, "
         "one CPU thread on the 2-core development host (other work was running: CPU seconds, not wall time).",
         "",
         "| model | steps | held-out metrics | chance / constant predictor | CPU s |",

@@ -1,0 +1,23 @@
+"""Where a benchmark's figures come from: the git commit, and whether the code had uncommitted changes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CODE_DIRS = ("fxopt", "passes", "backends", "models", "safety")
+
+
+def code_version() -> str:
+    """``commit abc1234``, plus the changed files when the library code had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", *CODE_DIRS],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+    changed = sorted({line[3:].split(" -> ")[-1] for line in dirty.splitlines()})
+    more = " ..." if len(changed) > 4 else ""
+    return f"commit {head}" + (f" (uncommitted changes in the tree: {', '.join(changed[:4])}{more})" if changed else "")
