@@ -155,6 +155,11 @@ def compile(  # noqa: A001 - the public name the design asks for
     save_to: str | os.PathLike[str] | None = None,
     safety: str | None = None,
     stages: Stages | str | Sequence[str] | None = None,
+    train_data: Any = None,
+    loss: Any = None,
+    finetune_steps: int = 0,
+    finetune_lr: float = 1e-4,
+    distill: Any = None,
     **options: Any,
 ) -> CompiledModel:
     """Compile `model` for `target`: trace, run verified passes, lower to ONNX and verify it.
@@ -179,6 +184,14 @@ def compile(  # noqa: A001 - the public name the design asks for
             graph: the submodule path(s) whose calls form the graph (``("backbone", "head")``)
             or a `fxopt.Stages`; ``None`` uses the preset for torchvision detectors, else the
             whole model. The rest runs eagerly around the compiled graph (`fxopt.stages`).
+        train_data: ``(inputs, target)`` batches for fine-tuning after the lossy passes (a list
+            or DataLoader, cycled as needed).
+        loss: the task loss ``(output, target) -> scalar`` of that fine-tune.
+        finetune_steps: optimiser steps of `fxopt.finetune` on the transformed graph before it is
+            lowered (0: none); the traced original is the teacher when `distill` is given.
+        finetune_lr: Adam learning rate of that fine-tune.
+        distill: an `fxopt.distill.Distill` (logit KD, feature losses); the kept channels of a
+            `prune` pass in the pipeline are filled in for it.
         **options: data passes need, e.g. ``calib_data=`` (a list of input tuples, also used
             for verification); an option no pass in the pipeline reads is an `InputError`.
 
@@ -223,10 +236,14 @@ def compile(  # noqa: A001 - the public name the design asks for
         policy.check_request(pipeline, precision or profile.default_precision)
         strict = True  # a safety model never ships with a pass silently rolled back
     _check_request(pipeline, options, precision or profile.default_precision, profile)
+    if finetune_steps and (train_data is None or (loss is None and distill is None)):
+        raise InputError("finetune_steps needs train_data= ((inputs, target) batches) and loss= and/or distill=")
+    if finetune_steps and (split is not None or policy.strict):
+        raise InputError("fine-tuning is not available for a staged compile (stages=) or under safety='strict'")
     check_inputs = verification_inputs(inputs, options.get("calib_data"))
     input_sha = state_dict_sha256(model)
     context = CompileContext.create(profile, inputs, precision, check_inputs=check_inputs, **options)
-    phases = Phases(["trace", "passes", "export"], enabled=progress)
+    phases = Phases(["trace", "passes", *(["finetune"] if finetune_steps else []), "export"], enabled=progress)
     try:
         with phases("trace"):
             gm = trace(model if split is None else split.root, inputs, leaf_modules=leaf_modules)
@@ -236,9 +253,13 @@ def compile(  # noqa: A001 - the public name the design asks for
         with phases("passes"):
             result = manager.run(gm, context)
         final = result.graph_module
+        tuned_notes: list[str] = []
+        if finetune_steps:
+            with phases("finetune"):
+                tuned_notes = _finetune(final, gm, pipeline, train_data, loss, distill, finetune_steps, finetune_lr, progress)
         passes_s = time.perf_counter() - start - traced_s
         cost_after = estimate_costs(final, profile, context.precision)
-        onnx_info, onnx_model, notes, extras, placement = None, None, list(input_notes), {}, None
+        onnx_info, onnx_model, notes, extras, placement = None, None, list(input_notes) + tuned_notes, {}, None
         safety_evidence: dict[str, Any] = {"policy": "off"}
         requested = [*(passes or ()), *(["quantize"] if context.precision == "int8" else [])]  # int8 asks for quantize
         notes += _pass_warnings(result.records, requested) + (split.notes() if split is not None else [])
@@ -351,6 +372,27 @@ def _safety_policy(model: nn.Module, safety: str | None, export: bool) -> _Safet
     if chosen == "strict" and not export:
         raise InputError("safety='strict' checks the ONNX file it deploys: it needs export=True")
     return _SafetyPolicy(chosen == "strict", spec)
+
+
+def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], data: Any, loss: Any, distill: Any,
+              steps: int, lr: float, progress: bool) -> list[str]:
+    """Fine-tune the transformed graph in place (the traced original teaches); report lines."""
+    import dataclasses
+
+    from fxopt.distill import finetune
+
+    if distill is not None and distill.kept is None:
+        from fxopt.passes.distill import kept_channels
+
+        prunes = [p for p in pipeline if pass_name(p) == "prune" and getattr(p, "plan", None) is not None]
+        if prunes:
+            distill = dataclasses.replace(distill, kept=kept_channels(prunes[0]))
+    start = time.perf_counter()
+    tuned = finetune(final, data, loss=loss, teacher=teacher if distill is not None else None, distill=distill,
+                     steps=steps, lr=lr, progress=progress)
+    first, last = (tuned.history[0]["loss"], tuned.history[-1]["loss"]) if tuned.history else (float("nan"),) * 2
+    return [f"fine-tune: {tuned.steps_run} steps in {time.perf_counter() - start:.1f} s, {tuned.stopped_reason}; "
+            f"loss {first:.4g} -> {last:.4g}", *[f"fine-tune: {n}" for n in tuned.notes]]
 
 
 def _check_request(pipeline: list[Any], options: dict[str, Any], precision: str, profile: TargetProfile) -> None:
