@@ -309,11 +309,6 @@ def measure_ort_latency_ms(graphs: Mapping[str, nn.Module], inputs: tuple[Any, .
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
-
-
 @register_pass
 class QuantizeInt8(FxoptPass):
     """Int8 fake quantisation placed by the target's `QuantScheme` and calibrated on `calib_data`.
@@ -446,7 +441,7 @@ class QuantizeInt8(FxoptPass):
                 path = str(consumer.target)
                 module = gm.get_submodule(path)
                 if not isinstance(module, WEIGHT_FAKE_QUANT):  # a module called twice is wrapped once
-                    _set_submodule(gm, path, WeightFakeQuant(module))
+                    gm.set_submodule(path, WeightFakeQuant(module))
         return quantizers
 
     def _calibrate(self, gm: GraphModule, quantizers: dict[str, FakeQuantize], calib: Sequence[tuple[Any, ...]], inputs: set[str]) -> None:
