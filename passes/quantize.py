@@ -17,13 +17,14 @@ fine-tuned, and exported by the ONNX backend as QuantizeLinear/DequantizeLinear 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import re
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,20 +237,23 @@ def _relative_error(outputs: list[list[torch.Tensor]], reference: list[list[torc
     return (num / den) ** 0.5 if den > 0 else num ** 0.5
 
 
-def _fp32_outputs(gm: GraphModule, calib: Sequence[tuple[Any, ...]]) -> list[list[torch.Tensor]]:
-    layers = quantized_layers(gm)
+@contextlib.contextmanager
+def _switches_restored(layers: Mapping[str, list[nn.Module]]) -> Iterator[None]:
+    """Put every quantiser's on/off switch back as it was when the block ends."""
     state = {id(m): m.enabled for parts in layers.values() for m in parts}
-    _enable(layers, set())
     try:
-        return _outputs(gm, calib)
+        yield
     finally:
         for parts in layers.values():
             for m in parts:
                 m.enabled = state[id(m)]
 
 
-def _error(gm: GraphModule, calib: Sequence[tuple[Any, ...]], reference: list[list[torch.Tensor]]) -> float:
-    return _relative_error(_outputs(gm, calib), reference)
+def _fp32_outputs(gm: GraphModule, calib: Sequence[tuple[Any, ...]]) -> list[list[torch.Tensor]]:
+    layers = quantized_layers(gm)
+    with _switches_restored(layers):
+        _enable(layers, set())
+        return _outputs(gm, calib)
 
 
 def sensitivity(gm: GraphModule, calib_data: Sequence[tuple[Any, ...]], metric: Any = None) -> list[LayerSensitivity]:
@@ -265,20 +269,14 @@ def sensitivity(gm: GraphModule, calib_data: Sequence[tuple[Any, ...]], metric: 
         feeding two quantised layers has one quantiser, so it counts for both.
     """
     layers = quantized_layers(gm)
-    state = {id(m): m.enabled for parts in layers.values() for m in parts}
     kinds = {n.name: n.meta["fxopt"][META_KEY].kind for n in gm.graph.nodes if n.name in layers}
-    try:
-        _enable(layers, set())
-        reference = _outputs(gm, calib_data)
-        rows = []
+    reference = _fp32_outputs(gm, calib_data)
+    rows = []
+    with _switches_restored(layers):
         for name in layers:
             _enable(layers, {name})
             outputs = _outputs(gm, calib_data)
             rows.append(LayerSensitivity(name, kinds[name], _relative_error(outputs, reference), metric(outputs, reference) if metric else None))
-    finally:
-        for parts in layers.values():
-            for m in parts:
-                m.enabled = state[id(m)]
     return sorted(rows, key=lambda r: -r.error)
 
 
@@ -471,11 +469,12 @@ class QuantizeInt8(FxoptPass):
     def _mixed_precision(self, gm: GraphModule, calib: Sequence[tuple[Any, ...]], higher: str) -> list[dict[str, Any]]:
         ranked = sensitivity(gm, calib)
         layers = quantized_layers(gm)
+        reference = _fp32_outputs(gm, calib) if self.error_budget is not None else []
         kept: dict[str, str] = {}
         for rank, row in enumerate(ranked, 1):
             if self.error_budget is None and rank > self.skip_most_sensitive:
                 break
-            if self.error_budget is not None and _error(gm, calib, _fp32_outputs(gm, calib)) <= self.error_budget:
+            if self.error_budget is not None and _relative_error(_outputs(gm, calib), reference) <= self.error_budget:
                 break
             kept[row.layer] = f"kept in {higher}: rank {rank} of {len(ranked)} by sensitivity"
             _enable(layers, {name for name in layers if name not in kept})
