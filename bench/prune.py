@@ -35,6 +35,7 @@ import fxopt  # noqa: E402
 from fxopt.backends.onnx import export_onnx, verify_onnx  # noqa: E402
 from fxopt.files import write_atomic  # noqa: E402
 from fxopt.numerics import output_signature, run_model  # noqa: E402
+from fxopt.ort_timing import ort_latencies_ms  # noqa: E402 - one thread, interleaved, median (bench/cpu_alignment.py too)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/provenance.py, also when loaded by path
 from provenance import code_version  # noqa: E402
@@ -267,33 +268,6 @@ def prune_tp(
 
 # ---------------------------------------------------------------------------------------------
 # Checks and latency
-
-
-def _session(onnx_model: Any) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def ort_latencies_ms(onnx_models: Sequence[Any], inputs: tuple[Any, ...], runs: int, warmup: int = 3) -> list[float]:
-    """Median ONNX Runtime CPU latency of each model over `runs` runs on one thread.
-
-    The models take turns run by run, so a burst of load on the shared machine hits all of them.
-    """
-    sessions = [_session(m) for m in onnx_models]
-    feeds = [{i.name: x.numpy() for i, x in zip(s.get_inputs(), inputs)} for s in sessions]
-    times: list[list[float]] = [[] for _ in sessions]
-    for step in range(warmup + runs):
-        for session, feed, acc in zip(sessions, feeds, times):
-            t0 = time.perf_counter()
-            session.run(None, feed)
-            if step >= warmup:
-                acc.append(time.perf_counter() - t0)
-    return [statistics.median(t) * 1e3 for t in times]
 
 
 def check(result: Pruned, inputs: tuple[Any, ...], reference_out: Any, base: Counts, amount: float) -> None:

@@ -21,9 +21,7 @@ import contextlib
 import copy
 import operator
 import re
-import statistics
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +31,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxopt.errors import InputError
+from fxopt.ort_timing import ort_latencies_ms
 from fxopt.pass_base import FxoptPass, PassResult, current_context
 from fxopt.passes.quant_observers import (
     CALIBRATORS,
@@ -45,7 +44,7 @@ from fxopt.passes.quant_observers import (
 from fxopt.registry import register_pass
 
 __all__ = [
-    "LayerSensitivity", "QuantAnnotation", "QuantizeInt8", "annotate_int8", "measure_ort_latency_ms",
+    "LayerSensitivity", "QuantAnnotation", "QuantizeInt8", "annotate_int8",
     "quantized_layers", "sensitivity",
 ]
 
@@ -280,31 +279,13 @@ def sensitivity(gm: GraphModule, calib_data: Sequence[tuple[Any, ...]], metric: 
     return sorted(rows, key=lambda r: -r.error)
 
 
-def measure_ort_latency_ms(graphs: Mapping[str, nn.Module], inputs: tuple[Any, ...], opset: int, runs: int) -> dict[str, float]:
-    """Median ONNX Runtime (CPU) latency of each graph on `inputs`, runs interleaved so a burst
-    of load on the machine hits every candidate alike."""
-    import onnxruntime as ort
-
+def _ort_latencies_ms(graphs: Mapping[str, nn.Module], inputs: tuple[Any, ...], opset: int, runs: int, threads: int) -> dict[str, float]:
+    """Median ONNX Runtime (CPU) latency of each graph on `inputs`: exported, then timed by
+    `fxopt.ort_timing.ort_latencies_ms` (fixed thread count, runs interleaved)."""
     from fxopt.backends.onnx import export_onnx
 
-    sessions = {}
-    for name, gm in graphs.items():
-        model = export_onnx(gm, inputs, opset=opset).model
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        sessions[name] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {
-        name: {i.name: x.detach().numpy() for i, x in zip(s.get_inputs(), [t for t in inputs if isinstance(t, torch.Tensor)])}
-        for name, s in sessions.items()
-    }
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for step in range(runs + 3):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feeds[name])
-            if step >= 3:  # warm-up
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    models = [export_onnx(gm, inputs, opset=opset).model for gm in graphs.values()]
+    return dict(zip(graphs, ort_latencies_ms(models, inputs, runs, threads=threads)))
 
 
 @register_pass
@@ -328,6 +309,8 @@ class QuantizeInt8(FxoptPass):
             int8 and the fp32 graph in ONNX Runtime on the example inputs and keep int8 only when
             it is faster; otherwise the pass changes nothing and says why with the figures.
         timing_runs: ONNX Runtime runs per candidate (median, interleaved).
+        timing_threads: ONNX Runtime intra-op threads while timing: fixed, because the library's
+            default (one per core) makes the comparison swing with the machine's other load.
 
     Example:
         >>> import torch, fxopt
@@ -354,6 +337,7 @@ class QuantizeInt8(FxoptPass):
         error_budget: float | None = None,
         keep_faster: bool = True,
         timing_runs: int = 30,
+        timing_threads: int = 1,
     ) -> None:
         super().__init__()
         if skip_most_sensitive < 0 or (error_budget is not None and not error_budget > 0):
@@ -370,14 +354,17 @@ class QuantizeInt8(FxoptPass):
         self.calibrators = dict(calibrators or {})
         self.skip = tuple(skip)
         self.keep_faster = keep_faster
+        if timing_runs < 1 or timing_threads < 1:
+            raise InputError(f"timing_runs and timing_threads must be >= 1, got {timing_runs} and {timing_threads}")
         self.timing_runs = timing_runs
+        self.timing_threads = timing_threads
         self.timing: dict[str, float] = {}
 
     def options(self) -> dict[str, Any]:
         return {
             "calibrator": self.calibrator, "percentile": self.percentile, "calibrators": self.calibrators,
             "skip": list(self.skip), "skip_most_sensitive": self.skip_most_sensitive, "error_budget": self.error_budget,
-            "keep_faster": self.keep_faster, "timing_runs": self.timing_runs,
+            "keep_faster": self.keep_faster, "timing_runs": self.timing_runs, "timing_threads": self.timing_threads,
         }
 
     def call(self, graph_module: GraphModule) -> PassResult:
@@ -402,14 +389,16 @@ class QuantizeInt8(FxoptPass):
             higher = "fp32" if ctx.target.backend == "onnxruntime" else "fp16"
             graph_module.meta["fxopt_tables"]["int8 sensitivity"] = self._mixed_precision(graph_module, calib, higher)
         if original is not None:
-            self.timing = measure_ort_latency_ms({"fp32": original, "int8": graph_module}, ctx.example_inputs, ctx.target.max_onnx_opset, self.timing_runs)
+            self.timing = _ort_latencies_ms(
+                {"fp32": original, "int8": graph_module}, ctx.example_inputs, ctx.target.max_onnx_opset, self.timing_runs, self.timing_threads
+            )
             graph_module.meta["fxopt_tables"]["int8 vs fp32 in ONNX Runtime (this host)"] = [
-                {"graph": k, "median ms": f"{v:.4f}", "runs": self.timing_runs} for k, v in self.timing.items()
+                {"graph": k, "median ms": f"{v:.4f}", "runs": self.timing_runs, "threads": self.timing_threads} for k, v in self.timing.items()
             ]
             if self.timing["int8"] >= self.timing["fp32"]:
                 self.unchanged_reason = (
                     f"int8 is not faster on this host: ONNX Runtime median {self.timing['int8']:.3f} ms vs fp32 "
-                    f"{self.timing['fp32']:.3f} ms over {self.timing_runs} runs; kept fp32 (keep_faster=False forces int8)"
+                    f"{self.timing['fp32']:.3f} ms over {self.timing_runs} runs on {self.timing_threads} thread(s); kept fp32 (keep_faster=False forces int8)"
                 )
                 original.meta.setdefault("fxopt_tables", {}).update(graph_module.meta["fxopt_tables"])
                 return PassResult(original, False)

@@ -322,28 +322,28 @@ def test_cpu_keeps_int8_only_when_onnx_runtime_runs_it_faster(monkeypatch, int8_
 
     calls = []
 
-    def fake_timing(graphs, inputs, opset, runs):
-        calls.append(sorted(graphs))
-        return {"fp32": 2.0, "int8": int8_ms}
+    def fake_timing(models, inputs, runs, threads):
+        calls.append((len(models), threads))
+        return [2.0, int8_ms]
 
-    monkeypatch.setattr(q, "measure_ort_latency_ms", fake_timing)
+    monkeypatch.setattr(q, "ort_latencies_ms", fake_timing)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     x = torch.randn(1, 3, 8, 8)
     compiled = fxopt.compile(model, "cpu", example_inputs=(x,), precision="int8", calib_data=[(x,)])
     record = next(r for r in compiled.report.passes if r.name == "quantize")
-    assert calls == [["fp32", "int8"]]
+    assert calls == [(2, 1)]  # fp32 and int8, on one fixed thread
     has_qdq = "QuantizeLinear" in {n.op_type for n in compiled.onnx_model.graph.node}
     assert (record.status == "applied") == applied == has_qdq
     assert compiled.report.tables["int8 vs fp32 in ONNX Runtime (this host)"][1]["median ms"] == f"{int8_ms:.4f}"
     if not applied:
-        assert "int8 is not faster on this host: ONNX Runtime median 3.000 ms vs fp32 2.000 ms" in record.reason
+        assert "int8 is not faster on this host: ONNX Runtime median 3.000 ms vs fp32 2.000 ms over 30 runs on 1 thread(s)" in record.reason
         assert any(n.startswith("WARNING: requested pass 'quantize' changed nothing: int8 is not faster") for n in compiled.report.notes)
 
 
 def test_xavier_is_never_timed_here(monkeypatch):
     import fxopt.passes.quantize as q
 
-    monkeypatch.setattr(q, "measure_ort_latency_ms", lambda *a: pytest.fail("timed a TensorRT target on this host"))
+    monkeypatch.setattr(q, "ort_latencies_ms", lambda *a, **k: pytest.fail("timed a TensorRT target on this host"))
     x = torch.randn(1, 3, 8, 8)
     compiled = fxopt.compile(nn.Sequential(nn.Conv2d(3, 8, 3)).eval(), "xavier", example_inputs=(x,), precision="int8", calib_data=[(x,)])
     assert next(r for r in compiled.report.passes if r.name == "quantize").status == "applied"
