@@ -116,14 +116,7 @@ def annotate_int8(gm: GraphModule, scheme: Any, skip: Sequence[str] = ()) -> dic
         if kind in wanted and all(_is_float(a) for a in inputs):
             found[node.name] = QuantAnnotation(kind, tuple(a.name for a in inputs), weight)
     if scheme.residual_add:
-        for node in gm.graph.nodes:
-            if not _is_add(node):
-                continue
-            args = [a for a in node.args[:2] if isinstance(a, Node)]
-            convs = [a for a in args if found.get(a.name, QuantAnnotation("", (), False)).kind == "conv"]
-            others = [a for a in args if a not in convs and _is_float(a)]
-            if len(args) == 2 and convs and others:  # the conv fuses the add; its other input is int8
-                found[node.name] = QuantAnnotation("residual_add", (others[0].name,), False)
+        _annotate_residual_adds(gm, found)
     if getattr(scheme, "quantize_outputs", False):
         _annotate_outputs(gm, found)
     for node in gm.graph.nodes:
@@ -131,6 +124,33 @@ def annotate_int8(gm: GraphModule, scheme: Any, skip: Sequence[str] = ()) -> dic
         if node.name in found:
             node.meta["fxopt"][META_KEY] = found[node.name]
     return found
+
+
+def _annotate_residual_adds(gm: GraphModule, found: dict[str, QuantAnnotation]) -> None:
+    """The residual input of each add that follows a quantised conv gets a Q/DQ, so TensorRT fuses
+    the add into that conv's epilogue with both operands int8.
+
+    When both inputs are quantised convs (a ResNet block with a downsampling shortcut), the conv on
+    the longer path fuses the add and the other one's output is the residual: NVIDIA's ResNet Q/DQ
+    example quantises the shortcut (``identity``) the same way. Equal depths: the second input.
+    """
+    depth: dict[str, int] = {}
+    for node in gm.graph.nodes:  # longest path from the inputs, in graph order
+        depth[node.name] = 1 + max((depth[a.name] for a in node.all_input_nodes), default=-1)
+    for node in gm.graph.nodes:
+        if not _is_add(node):
+            continue
+        args = [a for a in node.args[:2] if isinstance(a, Node)]
+        if len(args) != 2 or not all(_is_float(a) for a in args):
+            continue
+        convs = [a for a in args if a.name in found and found[a.name].kind == "conv"]
+        if len(convs) == 1:  # a conv + add: the conv fuses the add; its other input is int8
+            residual = args[1] if convs[0] is args[0] else args[0]
+        elif len(convs) == 2:  # conv + conv: the deeper conv fuses the add
+            residual = args[0] if depth[args[0].name] < depth[args[1].name] else args[1]
+        else:
+            continue
+        found[node.name] = QuantAnnotation("residual_add", (residual.name,), False)
 
 
 def _annotate_outputs(gm: GraphModule, found: dict[str, QuantAnnotation]) -> None:

@@ -59,6 +59,24 @@ class Residual(nn.Module):
         return self.b(self.a(x).relu()) + x
 
 
+class DownsampleBlock(nn.Module):
+    """A ResNet basic block with a 1x1 strided conv shortcut: the add has a conv on both inputs."""
+
+    def __init__(self, shortcut_first=False):
+        super().__init__()
+        self.shortcut_first = shortcut_first
+        self.conv1, self.bn1 = nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.down, self.bn_down = nn.Conv2d(4, 8, 1, stride=2), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        identity = self.bn_down(self.down(x)) if self.shortcut_first else None
+        out = self.bn2(self.conv2(self.bn1(self.conv1(x)).relu()))
+        if identity is None:  # torchvision's order: the shortcut after the main branch
+            identity = self.bn_down(self.down(x))
+        return (out + identity).relu()
+
+
 class Concat(nn.Module):
     def __init__(self):
         super().__init__()
@@ -123,6 +141,28 @@ def test_onnx_runtime_scheme_quantizes_relu_outputs_unsigned_and_op_outputs():
     assert {n: m.unsigned for n, m in fqs.items()} == {"fxopt_fq_input_1": False, "fxopt_fq__1": True, "fxopt_fq__2": True, "fxopt_fq__3": False, "fxopt_fq__4": False}
     out = next(n for n in gm.graph.nodes if n.op == "output")
     assert out.args[0].name == "_5"  # the last linear's output is not quantised
+
+
+@pytest.mark.parametrize("shortcut_first", [False, True])
+def test_add_of_two_convs_quantizes_the_shortcut_so_the_main_conv_fuses_it(shortcut_first):
+    torch.manual_seed(0)
+    model = DownsampleBlock(shortcut_first).eval()
+    x = torch.randn(1, 4, 8, 8)
+    compiled = quantize(model, (x,))
+    gm = compiled.graph_module
+    notes = {n.name: n.meta["fxopt"]["quantize"] for n in gm.graph.nodes if "quantize" in n.meta.get("fxopt", {})}
+    placeholder = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    # Expected: conv1 and the shortcut read the (one) quantised input, conv2 the ReLU, and the add's
+    # residual is the shortcut conv's output, never conv2's (conv2 sits on the longer path and fuses the add)
+    assert {k: (v.kind, v.quantized_inputs) for k, v in notes.items()} == {
+        "conv1": ("conv", (placeholder,)), "conv2": ("conv", ("relu",)), "down": ("conv", (placeholder,)),
+        "add": ("residual_add", ("down",)),
+    }
+    assert sorted(n for n, m in gm.named_modules() if isinstance(m, FakeQuantize)) == sorted(
+        [f"fxopt_fq_{placeholder}", "fxopt_fq_relu", "fxopt_fq_down"])
+    assert sum(n.op_type == "QuantizeLinear" for n in compiled.onnx_model.graph.node) == 3 + 3  # activations + weights
+    want = model(x)
+    assert float(torch.linalg.norm(compiled(x) - want) / torch.linalg.norm(want)) < 0.1  # int8 noise, not a broken graph
 
 
 def test_concat_quantizes_the_consumer_input_not_the_branches():
