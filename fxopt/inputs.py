@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import FxoptWarning, InputError
@@ -22,6 +23,7 @@ __all__ = [
     "calibration_batches",
     "copy_inputs",
     "input_variants",
+    "resize_inputs",
     "validate_inputs",
     "verification_inputs",
 ]
@@ -179,3 +181,20 @@ def verification_inputs(
     wanted = _signature(example_inputs)
     sets += [b for b in (calib_data or ()) if _signature(b) == wanted][:MAX_CALIB_CHECKS]
     return tuple(sets)
+
+
+def resize_inputs(inputs: tuple[Any, ...], shapes: Sequence[tuple[int, ...] | None]) -> tuple[Any, ...]:
+    """`inputs` with each tensor resized to its shape in `shapes` (spatial dims only):
+    bilinear/linear/trilinear for floating inputs, nearest for others."""
+    out = []
+    for x, shape in zip(inputs, shapes):
+        if not isinstance(x, torch.Tensor) or shape is None or tuple(x.shape) == tuple(shape):
+            out.append(x)
+            continue
+        size = tuple(shape[2:])
+        if x.is_floating_point():
+            mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+            out.append(F.interpolate(x, size=size, mode=mode, align_corners=False))
+        else:
+            out.append(F.interpolate(x.float(), size=size, mode="nearest").to(x.dtype))
+    return tuple(out)

@@ -2,14 +2,21 @@
 
 After every pass it lints and recompiles the graph, re-propagates shapes and checks numerics on
 the example inputs. A pass that raises or breaks its contract is rolled back and reported.
+
+A pass may change the model's input size (NAS-slimming's resolution choice): it leaves the new
+shapes in ``gm.meta["fxopt_input_shapes"]``; the pass is verified at the old size, then the run
+goes on with every input (example, verification sets, ``calib_data``) resized, and
+`PipelineResult.context` is the context the later steps must use.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import networkx as nx
@@ -19,12 +26,15 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxopt.cost_model import estimate_costs
 from fxopt.errors import InputError, PassError, PassOrderError
+from fxopt.inputs import resize_inputs
 from fxopt.numerics import TOLERANCES, compare_outputs, output_signature, run_model
 from fxopt.pass_base import CompileContext, pass_attr, pass_name, use_context
 from fxopt.registry import create_pass
 from fxopt.tracing import propagate_shapes
 
-__all__ = ["PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
+__all__ = ["INPUT_SHAPES_META", "PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
+
+INPUT_SHAPES_META = "fxopt_input_shapes"
 
 PassLike = Any  # an FxoptPass, a torch.fx PassBase, or a callable gm -> PassResult | GraphModule
 
@@ -74,10 +84,12 @@ class PassRecord:
 
 @dataclass
 class PipelineResult:
-    """The final graph module and one record per pass, in run order."""
+    """The final graph module, one record per pass in run order, and the context the run ended
+    with (its inputs differ from the starting one's when a pass changed the input size)."""
 
     graph_module: GraphModule
     records: list[PassRecord] = field(default_factory=list)
+    context: CompileContext | None = None
 
 
 def resolve_passes(passes: Sequence[PassLike | str]) -> list[PassLike]:
@@ -195,7 +207,13 @@ class PassManager:
                 iterator.set_postfix_str(pass_name(p))
             record, current, reference, stats = self._run_one(p, current, reference, stats, context, result)
             result.records.append(record)
-        result.graph_module = current
+            shapes = current.meta.pop(INPUT_SHAPES_META, None)
+            if shapes is not None and record.status == "applied":
+                context = with_input_shapes(context, shapes)
+                propagate_shapes(current, context.example_inputs)
+                reference = _run_all(current, context) if context.verification_inputs else None
+                stats = GraphStats.of(current, context)
+        result.graph_module, result.context = current, context
         return result
 
     def _run_one(
@@ -255,6 +273,20 @@ class PassManager:
 
 class _ContractBroken(Exception):
     """A pass broke the pass contract (its reason goes into the report verbatim)."""
+
+
+def with_input_shapes(context: CompileContext, shapes: Sequence[Any]) -> CompileContext:
+    """`context` with its example inputs, verification sets and ``calib_data`` resized to
+    `shapes` (one full shape per positional input; see `fxopt.inputs.resize_inputs`)."""
+    options = dict(context.options)
+    if options.get("calib_data"):
+        options["calib_data"] = [resize_inputs(b, shapes) for b in options["calib_data"]]
+    return dataclasses.replace(
+        context,
+        example_inputs=resize_inputs(context.example_inputs, shapes),
+        check_inputs=tuple(resize_inputs(c, shapes) for c in context.check_inputs),
+        options=MappingProxyType(options),
+    )
 
 
 def _run_all(gm: GraphModule, context: CompileContext) -> list[Any]:

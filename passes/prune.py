@@ -47,7 +47,7 @@ from fxopt.passes.dependency_groups import (
 )
 from fxopt.registry import register_pass
 
-__all__ = ["PruneChannels", "PrunePlan", "apply_plan", "budget_note", "empty_tensors", "plan_pruning"]
+__all__ = ["PruneChannels", "PrunePlan", "apply_plan", "budget_note", "empty_tensors", "plan_keep_ratios", "plan_pruning", "shape_only"]
 
 UNITS = ("channels", "params", "flops", "latency")
 ALLOCATIONS = ("uniform", "global")
@@ -589,6 +589,27 @@ class _Selector:
             return 0.0, 1.0
         top = max((float(v[-1]) for v in self.normalised.values() if v.size), default=1.0)
         return 0.0, top + 1e-6
+
+
+def plan_keep_ratios(analysis: DependencyAnalysis, scores: np.ndarray, ratios: Mapping[int, float], *,
+                     alignment: int, max_ratio: float = 0.9) -> tuple[np.ndarray, dict[int, int]]:
+    """A removal plan that keeps about `ratios[group]` of each group's channels (1.0 where a
+    group is not named), the least important first, rounded to `alignment` and capped by
+    `max_ratio` as `PruneChannels` rounds them.
+
+    Returns:
+        ``(removed, keep)``: one bool per atom, and the kept atom count per group.
+    """
+    settings = _settings(0.0, "channels", "uniform", None, (), max_ratio, None, "l1")
+    selector = _Selector(analysis, scores, settings, alignment)
+    removed = np.zeros(analysis.num_atoms, dtype=bool)
+    keep: dict[int, int] = {}
+    for g in analysis.groups:
+        n = len(g.atoms)
+        k = n if ratios.get(g.index, 1.0) >= 1.0 else selector.keep_count(g, int(round((1 - ratios[g.index]) * n)))
+        keep[g.index] = k
+        removed[selector.order[g.index][: n - k]] = True
+    return removed, keep
 
 
 def _unit(cost: CostSummary, by: str) -> float:

@@ -1,0 +1,591 @@
+"""NAS-slimming: search depth x width x input size under a latency budget, with Optuna.
+
+`Slim` finds its search space in the graph (`fxopt.passes.slim_space`): residual blocks it may
+remove (depth), a keep ratio per stage over the pruning dependency groups (width; a stage is
+the groups whose producers output one spatial size) and the input shapes the user allows
+(resolution). Each Optuna trial builds one candidate and measures
+
+- its **latency**: the target's estimate (`fxopt.cost_model`) at the compile precision, costed
+  on a shape-only build, which is the constraint ``latency <= budget``;
+- its **accuracy proxy**: BatchNorm statistics re-estimated on ``calib_data``, then the
+  divergence of its outputs from the original model's on those batches (KL at temperature 1
+  for 2-D logits, squared error relative to the reference's power for every other float
+  output), which is the objective.
+
+The sampler is Optuna's TPE with the latency constraint (seeded, so a search is reproducible);
+any Optuna storage URL (or a ``.journal`` file path) lets several workers share one study. The
+pass returns the feasible trial with the lowest proxy, its BatchNorm statistics re-estimated.
+A study's trials, its Pareto plot and the study itself are written by `CompiledModel.save`.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule
+
+from fxopt.cost_model import estimate_costs
+from fxopt.errors import InputError, PassError
+from fxopt.inputs import resize_inputs
+from fxopt.numerics import flatten_outputs, run_model
+from fxopt.pass_base import FxoptPass, PassResult, current_context
+from fxopt.pass_manager import INPUT_SHAPES_META
+from fxopt.passes.channel_importance import atom_scores
+from fxopt.passes.dependency_groups import analyze_dependencies
+from fxopt.passes.prune import apply_plan, plan_keep_ratios, shape_only
+from fxopt.passes.slim_space import (
+    ResidualBlock,
+    describe_shapes,
+    find_residual_blocks,
+    parse_resolutions,
+    remove_blocks,
+    stage_of_groups,
+)
+from fxopt.registry import register_pass
+from fxopt.tracing import propagate_shapes
+
+__all__ = ["Slim", "SlimCandidate", "recalibrate_batchnorm", "output_divergence"]
+
+DIMENSIONS = ("depth", "width", "resolution")
+WIDTH_CHOICES = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+SEARCH_TABLE = "slim: search (every trial)"
+CHOICE_TABLE = "slim: chosen architecture"
+FILES_META = "fxopt_files"  # extra files for the output folder (name -> bytes or text)
+PROXY_BATCHES = 8
+
+
+def recalibrate_batchnorm(gm: nn.Module, batches: Sequence[tuple[Any, ...]]) -> int:
+    """Re-estimate every BatchNorm's running statistics on `batches` (a cumulative average),
+    in place; returns how many BatchNorm modules were re-estimated (0 when there are none or
+    a batch of one sample cannot give a per-channel variance, in which case nothing changes)."""
+    bns = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or not batches:
+        return 0
+    saved = [(m.momentum, m.training, copy.deepcopy(m.state_dict())) for m in bns]
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the batches
+            m.train()
+        for batch in batches:
+            run_model(gm, batch)
+    except (ValueError, RuntimeError):
+        for m, (_, _, state) in zip(bns, saved):
+            m.load_state_dict(state)
+        return 0
+    finally:
+        for m, (momentum, training, _) in zip(bns, saved):
+            m.momentum = momentum
+            m.train(training)
+    return len(bns)
+
+
+def _resize_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:
+    if x.shape == ref.shape:
+        return x
+    if x.dim() != ref.dim() or x.dim() < 3 or x.shape[:2] != ref.shape[:2] or not x.is_floating_point():
+        return None
+    mode = {3: "linear", 4: "bilinear", 5: "trilinear"}[x.dim()]
+    return F.interpolate(x, size=tuple(ref.shape[2:]), mode=mode, align_corners=False)
+
+
+def output_divergence(outputs: Any, reference: Any) -> float:
+    """How far `outputs` are from `reference`, averaged over their float tensors.
+
+    For 2-D ``(batch, classes)`` logits: ``KL(softmax(reference) || softmax(outputs))`` per
+    sample; for every other float tensor: ``mean((o - r)^2) / mean(r^2)``. An output at
+    another spatial size (a candidate at a smaller input) is resized to the reference's first.
+
+    Raises:
+        ValueError: the outputs cannot be compared (another structure, or shapes that are not
+            a resize of the reference's).
+    """
+    outs, refs = flatten_outputs(outputs), flatten_outputs(reference)
+    if len(outs) != len(refs):
+        raise ValueError(f"{len(outs)} output tensors vs {len(refs)} in the reference")
+    total, n = 0.0, 0
+    for o, r in zip(outs, refs):
+        if not r.is_floating_point():
+            continue
+        o2 = _resize_like(o, r)
+        if o2 is None:
+            raise ValueError(f"output of shape {tuple(o.shape)} cannot be compared with the reference's {tuple(r.shape)}")
+        o64, r64 = o2.double(), r.double()
+        if r64.dim() == 2 and r64.shape[1] > 1:
+            total += float(F.kl_div(F.log_softmax(o64, 1), F.log_softmax(r64, 1), log_target=True, reduction="batchmean"))
+        else:
+            total += float(((o64 - r64) ** 2).mean() / r64.pow(2).mean().clamp_min(1e-12))
+        n += 1
+    return total / max(n, 1)
+
+
+@dataclass(frozen=True)
+class SlimCandidate:
+    """One point of the search space.
+
+    Attributes:
+        removed_blocks: scopes of the residual blocks removed.
+        widths: keep ratio per stage name.
+        resolution: index into the allowed input shapes (0: the example inputs' own).
+    """
+
+    removed_blocks: tuple[str, ...] = ()
+    widths: tuple[tuple[str, float], ...] = ()
+    resolution: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"removed blocks": len(self.removed_blocks), "widths": " ".join(f"{s}:{r:g}" for s, r in self.widths),
+                "resolution": self.resolution}
+
+
+@dataclass
+class _Variant:
+    """The graph at one input resolution, with what width plans need."""
+
+    gm: GraphModule
+    inputs: tuple[Any, ...]
+    shapes: tuple[Any, ...]
+    analysis: Any = None
+    scores: np.ndarray | None = None
+    group_stage: dict[int, str] = field(default_factory=dict)
+
+
+class _Space:
+    """The search space of one graph and the builders of its candidates."""
+
+    def __init__(self, gm: GraphModule, example: tuple[Any, ...], dims: Sequence[str], resolutions: Any,
+                 width_choices: Sequence[float], alignment: int, max_ratio: float) -> None:
+        self.gm, self.example, self.dims = gm, example, tuple(dims)
+        self.width_choices, self.alignment, self.max_ratio = tuple(width_choices), alignment, max_ratio
+        self.blocks: list[ResidualBlock] = find_residual_blocks(gm) if "depth" in dims else []
+        if len({b.scope for b in self.blocks}) != len(self.blocks):  # two blocks in one module: name them by add
+            self.blocks = [ResidualBlock(b.add, b.skip, b.body, f"{b.scope}/{b.add}") for b in self.blocks]
+        shapes = [tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in example)]
+        if "resolution" in dims and resolutions is not None:
+            shapes += [s for s in parse_resolutions(resolutions, example) if s != shapes[0]]
+        self.resolutions = shapes
+        self._variants: dict[int, _Variant] = {}
+        self.stages: list[str] = []
+        if "width" in dims:
+            base = self.variant(0)
+            self.stages = sorted(set(base.group_stage.values()), key=lambda s: self._stage_order(s))
+
+    @staticmethod
+    def _stage_order(stage: str) -> tuple[int, str]:
+        return (-math.prod(int(v) for v in stage.split("x")) if stage != "flat" else 0, stage)
+
+    def variant(self, index: int) -> _Variant:
+        if index not in self._variants:
+            gm = self.gm if index == 0 else copy.deepcopy(self.gm)
+            inputs = self.example if index == 0 else resize_inputs(self.example, self.resolutions[index])
+            if index:
+                try:
+                    propagate_shapes(gm, inputs)
+                except RuntimeError as exc:
+                    raise InputError(
+                        f"slim: the model cannot take the input shape(s) {describe_shapes(self.resolutions[index])} "
+                        f"from resolutions=: {exc}"
+                    ) from None
+            v = _Variant(gm, inputs, self.resolutions[index])
+            if "width" in self.dims:
+                v.analysis = analyze_dependencies(gm)
+                v.scores = atom_scores(gm, v.analysis, "l1")
+                by_root = stage_of_groups(self.gm if index == 0 else gm, v.analysis)
+                if index:  # name stages by the example resolution's sizes, matched through producer names
+                    base = self.variant(0)
+                    stage_by_name = {g.root_names[0]: base.group_stage[g.index] for g in base.analysis.groups}
+                    by_root = {g.index: stage_by_name.get(g.root_names[0], by_root[g.index]) for g in v.analysis.groups}
+                v.group_stage = by_root
+            self._variants[index] = v
+        return self._variants[index]
+
+    def fingerprint(self) -> str:
+        data = {"blocks": [b.scope for b in self.blocks], "stages": self.stages, "widths": self.width_choices,
+                "resolutions": [describe_shapes(s) for s in self.resolutions], "nodes": len(self.gm.graph.nodes)}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def smallest(self) -> SlimCandidate:
+        res = min(range(len(self.resolutions)), key=lambda i: math.prod(s for x in self.resolutions[i] if x for s in x))
+        return SlimCandidate(tuple(b.scope for b in self.blocks), tuple((s, self.width_choices[0]) for s in self.stages), res)
+
+    def _plan(self, v: _Variant, c: SlimCandidate) -> np.ndarray | None:
+        widths = dict(c.widths)
+        if not v.analysis or all(r >= 1.0 for r in widths.values()):
+            return None
+        ratios = {g.index: widths.get(v.group_stage[g.index], 1.0) for g in v.analysis.groups}
+        removed, _ = plan_keep_ratios(v.analysis, v.scores, ratios, alignment=self.alignment, max_ratio=self.max_ratio)
+        return removed if removed.any() else None
+
+    def _blocks(self, c: SlimCandidate) -> list[ResidualBlock]:
+        chosen = set(c.removed_blocks)
+        return [b for b in self.blocks if b.scope in chosen]
+
+    def latency_s(self, c: SlimCandidate, target: Any, precision: str) -> float:
+        v = self.variant(c.resolution)
+        removed = self._plan(v, c)
+        if removed is None and not c.removed_blocks:
+            return estimate_costs(v.gm, target, precision).latency_s
+        module: Any = shape_only(v.gm, v.analysis, removed if removed is not None else np.zeros(v.analysis.num_atoms, bool)) \
+            if v.analysis is not None else _graph_copy(v.gm)
+        remove_blocks(module, self._blocks(c))
+        return estimate_costs(module, target, precision).latency_s
+
+    def build(self, c: SlimCandidate) -> tuple[GraphModule, tuple[Any, ...]]:
+        """The candidate with real weights (the original graph is left intact) and its inputs."""
+        v = self.variant(c.resolution)
+        removed = self._plan(v, c)
+        gm = apply_plan(v.gm, v.analysis, removed, mode="slice") if removed is not None else copy.deepcopy(v.gm)
+        remove_blocks(gm, self._blocks(c))
+        return gm, v.inputs
+
+
+def _graph_copy(gm: GraphModule) -> Any:
+    """A shape-carrying copy of `gm` whose graph can be edited for costing (weights shared)."""
+    return GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+
+
+def _storage(storage: Any) -> Any:
+    import optuna
+
+    if storage is None or not isinstance(storage, (str, os.PathLike)):
+        return storage
+    text = os.fspath(storage)
+    if text.endswith((".journal", ".log")) and "://" not in text:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(text))
+    if "://" not in text:
+        raise InputError(f"slim: storage must be an Optuna storage URL (sqlite:///study.db, postgresql://...) or a .journal file path, got {text!r}")
+    return optuna.storages.RDBStorage(text)
+
+
+@register_pass
+class Slim(FxoptPass):
+    """Search depth x width x input size for the candidate closest to the original model
+    under a latency budget (see the module docstring for how candidates are measured).
+
+    Args:
+        latency_ms: the budget in milliseconds of the target's estimate at the compile precision.
+        latency_ratio: the budget as a fraction of the input graph's estimate (e.g. 0.5);
+            one of the two is needed (either also as a compile option).
+        trials: Optuna trials this worker runs (the study may hold more, from other workers).
+        space: the dimensions searched: any of ``"depth"``, ``"width"``, ``"resolution"``.
+        resolutions: input shapes allowed besides the example's (``[(1, 3, 64, 96), ...]``, or
+            the spatial part ``[(64, 96)]``); the compile's inputs change to the chosen one.
+            Also a compile option.
+        seed: seeds the sampler.
+        storage: an Optuna storage URL or a ``.journal`` file path, to share one study between
+            workers; ``None`` keeps the study in memory (`save` writes it as ``study.db``).
+        study_name: the study's name in `storage`.
+        width_choices: the keep ratios a stage may take.
+        max_ratio: the largest fraction of any group's channels that may go.
+        progress: show a progress bar over trials (default: when the compile shows progress).
+    """
+
+    name = "slim"
+    lossy = True
+    after = ("canonicalize",)
+    before = ("prune", "fold_batchnorm", "quantize", "distill")
+    reads_options = ("calib_data", "latency_ms", "latency_ratio", "resolutions")
+
+    def __init__(
+        self,
+        latency_ms: float | None = None,
+        latency_ratio: float | None = None,
+        trials: int = 40,
+        space: Sequence[str] = DIMENSIONS,
+        resolutions: Sequence[Any] | None = None,
+        seed: int = 0,
+        storage: Any = None,
+        study_name: str | None = None,
+        width_choices: Sequence[float] = WIDTH_CHOICES,
+        max_ratio: float = 0.9,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(space, str) or not space or any(d not in DIMENSIONS for d in space):
+            raise InputError(f"Slim: space must be a list drawn from {DIMENSIONS}, got {space!r}")
+        if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+            raise InputError(f"Slim: trials must be a positive int, got {trials!r}")
+        if not width_choices or any(not 0 < float(r) <= 1 for r in width_choices):
+            raise InputError(f"Slim: width_choices must be ratios in (0, 1], got {width_choices!r}")
+        for key, value in (("latency_ms", latency_ms), ("latency_ratio", latency_ratio)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise InputError(f"Slim: {key} must be a positive number, got {value!r}")
+        self.latency_ms, self.latency_ratio, self.trials = latency_ms, latency_ratio, trials
+        self.space, self.resolutions, self.seed = tuple(space), resolutions, seed
+        self.storage, self.study_name = storage, study_name
+        self.width_choices = tuple(sorted(float(r) for r in width_choices))
+        self.max_ratio, self.progress = max_ratio, progress
+        self.study: Any = None
+        self.chosen: SlimCandidate | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {"latency_ms": self.latency_ms, "latency_ratio": self.latency_ratio, "trials": self.trials,
+                "space": list(self.space), "resolutions": self.resolutions, "seed": self.seed,
+                "storage": None if self.storage is None else str(self.storage), "study_name": self.study_name}
+
+    # ------------------------------------------------------------------------------------
+    def _budget_s(self, base_s: float) -> float:
+        opts = current_context().options
+        latency_ms = self.latency_ms if self.latency_ms is not None else opts.get("latency_ms")
+        ratio = self.latency_ratio if self.latency_ratio is not None else opts.get("latency_ratio")
+        if latency_ms is None and ratio is None:
+            raise InputError("slim needs a latency budget: latency_ms= or latency_ratio= (as a Slim option or a compile option)")
+        if latency_ms is not None and ratio is not None:
+            raise InputError("slim: give latency_ms= or latency_ratio=, not both")
+        return float(latency_ms) / 1e3 if latency_ms is not None else float(ratio) * base_s
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        try:
+            import optuna
+        except ImportError:
+            raise InputError("the slim pass searches with Optuna: pip install 'fxopt[slim]' (optuna, matplotlib)") from None
+        ctx = current_context()
+        calib = ctx.options.get("calib_data")
+        if not calib:
+            raise InputError("slim needs calib_data=[(x,), ...] for its accuracy proxy (BatchNorm re-estimation and "
+                             "the divergence from the original model's outputs on those batches)")
+        if not any("tensor_meta" in n.meta for n in graph_module.graph.nodes):
+            raise InputError("Slim needs shapes on the graph: trace with fxopt.trace(model, example_inputs) or use fxopt.compile")
+        resolutions = self.resolutions if self.resolutions is not None else ctx.options.get("resolutions")
+        if resolutions is not None and "resolution" not in self.space:
+            raise InputError("slim: resolutions= was given but 'resolution' is not in space=")
+        target, precision = ctx.target, ctx.precision
+        base_s = estimate_costs(graph_module, target, precision).latency_s
+        budget_s = self._budget_s(base_s)
+        space = _Space(graph_module, ctx.example_inputs, self.space, resolutions, self.width_choices,
+                       target.alignment(precision), self.max_ratio)
+        if not space.blocks and not space.stages and len(space.resolutions) == 1:
+            raise InputError("slim found nothing to search: no removable residual block, no prunable channel group "
+                             "and no other input size (resolutions=)")
+        floor = space.smallest()
+        floor_s = space.latency_s(floor, target, precision)
+        if floor_s > budget_s:
+            raise InputError(
+                f"slim: the latency budget {budget_s * 1e3:.3g} ms on {target.name} ({precision}) is unreachable: the smallest "
+                f"candidate of this space ({len(space.blocks)} blocks removed, every stage at width {self.width_choices[0]:g}, "
+                f"input {describe_shapes(space.resolutions[floor.resolution])}) is estimated at {floor_s * 1e3:.3g} ms "
+                f"(the input graph: {base_s * 1e3:.3g} ms)"
+            )
+        batches = [tuple(b) for b in calib[:PROXY_BATCHES]]
+        references = [run_model(graph_module, b) for b in batches]
+        search = _Search(space, batches, references, target, precision, budget_s)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = self._study(space, search)
+        if not study.trials:  # a new study starts from the smallest and a few uniform widths
+            study.enqueue_trial(search.params_of(floor))
+            for r in self.width_choices[len(self.width_choices) // 2: -1]:
+                study.enqueue_trial(search.params_of(SlimCandidate((), tuple((s, r) for s in space.stages), 0)))
+        start = time.perf_counter()
+        study.optimize(search.objective, n_trials=self.trials, callbacks=search.callbacks(self.progress or False, self.trials))
+        search.close()
+        self.study = study
+        best = search.best(study)
+        if best is None:
+            raise PassError(self.name, f"no trial met the budget of {budget_s * 1e3:.3g} ms in {len(study.trials)} trials")
+        self.chosen = search.candidate_of(best.params)
+        slim, inputs = space.build(self.chosen)
+        recalibrate_batchnorm(slim, [resize_inputs(b, space.resolutions[self.chosen.resolution]) for b in batches])
+        slim.meta.update({k: v for k, v in graph_module.meta.items() if k not in slim.meta})
+        tables = slim.meta.setdefault("fxopt_tables", {})
+        tables[SEARCH_TABLE] = search.rows(study, best)
+        tables[CHOICE_TABLE] = search.choice_rows(self.chosen, best, len(study.trials), base_s, budget_s, time.perf_counter() - start)
+        slim.meta[FILES_META] = {**slim.meta.get(FILES_META, {}), **search.files(study, best, self.storage is None)}
+        if self.chosen.resolution:
+            slim.meta[INPUT_SHAPES_META] = space.resolutions[self.chosen.resolution]
+        return PassResult(slim, True)
+
+    def _study(self, space: _Space, search: _Search) -> Any:
+        import optuna
+
+        # Optuna 5 reads constraints the objective sets on the trial; older releases take a function
+        constraints = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": search.constraints}
+        sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=min(10, max(2, self.trials // 3)), **constraints)
+        name = self.study_name or f"fxopt-slim-{space.fingerprint()}"
+        study = optuna.create_study(storage=_storage(self.storage), sampler=sampler, study_name=name,
+                                    direction="minimize", load_if_exists=True)
+        known = study.user_attrs.get("fxopt_space")
+        if known is None:
+            study.set_user_attr("fxopt_space", space.fingerprint())
+        elif known != space.fingerprint():
+            raise InputError(f"slim: study '{name}' in {self.storage} was made for another search space (model, "
+                             "target or options differ); use another study_name")
+        return study
+
+
+class _Search:
+    """The Optuna objective, constraint and outputs of one slim search."""
+
+    def __init__(self, space: _Space, batches: list[tuple[Any, ...]], references: list[Any], target: Any,
+                 precision: str, budget_s: float) -> None:
+        self.space, self.batches, self.references = space, batches, references
+        self.target, self.precision, self.budget_s = target, precision, budget_s
+        self._bar: Any = None
+
+    # the search space as Optuna parameters
+    def params_of(self, c: SlimCandidate) -> dict[str, Any]:
+        removed = set(c.removed_blocks)
+        params: dict[str, Any] = {f"depth:{b.scope}": b.scope not in removed for b in self.space.blocks}
+        params.update({f"width:{s}": r for s, r in c.widths})
+        if len(self.space.resolutions) > 1:
+            params["resolution"] = c.resolution
+        return params
+
+    def candidate_of(self, params: Mapping[str, Any]) -> SlimCandidate:
+        removed = tuple(b.scope for b in self.space.blocks if not params.get(f"depth:{b.scope}", True))
+        widths = tuple((s, float(params.get(f"width:{s}", 1.0))) for s in self.space.stages)
+        return SlimCandidate(removed, widths, int(params.get("resolution", 0)))
+
+    def _suggest(self, trial: Any) -> SlimCandidate:
+        params = {f"depth:{b.scope}": trial.suggest_categorical(f"depth:{b.scope}", [True, False]) for b in self.space.blocks}
+        params.update({f"width:{s}": trial.suggest_categorical(f"width:{s}", list(self.space.width_choices)) for s in self.space.stages})
+        if len(self.space.resolutions) > 1:
+            params["resolution"] = trial.suggest_categorical("resolution", list(range(len(self.space.resolutions))))
+        return self.candidate_of(params)
+
+    def objective(self, trial: Any) -> float:
+        c = self._suggest(trial)
+        latency_s = self.space.latency_s(c, self.target, self.precision)
+        trial.set_user_attr("latency_ms", latency_s * 1e3)
+        trial.set_user_attr("constraint", (latency_s - self.budget_s) * 1e3)
+        if hasattr(trial, "set_constraint"):
+            trial.set_constraint("latency", (latency_s - self.budget_s) * 1e3)
+        return self.proxy(c)
+
+    def proxy(self, c: SlimCandidate) -> float:
+        gm, _ = self.space.build(c)
+        shapes = self.space.resolutions[c.resolution]
+        batches = [resize_inputs(b, shapes) for b in self.batches]
+        recalibrate_batchnorm(gm, batches)
+        try:
+            return float(np.mean([output_divergence(run_model(gm, b), ref) for b, ref in zip(batches, self.references)]))
+        except ValueError as exc:
+            raise InputError(f"slim: at input {describe_shapes(shapes)} the outputs are not a resize of the original's ({exc}); "
+                             "leave that size out of resolutions=") from None
+
+    @staticmethod
+    def constraints(trial: Any) -> tuple[float]:
+        return (float(trial.user_attrs.get("constraint", 0.0)),)
+
+    def best(self, study: Any) -> Any:
+        import optuna
+
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        feasible = [t for t in done if t.user_attrs.get("constraint", 1.0) <= 0]
+        return min(feasible, key=lambda t: (t.value, t.number)) if feasible else None
+
+    # progress
+    def callbacks(self, show: bool, total: int) -> list[Any]:
+        if not show:
+            return []
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc="slim", unit="trial", leave=False)
+
+        def tick(study: Any, trial: Any) -> None:
+            best = self.best(study)
+            if best is not None:
+                self._bar.set_postfix_str(f"best proxy {best.value:.4g} at {best.user_attrs['latency_ms']:.3g} ms")
+            self._bar.update(1)
+
+        return [tick]
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    # outputs
+    def _trial_row(self, t: Any, best: Any) -> dict[str, Any]:
+        c = self.candidate_of(t.params)
+        return {"trial": t.number, "state": t.state.name.lower(), "est. latency ms": round(t.user_attrs.get("latency_ms", float("nan")), 4),
+                "feasible": t.user_attrs.get("constraint", 1.0) <= 0, "proxy": None if t.value is None else round(t.value, 6),
+                **c.describe(), "chosen": t.number == best.number}
+
+    def rows(self, study: Any, best: Any) -> list[dict[str, Any]]:
+        return [self._trial_row(t, best) for t in study.trials]
+
+    def choice_rows(self, c: SlimCandidate, best: Any, trials: int, base_s: float, budget_s: float, search_s: float) -> list[dict[str, Any]]:
+        rows = [{"dimension": "latency", "choice": f"{best.user_attrs['latency_ms']:.4g} ms (budget {budget_s * 1e3:.4g} ms, "
+                 f"input graph {base_s * 1e3:.4g} ms, {self.target.name} {self.precision})"},
+                {"dimension": "proxy", "choice": f"{best.value:.4g} (trial {best.number}; search {search_s:.1f} s over "
+                 f"{trials} trial(s) of the study)"}]
+        removed = set(c.removed_blocks)
+        rows += [{"dimension": "depth", "choice": f"{b.scope}: {'removed' if b.scope in removed else 'kept'}"} for b in self.space.blocks]
+        rows += [{"dimension": "width", "choice": f"stage {s}: keep {r:g}"} for s, r in c.widths]
+        if len(self.space.resolutions) > 1:
+            rows.append({"dimension": "resolution", "choice": describe_shapes(self.space.resolutions[c.resolution])})
+        return rows
+
+    def files(self, study: Any, best: Any, in_memory: bool) -> dict[str, Any]:
+        rows = self.rows(study, best)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        files: dict[str, Any] = {"trials.csv": text.getvalue(), "pareto.png": _pareto_png(study, best)}
+        if in_memory:
+            files["study.db"] = _study_bytes(study)
+        return files
+
+
+def _pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best_proxy = [], math.inf
+    for i in order:
+        if points[i][1] < best_proxy:
+            front.append(i)
+            best_proxy = points[i][1]
+    return front
+
+
+def _pareto_png(study: Any, best: Any) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    trials = [t for t in study.trials if t.value is not None and "latency_ms" in t.user_attrs]
+    points = [(t.user_attrs["latency_ms"], t.value) for t in trials]
+    front = _pareto_front(points)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, c="#999999", label="trials")
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", c="#1f77b4", ms=4, label="Pareto front")
+    ax.scatter([best.user_attrs["latency_ms"]], [best.value], s=90, marker="*", c="#d62728", zorder=3, label="chosen")
+    budget = best.user_attrs["latency_ms"] - best.user_attrs["constraint"]
+    ax.axvline(budget, ls="--", c="#d62728", lw=1, label="budget")
+    ax.set_xlabel("estimated latency (ms)")
+    ax.set_ylabel("accuracy proxy (divergence, lower is better)")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return out.getvalue()
+
+
+def _study_bytes(study: Any) -> bytes:
+    import optuna
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "study.db")
+        optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage, to_storage=f"sqlite:///{path}")
+        with open(path, "rb") as f:
+            return f.read()

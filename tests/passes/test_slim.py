@@ -1,0 +1,270 @@
+"""NAS-slimming (`fxopt.passes.Slim`): search space found from the graph, exact depth removal,
+width through the dependency groups, resolution changes, the latency constraint, seeded
+reproducibility and a study shared by two worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.cost_model import estimate_costs
+from fxopt.errors import InputError
+from fxopt.pass_base import CompileContext, use_context
+from fxopt.passes import Slim
+from fxopt.passes.slim import output_divergence, recalibrate_batchnorm
+from fxopt.passes.slim_space import find_residual_blocks, parse_resolutions, remove_blocks
+
+optuna = pytest.importorskip("optuna")  # a dev dependency: the import error would name it
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class ResNetish(nn.Module):
+    """Fully convolutional: stem, two stages of two residual blocks, a 1x1 head."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.stage1 = nn.Sequential(Block(c), Block(c))
+        self.down = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU())
+        self.stage2 = nn.Sequential(Block(2 * c), Block(2 * c))
+        self.head = nn.Conv2d(2 * c, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stage2(self.down(self.stage1(self.stem(x)))))
+
+
+class Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        inner = y + self.b(y)  # a block inside the body of the outer one
+        return x + inner
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = ResNetish()
+    for mod in m.modules():  # non-trivial BatchNorm statistics, so re-estimating them matters
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+X = (torch.randn(1, 3, 32, 32),)
+CALIB = [(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+
+
+def _run(p: Slim, gm: torch.fx.GraphModule, target: str = "xavier", **options):
+    ctx = CompileContext.create(target, X, calib_data=CALIB, **options)
+    with use_context(ctx):
+        return p(gm)
+
+
+def test_blocks_found_on_a_residual_net_and_none_on_a_plain_chain():
+    gm = fxopt.trace(_model(), X)
+    blocks = find_residual_blocks(gm)
+    assert [b.scope for b in blocks] == ["stage1.0", "stage1.1", "stage2.0", "stage2.1"]
+    assert all(len(b.body) == 5 for b in blocks)  # conv1, bn1, relu, conv2, bn2
+    chain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU())
+    assert find_residual_blocks(fxopt.trace(chain, X)) == []
+
+
+def test_an_add_of_two_branches_or_a_tapped_body_is_not_a_block():
+    class TwoBranches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    class Tapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            f = self.a(x)
+            return x + self.b(f), f  # f is read outside the block
+
+    assert find_residual_blocks(fxopt.trace(TwoBranches(), X)) == []
+    assert find_residual_blocks(fxopt.trace(Tapped(), X)) == []
+
+
+def test_removing_a_block_is_exact_where_the_block_is_zeroed():
+    model = _model()
+    with torch.no_grad():  # f(x) == 0 for stage2.0: bn2 outputs zeros
+        model.stage2[0].bn2.weight.zero_()
+        model.stage2[0].bn2.bias.zero_()
+    gm = fxopt.trace(model, X)
+    block = next(b for b in find_residual_blocks(gm) if b.scope == "stage2.0")
+    before = gm(*X)
+    remove_blocks(gm, [block])
+    assert not any(n.name in block.body for n in gm.graph.nodes)
+    assert "stage2.0.conv1" not in dict(gm.named_modules())  # its modules are gone too
+    torch.testing.assert_close(gm(*X), before, rtol=0, atol=0)
+
+
+def test_nested_blocks_any_subset_can_be_removed():
+    x = (torch.randn(1, 8, 8, 8),)
+    gm = fxopt.trace(Nested(), x)
+    blocks = find_residual_blocks(gm)
+    assert len(blocks) == 2
+    for subset in ([blocks[0]], [blocks[1]], blocks, blocks[::-1]):
+        g = fxopt.trace(Nested(), x)
+        remove_blocks(g, subset)
+        assert g(*x).shape == (1, 8, 8, 8)
+    outer = next(b for b in blocks if b.skip == "x")
+    g = fxopt.trace(Nested(), x)
+    remove_blocks(g, [outer])
+    torch.testing.assert_close(g(*x), x[0])
+
+
+def test_search_meets_the_budget_and_changes_depth_and_width():
+    gm = fxopt.trace(_model(), X)
+    base = estimate_costs(gm, "xavier", "fp16").latency_s
+    p = Slim(latency_ratio=0.8, trials=12, seed=0)
+    out = _run(p, gm).graph_module
+    after = estimate_costs(out, "xavier", "fp16").latency_s
+    assert after <= 0.8 * base + 1e-12
+    trials = [t for t in p.study.trials if t.user_attrs.get("constraint", 1) <= 0]
+    assert trials and all(t.user_attrs["latency_ms"] <= 0.8 * base * 1e3 + 1e-9 for t in trials)
+    chosen = out.meta["fxopt_tables"]["slim: chosen architecture"]
+    assert {r["dimension"] for r in chosen} >= {"latency", "proxy", "depth", "width"}
+    assert out(*X).shape == gm(*X).shape
+    # the chosen candidate's kept channels are multiples of Xavier's fp16 alignment (8) or whole
+    for m in out.modules():
+        if isinstance(m, nn.Conv2d) and m.out_channels not in (4, 16, 32):
+            assert m.out_channels % 8 == 0
+
+
+def test_width_goes_through_the_dependency_groups():
+    gm = fxopt.trace(_model(), X)
+    p = Slim(latency_ratio=0.99, trials=3, space=("width",), width_choices=(0.5,), seed=0)
+    out = _run(p, gm).graph_module
+    assert p.chosen.widths == (("32x32", 0.5), ("16x16", 0.5))
+    # the residual adds couple each stage's convs: all of a stage's outputs shrink together
+    mod = out.get_submodule
+    assert mod("stem.0").out_channels == 8 and mod("stage1.0.conv2").out_channels == 8
+    assert mod("down.0").out_channels == 16 and mod("stage2.1.conv2").out_channels == 16
+    assert mod("head").out_channels == 4  # a model output is never pruned
+
+
+def test_the_same_seed_gives_the_same_search():
+    gm = fxopt.trace(_model(), X)
+    runs = []
+    for _ in range(2):
+        p = Slim(latency_ratio=0.8, trials=8, seed=3)
+        _run(p, gm)
+        runs.append(([t.params for t in p.study.trials], p.chosen))
+    assert runs[0] == runs[1]
+
+
+def test_resolution_change_on_a_fully_convolutional_model_changes_the_compile_inputs(tmp_path):
+    model = _model()
+    compiled = fxopt.compile(
+        model, "xavier", example_inputs=X, passes=[Slim(trials=4, space=("resolution",), seed=0)],
+        latency_ratio=0.5, resolutions=[(16, 16), (24, 24)], calib_data=CALIB,
+    )
+    assert compiled.input_shapes == [[1, 3, 16, 16]]
+    assert compiled.manifest["example_inputs"] == [[1, 3, 16, 16]]
+    assert any("input shape" in n and "WARNING" in n for n in compiled.report.notes)
+    onnx_shape = [d.dim_value for d in compiled.onnx_model.graph.input[0].type.tensor_type.shape.dim]
+    assert onnx_shape == [1, 3, 16, 16]
+    assert compiled(torch.randn(1, 3, 16, 16)).shape == (1, 4, 8, 8)
+    saved = compiled.save(tmp_path / "out")
+    assert {"trials.csv", "pareto.png", "study.db"} <= set(os.listdir(tmp_path / "out"))
+    assert open(saved["pareto.png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_requests_are_clear_errors():
+    gm = fxopt.trace(_model(), X)
+    with pytest.raises(InputError, match="calib_data"):
+        with use_context(CompileContext.create("xavier", X)):
+            Slim(latency_ratio=0.5)(gm)
+    with pytest.raises(InputError, match="latency budget"):
+        _run(Slim(), gm)
+    with pytest.raises(InputError, match="unreachable"):
+        _run(Slim(latency_ratio=0.01, trials=2), gm)
+    with pytest.raises(InputError, match="space"):
+        Slim(space=("depth", "colour"))
+    with pytest.raises(InputError, match="only the spatial dims"):
+        parse_resolutions([(1, 4, 16, 16)], X)
+    with pytest.raises(InputError, match="cannot take"):
+        _run(Slim(latency_ratio=0.9, trials=2, space=("resolution",)), fxopt.trace(_Flat(), X), resolutions=[(16, 16)])
+
+
+class _Flat(nn.Module):
+    """Flattens into a linear layer: it takes one input size only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 32 * 32, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_proxy_pieces():
+    ref = torch.randn(4, 10)
+    assert output_divergence(ref, ref) == 0.0
+    assert output_divergence(ref + 1.0, ref) == pytest.approx(0.0, abs=1e-12)  # softmax ignores a shift
+    assert output_divergence(ref * 2, ref) > 0
+    seg = torch.randn(1, 3, 8, 8)
+    assert output_divergence(torch.zeros_like(seg), seg) == pytest.approx(1.0)
+    small = torch.nn.functional.interpolate(seg, size=(4, 4), mode="bilinear", align_corners=False)
+    assert 0 < output_divergence(small, seg) < 1  # compared after resizing back
+    bn = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).eval()
+    batches = [(torch.randn(4, 3, 8, 8) * 3 + 5,)]
+    assert recalibrate_batchnorm(bn, batches) == 1
+    conv_out = bn[0](batches[0][0])
+    torch.testing.assert_close(bn[1].running_mean, conv_out.mean((0, 2, 3)).detach(), rtol=1e-4, atol=1e-4)
+    assert not bn[1].training and bn[1].momentum == 0.1
+
+
+WORKER = textwrap.dedent("""
+    import sys, torch, fxopt
+    sys.path.insert(0, {tests!r})
+    from test_slim import _model, _run, X
+    from fxopt.passes import Slim
+    p = Slim(latency_ratio=0.8, trials=4, seed=int(sys.argv[1]), storage={storage!r}, study_name="shared")
+    _run(p, fxopt.trace(_model(), X))
+    print("TRIALS", len(p.study.trials))
+""")
+
+
+def test_two_workers_share_one_study(tmp_path):
+    storage = str(tmp_path / "study.journal")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=os.path.dirname(__file__), storage=storage))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen([sys.executable, str(script), str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env) for seed in (1, 2)]
+    outs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [o[1][-2000:] for o in outs]
+    study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(storage)))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2 * 4  # both workers' trials are in the one study
+    seen = sorted(int(o[0].split("TRIALS")[1]) for o in outs)
+    assert seen[1] >= 2 * 4  # the worker that finished last saw the other's trials too
