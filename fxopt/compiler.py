@@ -19,7 +19,7 @@ from fxopt.errors import InputError
 from fxopt.inputs import calibration_batches, copy_inputs, validate_inputs, verification_inputs
 from fxopt.output_folder import MANIFEST, check_output_folder, write_output_folder
 from fxopt.pass_base import CompileContext, pass_attr, pass_name
-from fxopt.pass_manager import PassManager, resolve_passes
+from fxopt.pass_manager import FILES_META, PassManager, order_passes, resolve_passes
 from fxopt.progress import Phases
 from fxopt.registry import create_pass
 from fxopt.report import CompileReport, layer_rows, report_tables
@@ -78,6 +78,12 @@ class CompiledModel(nn.Module):
     @property
     def target(self) -> TargetProfile:
         return self.context.target
+
+    @property
+    def input_shapes(self) -> list[Any]:
+        """The shapes the compiled model takes (they differ from the example inputs' when slim
+        chose another input size)."""
+        return list(self.manifest["example_inputs"])
 
     def forward(self, *args: Any) -> Any:
         return self.graph_module(*args) if self.staged is None else self.staged(*args)
@@ -160,6 +166,8 @@ def compile(  # noqa: A001 - the public name the design asks for
     finetune_steps: int = 0,
     finetune_lr: float = 1e-4,
     distill: Any = None,
+    recipe: Any = None,
+    eval_fn: Any = None,
     **options: Any,
 ) -> CompiledModel:
     """Compile `model` for `target`: trace, run verified passes, lower to ONNX and verify it.
@@ -192,6 +200,10 @@ def compile(  # noqa: A001 - the public name the design asks for
         finetune_lr: Adam learning rate of that fine-tune.
         distill: an `fxopt.distill.Distill` (logit KD, feature losses); the kept channels of a
             `prune` pass in the pipeline are filled in for it.
+        recipe: a bundled model's `TrainingRecipe` (``fxopt.models.spec(name).recipe``): its
+            batches, loss and held-out evaluation stand in for `train_data`, `loss` and `eval_fn`.
+        eval_fn: ``graph -> {metric: value}`` (or a number): the report's summary table gives
+            the metric of the input model and after each lossy step (slim/prune, fine-tune, int8).
         **options: data passes need, e.g. ``calib_data=`` (a list of input tuples, also used
             for verification); an option no pass in the pipeline reads is an `InputError`.
 
@@ -236,12 +248,20 @@ def compile(  # noqa: A001 - the public name the design asks for
         policy.check_request(pipeline, precision or profile.default_precision)
         strict = True  # a safety model never ships with a pass silently rolled back
     _check_request(pipeline, options, precision or profile.default_precision, profile)
+    if recipe is not None:
+        train_data = train_data if train_data is not None else _RecipeData(recipe, max(finetune_steps, 1))
+        loss = loss if loss is not None else recipe.loss
+        eval_fn = eval_fn if eval_fn is not None else recipe.evaluate
+    if finetune_steps and options.get("resolutions") is not None:
+        raise InputError("fine-tuning after slim's resolution choice is not supported: its training data and targets "
+                         "have the example's size; leave out resolutions= or finetune_steps=")
     if finetune_steps and (train_data is None or (loss is None and distill is None)):
         raise InputError("finetune_steps needs train_data= ((inputs, target) batches) and loss= and/or distill=")
     if finetune_steps and (split is not None or policy.strict):
         raise InputError("fine-tuning is not available for a staged compile (stages=) or under safety='strict'")
     check_inputs = verification_inputs(inputs, options.get("calib_data"))
     input_sha = state_dict_sha256(model)
+    original_inputs = inputs
     context = CompileContext.create(profile, inputs, precision, check_inputs=check_inputs, **options)
     phases = Phases(["trace", "passes", *(["finetune"] if finetune_steps else []), "export"], enabled=progress)
     try:
@@ -249,20 +269,44 @@ def compile(  # noqa: A001 - the public name the design asks for
             gm = trace(model if split is None else split.root, inputs, leaf_modules=leaf_modules)
         traced_s = time.perf_counter() - start
         cost_before = estimate_costs(gm, profile, context.precision)
-        manager = PassManager(pipeline, strict=strict, progress=progress)
+        # fine-tuning runs after the structural passes and before int8, which then calibrates the
+        # tuned weights: the pipeline is run in two parts around it
+        ordered = order_passes(pipeline)
+        cut = next((i for i, p in enumerate(ordered) if pass_name(p) == "quantize"), len(ordered)) if finetune_steps else len(ordered)
+        manager = PassManager(ordered[:cut], strict=strict, progress=progress)
+        summary = _Summary(profile, context.precision, eval_fn)
+        summary.add("input model", gm)
         with phases("passes"):
             result = manager.run(gm, context)
+        context = result.context or context
         final = result.graph_module
+        if any(pass_name(p) in ("slim", "prune") for p in ordered):
+            summary.add("after " + " + ".join(r.name for r in result.records if r.lossy and r.status == "applied") if any(
+                r.lossy and r.status == "applied" for r in result.records) else "after the passes", final)
         tuned_notes: list[str] = []
         if finetune_steps:
             with phases("finetune"):
                 tuned_notes = _finetune(final, gm, pipeline, train_data, loss, distill, finetune_steps, finetune_lr, progress)
+            summary.add("after fine-tune", final)
+            if cut < len(ordered):
+                rest = PassManager(ordered[cut:], strict=strict, progress=progress).run(final, context)
+                result.records += rest.records
+                context, final = rest.context or context, rest.graph_module
+                result.graph_module = final
+        if context.precision == "int8":
+            summary.add("after int8", final)
         passes_s = time.perf_counter() - start - traced_s
         cost_after = estimate_costs(final, profile, context.precision)
         onnx_info, onnx_model, notes, extras, placement = None, None, list(input_notes) + tuned_notes, {}, None
+        if final.meta.get(FILES_META):  # files a pass left for the output folder (slim's trials.csv, pareto.png)
+            extras["files"] = dict(final.meta[FILES_META])
         safety_evidence: dict[str, Any] = {"policy": "off"}
         requested = [*(passes or ()), *(["quantize"] if context.precision == "int8" else [])]  # int8 asks for quantize
         notes += _pass_warnings(result.records, requested) + (split.notes() if split is not None else [])
+        if context.example_inputs is not original_inputs:  # a pass (slim) chose another input size
+            notes.append(f"WARNING: the compiled model takes input shape(s) {_shapes(context.example_inputs)} instead of "
+                         f"{_shapes(inputs)} (slim's resolution choice): feed it inputs of the new size")
+            inputs, check_inputs = context.example_inputs, context.verification_inputs
         with phases("export"):
             if export:
                 from fxopt.backends.onnx import lower
@@ -283,7 +327,7 @@ def compile(  # noqa: A001 - the public name the design asks for
                     notes += compat.notes()
 
                     deployment = plan_deployment(onnx_model, profile, context.precision)
-                    extras["files"] = deployment.files
+                    extras["files"] = {**extras.get("files", {}), **deployment.files}
                     placement = _conv_placement(final, deployment.conv_devices())
                     notes += deployment.notes
     finally:
@@ -293,7 +337,7 @@ def compile(  # noqa: A001 - the public name the design asks for
         model=type(model).__name__,
         target=profile.name,
         precision=context.precision,
-        pipeline=manager.names,
+        pipeline=[pass_name(p) for p in ordered],
         passes=result.records,
         leaves=list(leaves_of(gm)),
         cost_before=cost_before,
@@ -303,7 +347,7 @@ def compile(  # noqa: A001 - the public name the design asks for
         timings_s={"trace": traced_s, "passes": passes_s, "export": export_s, "total": time.perf_counter() - start},
         notes=notes,
         extras=extras,
-        tables=report_tables(final),
+        tables={**report_tables(final), **summary.table()},
     )
     manifest = {
         "versions": _versions(),
@@ -312,6 +356,7 @@ def compile(  # noqa: A001 - the public name the design asks for
         "passes": [{"name": r.name, "status": r.status, "options": r.options} for r in result.records],
         "input_state_dict_sha256": input_sha,
         "example_inputs": [list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs],
+        "input_shapes_changed": context.example_inputs is not original_inputs,
         "verification_inputs": len(check_inputs),
         "safety": safety_evidence,
     } | ({"stages": split.cut()} if split is not None else {})
@@ -393,6 +438,56 @@ def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], dat
     first, last = (tuned.history[0]["loss"], tuned.history[-1]["loss"]) if tuned.history else (float("nan"),) * 2
     return [f"fine-tune: {tuned.steps_run} steps in {time.perf_counter() - start:.1f} s, {tuned.stopped_reason}; "
             f"loss {first:.4g} -> {last:.4g}", *[f"fine-tune: {n}" for n in tuned.notes]]
+
+
+class _RecipeData:
+    """A recipe's training batches as a re-iterable of ``(inputs, target)`` (seeded, the same
+    stream on every pass over it)."""
+
+    def __init__(self, recipe: Any, steps: int, seed: int = 0) -> None:
+        self.recipe, self.steps, self.seed = recipe, steps, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(self.seed)
+        for step in range(self.steps):
+            yield self.recipe.batch(step, generator)
+
+
+class _Summary:
+    """The report's one summary table: estimated latency (and the metric, given `eval_fn`) of
+    the input model and after each lossy step."""
+
+    TITLE = "summary: input model and after each step"
+
+    def __init__(self, profile: TargetProfile, precision: str, eval_fn: Any) -> None:
+        self.profile, self.eval_fn = profile, eval_fn
+        self.precisions = list(dict.fromkeys([profile.default_precision, precision]))
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, stage: str, gm: GraphModule) -> None:
+        row: dict[str, Any] = {"stage": stage}
+        for p in self.precisions:
+            cost = estimate_costs(gm, self.profile, p)
+            row[f"est. {self.profile.name} latency ms ({p})"] = round(cost.latency_s * 1e3, 4)
+        row["params"], row["FLOPs"] = cost.params, cost.flops
+        if self.eval_fn is not None:
+            was_training = gm.training
+            gm.eval()
+            with torch.no_grad():
+                metric = self.eval_fn(gm)
+            gm.train(was_training)
+            row.update({k: round(float(v), 4) for k, v in metric.items()} if isinstance(metric, dict) else {"metric": round(float(metric), 4)})
+        self.rows.append(row)
+
+    def table(self) -> dict[str, list[dict[str, Any]]]:
+        return {self.TITLE: self.rows} if len(self.rows) > 1 else {}
+
+
+def _shapes(inputs: Sequence[Any]) -> str:
+    return ", ".join("x".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
 
 
 def _check_request(pipeline: list[Any], options: dict[str, Any], precision: str, profile: TargetProfile) -> None:

@@ -32,9 +32,10 @@ from fxopt.pass_base import CompileContext, pass_attr, pass_name, use_context
 from fxopt.registry import create_pass
 from fxopt.tracing import propagate_shapes
 
-__all__ = ["INPUT_SHAPES_META", "PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
+__all__ = ["FILES_META", "INPUT_SHAPES_META", "PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
 
 INPUT_SHAPES_META = "fxopt_input_shapes"
+FILES_META = "fxopt_files"  # files a pass leaves for the output folder: name -> bytes or text
 
 PassLike = Any  # an FxoptPass, a torch.fx PassBase, or a callable gm -> PassResult | GraphModule
 

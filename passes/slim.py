@@ -44,7 +44,7 @@ from fxopt.errors import InputError, PassError
 from fxopt.inputs import resize_inputs
 from fxopt.numerics import flatten_outputs, run_model
 from fxopt.pass_base import FxoptPass, PassResult, current_context
-from fxopt.pass_manager import INPUT_SHAPES_META
+from fxopt.pass_manager import FILES_META, INPUT_SHAPES_META
 from fxopt.passes.channel_importance import atom_scores
 from fxopt.passes.dependency_groups import analyze_dependencies
 from fxopt.passes.prune import apply_plan, plan_keep_ratios, shape_only
@@ -65,7 +65,6 @@ DIMENSIONS = ("depth", "width", "resolution")
 WIDTH_CHOICES = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 SEARCH_TABLE = "slim: search (every trial)"
 CHOICE_TABLE = "slim: chosen architecture"
-FILES_META = "fxopt_files"  # extra files for the output folder (name -> bytes or text)
 PROXY_BATCHES = 8
 
 
@@ -222,6 +221,11 @@ class _Space:
     def smallest(self) -> SlimCandidate:
         res = min(range(len(self.resolutions)), key=lambda i: math.prod(s for x in self.resolutions[i] if x for s in x))
         return SlimCandidate(tuple(b.scope for b in self.blocks), tuple((s, self.width_choices[0]) for s in self.stages), res)
+
+    def describe(self, c: SlimCandidate) -> str:
+        parts = [f"{len(c.removed_blocks)} of {len(self.blocks)} residual blocks removed"] if "depth" in self.dims else []
+        parts += [f"stage widths {' '.join(f'{s}:{r:g}' for s, r in c.widths)}"] if c.widths else []
+        return ", ".join(parts + [f"input {describe_shapes(self.resolutions[c.resolution])}"])
 
     def _plan(self, v: _Variant, c: SlimCandidate) -> np.ndarray | None:
         widths = dict(c.widths)
@@ -380,8 +384,7 @@ class Slim(FxoptPass):
         if floor_s > budget_s:
             raise InputError(
                 f"slim: the latency budget {budget_s * 1e3:.3g} ms on {target.name} ({precision}) is unreachable: the smallest "
-                f"candidate of this space ({len(space.blocks)} blocks removed, every stage at width {self.width_choices[0]:g}, "
-                f"input {describe_shapes(space.resolutions[floor.resolution])}) is estimated at {floor_s * 1e3:.3g} ms "
+                f"candidate of this space ({space.describe(floor)}) is estimated at {floor_s * 1e3:.3g} ms "
                 f"(the input graph: {base_s * 1e3:.3g} ms)"
             )
         batches = [tuple(b) for b in calib[:PROXY_BATCHES]]
