@@ -286,7 +286,8 @@ def compile(  # noqa: A001 - the public name the design asks for
         tuned_notes: list[str] = []
         if finetune_steps:
             with phases("finetune"):
-                tuned_notes = _finetune(final, gm, pipeline, train_data, loss, distill, finetune_steps, finetune_lr, progress)
+                tuned_notes = _finetune(final, gm, pipeline, train_data, loss, distill, finetune_steps, finetune_lr, progress,
+                                        eval_fn if summary.scalar else None)
             summary.add("after fine-tune", final)
             if cut < len(ordered):
                 rest = PassManager(ordered[cut:], strict=strict, progress=progress).run(final, context)
@@ -420,8 +421,9 @@ def _safety_policy(model: nn.Module, safety: str | None, export: bool) -> _Safet
 
 
 def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], data: Any, loss: Any, distill: Any,
-              steps: int, lr: float, progress: bool) -> list[str]:
-    """Fine-tune the transformed graph in place (the traced original teaches); report lines."""
+              steps: int, lr: float, progress: bool, eval_fn: Any = None) -> list[str]:
+    """Fine-tune the transformed graph in place (the traced original teaches); report lines.
+    A scalar `eval_fn` (higher is better) picks the best state; otherwise the last is kept."""
     import dataclasses
 
     from fxopt.distill import finetune
@@ -434,7 +436,7 @@ def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], dat
             distill = dataclasses.replace(distill, kept=kept_channels(prunes[0]))
     start = time.perf_counter()
     tuned = finetune(final, data, loss=loss, teacher=teacher if distill is not None else None, distill=distill,
-                     steps=steps, lr=lr, progress=progress)
+                     steps=steps, lr=lr, progress=progress, eval_fn=eval_fn)
     first, last = (tuned.history[0]["loss"], tuned.history[-1]["loss"]) if tuned.history else (float("nan"),) * 2
     return [f"fine-tune: {tuned.steps_run} steps in {time.perf_counter() - start:.1f} s, {tuned.stopped_reason}; "
             f"loss {first:.4g} -> {last:.4g}", *[f"fine-tune: {n}" for n in tuned.notes]]
@@ -466,6 +468,7 @@ class _Summary:
         self.profile, self.eval_fn = profile, eval_fn
         self.precisions = list(dict.fromkeys([profile.default_precision, precision]))
         self.rows: list[dict[str, Any]] = []
+        self.scalar = False  # eval_fn returns one number (fine-tuning can then keep its best state)
 
     def add(self, stage: str, gm: GraphModule) -> None:
         row: dict[str, Any] = {"stage": stage}
@@ -479,6 +482,7 @@ class _Summary:
             with torch.no_grad():
                 metric = self.eval_fn(gm)
             gm.train(was_training)
+            self.scalar = not isinstance(metric, dict)
             row.update({k: round(float(v), 4) for k, v in metric.items()} if isinstance(metric, dict) else {"metric": round(float(metric), 4)})
         self.rows.append(row)
 

@@ -268,3 +268,29 @@ def test_two_workers_share_one_study(tmp_path):
     assert len(done) == 2 * 4  # both workers' trials are in the one study
     seen = sorted(int(o[0].split("TRIALS")[1]) for o in outs)
     assert seen[1] >= 2 * 4  # the worker that finished last saw the other's trials too
+
+
+def test_one_call_slim_finetune_int8_pipeline_reports_each_step():
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(4)]
+    with torch.no_grad():
+        data = [((x,), model(x)) for x in xs]  # learn the original's outputs back
+
+    def eval_fn(graph):
+        return -float(sum(torch.mean((graph(x) - y) ** 2) for (x,), y in data) / len(data))
+
+    compiled = fxopt.compile(
+        model, "cpu", example_inputs=X, passes=[Slim(trials=6, space=("depth", "width"), seed=0), "quantize"],
+        latency_ratio=0.6, calib_data=CALIB, precision="int8", train_data=data, loss=torch.nn.functional.mse_loss,
+        finetune_steps=10, finetune_lr=1e-3, eval_fn=eval_fn,
+    )
+    rows = compiled.report.tables["summary: input model and after each step"]
+    assert [r["stage"] for r in rows] == ["input model", "after slim", "after fine-tune", "after int8"]
+    fp32 = "est. cpu latency ms (fp32)"
+    assert rows[1][fp32] <= 0.6 * rows[0][fp32] + 1e-9
+    assert rows[0]["metric"] == 0.0 and rows[1]["metric"] < 0
+    assert rows[2]["metric"] >= rows[1]["metric"]  # a scalar eval_fn: the fine-tune keeps its best state
+    names = [r.name for r in compiled.report.passes]
+    assert names.index("slim") < names.index("fold_batchnorm") < names.index("quantize")
+    assert "summary: input model and after each step" in compiled.report.to_markdown()
