@@ -84,10 +84,28 @@ def _channels(node: Node) -> int | None:
     return int(shape[1]) if shape is not None and len(shape) >= 2 else None
 
 
-def stage_features(gm: GraphModule) -> list[str]:
-    """The last node at each spatial resolution of a traced graph, in graph order.
+def _shared_nodes(gm: GraphModule) -> set[Node]:
+    """The nodes every leaf of the graph's output depends on (all of them for a single output)."""
+    out = _output_node(gm)
+    leaves = [n for n in out.all_input_nodes]
+    shared: set[Node] | None = None
+    for leaf in leaves:
+        seen, stack = set(), [leaf]
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.add(node)
+                stack.extend(node.all_input_nodes)
+        shared = seen if shared is None else shared & seen
+    return shared or set()
 
-    Only nodes with a 4-D (N, C, H, W) ``tensor_meta`` count; the graph needs shapes
+
+def stage_features(gm: GraphModule) -> list[str]:
+    """The last node at each spatial resolution of a traced graph's trunk, in graph order.
+
+    Only nodes with a 4-D (N, C, H, W) ``tensor_meta`` count, and only nodes that every output
+    depends on: in a multi-head model (detection and segmentation heads on an FPN) the stages are
+    the shared backbone and neck, not one head's layers or its logits. The graph needs shapes
     (`fxopt.trace` or `fxopt.compile` gives them).
 
     Example:
@@ -97,9 +115,12 @@ def stage_features(gm: GraphModule) -> list[str]:
         >>> stage_features(fxopt.trace(m, torch.randn(1, 1, 8, 8)))
         ['_1', '_3']
     """
+    shared = _shared_nodes(gm)
     last: dict[tuple[int, int], str] = {}
     for node in gm.graph.nodes:
-        shape = _shape(node) if node.op in ("call_module", "call_function", "call_method") else None
+        if node not in shared or node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        shape = _shape(node)
         if shape is not None and len(shape) == 4:
             last.pop((shape[2], shape[3]), None)  # re-insert: order follows the last node
             last[(shape[2], shape[3])] = node.name

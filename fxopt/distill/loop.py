@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxopt.errors import FxoptWarning, InputError
 
-__all__ = ["Distill", "FinetuneResult", "TensorBatches", "finetune"]
+__all__ = ["Distill", "FinetuneResult", "RecipeBatches", "TensorBatches", "finetune", "recipe_metric"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,49 @@ class TensorBatches:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             yield self.x[idx], self.y[idx]
+
+
+class RecipeBatches:
+    """The endless, seeded training batches of a bundled model's `TrainingRecipe`:
+    ``recipe.batch(step, generator)`` for step 0, 1, ...; every pass starts again from `seed`.
+
+    Example:
+        >>> import fxopt
+        >>> batches = RecipeBatches(fxopt.models.spec("safety_supervisor").recipe, seed=0)
+        >>> inputs, target = next(iter(batches))
+        >>> isinstance(inputs, tuple)
+        True
+    """
+
+    def __init__(self, recipe: Any, seed: int = 0) -> None:
+        if not callable(getattr(recipe, "batch", None)):
+            raise InputError(f"recipe must be a TrainingRecipe (fxopt.models.spec(name).recipe), got {type(recipe).__name__}")
+        self.recipe, self.seed = recipe, seed
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        step = 0
+        while True:
+            yield self.recipe.batch(step, generator)
+            step += 1
+
+
+def recipe_metric(recipe: Any, metric: str | None = None) -> Callable[[nn.Module], float]:
+    """``model -> recipe.evaluate(model)[metric]`` (default: the recipe's first metric), an `eval_fn`.
+
+    Higher must be better: a metric named ``*error*`` or ``*loss*`` is refused.
+    """
+
+    def evaluate(model: nn.Module) -> float:
+        scores = recipe.evaluate(model)
+        name = metric if metric is not None else next(iter(scores))
+        if name not in scores:
+            raise InputError(f"the recipe reports {sorted(scores)}, not '{name}'")
+        if "error" in name or "loss" in name:
+            raise InputError(f"eval metric '{name}' is lower-better; fine-tune keeps the highest: name another")
+        return float(scores[name])
+
+    return evaluate
 
 
 def _cycle(data: Iterable[Any]) -> Iterator[Any]:
@@ -242,9 +285,9 @@ def _show_progress(progress: bool | None) -> bool:
 
 def finetune(
     student: nn.Module,
-    data: Iterable[Any],
+    data: Iterable[Any] | None = None,
     *,
-    loss: Callable[[Any, Any], Tensor] | None,
+    loss: Callable[[Any, Any], Tensor] | None = None,
     teacher: nn.Module | None = None,
     distill: Distill | None = None,
     steps: int,
@@ -255,6 +298,7 @@ def finetune(
     eval_every: int | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    recipe: Any = None,
 ) -> FinetuneResult:
     """Fine-tune `student` in place for `steps` steps and leave it in eval mode.
 
@@ -280,6 +324,9 @@ def finetune(
         seed: seeds torch's generators for the run (adapters, dropout, a DataLoader's order);
             the global generator state is restored afterwards.
         progress: a tqdm bar on stderr; default when stderr is a terminal.
+        recipe: a bundled model's `fxopt.models.TrainingRecipe` (``fxopt.models.spec(name).recipe``)
+            standing in for what is not given: `data` (its seeded batches, `RecipeBatches`), `loss`
+            and `eval_fn` (its first metric, `recipe_metric`).
 
     Returns:
         A `FinetuneResult`. A NaN/Inf loss stops the run before its step is taken; the best
@@ -293,6 +340,12 @@ def finetune(
         >>> r.history[-1]["loss"] < r.history[0]["loss"], r.stopped_reason
         (True, 'completed')
     """
+    if recipe is not None:
+        data = RecipeBatches(recipe, seed) if data is None else data
+        loss = recipe.loss if loss is None else loss
+        eval_fn = recipe_metric(recipe) if eval_fn is None else eval_fn
+    if data is None:
+        raise InputError("finetune needs data= ((inputs, target) batches) or recipe=")
     if steps < 0 or lr <= 0 or (eval_every is not None and eval_every < 1):
         raise InputError(f"need steps >= 0, lr > 0 and eval_every >= 1, got {steps}, {lr}, {eval_every}")
     if schedule not in ("cosine", "constant"):

@@ -1,4 +1,5 @@
-"""Distillation losses: logit KD (softmax and sigmoid/dense), FitNets feature regression, ICKD.
+"""Distillation losses: logit KD (softmax and sigmoid/dense), FitNets feature regression, ICKD, and
+`OutputKD`, which applies one of them per output of a multi-head model.
 
 Every loss takes ``(student, teacher)`` and detaches the teacher, so gradients reach the student
 only; each is zero when the student equals the teacher.
@@ -6,7 +7,8 @@ only; each is zero when the student equals the teacher.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +16,7 @@ from torch.nn import functional as F
 
 from fxopt.errors import InputError
 
-__all__ = ["FeatureMSE", "ICKD", "LogitKD", "SigmoidKD", "channel_correlation"]
+__all__ = ["FeatureMSE", "ICKD", "LogitKD", "OutputKD", "SigmoidKD", "channel_correlation"]
 
 
 def _check_shapes(name: str, student: Tensor, teacher: Tensor) -> None:
@@ -100,6 +102,43 @@ class FeatureMSE(nn.Module):
         return F.mse_loss(student, teacher.detach())
 
 
+class OutputKD(nn.Module):
+    """Distillation of a multi-head model's outputs: ``loss = Σ_k w_k · loss_k(s[k], t[k])`` over
+    the named outputs of a dict (or the positions of a tuple); outputs not named are left out.
+
+    Args:
+        losses: ``{output key or index: loss}``, e.g. ``{"heatmap": SigmoidKD(), "seg": LogitKD(2.0)}``.
+        weights: ``{key: weight}``; 1 where not given.
+
+    Example:
+        >>> kd = OutputKD({"seg": LogitKD(2.0)})
+        >>> out = {"seg": torch.randn(2, 5, 4, 4), "box": torch.randn(2, 4, 4, 4)}
+        >>> float(kd(out, out))
+        0.0
+    """
+
+    def __init__(self, losses: Mapping[str | int, nn.Module], weights: Mapping[str | int, float] | None = None) -> None:
+        super().__init__()
+        if not losses:
+            raise InputError("OutputKD needs at least one output to distil")
+        unknown = set(weights or {}) - set(losses)
+        if unknown:
+            raise InputError(f"OutputKD weights for outputs without a loss: {sorted(map(str, unknown))}")
+        self.keys = tuple(losses)
+        self.losses = nn.ModuleList(losses.values())
+        self.weights = tuple(float((weights or {}).get(k, 1.0)) for k in self.keys)
+
+    def forward(self, student: Any, teacher: Any) -> Tensor:
+        terms = []
+        for key, loss, weight in zip(self.keys, self.losses, self.weights):
+            try:
+                s, t = student[key], teacher[key]
+            except (KeyError, IndexError, TypeError):
+                raise InputError(f"OutputKD: the model has no output {key!r}") from None
+            terms.append(weight * loss(s, t))
+        return torch.stack(terms).sum()
+
+
 def channel_correlation(x: Tensor) -> Tensor:
     """The ``(N, C, C)`` inter-channel correlation of ``(N, C, *spatial)`` features:
     ``G = F̂ F̂ᵀ`` where each row of ``F̂`` is one channel's values over positions, L2-normalised
@@ -148,10 +187,26 @@ class ICKD(nn.Module):
         c = student.shape[1]
         per_grid = []
         for g in self.grids:
-            cells = [(s, t) for s, t in zip(_cells(student, g), _cells(teacher, g))]
-            diffs = [(channel_correlation(s) - channel_correlation(t)).pow(2).sum(dim=(1, 2)) / (c * c) for s, t in cells]
-            per_grid.append(torch.stack(diffs).mean())
+            pairs = _even_cells(student, teacher, g)
+            if pairs is None:  # cells of uneven size: one at a time
+                pairs = [(s, t) for s, t in zip(_cells(student, g), _cells(teacher, g))]
+            diffs = [(channel_correlation(s) - channel_correlation(t)).pow(2).sum(dim=(1, 2)) / (c * c) for s, t in pairs]
+            per_grid.append(torch.stack([d.mean() for d in diffs]).mean())
         return torch.stack(per_grid).mean()
+
+
+def _even_cells(student: Tensor, teacher: Tensor, g: int) -> list[tuple[Tensor, Tensor]] | None:
+    """All g x g cells at once as a batch of ``N·g²`` maps, when they are the same size."""
+    if g == 1 or student.dim() != 4:
+        return [(student, teacher)]
+    n, c, h, w = student.shape
+    if h % g or w % g:
+        return None
+
+    def cut(x: Tensor) -> Tensor:  # (N, C, H, W) -> (N·g², C, H/g, W/g), cells of one image apart
+        return x.reshape(n, c, g, h // g, g, w // g).permute(0, 2, 4, 1, 3, 5).reshape(n * g * g, c, h // g, w // g)
+
+    return [(cut(student), cut(teacher))]
 
 
 def _cells(x: Tensor, g: int) -> list[Tensor]:

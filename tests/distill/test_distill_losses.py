@@ -10,7 +10,7 @@ import torch
 
 import fxopt
 import fxopt.distill.losses as losses_module
-from fxopt.distill import ICKD, FeatureMSE, LogitKD, SigmoidKD
+from fxopt.distill import ICKD, FeatureMSE, LogitKD, OutputKD, SigmoidKD
 
 RNG = np.random.default_rng(0)
 
@@ -122,3 +122,34 @@ def test_bad_settings_are_refused():
         LogitKD(0.0)
     with pytest.raises(fxopt.InputError):
         ICKD(grids=(0,))
+
+
+def test_output_kd_sums_weighted_per_head_losses():
+    s = {"heatmap": torch.randn(2, 3, 4, 4), "seg": torch.randn(2, 5, 4, 4), "box": torch.randn(2, 4, 4, 4)}
+    t = {k: torch.randn_like(v) for k, v in s.items()}
+    kd = OutputKD({"heatmap": SigmoidKD(), "seg": LogitKD(2.0)}, weights={"seg": 0.5})
+    expected = _np_sigmoid_kd(s["heatmap"].numpy(), t["heatmap"].numpy(), 1.0) + 0.5 * _np_logit_kd(
+        s["seg"].numpy(), t["seg"].numpy(), 2.0)
+    assert float(kd(s, t)) == pytest.approx(expected, rel=1e-5)
+    by_position = OutputKD({1: FeatureMSE()})
+    assert float(by_position((s["seg"], s["box"]), (s["seg"], t["box"]))) == pytest.approx(
+        float(((s["box"] - t["box"]) ** 2).mean()), rel=1e-6)
+
+
+def test_output_kd_refuses_missing_heads_and_stray_weights():
+    with pytest.raises(fxopt.InputError, match="no output 'seg'"):
+        OutputKD({"seg": LogitKD()})({"heatmap": torch.zeros(1, 2)}, {"heatmap": torch.zeros(1, 2)})
+    with pytest.raises(fxopt.InputError, match="without a loss"):
+        OutputKD({"seg": LogitKD()}, weights={"box": 1.0})
+    with pytest.raises(fxopt.InputError, match="at least one"):
+        OutputKD({})
+
+
+def test_ickd_even_cells_in_one_batch_equal_the_cell_loop():
+    s, t = torch.randn(3, 6, 8, 12), torch.randn(3, 6, 8, 12)
+    looped = torch.stack([
+        torch.stack([(losses_module.channel_correlation(a) - losses_module.channel_correlation(b)).pow(2).sum((1, 2)).mean() / 36
+                     for a, b in zip(losses_module._cells(s, g), losses_module._cells(t, g))]).mean()
+        for g in (1, 2, 4)]).mean()
+    torch.testing.assert_close(ICKD((1, 2, 4))(s, t), looped)
+    assert float(ICKD((3,))(torch.randn(1, 2, 7, 5), torch.randn(1, 2, 7, 5))) > 0  # uneven cells: the loop

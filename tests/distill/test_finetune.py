@@ -136,3 +136,32 @@ def test_bad_requests_are_input_errors(teacher):
     with pytest.raises(fxopt.InputError, match="GraphModule"):
         finetune(DigitsCNN(width=8), _data(), loss=None, teacher=teacher,
                  distill=Distill(features="stages", feature_loss=ICKD()), steps=1, lr=1e-3)
+
+
+def test_a_bundled_recipe_stands_in_for_data_loss_and_eval():
+    recipe = fxopt.models.spec("safety_supervisor").recipe
+    torch.manual_seed(0)
+    model = fxopt.models.spec("safety_supervisor").build()
+    before = recipe.evaluate(model.eval())["accuracy"]
+    r = finetune(model, recipe=recipe, steps=20, lr=3e-3, eval_every=10, progress=False)
+    assert [step for step, _ in r.evals] == [0, 10, 20]
+    assert r.evals[0][1] == pytest.approx(before)  # the recipe's first metric, accuracy
+    assert r.best_metric == max(m for _, m in r.evals)
+    assert sum(h["task"] for h in r.history[-5:]) < sum(h["task"] for h in r.history[:5])  # the recipe's loss
+    with pytest.raises(fxopt.InputError, match="data= .* or recipe="):
+        finetune(model, loss=nn.MSELoss(), steps=1, lr=1e-3)
+
+
+def test_recipe_batches_repeat_from_the_seed_and_metrics_must_be_higher_better():
+    from fxopt.distill import RecipeBatches, recipe_metric
+
+    recipe = fxopt.models.spec("safety_supervisor").recipe
+    first = [b[1] for _, b in zip(range(2), RecipeBatches(recipe, seed=3))]
+    again = [b[1] for _, b in zip(range(2), RecipeBatches(recipe, seed=3))]
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and not torch.equal(first[0], first[1])
+    with pytest.raises(fxopt.InputError, match="TrainingRecipe"):
+        RecipeBatches(object())
+    fake = type("R", (), {"evaluate": staticmethod(lambda m: {"motion_error": 0.3, "miou": 0.5})})()
+    assert recipe_metric(fake, "miou")(None) == 0.5
+    with pytest.raises(fxopt.InputError, match="lower-better"):
+        recipe_metric(fake)(None)

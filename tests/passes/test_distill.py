@@ -89,6 +89,27 @@ def test_stage_features_pick_the_last_node_per_resolution():
     assert stage_features(gm) == ["features_1_2", "features_3_2", "features_4"]
 
 
+class _TwoHeads(torch.nn.Module):
+    """A trunk at 8x8 and 4x4 read by a dense head (4x4) and a class head; the dense head has its own 4x4 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.down = torch.nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.dense = torch.nn.Conv2d(8, 3, 1)
+        self.cls = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        trunk = torch.relu(self.down(torch.relu(self.stem(x))))
+        return {"heatmap": self.dense(trunk), "logits": self.cls(trunk.mean((2, 3)))}
+
+
+def test_stage_features_of_a_multi_head_model_are_its_trunk():
+    gm = fxopt.trace(_TwoHeads().eval(), torch.randn(2, 1, 8, 8))
+    # Before: the last 4x4 node was the dense head's logits ("dense"); Expected: the trunk's relu_1
+    assert stage_features(gm) == ["relu", "relu_1"]
+
+
 def test_pruned_student_matches_by_name_with_kept_channel_indices():
     gm, x = _digits_graph(width=16)
     prune = PruneChannels(amount=0.5, by="channels", round_to=1)

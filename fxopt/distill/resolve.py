@@ -1,0 +1,168 @@
+"""From compile's short requests (``distill="kd" | "ickd" | [...]``, ``recipe=``) to what
+`fxopt.distill.finetune` takes: data, task loss, a `Distill` and an eval function.
+
+The output distillation form follows the model's outputs: class logits ``(N, C)`` get `LogitKD`;
+a dict or tuple of head outputs gets `OutputKD` with a loss per head, chosen by the head's name
+(`OUTPUT_KD`); features are the student's trunk stages (`fxopt.passes.distill.stage_features`).
+Default weights are the ones bench/results/distill.md measured to help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fxopt.distill.loop import Distill, RecipeBatches, recipe_metric
+from fxopt.distill.losses import ICKD, FeatureMSE, LogitKD, OutputKD, SigmoidKD
+from fxopt.errors import InputError
+
+__all__ = ["DISTILL_PARTS", "OUTPUT_KD", "FinetuneSetup", "resolve"]
+
+KD_TEMPERATURE = 4.0  # Hinton's T for class logits; bench/results/distill.md, "Temperature"
+DENSE_TEMPERATURE = 1.0  # per-pixel heads: the teacher's maps are already soft
+ICKD_WEIGHT = 100.0  # ICKD is scale-free and its gradient ~1/60 of cross-entropy's at weight 1 ("Loss magnitudes")
+FEATURE_MSE_WEIGHT = 1.0
+
+DISTILL_PARTS = ("kd", "ickd", "mse")  # output KD; ICKD on trunk stages; FitNets MSE on them
+
+# Per head name of a multi-head model's outputs: how its logits are distilled.
+# a dense map of independent probabilities (CenterNet heatmaps) -> binary KL per element
+# a per-pixel class map (segmentation, BEV category / state) -> softmax KL over dim 1 per pixel
+OUTPUT_KD: dict[str, Callable[[], nn.Module]] = {
+    "heatmap": lambda: SigmoidKD(DENSE_TEMPERATURE),
+    "seg": lambda: LogitKD(DENSE_TEMPERATURE),
+    "category": lambda: LogitKD(DENSE_TEMPERATURE),
+    "state": lambda: LogitKD(DENSE_TEMPERATURE),
+}
+
+
+@dataclass(frozen=True)
+class FinetuneSetup:
+    """Keyword arguments for `finetune` (``finetune(student, **setup.kwargs(), steps=..., lr=...)``).
+
+    Attributes:
+        data: ``(inputs, target)`` batches.
+        loss: the task loss, or None (distillation alone).
+        distill: what to distil, or None (labels only).
+        eval_fn: ``model -> metric`` (higher is better), or None.
+        notes: what was chosen and why, one line each, for the report.
+    """
+
+    data: Iterable[Any]
+    loss: Callable[[Any, Any], Tensor] | None
+    distill: Distill | None
+    eval_fn: Callable[[nn.Module], float] | None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"data": self.data, "loss": self.loss, "distill": self.distill, "eval_fn": self.eval_fn}
+
+
+def _parts(distill: str | Sequence[str]) -> tuple[str, ...]:
+    parts = (distill,) if isinstance(distill, str) else tuple(distill)
+    unknown = [p for p in parts if p not in DISTILL_PARTS]
+    if unknown or not parts:
+        raise InputError(f"distill must name some of {list(DISTILL_PARTS)} (or be a Distill), got {distill!r}")
+    return parts
+
+
+def _output_kd(output: Any) -> tuple[nn.Module, str]:
+    if isinstance(output, Tensor):
+        if output.dim() == 2:
+            return LogitKD(KD_TEMPERATURE), f"output KD: LogitKD(T={KD_TEMPERATURE:g}) on the class logits"
+        return LogitKD(DENSE_TEMPERATURE), f"output KD: LogitKD(T={DENSE_TEMPERATURE:g}) per position over dim 1 of the dense output"
+    keys: Iterable[Any] = output.keys() if isinstance(output, Mapping) else range(len(output))
+    losses = {k: OUTPUT_KD[k]() for k in keys if isinstance(k, str) and k in OUTPUT_KD}
+    if not losses:
+        raise InputError(f"distill='kd': no output named {sorted(OUTPUT_KD)}; give distill=Distill(logits=OutputKD({{...}}))"
+                         " with a loss per head")
+    skipped = [str(k) for k in keys if k not in losses]
+    return OutputKD(losses), ("output KD: " + ", ".join(f"{k}: {type(v).__name__}" for k, v in losses.items())
+                              + (f"; not distilled: {', '.join(skipped)}" if skipped else ""))
+
+
+def resolve(
+    distill: str | Sequence[str] | Distill | None,
+    *,
+    teacher: nn.Module,
+    example_inputs: tuple[Any, ...],
+    recipe: Any = None,
+    data: Iterable[Any] | None = None,
+    loss: Callable[[Any, Any], Tensor] | None = None,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    kept: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+) -> FinetuneSetup:
+    """Turn compile's fine-tune requests into `finetune` arguments.
+
+    Args:
+        distill: None (labels only); a `Distill` (used as given, `kept` filled in when it has none);
+            or names from `DISTILL_PARTS`: ``"kd"`` distils the outputs (`LogitKD` at T = 4 on class
+            logits, `OutputKD` per named head of a multi-head model, see `OUTPUT_KD`), ``"ickd"``
+            adds `ICKD` at grids (1, 2) and weight 100 on the student's trunk stages, ``"mse"``
+            FitNets regression on them; ``["kd", "ickd"]`` combines.
+        teacher: the reference model (the traced original in compile); run once on
+            `example_inputs` to see its outputs.
+        example_inputs: a batch of model inputs.
+        recipe: a bundled model's `TrainingRecipe`: supplies `data` (`RecipeBatches`), `loss` and
+            `eval_fn` (its first metric) where they are not given.
+        data, loss, eval_fn: as for `finetune`; given ones win over the recipe's.
+        kept: ``{student node: kept teacher channels}`` (`fxopt.passes.distill.kept_channels` of
+            the prune pass), so features compare on the kept channels with no adapter.
+        seed: seeds the recipe's batches.
+
+    Returns:
+        A `FinetuneSetup`.
+
+    Example:
+        >>> import torch, fxopt
+        >>> teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        >>> setup = resolve("kd", teacher=teacher, example_inputs=(torch.randn(2, 4),),
+        ...                 data=[((torch.randn(2, 4),), torch.tensor([0, 1]))], loss=torch.nn.CrossEntropyLoss())
+        >>> type(setup.distill.logits).__name__, setup.notes
+        ('LogitKD', ('output KD: LogitKD(T=4) on the class logits',))
+    """
+    if recipe is not None:
+        data = RecipeBatches(recipe, seed) if data is None else data
+        loss = recipe.loss if loss is None else loss
+        eval_fn = recipe_metric(recipe) if eval_fn is None else eval_fn
+    if data is None:
+        raise InputError("fine-tuning needs train_data= ((inputs, target) batches) or recipe= (a bundled model's)")
+    if distill is None:
+        if loss is None:
+            raise InputError("fine-tuning needs loss= (or recipe=) when nothing is distilled")
+        return FinetuneSetup(data, loss, None, eval_fn, ("labels only",))
+    if isinstance(distill, Distill):
+        if distill.kept is None and kept is not None:
+            from dataclasses import replace
+
+            distill = replace(distill, kept=dict(kept))
+        return FinetuneSetup(data, loss, distill, eval_fn, ("distill as given",))
+    parts = _parts(distill)
+    notes: list[str] = []
+    logits = None
+    if "kd" in parts:
+        was_training = teacher.training
+        teacher.eval()
+        with torch.no_grad():
+            output = teacher(*example_inputs)
+        teacher.train(was_training)
+        logits, note = _output_kd(output)
+        notes.append(note)
+    feature_loss, weight = None, 1.0
+    if "ickd" in parts and "mse" in parts:
+        raise InputError("distill: 'ickd' and 'mse' both act on the features; name one")
+    if "ickd" in parts:
+        feature_loss, weight = ICKD((1, 2)), ICKD_WEIGHT
+        notes.append(f"features: ICKD at grids (1, 2), weight {ICKD_WEIGHT:g}, on the trunk stages"
+                     + (" (kept teacher channels)" if kept else ""))
+    elif "mse" in parts:
+        feature_loss, weight = FeatureMSE(), FEATURE_MSE_WEIGHT
+        notes.append(f"features: FitNets MSE, weight {FEATURE_MSE_WEIGHT:g}, on the trunk stages")
+    return FinetuneSetup(data, loss, Distill(
+        logits=logits, features="stages" if feature_loss is not None else (), feature_loss=feature_loss,
+        feature_weight=weight, kept=dict(kept) if kept else None), eval_fn, tuple(notes))
