@@ -2,15 +2,20 @@
 
 The engine is built only where `tensorrt` and a GPU are present (`build_engine`); everywhere else
 fxopt writes the plan (a `trtexec` command line and a Python build script) and says so.
+
+Int8: the GPU engine is built from the Q/DQ file (explicit quantisation). DLA on TensorRT 8.5 takes
+no Q/DQ, so for the DLA engine the same graph is written without them (`strip_qdq`) with the same
+scales in TensorRT's text calibration cache (`calibration_cache`), which implicit quantisation reads.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-import textwrap
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import onnx
 from onnx import helper, numpy_helper
@@ -18,7 +23,10 @@ from onnx import helper, numpy_helper
 from fxopt.errors import TargetError
 from fxopt.targets import TargetProfile, get_target
 
-__all__ = ["BuildPlan", "Placement", "build_plan", "dla_placement", "placement_markdown", "tensorrt_available", "build_engine"]
+__all__ = [
+    "BuildPlan", "Placement", "build_engine", "build_plan", "calibration_cache", "dla_placement", "placement_markdown",
+    "read_calibration_cache", "strip_qdq", "tensorrt_available",
+]
 
 # DLA limits of TensorRT 8.5 ("DLA Supported Layers and Restrictions", TensorRT developer guide).
 MAX_DLA_DIM = 8192
@@ -241,12 +249,148 @@ def placement_markdown(rows: list[Placement], target: str, precision: str) -> st
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- int8 for DLA
+
+# The calibrator TensorRT's implicit int8 reads the cache for, and the version it was written for
+# (TensorRT 8.5.2, JetPack 5.1 on Xavier/Orin); `build_engine` rewrites the version to the installed one.
+CALIBRATION_ALGORITHM = "EntropyCalibration2"
+CALIBRATION_CACHE_VERSION = 8502
+# ops whose output holds (a subset of) its input's values: a scale carries across them unchanged,
+# and quantising the input with the output's scale gives the same int8 values after the op
+_SCALE_KEEPING = {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+
+
+def _values(graph: onnx.GraphProto) -> dict[str, object]:
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant" and n.attribute}
+    return {i.name: numpy_helper.to_array(i) for i in graph.initializer} | constants
+
+
+def strip_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, float]]:
+    """The implicit-quantisation twin of a Q/DQ file, and the activation scales its Q/DQ pairs held.
+
+    Each QuantizeLinear -> DequantizeLinear pair is removed and its consumers read the tensor it
+    quantised: an activation (its scale is returned under the tensor's name) or a float weight
+    (TensorRT quantises weights itself, per output channel, from their max, as the Q/DQ file did).
+    Tensor names are unchanged, so a calibration cache keyed by them fits both files.
+
+    Args:
+        model: an ONNX model with Q/DQ pairs (e.g. ``compiled.onnx_model`` after ``precision="int8"``).
+
+    Returns:
+        ``(model without Q/DQ, {activation tensor: scale})``.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    values = _values(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    rename: dict[str, str] = {}
+    scales: dict[str, float] = {}
+    dropped: set[int] = set()
+    for dq in graph.node:
+        q = producers.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        source = q.input[0]
+        rename[dq.output[0]] = source
+        dropped |= {id(q), id(dq)}
+        if source not in values:  # an activation, not a weight
+            scales[source] = float(values[q.input[1]].reshape(-1)[0])
+    kept = [n for n in graph.node if id(n) not in dropped and not (n.op_type == "Constant" and _only_feeds_qdq(n, graph, dropped))]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    outputs = {o.name for o in graph.output}
+    kept += [helper.make_node("Identity", [rename[o]], [o]) for o in outputs if o in rename]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {i for n in graph.node for i in n.input} | outputs
+    initializers = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return out, scales
+
+
+def _only_feeds_qdq(node: onnx.NodeProto, graph: onnx.GraphProto, dropped: set[int]) -> bool:
+    users = [n for n in graph.node if node.output[0] in n.input]
+    return bool(users) and all(id(u) in dropped for u in users)
+
+
+def propagated_scales(model: onnx.ModelProto, scales: Mapping[str, float]) -> dict[str, float]:
+    """`scales` plus the tensors that take one over unchanged, as TensorRT fuses them (implicit mode
+    needs a range on every tensor a fused int8 layer reads or writes).
+
+    Rules, repeated until nothing changes:
+    - across a scale-keeping op (ReLU, max-pool, reshapes): input <-> output, the input only when
+      that op is its one consumer;
+    - an add with a scaled residual input: its other input, a conv's output, takes the add's
+      output scale (TensorRT fuses the add into that conv's epilogue; the sum is what it writes).
+    """
+    out = dict(scales)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    changed = True
+    while changed:
+        changed = False
+        for node in model.graph.node:
+            src, dst = (node.input[0], node.output[0]) if node.input and node.output else ("", "")
+            if node.op_type in _SCALE_KEEPING:
+                if src in out and dst not in out:
+                    out[dst], changed = out[src], True
+                elif dst in out and src not in out and len(consumers.get(src, [])) == 1:
+                    out[src], changed = out[dst], True
+            elif node.op_type == "Add" and dst in out and len(node.input) == 2:
+                for a, b in (node.input, node.input[::-1]):
+                    conv = producers.get(a)
+                    if b in out and a not in out and conv is not None and conv.op_type == "Conv" and len(consumers.get(a, [])) == 1:
+                        out[a], changed = out[dst], True
+    return out
+
+
+def calibration_cache(scales: Mapping[str, float], version: int = CALIBRATION_CACHE_VERSION) -> str:
+    """TensorRT's text calibration cache: a ``TRT-<version>-EntropyCalibration2`` line, then one
+    ``tensor: <big-endian hex of the float32 scale>`` line per tensor (scale = amax / 127).
+
+    Example:
+        >>> calibration_cache({"input": 0.0078125}).splitlines()
+        ['TRT-8502-EntropyCalibration2', 'input: 3c000000']
+    """
+    lines = [f"TRT-{version}-{CALIBRATION_ALGORITHM}"]
+    lines += [f"{name}: {struct.pack('!f', scale).hex()}" for name, scale in scales.items()]
+    return "\n".join(lines) + "\n"
+
+
+def read_calibration_cache(text: str) -> tuple[str, dict[str, float]]:
+    """The header line and ``{tensor: scale}`` of a TensorRT text calibration cache.
+
+    Example:
+        >>> read_calibration_cache("TRT-8502-EntropyCalibration2\\ninput: 3c000000\\n")
+        ('TRT-8502-EntropyCalibration2', {'input': 0.0078125})
+    """
+    header, *lines = text.splitlines()
+    scales = {}
+    for line in filter(None, lines):
+        name, _, value = line.rpartition(": ")
+        scales[name] = struct.unpack("!f", bytes.fromhex(value))[0]
+    return header, scales
+
+
 @dataclass(frozen=True)
 class BuildPlan:
-    """How to build the TensorRT engine on the device."""
+    """How to build the TensorRT engine on the device.
+
+    Attributes:
+        trtexec: the `trtexec` command line, as arguments.
+        script: a Python script building the same engine with `build_engine`.
+        call: the `build_engine(...)` call the script makes (to compose several builds in one script).
+    """
 
     trtexec: list[str]
     script: str
+    call: str = ""
 
     @property
     def command_line(self) -> str:
@@ -264,6 +408,7 @@ def build_plan(
     engine_file: str = "engine.plan",
     dla_core: int | None = None,
     workspace_mib: int = 2048,
+    calibration_cache: str | None = None,
 ) -> BuildPlan:
     """The `trtexec` command line and Python script that build the engine on the target.
 
@@ -274,8 +419,12 @@ def build_plan(
         engine_file: the engine file to write.
         dla_core: run on this DLA core with GPU fallback; ``None`` for GPU only.
         workspace_mib: builder workspace.
+        calibration_cache: int8 from this TensorRT calibration cache (implicit quantisation, e.g.
+            for DLA) instead of Q/DQ nodes in the ONNX file.
     """
     profile = get_target(target)
+    if calibration_cache is not None and precision != "int8":
+        raise TargetError(f"a calibration cache is for int8 builds, not {precision}")
     if profile.backend != "tensorrt":
         raise TargetError(f"target '{profile.name}' does not use TensorRT (backend: {profile.backend})")
     if precision not in profile.precisions:
@@ -286,17 +435,20 @@ def build_plan(
     stem = os.path.splitext(engine_file)[0]  # each engine's layer/profile files beside it, not shared
     cmd += [f"--memPoolSize=workspace:{workspace_mib}", "--profilingVerbosity=detailed",
             f"--exportLayerInfo={stem}.layers.json", f"--exportProfile={stem}.profile.json"]
+    if calibration_cache is not None:
+        cmd.append(f"--calib={calibration_cache}")
     if dla_core is not None:
         cmd += [f"--useDLACore={dla_core}", "--allowGPUFallback"]
-    script = textwrap.dedent(f'''\
-        """Build {engine_file} from {onnx_file} with TensorRT {profile.tensorrt_version} ({profile.name}, {precision}); written by fxopt."""
-        import sys
+    cache = f", calibration_cache={calibration_cache!r}" if calibration_cache is not None else ""
+    call = f"build_engine({onnx_file!r}, {engine_file!r}, precision={precision!r}, dla_core={dla_core!r}, workspace_mib={workspace_mib}{cache})"
+    script = build_script([call], f"Build {engine_file} from {onnx_file} with TensorRT {profile.tensorrt_version} ({profile.name}, {precision})")
+    return BuildPlan(cmd, script, call)
 
-        from fxopt.backends.tensorrt import build_engine
 
-        sys.exit(build_engine({onnx_file!r}, {engine_file!r}, precision={precision!r}, dla_core={dla_core!r}, workspace_mib={workspace_mib}))
-        ''')
-    return BuildPlan(cmd, script)
+def build_script(calls: list[str], what: str) -> str:
+    """A Python script running `build_engine` calls in turn (one that fails raises: a non-zero exit)."""
+    lines = [f'"""{what}; written by fxopt."""', "from fxopt.backends.tensorrt import build_engine", "", *calls]
+    return "\n".join(lines) + "\n"
 
 
 def tensorrt_available() -> bool:
@@ -317,8 +469,14 @@ def build_engine(
     precision: str = "fp16",
     dla_core: int | None = None,
     workspace_mib: int = 2048,
+    calibration_cache: str | None = None,
 ) -> int:
-    """Build and serialise a TensorRT engine (needs `tensorrt` and a GPU); returns 0 on success."""
+    """Build and serialise a TensorRT engine (needs `tensorrt` and a GPU); returns 0 on success.
+
+    With `calibration_cache` (int8 only), int8 scales come from that TensorRT text cache (implicit
+    quantisation, as DLA needs) rather than from Q/DQ nodes; its header is set to the installed
+    TensorRT's version first, since TensorRT skips a cache written for another version.
+    """
     if not tensorrt_available():
         raise TargetError("building an engine needs the `tensorrt` package and a CUDA GPU; run the build plan on the device")
     import tensorrt as trt
@@ -339,6 +497,9 @@ def build_engine(
         config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
+    if calibration_cache is not None:
+        with open(calibration_cache) as f:
+            config.int8_calibrator = _cache_calibrator(trt, cache_for_version(f.read(), trt.__version__))
     if dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core
@@ -350,11 +511,43 @@ def build_engine(
     return 0
 
 
+def cache_for_version(text: str, tensorrt_version: str) -> bytes:
+    """`text` (a calibration cache) with its header naming `tensorrt_version` (``"8.5.2.2"`` -> 8502).
+
+    Example:
+        >>> cache_for_version("TRT-8502-EntropyCalibration2\\nx: 3c000000\\n", "8.5.1.7").decode().splitlines()[0]
+        'TRT-8501-EntropyCalibration2'
+    """
+    major, minor, patch = (int(p) for p in (tensorrt_version.split(".") + ["0", "0"])[:3])
+    header, _, rest = text.partition("\n")
+    algorithm = header.split("-", 2)[2] if header.count("-") >= 2 else CALIBRATION_ALGORITHM
+    return f"TRT-{major * 1000 + minor * 100 + patch}-{algorithm}\n{rest}".encode()
+
+
+def _cache_calibrator(trt: Any, cache: bytes) -> Any:
+    """An int8 calibrator that only hands TensorRT `cache` (it has no batches to calibrate on)."""
+
+    class CacheCalibrator(trt.IInt8EntropyCalibrator2):
+        def get_batch_size(self) -> int:
+            return 1
+
+        def get_batch(self, names: list[str]) -> None:
+            return None
+
+        def read_calibration_cache(self) -> bytes:
+            return cache
+
+        def write_calibration_cache(self, data: bytes) -> None:
+            return None
+
+    return CacheCalibrator()
+
+
 @dataclass(frozen=True)
 class DeploymentPlan:
     """Everything `save()` writes for a TensorRT target, and what the report shows."""
 
-    files: dict[str, str]
+    files: dict[str, str | bytes]
     placement: list[Placement]
     notes: list[str]
 
@@ -363,22 +556,57 @@ class DeploymentPlan:
         return [r.device for r in self.placement if r.op_type in ("Conv", "ConvTranspose")]
 
 
+DLA_ONNX = "model_dla.onnx"
+CALIBRATION_CACHE = "calibration.cache"
+
+
 def plan_deployment(model: onnx.ModelProto, target: str | TargetProfile, precision: str) -> DeploymentPlan:
-    """Build plan (GPU and, where the target has DLA, DLA core 0) plus the placement report."""
+    """Build plan (GPU and, where the target has DLA, DLA core 0) plus the placement report.
+
+    At int8 the GPU engine is built from the Q/DQ file; the DLA engine, which on TensorRT 8.5 takes no
+    Q/DQ, from `model_dla.onnx` (the same graph without them) and `calibration.cache` (their scales).
+    """
     profile = get_target(target)
     gpu = build_plan(profile, precision)
-    files = {"build_engine.sh": f"#!/bin/sh\n# GPU engine ({profile.name}, {precision})\n{gpu.command_line}\n", "build_engine.py": gpu.script}
+    files: dict[str, str | bytes] = {"build_engine.sh": f"#!/bin/sh\n# GPU engine ({profile.name}, {precision})\n{gpu.command_line}\n"}
+    calls = [gpu.call]
     placement: list[Placement] = []
     notes = []
     if profile.dla_cores and precision in profile.dla_peak_ops_per_s:
-        dla = build_plan(profile, precision, engine_file="engine_dla0.plan", dla_core=0)
-        files["build_engine.sh"] += f"# DLA core 0 with GPU fallback\n{dla.command_line}\n"
-        placement = dla_placement(model, profile, precision)
+        dla_model, dla, how = _dla_build(model, profile, precision, files, notes)
+        files["build_engine.sh"] += f"# DLA core 0 with GPU fallback{how}\n{dla.command_line}\n"
+        calls.append(dla.call)
+        placement = dla_placement(dla_model, profile, precision)
         files["placement.md"] = placement_markdown(placement, profile.name, precision)
         s = placement_summary(placement)
         notes.append(f"DLA: {s['dla']} of {len(placement)} ONNX nodes can run on DLA, {s['switches']} DLA/GPU switches (placement.md)")
+    files["build_engine.py"] = build_script(calls, f"Build the {profile.name} engines with TensorRT {profile.tensorrt_version} ({precision})") if len(calls) > 1 else gpu.script
     if tensorrt_available():
         notes.append("TensorRT and a GPU are present: save() builds engine.plan")
     else:
         notes.append(f"TensorRT {profile.tensorrt_version} is not available here: save() writes the build plan (build_engine.sh, build_engine.py) to run on the device")
     return DeploymentPlan(files, placement, notes)
+
+
+def _dla_build(
+    model: onnx.ModelProto, profile: TargetProfile, precision: str, files: dict[str, str | bytes], notes: list[str]
+) -> tuple[onnx.ModelProto, BuildPlan, str]:
+    """The model DLA builds from, its plan and a comment; at int8 writes model_dla.onnx and the cache."""
+    if precision != "int8":
+        return model, build_plan(profile, precision, engine_file="engine_dla0.plan", dla_core=0), ""
+    implicit, scales = strip_qdq(model)
+    if not scales:
+        notes.append("int8 DLA: the ONNX file has no Q/DQ (nothing was quantised), so the DLA engine is built in fp16")
+        return model, build_plan(profile, "fp16", engine_file="engine_dla0.plan", dla_core=0), " (fp16: no Q/DQ to take scales from)"
+    cache = propagated_scales(implicit, scales)
+    files[DLA_ONNX] = implicit.SerializeToString()
+    files[CALIBRATION_CACHE] = calibration_cache(cache)
+    notes.append(
+        f"int8: the GPU engine is built from the Q/DQ file (model.onnx, explicit quantisation); DLA on TensorRT "
+        f"{profile.tensorrt_version} takes no Q/DQ, so the DLA engine is built from {DLA_ONNX} (the same graph without "
+        f"Q/DQ) with {CALIBRATION_CACHE} ({len(scales)} Q/DQ scales from the same calibration, {len(cache) - len(scales)} "
+        "more carried across ReLU/pool/reshape and fused adds); a layer whose tensors have no scale "
+        "(the network outputs, ops the Q/DQ file leaves unquantised) runs in fp16"
+    )
+    dla = build_plan(profile, precision, onnx_file=DLA_ONNX, engine_file="engine_dla0.plan", dla_core=0, calibration_cache=CALIBRATION_CACHE)
+    return implicit, dla, " (implicit int8: no Q/DQ on DLA)"

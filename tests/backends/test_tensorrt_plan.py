@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 import fxopt
@@ -11,8 +15,12 @@ from fxopt.backends.onnx import export_onnx
 from fxopt.backends.tensorrt import (
     build_engine,
     build_plan,
+    cache_for_version,
+    calibration_cache,
     dla_placement,
     placement_summary,
+    read_calibration_cache,
+    strip_qdq,
     tensorrt_available,
 )
 
@@ -108,3 +116,96 @@ def test_placement_summary_counts_switches():
     exported = export_onnx(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)), (torch.randn(1, 3, 8, 8),))
     summary = placement_summary(dla_placement(exported.model, "xavier", "fp16"))
     assert summary["dla"] >= 2 and summary["gpu"] >= 1 and summary["switches"] >= 2
+
+
+# --- int8: the Q/DQ file on the GPU, the implicit twin and calibration.cache on DLA ------------------
+
+def int8_compile(model, x, **kw):
+    calib = [(torch.randn_like(x),) for _ in range(3)]
+    return fxopt.compile(model.eval(), "xavier", example_inputs=(x,), precision="int8", calib_data=calib, **kw)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.c((self.b(self.a(x).relu()) + x).relu())
+
+
+def qdq_scales(model):
+    """{tensor: scale} of every activation QuantizeLinear in a Q/DQ file."""
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.input[0]: float(values[n.input[1]].reshape(-1)[0]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in values}
+
+
+def test_calibration_cache_parses_back_to_the_q_dq_scales_of_the_same_calibration(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 4, 1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 2))
+    x = torch.randn(1, 3, 8, 8)
+    compiled = int8_compile(model, x)
+    compiled.save(tmp_path)
+    header, cache = read_calibration_cache((tmp_path / "calibration.cache").read_text())
+    assert header == "TRT-8502-EntropyCalibration2"
+    expected = qdq_scales(compiled.onnx_model)
+    assert len(expected) == 3 and {k: cache[k] for k in expected} == expected  # bit-exact float32
+    # the implicit twin: no Q/DQ, the same tensor names, and the float function of the graph
+    implicit = onnx.load(tmp_path / "model_dla.onnx")
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in implicit.graph.node}
+    names = {o for n in implicit.graph.node for o in n.output} | {i.name for i in implicit.graph.input}
+    assert set(cache) <= names
+    onnx.checker.check_model(implicit)
+    session = ort.InferenceSession(implicit.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], model.eval()(x).detach().numpy(), atol=1e-5)
+    # a conv output feeding only a ReLU takes the ReLU's scale (TensorRT fuses them; clipping below 0 is a no-op)
+    conv_out = next(n.output[0] for n in implicit.graph.node if n.op_type == "Conv")
+    relu = next(n for n in implicit.graph.node if n.op_type == "Relu" and n.input[0] == conv_out)
+    assert cache[conv_out] == cache[relu.output[0]]
+
+
+def test_dla_build_uses_the_cache_and_the_gpu_build_the_q_dq_file():
+    torch.manual_seed(0)
+    compiled = int8_compile(ResidualBlock(), torch.randn(1, 4, 8, 8))
+    files = compiled.report.extras["files"]
+    gpu, dla = [line for line in files["build_engine.sh"].splitlines() if line.startswith("trtexec")]
+    assert "--onnx=model.onnx" in gpu and "--calib" not in gpu and "--useDLACore" not in gpu
+    assert {"--onnx=model_dla.onnx", "--calib=calibration.cache", "--int8", "--useDLACore=0"} <= set(dla.split())
+    assert "calibration_cache='calibration.cache'" in files["build_engine.py"] and "build_engine('model.onnx'" in files["build_engine.py"]
+    compile(files["build_engine.py"], "build_engine.py", "exec")
+    assert any("DLA engine is built from model_dla.onnx" in n and "calibration.cache" in n for n in compiled.report.notes)
+    # the placement report judges the file DLA builds (Q/DQ nodes would all read GPU)
+    assert "QuantizeLinear" not in files["placement.md"]
+    # the residual add is fused into conv b's epilogue: b's output takes the add's output scale
+    _, cache = read_calibration_cache(files["calibration.cache"])
+    implicit = onnx.load_from_string(files["model_dla.onnx"])
+    add = next(n for n in implicit.graph.node if n.op_type == "Add")
+    conv_b = [n for n in implicit.graph.node if n.op_type == "Conv"][1].output[0]
+    assert conv_b in add.input and cache[conv_b] == cache[add.output[0]]
+
+
+def test_cache_text_round_trip_and_version_header():
+    scales = {"input": 0.0123, "/a/Conv_output_0": 1e-3, "x: y": 2.5}  # a name holding ': ' still parses
+    header, back = read_calibration_cache(calibration_cache(scales))
+    assert header == "TRT-8502-EntropyCalibration2"
+    assert back == {k: float(np.float32(v)) for k, v in scales.items()}
+    assert cache_for_version(calibration_cache(scales), "8.6.1.6").decode().startswith("TRT-8601-EntropyCalibration2\ninput: ")
+    with pytest.raises(fxopt.TargetError, match="calibration cache is for int8"):
+        build_plan("xavier", "fp16", calibration_cache="calibration.cache")
+
+
+def test_strip_qdq_without_q_dq_is_the_same_graph():
+    exported = export_onnx(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), (torch.randn(1, 3, 8, 8),)).model
+    stripped, scales = strip_qdq(exported)
+    assert scales == {} and [n.op_type for n in stripped.graph.node] == [n.op_type for n in exported.graph.node]
+
+
+def test_doctests():
+    import doctest
+
+    import fxopt.backends.tensorrt as trt_backend
+
+    result = doctest.testmod(trt_backend)
+    assert result.attempted >= 3 and result.failed == 0
