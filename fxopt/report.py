@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch.fx import GraphModule
 
-from fxopt.cost_model import CostSummary
+from fxopt.cost_model import CostSummary, NodeCost, estimate_costs
 from fxopt.pass_manager import PassRecord
 from fxopt.tracing import Leaf
 
-__all__ = ["CompileReport", "LayerRow", "layer_rows"]
+__all__ = ["CompileReport", "LayerRow", "PrecisionColumn", "PrecisionLayer", "layer_rows", "precision_comparison"]
 
 
 @dataclass(frozen=True)
@@ -186,3 +187,101 @@ def _markdown_table(rows: list[dict[str, Any]]) -> list[str]:
 def report_tables(gm: GraphModule) -> dict[str, list[dict[str, Any]]]:
     """Tables passes left for the report in ``gm.meta["fxopt_tables"]`` (title -> rows of plain data)."""
     return {title: [dict(r) for r in rows] for title, rows in gm.meta.get("fxopt_tables", {}).items()}
+
+
+# --- int8 beside the higher precision, layer by layer ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrecisionLayer:
+    """One computing node costed at both precisions, and the one it runs at.
+
+    Attributes:
+        node, op: the node and its op (module type or function name).
+        higher: its cost at the higher precision (fp16 on TensorRT, fp32 on ONNX Runtime).
+        int8: its cost at int8.
+        precision: what the compiled graph runs it at (``int8`` or the higher one).
+        reason: why it is not int8 ("" when it is, or when int8 does not apply to it).
+    """
+
+    node: str
+    op: str
+    higher: NodeCost
+    int8: NodeCost
+    precision: str
+    reason: str = ""
+
+    @property
+    def chosen(self) -> NodeCost:
+        return self.int8 if self.precision == "int8" else self.higher
+
+
+@dataclass(frozen=True)
+class PrecisionColumn:
+    """A column of the int8 comparison table: a header, a row's cell, and optionally its total.
+
+    The table is `PRECISION_COLUMNS` in order; another estimate (e.g. a roofline bound) is one more
+    entry. ``{higher}`` in a header becomes the higher precision's name.
+    """
+
+    header: str
+    cell: Callable[[PrecisionLayer], str]
+    total: Callable[[Sequence[PrecisionLayer]], str] | None = None
+
+
+def _latency_column(header: str, pick: Callable[[PrecisionLayer], NodeCost]) -> PrecisionColumn:
+    return PrecisionColumn(
+        header, lambda r: f"{pick(r).latency_s * 1e3:.4f}", lambda rows: f"{sum(pick(r).latency_s for r in rows) * 1e3:.4f}"
+    )
+
+
+PRECISION_COLUMNS: tuple[PrecisionColumn, ...] = (
+    PrecisionColumn("layer", lambda r: r.node, lambda rows: "total"),
+    PrecisionColumn("op", lambda r: r.op),
+    PrecisionColumn("FLOPs", lambda r: _si(r.higher.flops), lambda rows: _si(sum(r.higher.flops for r in rows))),
+    _latency_column("est. ms {higher}", lambda r: r.higher),
+    _latency_column("est. ms int8", lambda r: r.int8),
+    PrecisionColumn("runs at", lambda r: r.precision),
+    _latency_column("est. ms as compiled", lambda r: r.chosen),
+    PrecisionColumn("why not int8", lambda r: r.reason),
+)
+
+
+def precision_layers(
+    gm: GraphModule, target: Any, precisions: Mapping[str, str], reasons: Mapping[str, str], higher: str
+) -> list[PrecisionLayer]:
+    """Each computing node of a float graph (views left out) costed at `higher` and at int8.
+
+    Args:
+        gm: the graph without fake quantisation (shapes propagated), node names as compiled.
+        target: the target whose cost model to use.
+        precisions: node -> the precision it runs at (missing: `higher`).
+        reasons: node -> why it is not int8.
+        higher: the precision layers not in int8 run at.
+    """
+    fp, i8 = estimate_costs(gm, target, higher), estimate_costs(gm, target, "int8")
+    rows = []
+    for node in gm.graph.nodes:
+        cost = fp.per_node.get(node.name)
+        if cost is None or cost.kind == "view":
+            continue
+        op = type(gm.get_submodule(str(node.target))).__name__ if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
+        rows.append(PrecisionLayer(node.name, op, cost, i8.per_node[node.name], precisions.get(node.name, higher), reasons.get(node.name, "")))
+    return rows
+
+
+def precision_comparison(
+    rows: Sequence[PrecisionLayer], higher: str, columns: Sequence[PrecisionColumn] = PRECISION_COLUMNS
+) -> list[dict[str, str]]:
+    """The per-layer table (one dict per layer, then a total row) for `CompileReport.tables`.
+
+    Example:
+        >>> from fxopt.cost_model import NodeCost
+        >>> fast, slow = NodeCost("conv", 0, 10, 4, 1e-3), NodeCost("conv", 0, 10, 8, 2e-3)
+        >>> table = precision_comparison([PrecisionLayer("c", "Conv2d", slow, fast, "int8")], "fp16")
+        >>> table[-1]["est. ms fp16"], table[-1]["est. ms int8"], table[-1]["est. ms as compiled"]
+        ('2.0000', '1.0000', '1.0000')
+    """
+    headers = [c.header.format(higher=higher) for c in columns]
+    table = [{h: c.cell(r) for h, c in zip(headers, columns)} for r in rows]
+    return [*table, {h: c.total(rows) if c.total else "" for h, c in zip(headers, columns)}]

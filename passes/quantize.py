@@ -44,8 +44,8 @@ from fxopt.passes.quant_observers import (
 from fxopt.registry import register_pass
 
 __all__ = [
-    "LayerSensitivity", "QuantAnnotation", "QuantizeInt8", "annotate_int8",
-    "quantized_layers", "sensitivity",
+    "LayerSensitivity", "QuantAnnotation", "QuantizeInt8", "annotate_int8", "float_graph", "int8_tables",
+    "qdq_pairs", "quantized_layers", "sensitivity",
 ]
 
 META_KEY = "quantize"
@@ -308,6 +308,68 @@ def _ort_latencies_ms(graphs: Mapping[str, nn.Module], inputs: tuple[Any, ...], 
     return dict(zip(graphs, ort_latencies_ms(models, inputs, runs, threads=threads)))
 
 
+# modules that are not weighted compute: activations, pools, norms and shape ops (no reason owed)
+_NOT_COMPUTE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Softmax,
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Upsample, nn.Embedding,
+)
+
+
+def float_graph(gm: GraphModule) -> GraphModule:
+    """A copy of a `quantize`d graph with the fake quantisation taken out: the same node names and
+    shapes, the weighted modules unwrapped (what the cost model and the higher precision see)."""
+    twin = copy.deepcopy(gm)
+    for node in list(twin.graph.nodes):
+        if node.op == "call_module" and isinstance(twin.get_submodule(str(node.target)), FakeQuantize):
+            node.replace_all_uses_with(node.args[0])
+            twin.graph.erase_node(node)
+    for path, module in list(twin.named_modules()):
+        if isinstance(module, WEIGHT_FAKE_QUANT):
+            twin.set_submodule(path, module.module)
+    twin.delete_all_unused_submodules()
+    twin.recompile()
+    return twin
+
+
+def qdq_pairs(gm: GraphModule) -> dict[str, int]:
+    """Q/DQ pairs the ONNX export of a `quantize`d graph holds: activations and weights (enabled ones)."""
+    modules = list(gm.modules())
+    return {
+        "activations": sum(isinstance(m, FakeQuantize) and m.enabled for m in modules),
+        "weights": sum(isinstance(m, WEIGHT_FAKE_QUANT) and m.enabled for m in modules),
+    }
+
+
+def int8_tables(gm: GraphModule, target: Any, higher: str, reasons: Mapping[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """The report's int8 tables: estimated latency per layer at `higher` and int8 side by side, the
+    Q/DQ count and totals, and the weighted layers left in `higher` with the reason."""
+    from fxopt.report import precision_comparison, precision_layers
+
+    layers = quantized_layers(gm)
+    precisions = {name: "int8" for name, parts in layers.items() if parts and all(m.enabled for m in parts)}
+    rows = precision_layers(float_graph(gm), target, precisions, reasons, higher)
+    name = getattr(target, "name", str(target))
+    per_layer = precision_comparison(rows, higher)
+    total = per_layer[-1]
+    pairs = qdq_pairs(gm)
+    speedup = float(total[f"est. ms {higher}"]) / max(float(total["est. ms as compiled"]), 1e-12)
+    summary = [
+        {"what": "Q/DQ pairs", "value": f"{pairs['activations'] + pairs['weights']} ({pairs['activations']} activations, {pairs['weights']} weights)"},
+        {"what": f"layers in int8 / left in {higher}", "value": f"{len(precisions)} / {sum(1 for r in rows if r.reason)}"},
+        {"what": f"est. {name} latency, all {higher}", "value": f"{total[f'est. ms {higher}']} ms"},
+        {"what": f"est. {name} latency, all int8", "value": f"{total['est. ms int8']} ms"},
+        {"what": f"est. {name} latency as compiled", "value": f"{total['est. ms as compiled']} ms ({speedup:.2f}x faster than {higher})"},
+    ]
+    left = [{"layer": r.node, "op": r.op, "precision": r.precision, "reason": r.reason} for r in rows if r.reason]
+    return {
+        "int8 summary": summary,
+        f"int8 vs {higher}: estimated {name} latency per layer (cost model)": per_layer,
+        f"layers left in {higher}": left,
+    }
+
+
 @register_pass
 class QuantizeInt8(FxoptPass):
     """Int8 fake quantisation placed by the target's `QuantScheme` and calibrated on `calib_data`.
@@ -405,9 +467,11 @@ class QuantizeInt8(FxoptPass):
         inputs = {n.name for n in graph_module.graph.nodes if n.op == "placeholder"}
         self._calibrate(graph_module, quantizers, calib, inputs)
         graph_module.meta.setdefault("fxopt_tables", {})["int8 calibration"] = self._table(quantizers, annotations)
+        higher = "fp32" if ctx.target.backend == "onnxruntime" else "fp16"
+        kept: dict[str, str] = {}
         if self.skip_most_sensitive or self.error_budget is not None:
-            higher = "fp32" if ctx.target.backend == "onnxruntime" else "fp16"
-            graph_module.meta["fxopt_tables"]["int8 sensitivity"] = self._mixed_precision(graph_module, calib, higher)
+            graph_module.meta["fxopt_tables"]["int8 sensitivity"] = self._mixed_precision(graph_module, calib, higher, kept)
+        graph_module.meta["fxopt_tables"].update(int8_tables(graph_module, ctx.target, higher, self._why_not_int8(graph_module, scheme, kept, higher)))
         if original is not None:
             self.timing = _ort_latencies_ms(
                 {"fp32": original, "int8": graph_module}, ctx.example_inputs, ctx.target.max_onnx_opset, self.timing_runs, self.timing_threads
@@ -475,11 +539,11 @@ class QuantizeInt8(FxoptPass):
             fq.set_amax(amax)
             self.ranges[name] = (chosen, obs.amax, fq.amax)
 
-    def _mixed_precision(self, gm: GraphModule, calib: Sequence[tuple[Any, ...]], higher: str) -> list[dict[str, Any]]:
+    def _mixed_precision(self, gm: GraphModule, calib: Sequence[tuple[Any, ...]], higher: str, kept: dict[str, str]) -> list[dict[str, Any]]:
+        """Switch the most sensitive layers back to `higher`, recording why in `kept`; the sensitivity table."""
         ranked = sensitivity(gm, calib)
         layers = quantized_layers(gm)
         reference = _fp32_outputs(gm, calib) if self.error_budget is not None else []
-        kept: dict[str, str] = {}
         for rank, row in enumerate(ranked, 1):
             if self.error_budget is None and rank > self.skip_most_sensitive:
                 break
@@ -491,6 +555,32 @@ class QuantizeInt8(FxoptPass):
             {"layer": r.layer, "kind": r.kind, "output error with only this layer int8": f"{r.error:.3g}", "precision": kept.get(r.layer, "int8")}
             for r in ranked
         ]
+
+    def _why_not_int8(self, gm: GraphModule, scheme: Any, kept: Mapping[str, str], higher: str) -> dict[str, str]:
+        """Each conv / linear / matmul / leaf left in `higher`, and why."""
+        reasons = dict(kept)
+        wanted = set(scheme.quantized_ops)
+        for node in gm.graph.nodes:
+            if node.name in reasons or isinstance(node.meta.get("fxopt", {}).get(META_KEY), QuantAnnotation):
+                continue
+            if node.op == "call_module":
+                module = gm.get_submodule(str(node.target))
+                kind = _module_kind(module)
+                if isinstance(module, (FakeQuantize, *WEIGHT_FAKE_QUANT)):
+                    continue
+                if _matches(str(node.target), self.skip):
+                    reasons[node.name] = f"skip= keeps it in {higher}"
+                elif isinstance(module, _CONV_T) and kind is None:
+                    reasons[node.name] = "grouped transposed conv: its weight is not per-channel quantisable here"
+                elif kind is not None and kind not in wanted:
+                    reasons[node.name] = f"the target's int8 scheme does not quantise {kind}"
+                elif kind is not None:
+                    reasons[node.name] = "an input is not a float tensor"
+                elif not isinstance(module, _NOT_COMPUTE):
+                    reasons[node.name] = "an opaque module: fxopt does not quantise inside it"
+            elif (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (node.op == "call_method" and node.target in _MATMUL_METHODS):
+                reasons[node.name] = "matmul is not in the target's int8 scheme" if "matmul" not in wanted else "an operand is not a float tensor"
+        return reasons
 
     def _calibrator_for(self, tensor: str, is_input: bool) -> str:
         default = "max" if is_input else self.calibrator
