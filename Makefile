@@ -45,6 +45,11 @@ bench-quant: venv
 	$(PY) -m pip install -e '.[dev,bench]' -c requirements-dev.txt
 	$(PY) bench/quantize.py
 
+# the bundled perception models trained with their recipes, int8 for xavier vs fp32 in ONNX Runtime (~10 CPU min)
+.PHONY: bench-quant-models
+bench-quant-models: venv
+	$(PY) bench/quantize_models.py
+
 # labels only vs logit KD vs ICKD after pruning the digits CNN to 20% of its FLOPs (a few minutes)
 bench-distill: venv
 	$(PY) bench/distill.py
