@@ -322,7 +322,7 @@ def propagated_scales(model: onnx.ModelProto, scales: Mapping[str, float]) -> di
 
     Rules, repeated until nothing changes:
     - across a scale-keeping op (ReLU, max-pool, reshapes): input <-> output, the input only when
-      that op is its one consumer;
+      that op is its one consumer; a concat's output scale to its inputs (the same condition);
     - an add with a scaled residual input: its other input, a conv's output, takes the add's
       output scale (TensorRT fuses the add into that conv's epilogue; the sum is what it writes).
     """
@@ -342,6 +342,10 @@ def propagated_scales(model: onnx.ModelProto, scales: Mapping[str, float]) -> di
                     out[dst], changed = out[src], True
                 elif dst in out and src not in out and len(consumers.get(src, [])) == 1:
                     out[src], changed = out[dst], True
+            elif node.op_type == "Concat" and dst in out:
+                for name in node.input:
+                    if name not in out and len(consumers.get(name, [])) == 1:
+                        out[name], changed = out[dst], True
             elif node.op_type == "Add" and dst in out and len(node.input) == 2:
                 for a, b in (node.input, node.input[::-1]):
                     conv = producers.get(a)

@@ -209,3 +209,22 @@ def test_doctests():
 
     result = doctest.testmod(trt_backend)
     assert result.attempted >= 3 and result.failed == 0
+
+
+def test_a_concat_gives_its_output_scale_to_its_inputs():
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.c(torch.cat([self.a(x).relu(), self.b(x).relu()], dim=1))
+
+    torch.manual_seed(0)
+    files = int8_compile(Cat(), torch.randn(1, 3, 8, 8)).report.extras["files"]
+    _, cache = read_calibration_cache(files["calibration.cache"])
+    implicit = onnx.load_from_string(files["model_dla.onnx"])
+    concat = next(n for n in implicit.graph.node if n.op_type == "Concat")
+    convs = [n.output[0] for n in implicit.graph.node if n.op_type == "Conv"][:2]
+    # concat inputs, the ReLUs before them and the convs before those: all at the concat's scale
+    assert {cache[name] for name in [*concat.input, *convs]} == {cache[concat.output[0]]}
