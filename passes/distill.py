@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxopt.errors import InputError
@@ -165,7 +166,9 @@ def match_features(
         teacher: the teacher graph (with shapes).
         features: node names present in both graphs (a pruned student keeps its teacher's
             names); ``{student name: teacher name}`` pairs; or ``"stages"``: the last node at
-            each spatial resolution of each graph, paired in order.
+            each spatial resolution of each graph's trunk, paired in order. Where the student's
+            BatchNorm was folded into a conv and the teacher's was not, the student conv is
+            paired with the teacher's BatchNorm output (what the folded conv computes).
         kept: ``{student node name: kept teacher channel indices}`` (`kept_channels`); where
             given, the teacher feature is sliced to those channels instead of using an adapter.
 
@@ -191,8 +194,24 @@ def match_features(
             missing = s_name if s_name not in s_nodes else t_name
             raise InputError(f"feature node '{missing}' is not in the {'student' if s_name == missing else 'teacher'} graph")
         idx = tuple(int(i) for i in kept[s_name]) if kept and s_name in kept else None
-        out.append(FeaturePair(s_name, t_name, _channels(s_nodes[s_name]), _channels(t_nodes[t_name]), idx))
+        t_node = _past_folded_batchnorm(student, s_nodes[s_name], teacher, t_nodes[t_name])
+        out.append(FeaturePair(s_name, t_node.name, _channels(s_nodes[s_name]), _channels(t_node), idx))
     return out
+
+
+def _batchnorm_user(gm: GraphModule, node: Node) -> Node | None:
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module":
+        if isinstance(gm.get_submodule(str(users[0].target)), nn.modules.batchnorm._BatchNorm):
+            return users[0]
+    return None
+
+
+def _past_folded_batchnorm(student: GraphModule, s_node: Node, teacher: GraphModule, t_node: Node) -> Node:
+    """The teacher node that computes what `s_node` computes: a student conv with its BatchNorm
+    folded in (fold_batchnorm) gives the teacher's BatchNorm output, not its conv output."""
+    bn = _batchnorm_user(teacher, t_node)
+    return bn if bn is not None and _batchnorm_user(student, s_node) is None else t_node
 
 
 @register_pass

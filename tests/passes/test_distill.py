@@ -127,6 +127,16 @@ def test_pruned_student_matches_by_name_with_kept_channel_indices():
     assert (explicit[0].student_channels, explicit[0].teacher_channels) == (16, 64)
 
 
+def test_a_folded_conv_is_matched_to_the_teachers_batchnorm_output():
+    gm, x = _digits_graph(width=8)  # the traced original: conv -> BN -> ReLU
+    student = fxopt.compile(DigitsCNN(width=8).eval(), "cpu", example_inputs=(x,), export=False).graph_module  # BN folded
+    (pair,) = match_features(student, gm, ["features_0_0"])
+    # Before: the student's folded conv (conv + BN) was compared with the teacher's bare conv output
+    assert (pair.student, pair.teacher) == ("features_0_0", "features_0_1")
+    (same,) = match_features(gm, gm, ["features_0_0"])  # nothing folded: the node itself
+    assert same.teacher == "features_0_0"
+
+
 def test_kept_channels_needs_a_pass_that_ran():
     with pytest.raises(fxopt.InputError, match="has run"):
         kept_channels(PruneChannels())
