@@ -471,7 +471,8 @@ class QuantizeInt8(FxoptPass):
         kept: dict[str, str] = {}
         if self.skip_most_sensitive or self.error_budget is not None:
             graph_module.meta["fxopt_tables"]["int8 sensitivity"] = self._mixed_precision(graph_module, calib, higher, kept)
-        graph_module.meta["fxopt_tables"].update(int8_tables(graph_module, ctx.target, higher, self._why_not_int8(graph_module, scheme, kept, higher)))
+        int8_report = int8_tables(graph_module, ctx.target, higher, self._why_not_int8(graph_module, scheme, kept, higher))
+        graph_module.meta["fxopt_tables"].update(int8_report)
         if original is not None:
             self.timing = _ort_latencies_ms(
                 {"fp32": original, "int8": graph_module}, ctx.example_inputs, ctx.target.max_onnx_opset, self.timing_runs, self.timing_threads
@@ -484,7 +485,9 @@ class QuantizeInt8(FxoptPass):
                     f"int8 is not faster on this host: ONNX Runtime median {self.timing['int8']:.3f} ms vs fp32 "
                     f"{self.timing['fp32']:.3f} ms over {self.timing_runs} runs on {self.timing_threads} thread(s); kept fp32 (keep_faster=False forces int8)"
                 )
-                original.meta.setdefault("fxopt_tables", {}).update(graph_module.meta["fxopt_tables"])
+                # the calibration and timing tables explain the choice; the int8 layer tables would describe a graph not kept
+                kept_tables = {k: v for k, v in graph_module.meta["fxopt_tables"].items() if k not in int8_report}
+                original.meta.setdefault("fxopt_tables", {}).update(kept_tables)
                 return PassResult(original, False)
         return PassResult(graph_module, True)
 
