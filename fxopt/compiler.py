@@ -198,10 +198,12 @@ def compile(  # noqa: A001 - the public name the design asks for
         finetune_steps: optimiser steps of `fxopt.finetune` on the transformed graph before it is
             lowered (0: none); the traced original is the teacher when `distill` is given.
         finetune_lr: Adam learning rate of that fine-tune.
-        distill: an `fxopt.distill.Distill` (logit KD, feature losses); the kept channels of a
-            `prune` pass in the pipeline are filled in for it.
+        distill: ``"kd"``, ``"ickd"``, ``["kd", "ickd"]`` (see `fxopt.distill.resolve`: the
+            output KD form follows the model's outputs) or an `fxopt.distill.Distill`; the kept
+            channels of a `prune` pass in the pipeline are filled in for it.
         recipe: a bundled model's `TrainingRecipe` (``fxopt.models.spec(name).recipe``): its
-            batches, loss and held-out evaluation stand in for `train_data`, `loss` and `eval_fn`.
+            batches, loss and held-out evaluation stand in for `train_data`, `loss` and `eval_fn`
+            (the fine-tune keeps the state best on its first metric; the summary shows them all).
         eval_fn: ``graph -> {metric: value}`` (or a number): the report's summary table gives
             the metric of the input model and after each lossy step (slim/prune, fine-tune, int8).
         **options: data passes need, e.g. ``calib_data=`` (a list of input tuples, also used
@@ -248,15 +250,13 @@ def compile(  # noqa: A001 - the public name the design asks for
         policy.check_request(pipeline, precision or profile.default_precision)
         strict = True  # a safety model never ships with a pass silently rolled back
     _check_request(pipeline, options, precision or profile.default_precision, profile)
-    if recipe is not None:
-        train_data = train_data if train_data is not None else _RecipeData(recipe, max(finetune_steps, 1))
-        loss = loss if loss is not None else recipe.loss
-        eval_fn = eval_fn if eval_fn is not None else recipe.evaluate
+    summary_eval = eval_fn if eval_fn is not None else getattr(recipe, "evaluate", None)  # every metric of the recipe
     if finetune_steps and options.get("resolutions") is not None:
         raise InputError("fine-tuning after slim's resolution choice is not supported: its training data and targets "
                          "have the example's size; leave out resolutions= or finetune_steps=")
-    if finetune_steps and (train_data is None or (loss is None and distill is None)):
-        raise InputError("finetune_steps needs train_data= ((inputs, target) batches) and loss= and/or distill=")
+    if finetune_steps and recipe is None and (train_data is None or (loss is None and distill is None)):
+        raise InputError("finetune_steps needs train_data= ((inputs, target) batches) and loss= and/or distill=, "
+                         "or recipe= (a bundled model's)")
     if finetune_steps and (split is not None or policy.strict):
         raise InputError("fine-tuning is not available for a staged compile (stages=) or under safety='strict'")
     check_inputs = verification_inputs(inputs, options.get("calib_data"))
@@ -274,7 +274,7 @@ def compile(  # noqa: A001 - the public name the design asks for
         ordered = order_passes(pipeline)
         cut = next((i for i, p in enumerate(ordered) if pass_name(p) == "quantize"), len(ordered)) if finetune_steps else len(ordered)
         manager = PassManager(ordered[:cut], strict=strict, progress=progress)
-        summary = _Summary(profile, context.precision, eval_fn)
+        summary = _Summary(profile, context.precision, summary_eval)
         summary.add("input model", gm)
         with phases("passes"):
             result = manager.run(gm, context)
@@ -286,8 +286,8 @@ def compile(  # noqa: A001 - the public name the design asks for
         tuned_notes: list[str] = []
         if finetune_steps:
             with phases("finetune"):
-                tuned_notes = _finetune(final, gm, pipeline, train_data, loss, distill, finetune_steps, finetune_lr, progress,
-                                        eval_fn if summary.scalar else None)
+                tuned_notes = _finetune(final, gm, ordered, inputs, finetune_steps, finetune_lr, progress, recipe=recipe,
+                                        data=train_data, loss=loss, distill=distill, eval_fn=eval_fn if summary.scalar else None)
             summary.add("after fine-tune", final)
             if cut < len(ordered):
                 rest = PassManager(ordered[cut:], strict=strict, progress=progress).run(final, context)
@@ -420,42 +420,27 @@ def _safety_policy(model: nn.Module, safety: str | None, export: bool) -> _Safet
     return _SafetyPolicy(chosen == "strict", spec)
 
 
-def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], data: Any, loss: Any, distill: Any,
-              steps: int, lr: float, progress: bool, eval_fn: Any = None) -> list[str]:
-    """Fine-tune the transformed graph in place (the traced original teaches); report lines.
-    A scalar `eval_fn` (higher is better) picks the best state; otherwise the last is kept."""
-    import dataclasses
+def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], inputs: tuple[Any, ...], steps: int,
+              lr: float, progress: bool, **requests: Any) -> list[str]:
+    """Fine-tune the transformed graph in place, the traced original teaching; report lines.
 
-    from fxopt.distill import finetune
+    `requests` are `fxopt.distill.resolve`'s (recipe, data, loss, distill, eval_fn): a scalar
+    eval_fn (or the recipe's first metric) picks the best state, else the last is kept."""
+    from fxopt.distill import finetune, resolve
 
-    if distill is not None and distill.kept is None:
+    prunes = [p for p in pipeline if pass_name(p) == "prune" and getattr(p, "plan", None) is not None]
+    kept = None
+    if prunes:
         from fxopt.passes.distill import kept_channels
 
-        prunes = [p for p in pipeline if pass_name(p) == "prune" and getattr(p, "plan", None) is not None]
-        if prunes:
-            distill = dataclasses.replace(distill, kept=kept_channels(prunes[0]))
+        kept = kept_channels(prunes[0])
+    setup = resolve(requests.pop("distill"), teacher=teacher, example_inputs=inputs, kept=kept, **requests)
     start = time.perf_counter()
-    tuned = finetune(final, data, loss=loss, teacher=teacher if distill is not None else None, distill=distill,
-                     steps=steps, lr=lr, progress=progress, eval_fn=eval_fn)
+    tuned = finetune(final, **setup.kwargs(), teacher=teacher if setup.distill is not None else None,
+                     steps=steps, lr=lr, progress=progress)
     first, last = (tuned.history[0]["loss"], tuned.history[-1]["loss"]) if tuned.history else (float("nan"),) * 2
     return [f"fine-tune: {tuned.steps_run} steps in {time.perf_counter() - start:.1f} s, {tuned.stopped_reason}; "
-            f"loss {first:.4g} -> {last:.4g}", *[f"fine-tune: {n}" for n in tuned.notes]]
-
-
-class _RecipeData:
-    """A recipe's training batches as a re-iterable of ``(inputs, target)`` (seeded, the same
-    stream on every pass over it)."""
-
-    def __init__(self, recipe: Any, steps: int, seed: int = 0) -> None:
-        self.recipe, self.steps, self.seed = recipe, steps, seed
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Any:
-        generator = torch.Generator().manual_seed(self.seed)
-        for step in range(self.steps):
-            yield self.recipe.batch(step, generator)
+            f"loss {first:.4g} -> {last:.4g}", *[f"fine-tune: {n}" for n in (*setup.notes, *tuned.notes)]]
 
 
 class _Summary:

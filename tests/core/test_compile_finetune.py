@@ -43,3 +43,12 @@ def test_finetune_requests_are_checked_before_work():
         compile_pruned(finetune_steps=5)
     with pytest.raises(fxopt.InputError, match="finetune_steps needs train_data="):
         compile_pruned(finetune_steps=5, train_data=TensorBatches(X, Y, batch_size=16))
+
+
+def test_distill_by_name_picks_the_output_kd_form():
+    tuned = compile_pruned(train_data=TensorBatches(X, Y, batch_size=16), loss=nn.CrossEntropyLoss(),
+                           finetune_steps=5, finetune_lr=1e-2, distill="kd", export=False)
+    assert "fine-tune: output KD: LogitKD(T=4) on the class logits" in tuned.report.notes
+    with pytest.raises(fxopt.InputError, match="distill must name"):
+        compile_pruned(train_data=TensorBatches(X, Y, batch_size=16), loss=nn.CrossEntropyLoss(),
+                       finetune_steps=5, distill="kdd", export=False)
