@@ -6,10 +6,10 @@
 Each model is trained with its recipe (`fxopt.models.train`, seed 0, one thread; `--cache` keeps
 the trained weights so a re-run skips training), compiled for `xavier` at fp32 and at
 ``precision="int8"`` (32 calibration frames drawn from the training distribution with another seed),
-and both ONNX files are scored with the recipe's own held-out evaluation, run in ONNX Runtime (CPU)
-frame by frame. The bound is 1 point on each headline metric. A model that misses it with the default
-(entropy) calibrator is compiled again with MSE clipping, then keeping the most sensitive layers in
-fp16 (`QuantizeInt8(skip_most_sensitive=k)`, k = 1, 2, 4, 8); each miss is explained by the layers
+and both ONNX files are scored with the recipe's own held-out evaluation (pointpillars on 128 frames,
+not 32), run in ONNX Runtime (CPU) frame by frame. The bound: each headline metric at most 1 point
+below fp32. A model that misses it with the default (entropy) calibrator is compiled again with MSE
+clipping, then keeping the most sensitive layers in fp16 (`QuantizeInt8(skip_most_sensitive=k)`, k = 1, 2, 4, 8); each miss is explained by the layers
 whose int8 alone hurts most and how their inputs were clipped. Writes bench/results/quantize_models.md.
 """
 
@@ -46,7 +46,10 @@ HEADLINE = {
     "camera_multitask": ("seg_miou", "det_map50"),
     "motionnet": ("category_acc_occupied", "state_acc_foreground"),
 }
-BOUND = 0.01  # one point
+BOUND = 0.01  # one point: int8 may be at most this much below fp32
+# the recipe's held-out set, enlarged where it is small: pointpillars' 32 frames move a class AP by
+# several points between two near-identical models (the first 32 of these 128 are the recipe's)
+EVAL_OPTIONS: dict[str, dict[str, Any]] = {"pointpillars": {"frames": 128}}
 CALIB_FRAMES = 32
 CALIB_SEED = 1234  # not the training stream (seed 0)
 SKIP_STEPS = (1, 2, 4, 8)  # layers kept in fp16 when int8 with MSE clipping still misses the bound
@@ -140,9 +143,10 @@ def _kept(compiled: Any) -> list[str]:
 
 
 def score(compiled: Any, model: nn.Module, name: str) -> dict[str, float]:
+    """The recipe's held-out metrics of the compiled ONNX file, run in ONNX Runtime."""
     inputs = spec(name).inputs()
     with torch.no_grad():
-        return spec(name).recipe.evaluate(OnnxRuntimeModule(compiled.onnx_model, model, inputs))
+        return spec(name).recipe.evaluate(OnnxRuntimeModule(compiled.onnx_model, model, inputs), **EVAL_OPTIONS.get(name, {}))
 
 
 def _cause(compiled: Any, calib: Sequence[tuple[torch.Tensor, ...]], top: int = 3) -> list[str]:
@@ -198,11 +202,14 @@ def render(results: Sequence[ModelResult], command: str, wall_s: float) -> str:
         f"{wall_s:.0f} s wall on the shared 2-core development host.",
         "",
         f"Each model trained with its recipe (seed 0, one thread), compiled for `xavier` at fp32 and int8 "
-        f"(entropy calibrator, model inputs max, {CALIB_FRAMES} calibration frames from the training "
+        f"(model inputs calibrated with max, {CALIB_FRAMES} calibration frames from the training "
         f"distribution, seed {CALIB_SEED}); both ONNX files run in ONNX Runtime (CPU) through the recipe's "
-        f"held-out evaluation. Bound: each headline metric within {BOUND * 100:.0f} point of fp32; when full "
-        "int8 with the default entropy calibrator misses it, MSE clipping is tried, then the most sensitive layers "
-        "stay fp16 (`skip_most_sensitive`). Train CPU s is 0 where the weights came from `--cache`.",
+        f"held-out evaluation ({'; '.join(f'{k}: {v}' for k, v in EVAL_OPTIONS.items())} instead of the recipe's default). "
+        f"Bound: each headline metric at most {BOUND * 100:.0f} point below fp32 (int8 may score higher: "
+        "rounding noise moves these small held-out sets either way). When full int8 with the default entropy "
+        "calibrator misses it, MSE clipping is tried, then the most sensitive layers stay fp16 "
+        "(`skip_most_sensitive`). Train CPU s is 0 where the weights came from `--cache` (trained by an earlier "
+        "run of the same command at seed 0).",
         "",
         "| model | headline metrics | fp32 | int8 attempt | int8 | Δ (points) | Q/DQ | within 1 point | layers kept fp16 | train CPU s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -244,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = [run_model(name, args.steps, args.cache, lambda s: print(s, flush=True)) for name in args.models]
     command = "python bench/quantize_models.py" + (f" --models {' '.join(args.models)}" if args.models != list(HEADLINE) else "")
+    command += f" --cache {args.cache}" if args.cache else ""
     text = render(results, command, time.perf_counter() - start)
     if args.models == list(HEADLINE) and args.steps is None:
         write_atomic(RESULTS_MD, text)
