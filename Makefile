@@ -54,6 +54,11 @@ bench-quant-models: venv
 bench-distill: venv
 	$(PY) bench/distill.py
 
+# NAS-slimming vs uniform latency pruning on camera_multitask and pointpillars, then int8 (bench/results/slim.md)
+.PHONY: bench-slim
+bench-slim: venv
+	$(PY) bench/slim.py
+
 lint: venv
 	$(PY) -m ruff check .
 
