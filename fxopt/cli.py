@@ -256,6 +256,20 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate_target(args: argparse.Namespace) -> int:
+    from fxopt.target_calibration import calibrate_target, write_profile
+
+    profile = calibrate_target(args.profile, args.target, onnx_path=args.onnx, precision=args.precision, name=args.name)
+    write_profile(profile, args.out)
+    fitted = ", ".join(f"{k} {v:.3g}" for k, v in profile.op_efficiency.items() if k.startswith(("conv", "linear", "matmul")))
+    engine = profile.engine
+    assert engine is not None  # calibrate_target refuses targets without one
+    print(f"{args.out}: target '{profile.name}' ({engine.source}): efficiency {fitted}; bandwidth "
+          f"{engine.bandwidth_efficiency:.3g}; launch {profile.launch_overhead_s * 1e6:.3g} us. "
+          f"Load it with fxopt.targets.load_target('{args.out}').")
+    return 0
+
+
 COMPILE_EXAMPLES = """examples:
   fxopt compile torchvision.models:resnet18 --input-shape 1x3x224x224 -o out/resnet18
   fxopt compile pointpillars --preset kitti --target xavier -o out/pp
@@ -303,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("folder")
     v.set_defaults(func=_cmd_verify)
     sub.add_parser("targets", help="list targets").set_defaults(func=_cmd_targets)
+    k = sub.add_parser("calibrate-target", help="fit a TensorRT target's latency model to a `trtexec --exportProfile` JSON")
+    k.add_argument("profile", help="the per-layer profile JSON trtexec wrote (--exportProfile=FILE)")
+    k.add_argument("--target", default="xavier", help="the target to calibrate (default: xavier)")
+    k.add_argument("--onnx", default=None, help="the ONNX file the engine was built from (default: model.onnx beside the profile)")
+    k.add_argument("--precision", default=None, help="the precision the engine ran (default: the target's)")
+    k.add_argument("--name", default=None, help="name of the calibrated target (default: TARGET_calibrated)")
+    k.add_argument("--out", default="calibrated.json", help="where to write the calibrated profile (default: calibrated.json)")
+    k.set_defaults(func=_cmd_calibrate_target)
     sub.add_parser("passes", help="list registered passes").set_defaults(func=_cmd_passes)
     sub.add_parser("models", help="list bundled models").set_defaults(func=_cmd_models)
     return parser

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxopt.engine_cost import NodeFacts, engine_kernels, kernel_latency_s, roofline_s, tensor_metas
 from fxopt.leaf_cost import measure_module, measure_on_values
 from fxopt.targets import BYTES_PER_ELEMENT, TargetProfile, get_target
 
@@ -37,12 +38,18 @@ class NodeCost:
             linear and matmul (plus one per bias add), and one per output element for
             elementwise ops.
         bytes: bytes read and written (inputs + outputs + weights) at the target precision.
-        latency_s: roofline estimate: max(compute time, memory time) + launch overhead.
+        latency_s: estimated time on the target: for a target with an `EngineModel` (TensorRT),
+            the time of the kernel this node heads (0 for a node fused into another's kernel,
+            see `fused_into`); otherwise the node's own max(compute time at the op's efficiency,
+            memory time) + launch overhead.
         matmul_flops: the part of `flops` that is 2 x MACs of conv, linear, matmul and
             attention products, bias adds left out: what `torch.utils.flop_counter.FlopCounterMode`
             counts, so the two can be compared.
         uncosted: why the node could not be costed ("" when it was); its `flops` are then 0
             and every total that includes it is a lower bound.
+        roofline_s: the lower bound for the same work: its FLOPs at peak throughput or its
+            bytes at full bandwidth, whichever is slower, with no launch or efficiency loss.
+        fused_into: the node whose kernel runs this one ("" when it heads its own or is free).
     """
 
     kind: str
@@ -52,6 +59,8 @@ class NodeCost:
     latency_s: float
     matmul_flops: int = 0
     uncosted: str = ""
+    roofline_s: float = 0.0
+    fused_into: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,9 @@ class CostSummary:
     """Whole-graph totals and the per-node costs they sum.
 
     `uncosted` maps each node that could not be costed to the reason; when it is not empty
-    the FLOPs and latency totals are lower bounds (see `uncosted_note`).
+    the FLOPs and latency totals are lower bounds (see `uncosted_note`). `latency_s` is the sum
+    of the per-node times plus `overhead_s`, the target's fixed cost per inference;
+    `roofline_s` sums the per-node roofline lower bounds.
     """
 
     target: str
@@ -72,6 +83,8 @@ class CostSummary:
     unknown_nodes: tuple[str, ...] = ()
     matmul_flops: int = 0
     uncosted: dict[str, str] = field(default_factory=dict)
+    roofline_s: float = 0.0
+    overhead_s: float = 0.0
 
     @property
     def complete(self) -> bool:
@@ -95,34 +108,22 @@ class CostSummary:
             "matmul_flops": self.matmul_flops,
             "bytes": self.bytes,
             "latency_ms": self.latency_s * 1e3,
+            "roofline_ms": self.roofline_s * 1e3,
+            "overhead_ms": self.overhead_s * 1e3,
             "unknown_nodes": list(self.unknown_nodes),
             "uncosted": dict(self.uncosted),
         }
 
 
-def _metas(value: object) -> Iterable[object]:
-    # tensor_meta is a TensorMetadata or a (nested) tuple/list/dict of them
-    if value is None:
-        return
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _metas(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _metas(v)
-
-
 def tensor_numels(node: Node) -> list[int]:
     """Element counts of the tensors a node produces (empty if ShapeProp did not reach it)."""
-    return [math.prod(m.shape) for m in _metas(node.meta.get("tensor_meta"))]
+    return [math.prod(m.shape) for m in tensor_metas(node.meta.get("tensor_meta"))]
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
     if not isinstance(node, Node):
         return None
-    metas = list(_metas(node.meta.get("tensor_meta")))
+    metas = list(tensor_metas(node.meta.get("tensor_meta")))
     return tuple(metas[0].shape) if len(metas) == 1 else None
 
 
@@ -182,6 +183,9 @@ _FREE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.modules.d
 
 def _module_counts(mod: nn.Module, node: Node, out_numel: int, in_numel: int) -> _Count | None:
     """The formula for a module call; None when fxopt has none (the module is measured)."""
+    inner = getattr(mod, "module", None)
+    if isinstance(inner, (nn.modules.conv._ConvNd, nn.Linear)) and len(list(mod.children())) == 1:
+        mod = inner  # a weight-quantising wrapper computes as the layer it wraps
     if isinstance(mod, nn.modules.conv._ConvNd):
         return _conv_counts(mod, out_numel, in_numel)
     if isinstance(mod, nn.Linear):
@@ -361,7 +365,6 @@ def estimate_costs(
     """
     profile = get_target(target)
     precision = precision or profile.default_precision
-    width = BYTES_PER_ELEMENT[precision]
     counts = {node.name: _count(gm, node) for node in gm.graph.nodes}
     if example_inputs is not None:
         opaque = {name for name, (c, _) in counts.items() if c.kind in ("leaf", "unknown")}
@@ -371,25 +374,62 @@ def estimate_costs(
                 counts[name] = (_Count("unknown", 0, uncosted=measured), params)
             else:
                 counts[name] = (_Count("leaf", measured.flops, measured.matmul_flops), params)
-    per_node: dict[str, NodeCost] = {}
+    per_node = (_engine_costs if profile.engine is not None else _node_costs)(gm, counts, profile, precision)
     for node in gm.graph.nodes:
-        c, params = counts[node.name]
-        moved = 0 if c.kind == "view" else (_input_numel(node) + sum(tensor_numels(node)) + params)
-        nbytes = moved * width
-        latency = _latency(profile, precision, c.kind, c.flops, nbytes)
-        cost = NodeCost(c.kind, params, c.flops, nbytes, latency, c.matmul_flops, c.uncosted)
-        node.meta.setdefault("fxopt", {})["cost"] = cost
-        per_node[node.name] = cost
+        node.meta.setdefault("fxopt", {})["cost"] = per_node[node.name]
     uncosted = {name: c.uncosted for name, c in per_node.items() if c.uncosted}
+    overhead = profile.engine.inference_overhead_s if profile.engine is not None else 0.0
     return CostSummary(
         target=profile.name,
         precision=precision,
         params=sum(p.numel() for p in gm.parameters()),
         flops=sum(c.flops for c in per_node.values()),
         bytes=sum(c.bytes for c in per_node.values()),
-        latency_s=sum(c.latency_s for c in per_node.values()),
+        latency_s=sum(c.latency_s for c in per_node.values()) + overhead,
         per_node=per_node,
         unknown_nodes=tuple(uncosted),
         matmul_flops=sum(c.matmul_flops for c in per_node.values()),
         uncosted=uncosted,
+        roofline_s=sum(c.roofline_s for c in per_node.values()),
+        overhead_s=overhead,
     )
+
+
+_Counts = dict[str, tuple[_Count, int]]
+
+
+def _node_costs(gm: GraphModule, counts: _Counts, profile: TargetProfile, precision: str) -> dict[str, NodeCost]:
+    # every computing node is one kernel: its own roofline at the op's efficiency plus a launch
+    width = BYTES_PER_ELEMENT[precision]
+    per_node: dict[str, NodeCost] = {}
+    for node in gm.graph.nodes:
+        c, params = counts[node.name]
+        moved = 0 if c.kind == "view" else (_input_numel(node) + sum(tensor_numels(node)) + params)
+        nbytes = moved * width
+        latency = _latency(profile, precision, c.kind, c.flops, nbytes)
+        bound = roofline_s(profile, precision, c.flops, nbytes) if c.kind != "view" else 0.0
+        per_node[node.name] = NodeCost(c.kind, params, c.flops, nbytes, latency, c.matmul_flops, c.uncosted, bound)
+    return per_node
+
+
+def _engine_costs(gm: GraphModule, counts: _Counts, profile: TargetProfile, precision: str) -> dict[str, NodeCost]:
+    # nodes grouped into the engine's kernels (`fxopt.engine_cost`); the head of a kernel carries its cost
+    width = BYTES_PER_ELEMENT[precision]
+    facts = {name: NodeFacts(c.kind, c.flops, params) for name, (c, params) in counts.items()}
+    heads = {}
+    fused_into = {}
+    for k in engine_kernels(gm, facts, profile, precision):
+        heads[k.head] = k
+        fused_into.update({name: k.head for name in k.fused})
+    per_node: dict[str, NodeCost] = {}
+    for node in gm.graph.nodes:
+        c, params = counts[node.name]
+        k = heads.get(node.name)
+        if k is None:
+            per_node[node.name] = NodeCost(c.kind, params, c.flops, 0, 0.0, c.matmul_flops, c.uncosted, 0.0, fused_into.get(node.name, ""))
+            continue
+        nbytes = k.elements * width
+        latency = kernel_latency_s(profile, precision, k.kind, k.flops, nbytes, k.size, k.depth)
+        bound = roofline_s(profile, precision, k.flops, nbytes)
+        per_node[node.name] = NodeCost(k.kind, params, c.flops, nbytes, float(latency), c.matmul_flops, c.uncosted, bound)
+    return per_node

@@ -6,9 +6,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from fxopt.errors import TargetError
 
@@ -60,6 +63,65 @@ ORT_QDQ = QuantScheme(
 
 
 @dataclass(frozen=True)
+class EngineModel:
+    """What a TensorRT engine does that a per-node roofline does not: data `fxopt.engine_cost` reads.
+
+    A kernel's compute efficiency is ``op_efficiency[kind] * precision_efficiency[precision] *
+    m / (m + half_size[kind]) * k / (k + half_depth[kind])``, with ``m`` its output elements (the
+    parallel work) and ``k`` its reduction depth (input channels x kernel area): large maps reach
+    the op's full efficiency, small batch-1 layers far less. A kind missing from ``half_size`` or
+    ``half_depth`` falls back to its ``"default"`` entry, else to no size dependence.
+
+    Attributes:
+        inference_overhead_s: fixed cost of one inference (enqueue, synchronisation, input and
+            output copies), added once to the total.
+        bandwidth_efficiency: fraction of the DRAM bandwidth a memory-bound kernel reaches.
+        precision_efficiency: per precision, a factor on every op efficiency (e.g. fp32 runs
+            without tensor cores, int8 kernels reach less of their peak than fp16 ones).
+        half_size: per op kind, the output elements at which a kernel reaches half its efficiency.
+        half_depth: per op kind, the reduction depth at which a kernel reaches half its efficiency.
+        dla_efficiency: fraction of a DLA core's peak a layer placed on it reaches.
+        fuse_epilogues: a conv/linear/matmul runs its BatchNorm, bias, activation and one residual
+            add in one kernel, and consecutive pointwise ops run as one kernel (TensorRT's layer
+            fusions); the fused nodes cost nothing of their own.
+        copies_are_kernels: transposes/permutes, slices, split/chunk and concat/stack are copy
+            kernels (a read and a write of their data), not free views.
+        pad_channels: conv/linear channels are rounded up to the target's channel alignment (the
+            tensor-core kernels compute on the padded channels).
+        winograd_precisions: precisions whose 3x3 stride-1 convs run as Winograd F(2x2, 3x3)
+            transforms, 16 multiplies where a direct conv does 36 (cuDNN's fp32 CUDA-core path;
+            the fp16/int8 tensor-core kernels are implicit GEMMs).
+        source: where the numbers come from (a bench and commit, or a calibration file).
+    """
+
+    inference_overhead_s: float = 0.0
+    bandwidth_efficiency: float = 1.0
+    precision_efficiency: Mapping[str, float] = field(default_factory=lambda: _frozen({}))
+    half_size: Mapping[str, float] = field(default_factory=lambda: _frozen({}))
+    half_depth: Mapping[str, float] = field(default_factory=lambda: _frozen({}))
+    dla_efficiency: float = 0.5
+    fuse_epilogues: bool = True
+    copies_are_kernels: bool = True
+    pad_channels: bool = True
+    winograd_precisions: tuple[str, ...] = ("fp32",)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("precision_efficiency", "half_size", "half_depth"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+
+    def size_factor(self, kind: str, size: float, depth: float) -> float:
+        """The share of its full efficiency a `kind` kernel of `size` outputs and `depth` reaches."""
+        m_half = self.half_size.get(kind, self.half_size.get("default", 0.0))
+        k_half = self.half_depth.get(kind, self.half_depth.get("default", 0.0))
+        return (size / (size + m_half) if m_half > 0 else 1.0) * (depth / (depth + k_half) if k_half > 0 else 1.0)
+
+    def replace(self, **changes: object) -> EngineModel:
+        """A copy with some fields changed, e.g. fitted parameters."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class TargetProfile:
     """Everything fxopt needs to know about a device and its toolchain.
 
@@ -77,9 +139,14 @@ class TargetProfile:
         dla_peak_ops_per_s: peak throughput of one DLA core per precision.
         channel_alignment: channel multiple the fast kernels want, per precision.
         op_efficiency: fraction of peak a kind of op reaches (the roofline's compute ceiling).
-        launch_overhead_s: fixed cost per kernel (per graph node that computes).
+        launch_overhead_s: fixed cost per kernel (per graph node that computes, or per fused
+            kernel when ``engine`` is set).
         default_passes: names of the passes `compile(passes=None)` runs for this target.
         quant_scheme: where and how int8 runs (`QuantScheme`); ``None`` if it has no int8.
+        engine: how the target's runtime builds kernels from the graph (`EngineModel`: fusion,
+            copies, size-dependent efficiency, per-inference overhead); ``None``: each node is
+            one kernel costed by its roofline (max of compute at ``op_efficiency`` and memory
+            time) plus ``launch_overhead_s``.
 
     Example:
         >>> from fxopt.targets import get_target
@@ -103,6 +170,7 @@ class TargetProfile:
     launch_overhead_s: float = 0.0
     default_passes: tuple[str, ...] = ("canonicalize", "fold_batchnorm")
     quant_scheme: QuantScheme | None = None
+    engine: EngineModel | None = None
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -133,13 +201,77 @@ class TargetProfile:
 
     def to_dict(self) -> dict[str, object]:
         """Plain-data view for manifests and reports."""
-        out: dict[str, object] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, QuantScheme):
-                value = dataclasses.asdict(value)
-            out[f.name] = dict(value) if isinstance(value, Mapping) else value
-        return out
+        return _plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "profile") -> TargetProfile:
+        """The inverse of `to_dict`: a profile from plain data (e.g. a calibrated profile file).
+
+        Raises:
+            TargetError: a field is unknown, missing or of the wrong type; the message names it
+                and `where` the data came from.
+        """
+        return _from_plain(cls, data, where)
+
+
+def _plain(value: object) -> Any:
+    # frozen dataclasses and mapping proxies -> JSON-ready dicts, lists and scalars
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+_NESTED: dict[str, type] = {"quant_scheme": QuantScheme, "engine": EngineModel}
+
+
+def _from_plain(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise TargetError(f"{where}: expected an object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise TargetError(f"{where}: unknown field(s) {unknown}; {cls.__name__} has {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in _NESTED and value is not None:
+            value = _from_plain(_NESTED[name], value, f"{where}.{name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise TargetError(f"{where}: {exc}") from None
+
+
+def load_target(path: str | Path, *, register: bool = True, overwrite: bool = True) -> TargetProfile:
+    """Read a profile written by `TargetProfile.to_dict` (e.g. by ``fxopt calibrate-target``).
+
+    Args:
+        path: a JSON file holding one profile.
+        register: also `register_target` it, so ``compile(target=name)`` finds it.
+        overwrite: replace a registered target of the same name.
+
+    Returns:
+        The profile.
+
+    Raises:
+        TargetError: the file cannot be read, is not JSON, or a field is wrong (the message
+            names the file and the field).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise TargetError(f"cannot read target profile {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise TargetError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    profile = TargetProfile.from_dict(data, where=str(path))
+    return register_target(profile, overwrite=overwrite) if register else profile
 
 
 # Per-op-kind fraction of peak; depthwise and small-channel convs are memory bound on GPUs.
@@ -177,6 +309,15 @@ XAVIER = TargetProfile(
     op_efficiency=_GPU_EFFICIENCY,
     launch_overhead_s=8e-6,
     quant_scheme=TENSORRT_QDQ,
+    engine=EngineModel(
+        inference_overhead_s=100e-6,
+        bandwidth_efficiency=0.7,
+        precision_efficiency={"fp32": 0.8, "fp16": 1.0, "int8": 0.6},
+        half_size={"default": 50e3},
+        half_depth={"default": 64},
+        dla_efficiency=0.5,
+        source="initial guesses",
+    ),
 )
 
 ORIN = TargetProfile(

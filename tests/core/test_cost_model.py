@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from hypothesis import given
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 import fxopt
 import fxopt.testing
 from fxopt.cost_model import estimate_costs
+from fxopt.engine_cost import kernel_latency_s
 from fxopt.leaf_cost import flop_counter
 from fxopt.report import layer_rows
 
@@ -186,3 +189,98 @@ def test_attention_flops_agree_with_the_flop_counter():
 def test_functional_linear_counts_its_bias():
     gm = fxopt.trace(nn.Linear(8, 4), (torch.randn(2, 8),))  # traced through F.linear
     assert estimate_costs(gm, "cpu").flops == 2 * 2 * 4 * 8 + 2 * 4
+
+
+# --- the TensorRT engine model (xavier): fusion, copies, overhead, size-dependent efficiency ---
+
+
+def engine_costs(model, *inputs, target="xavier", precision="fp16"):
+    gm = fxopt.trace(model.eval(), inputs)
+    return estimate_costs(gm, target, precision)
+
+
+def test_engine_latency_is_monotonic_in_flops_and_bytes():
+    xavier = fxopt.get_target("xavier")
+    flops = np.geomspace(1e5, 1e11, 25)
+    by_flops = kernel_latency_s(xavier, "fp16", np.array(["conv"] * 25), flops, np.full(25, 1e6), np.full(25, 1e5), np.full(25, 576))
+    assert np.all(np.diff(by_flops) >= 0) and by_flops[-1] > by_flops[0]
+    nbytes = np.geomspace(1e3, 1e9, 25)
+    by_bytes = kernel_latency_s(xavier, "fp16", np.array(["elementwise"] * 25), np.zeros(25), nbytes, np.full(25, 1e5), np.ones(25))
+    assert np.all(np.diff(by_bytes) >= 0) and by_bytes[-1] > by_bytes[0]
+    # and whole graphs: more output channels, more FLOPs and bytes, more time
+    times = [engine_costs(nn.Sequential(nn.Conv2d(32, c, 3, padding=1)), torch.randn(1, 32, 56, 56)).latency_s for c in (32, 64, 128, 256)]
+    assert times == sorted(times) and times[0] < times[-1]
+
+
+def test_conv_relu_and_residual_add_run_as_one_kernel():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.bn(self.conv(x)) + x)
+
+    x = torch.randn(1, 32, 28, 28)
+    fused = engine_costs(Block(), x)
+    costs = fused.per_node
+    assert (costs["bn"].fused_into, costs["add"].fused_into, costs["relu"].fused_into) == ("conv", "conv", "conv")
+    assert costs["bn"].latency_s == costs["add"].latency_s == costs["relu"].latency_s == 0
+    xavier = fxopt.get_target("xavier")
+    apart = engine_costs(Block(), x, target=xavier.replace(engine=xavier.engine.replace(fuse_epilogues=False)))
+    assert all(apart.per_node[n].latency_s > 0 for n in ("bn", "add", "relu"))
+    assert fused.latency_s < apart.latency_s
+    conv_alone = engine_costs(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1)), x).latency_s
+    relu_alone = engine_costs(nn.Sequential(nn.ReLU()), x).latency_s - xavier.engine.inference_overhead_s
+    conv_relu = engine_costs(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()), x).latency_s
+    assert conv_relu < conv_alone + relu_alone
+    # the CPU target keeps one kernel per node (ONNX Runtime, measured separately)
+    assert estimate_costs(fxopt.trace(Block().eval(), (x,)), "cpu").per_node["relu"].latency_s > 0
+
+
+def test_a_batchnorm_before_a_conv_is_its_own_kernel():
+    x = torch.randn(1, 16, 32, 32)
+    after = engine_costs(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)), x).per_node
+    before = engine_costs(nn.Sequential(nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1)), x).per_node
+    assert after["_1"].fused_into == "_0" and after["_1"].latency_s == 0
+    assert before["_0"].fused_into == "" and before["_0"].kind == "norm" and before["_0"].latency_s > 0
+
+
+def test_transposes_slices_and_concat_are_copy_kernels_but_reshapes_are_free():
+    class Shuffle(nn.Module):
+        def forward(self, x):
+            a, b = x.chunk(2, dim=1)
+            y = torch.cat([b, a], dim=1).view(1, 2, 8, 16, 16).transpose(1, 2).contiguous()
+            return y.flatten(1, 2)
+
+    summary = engine_costs(Shuffle(), torch.randn(1, 16, 16, 16))
+    kinds = {name: (c.kind, c.latency_s > 0) for name, c in summary.per_node.items() if name != "x" and name != "output"}
+    assert kinds["chunk"] == ("copy", True) and kinds["cat"] == ("copy", True) and kinds["transpose"] == ("copy", True)
+    assert kinds["view"][1] is False and kinds["flatten"][1] is False and kinds["contiguous"][1] is False
+    # on the per-node model a transpose was a free view
+    assert estimate_costs(fxopt.trace(Shuffle(), (torch.randn(1, 16, 16, 16),)), "cpu").per_node["transpose"].latency_s == 0
+
+
+def test_each_inference_pays_a_fixed_overhead_and_the_roofline_stays_below():
+    xavier = fxopt.get_target("xavier")
+    assert xavier.engine.inference_overhead_s > 0
+    summary = engine_costs(nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU()), torch.randn(1, 8, 16, 16))
+    assert summary.overhead_s == xavier.engine.inference_overhead_s
+    assert summary.latency_s == pytest.approx(sum(c.latency_s for c in summary.per_node.values()) + summary.overhead_s)
+    assert summary.latency_s > summary.overhead_s
+    assert 0 < summary.roofline_s < summary.latency_s
+    assert all(c.roofline_s <= c.latency_s for c in summary.per_node.values())
+    as_dict = summary.to_dict()
+    assert as_dict["roofline_ms"] == pytest.approx(summary.roofline_s * 1e3)
+    assert as_dict["overhead_ms"] == pytest.approx(summary.overhead_s * 1e3)
+
+
+def test_small_layers_reach_less_of_the_peak_and_misaligned_channels_cost_padding():
+    xavier = fxopt.get_target("xavier")
+    big = kernel_latency_s(xavier, "fp16", "conv", 4e9, 0, 4e6, 1152) - xavier.launch_overhead_s
+    small = kernel_latency_s(xavier, "fp16", "conv", 4e6, 0, 4e3, 1152) - xavier.launch_overhead_s
+    assert small / 4e6 > 2 * big / 4e9  # seconds per FLOP: far worse for the small layer
+    x = torch.randn(1, 64, 28, 28)
+    aligned = engine_costs(nn.Sequential(nn.Conv2d(64, 64, 3, padding=1)), x).per_node["_0"]
+    ragged = engine_costs(nn.Sequential(nn.Conv2d(64, 57, 3, padding=1)), x).per_node["_0"]
+    assert ragged.flops < aligned.flops and ragged.latency_s >= aligned.latency_s  # 57 channels run as 64
