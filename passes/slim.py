@@ -66,6 +66,8 @@ WIDTH_CHOICES = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 SEARCH_TABLE = "slim: search (every trial)"
 CHOICE_TABLE = "slim: chosen architecture"
 PROXY_BATCHES = 8
+MEASURES = ("estimate", "onnxruntime")
+ORT_RUNS = 15
 
 
 def recalibrate_batchnorm(gm: nn.Module, batches: Sequence[tuple[Any, ...]]) -> int:
@@ -168,8 +170,8 @@ class _Space:
     """The search space of one graph and the builders of its candidates."""
 
     def __init__(self, gm: GraphModule, example: tuple[Any, ...], dims: Sequence[str], resolutions: Any,
-                 width_choices: Sequence[float], alignment: int, max_ratio: float) -> None:
-        self.gm, self.example, self.dims = gm, example, tuple(dims)
+                 width_choices: Sequence[float], alignment: int, max_ratio: float, measure: str = "estimate") -> None:
+        self.gm, self.example, self.dims, self.measure = gm, example, tuple(dims), measure
         self.width_choices, self.alignment, self.max_ratio = tuple(width_choices), alignment, max_ratio
         self.blocks: list[ResidualBlock] = find_residual_blocks(gm) if "depth" in dims else []
         if len({b.scope for b in self.blocks}) != len(self.blocks):  # two blocks in one module: name them by add
@@ -214,7 +216,7 @@ class _Space:
         return self._variants[index]
 
     def fingerprint(self) -> str:
-        data = {"blocks": [b.scope for b in self.blocks], "stages": self.stages, "widths": self.width_choices,
+        data = {"blocks": [b.scope for b in self.blocks], "stages": self.stages, "measure": self.measure, "widths": self.width_choices,
                 "resolutions": [describe_shapes(s) for s in self.resolutions], "nodes": len(self.gm.graph.nodes)}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -240,6 +242,13 @@ class _Space:
         return [b for b in self.blocks if b.scope in chosen]
 
     def latency_s(self, c: SlimCandidate, target: Any, precision: str) -> float:
+        """The candidate's latency: estimated on a shape-only build, or measured in ONNX Runtime."""
+        if self.measure == "onnxruntime":
+            from fxopt.backends.onnx import export_onnx
+            from fxopt.ort_timing import ort_latencies_ms
+
+            gm, inputs = self.build(c)
+            return ort_latencies_ms([export_onnx(gm, inputs).model], inputs, runs=ORT_RUNS)[0] / 1e3
         v = self.variant(c.resolution)
         removed = self._plan(v, c)
         if removed is None and not c.removed_blocks:
@@ -299,7 +308,11 @@ class Slim(FxoptPass):
         study_name: the study's name in `storage`.
         width_choices: the keep ratios a stage may take.
         max_ratio: the largest fraction of any group's channels that may go.
-        progress: show a progress bar over trials (default: when the compile shows progress).
+        measure: how the constraint's latency is taken: ``"estimate"`` (the target's cost model)
+            or ``"onnxruntime"`` (each candidate exported and timed in ONNX Runtime on this CPU,
+            median of repeats, one thread); ``None``: measured on an ONNX Runtime target (`cpu`),
+            estimated on a TensorRT target.
+        progress: show a progress bar over trials.
     """
 
     name = "slim"
@@ -320,9 +333,12 @@ class Slim(FxoptPass):
         study_name: str | None = None,
         width_choices: Sequence[float] = WIDTH_CHOICES,
         max_ratio: float = 0.9,
+        measure: str | None = None,
         progress: bool = False,
     ) -> None:
         super().__init__()
+        if measure not in (None, *MEASURES):
+            raise InputError(f"Slim: measure must be one of {MEASURES} or None (the target's way), got {measure!r}")
         if isinstance(space, str) or not space or any(d not in DIMENSIONS for d in space):
             raise InputError(f"Slim: space must be a list drawn from {DIMENSIONS}, got {space!r}")
         if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
@@ -336,14 +352,15 @@ class Slim(FxoptPass):
         self.space, self.resolutions, self.seed = tuple(space), resolutions, seed
         self.storage, self.study_name = storage, study_name
         self.width_choices = tuple(sorted(float(r) for r in width_choices))
-        self.max_ratio, self.progress = max_ratio, progress
+        self.max_ratio, self.progress, self.measure = max_ratio, progress, measure
         self.study: Any = None
         self.chosen: SlimCandidate | None = None
 
     def options(self) -> dict[str, Any]:
         return {"latency_ms": self.latency_ms, "latency_ratio": self.latency_ratio, "trials": self.trials,
                 "space": list(self.space), "resolutions": self.resolutions, "seed": self.seed,
-                "storage": None if self.storage is None else str(self.storage), "study_name": self.study_name}
+                "storage": None if self.storage is None else str(self.storage), "study_name": self.study_name,
+                "measure": self.measure}
 
     # ------------------------------------------------------------------------------------
     def _budget_s(self, base_s: float) -> float:
@@ -372,10 +389,11 @@ class Slim(FxoptPass):
         if resolutions is not None and "resolution" not in self.space:
             raise InputError("slim: resolutions= was given but 'resolution' is not in space=")
         target, precision = ctx.target, ctx.precision
-        base_s = estimate_costs(graph_module, target, precision).latency_s
-        budget_s = self._budget_s(base_s)
+        measure = self.measure or ("onnxruntime" if target.backend == "onnxruntime" else "estimate")
         space = _Space(graph_module, ctx.example_inputs, self.space, resolutions, self.width_choices,
-                       target.alignment(precision), self.max_ratio)
+                       target.alignment(precision), self.max_ratio, measure)
+        base_s = space.latency_s(SlimCandidate(), target, precision)
+        budget_s = self._budget_s(base_s)
         if not space.blocks and not space.stages and len(space.resolutions) == 1:
             raise InputError("slim found nothing to search: no removable residual block, no prunable channel group "
                              "and no other input size (resolutions=)")
@@ -384,7 +402,8 @@ class Slim(FxoptPass):
         if floor_s > budget_s:
             raise InputError(
                 f"slim: the latency budget {budget_s * 1e3:.3g} ms on {target.name} ({precision}) is unreachable: the smallest "
-                f"candidate of this space ({space.describe(floor)}) is estimated at {floor_s * 1e3:.3g} ms "
+                f"candidate of this space ({space.describe(floor)}) is {'measured' if measure == 'onnxruntime' else 'estimated'} "
+                f"at {floor_s * 1e3:.3g} ms "
                 f"(the input graph: {base_s * 1e3:.3g} ms)"
             )
         batches = [tuple(b) for b in calib[:PROXY_BATCHES]]
@@ -392,10 +411,11 @@ class Slim(FxoptPass):
         search = _Search(space, batches, references, target, precision, budget_s)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = self._study(space, search)
-        if not study.trials:  # a new study starts from the smallest and a few uniform widths
-            study.enqueue_trial(search.params_of(floor))
-            for r in self.width_choices[len(self.width_choices) // 2: -1]:
-                study.enqueue_trial(search.params_of(SlimCandidate((), tuple((s, r) for s in space.stages), 0)))
+        if not study.trials:  # a new study starts from the smallest candidate and a few uniform widths
+            seeds = [floor] + [SlimCandidate((), tuple((s, r) for s in space.stages), 0)
+                               for r in self.width_choices[len(self.width_choices) // 2: -1] if space.stages]
+            for c in seeds[: self.trials]:
+                study.enqueue_trial(search.params_of(c))
         start = time.perf_counter()
         study.optimize(search.objective, n_trials=self.trials, callbacks=search.callbacks(self.progress or False, self.trials))
         search.close()
@@ -522,10 +542,11 @@ class _Search:
                 **c.describe(), "chosen": t.number == best.number}
 
     def rows(self, study: Any, best: Any) -> list[dict[str, Any]]:
-        return [self._trial_row(t, best) for t in study.trials]
+        return [self._trial_row(t, best) for t in study.trials if t.state.name != "WAITING"]
 
     def choice_rows(self, c: SlimCandidate, best: Any, trials: int, base_s: float, budget_s: float, search_s: float) -> list[dict[str, Any]]:
-        rows = [{"dimension": "latency", "choice": f"{best.user_attrs['latency_ms']:.4g} ms (budget {budget_s * 1e3:.4g} ms, "
+        how = "measured in ONNX Runtime" if self.space.measure == "onnxruntime" else "estimated"
+        rows = [{"dimension": "latency", "choice": f"{best.user_attrs['latency_ms']:.4g} ms {how} (budget {budget_s * 1e3:.4g} ms, "
                  f"input graph {base_s * 1e3:.4g} ms, {self.target.name} {self.precision})"},
                 {"dimension": "proxy", "choice": f"{best.value:.4g} (trial {best.number}; search {search_s:.1f} s over "
                  f"{trials} trial(s) of the study)"}]

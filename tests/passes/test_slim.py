@@ -183,7 +183,7 @@ def test_the_same_seed_gives_the_same_search():
 def test_resolution_change_on_a_fully_convolutional_model_changes_the_compile_inputs(tmp_path):
     model = _model()
     compiled = fxopt.compile(
-        model, "cpu", example_inputs=X, passes=[Slim(trials=4, space=("resolution",), seed=0)],
+        model, "cpu", example_inputs=X, passes=[Slim(trials=4, space=("resolution",), seed=0, measure="estimate")],
         latency_ratio=0.5, resolutions=[(16, 16), (24, 24)], calib_data=CALIB,  # only 16x16 meets the budget
     )
     assert compiled.input_shapes == [[1, 3, 16, 16]]
@@ -281,7 +281,7 @@ def test_one_call_slim_finetune_int8_pipeline_reports_each_step():
         return -float(sum(torch.mean((graph(x) - y) ** 2) for (x,), y in data) / len(data))
 
     compiled = fxopt.compile(
-        model, "cpu", example_inputs=X, passes=[Slim(trials=6, space=("depth", "width"), seed=0), "quantize"],
+        model, "cpu", example_inputs=X, passes=[Slim(trials=6, space=("depth", "width"), seed=0, measure="estimate"), "quantize"],
         latency_ratio=0.6, calib_data=CALIB, precision="int8", train_data=data, loss=torch.nn.functional.mse_loss,
         finetune_steps=10, finetune_lr=1e-3, eval_fn=eval_fn,
     )
@@ -294,3 +294,15 @@ def test_one_call_slim_finetune_int8_pipeline_reports_each_step():
     names = [r.name for r in compiled.report.passes]
     assert names.index("slim") < names.index("fold_batchnorm") < names.index("quantize")
     assert "summary: input model and after each step" in compiled.report.to_markdown()
+
+
+def test_on_cpu_the_constraint_is_measured_in_onnxruntime():
+    gm = fxopt.trace(_model(), X)
+    p = Slim(latency_ratio=0.9, trials=3, space=("width",), seed=0)
+    out = _run(p, gm, target="cpu").graph_module
+    chosen = out.meta["fxopt_tables"]["slim: chosen architecture"][0]["choice"]
+    assert "measured in ONNX Runtime" in chosen
+    done = [t for t in p.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3 and all(t.user_attrs["latency_ms"] > 0 for t in done)
+    best = min((t for t in done if t.user_attrs["constraint"] <= 0), key=lambda t: t.value)
+    assert best.user_attrs["latency_ms"] <= best.user_attrs["latency_ms"] - best.user_attrs["constraint"]  # within budget
