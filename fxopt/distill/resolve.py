@@ -29,14 +29,16 @@ FEATURE_MSE_WEIGHT = 1.0
 
 DISTILL_PARTS = ("kd", "ickd", "mse")  # output KD; ICKD on trunk stages; FitNets MSE on them
 
-# Per head name of a multi-head model's outputs: how its logits are distilled.
-# a dense map of independent probabilities (CenterNet heatmaps) -> binary KL per element
+# Per head name of a multi-head model's outputs: how its logits are distilled, and the weight.
+# a dense map of independent probabilities (CenterNet heatmaps) -> binary KL per element; its mean
+#   over every cell has ~1/500 of the gradient of a focal loss normalised by the centres
+#   (bench/results/distill.md, camera_multitask's loss terms), hence the weight
 # a per-pixel class map (segmentation, BEV category / state) -> softmax KL over dim 1 per pixel
-OUTPUT_KD: dict[str, Callable[[], nn.Module]] = {
-    "heatmap": lambda: SigmoidKD(DENSE_TEMPERATURE),
-    "seg": lambda: LogitKD(DENSE_TEMPERATURE),
-    "category": lambda: LogitKD(DENSE_TEMPERATURE),
-    "state": lambda: LogitKD(DENSE_TEMPERATURE),
+OUTPUT_KD: dict[str, tuple[Callable[[], nn.Module], float]] = {
+    "heatmap": (lambda: SigmoidKD(DENSE_TEMPERATURE), 500.0),
+    "seg": (lambda: LogitKD(DENSE_TEMPERATURE), 1.0),
+    "category": (lambda: LogitKD(DENSE_TEMPERATURE), 1.0),
+    "state": (lambda: LogitKD(DENSE_TEMPERATURE), 1.0),
 }
 
 
@@ -76,12 +78,15 @@ def _output_kd(output: Any) -> tuple[nn.Module, str]:
             return LogitKD(KD_TEMPERATURE), f"output KD: LogitKD(T={KD_TEMPERATURE:g}) on the class logits"
         return LogitKD(DENSE_TEMPERATURE), f"output KD: LogitKD(T={DENSE_TEMPERATURE:g}) per position over dim 1 of the dense output"
     keys: Iterable[Any] = output.keys() if isinstance(output, Mapping) else range(len(output))
-    losses = {k: OUTPUT_KD[k]() for k in keys if isinstance(k, str) and k in OUTPUT_KD}
+    keys = list(keys)
+    losses = {k: OUTPUT_KD[k][0]() for k in keys if isinstance(k, str) and k in OUTPUT_KD}
     if not losses:
         raise InputError(f"distill='kd': no output named {sorted(OUTPUT_KD)}; give distill=Distill(logits=OutputKD({{...}}))"
                          " with a loss per head")
     skipped = [str(k) for k in keys if k not in losses]
-    return OutputKD(losses), ("output KD: " + ", ".join(f"{k}: {type(v).__name__}" for k, v in losses.items())
+    weights = {k: OUTPUT_KD[k][1] for k in losses}
+    return OutputKD(losses, weights), ("output KD: " + ", ".join(
+        f"{k}: {type(v).__name__} x {weights[k]:g}" for k, v in losses.items())
                               + (f"; not distilled: {', '.join(skipped)}" if skipped else ""))
 
 

@@ -65,7 +65,8 @@ def test_kd_on_a_multi_head_model_picks_a_loss_per_named_head():
     kd = setup.distill.logits
     assert isinstance(kd, OutputKD) and kd.keys == ("heatmap", "seg")
     assert isinstance(kd.losses[0], SigmoidKD) and isinstance(kd.losses[1], LogitKD)
-    assert setup.notes == ("output KD: heatmap: SigmoidKD, seg: LogitKD; not distilled: box",)
+    assert kd.weights == (500.0, 1.0)
+    assert setup.notes == ("output KD: heatmap: SigmoidKD x 500, seg: LogitKD x 1; not distilled: box",)
     assert not heads.training  # the teacher's mode is left as it was
 
 
