@@ -471,3 +471,19 @@ def test_float_graph_is_the_graph_without_fake_quantisation():
     assert [n.name for n in twin.graph.nodes] == [n.name for n in gm.graph.nodes if not n.name.startswith("fxopt_fq_")]
     torch.testing.assert_close(twin(x), model(x))
     assert any(isinstance(m, FakeQuantize) for m in gm.modules())  # the compiled graph is untouched
+
+
+def test_a_permute_of_the_model_input_is_calibrated_like_the_input():
+    class Permuted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.fc(x.permute(0, 2, 1).reshape(1, -1, 3))
+
+    compiled = quantize(Permuted().eval(), (torch.randn(1, 3, 5),))
+    rows = {r["tensor"]: r for r in compiled.report.tables["int8 calibration"]}
+    assert [r["calibrator"] for r in rows.values()] == ["max"]  # not entropy: it is the input's data
+    views = q.input_views(q.float_graph(compiled.graph_module))
+    assert {"x", "permute"} <= views and set(rows) <= views and "fc" not in views
