@@ -59,7 +59,7 @@ from fxopt.passes.slim_space import (
 from fxopt.registry import register_pass
 from fxopt.tracing import propagate_shapes
 
-__all__ = ["Slim", "SlimCandidate", "recalibrate_batchnorm", "output_divergence"]
+__all__ = ["Slim", "SlimCandidate", "latency_range", "output_divergence", "recalibrate_batchnorm"]
 
 DIMENSIONS = ("depth", "width", "resolution")
 WIDTH_CHOICES = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
@@ -265,6 +265,19 @@ class _Space:
         gm = apply_plan(v.gm, v.analysis, removed, mode="slice") if removed is not None else copy.deepcopy(v.gm)
         remove_blocks(gm, self._blocks(c))
         return gm, v.inputs
+
+
+def latency_range(gm: GraphModule, example_inputs: tuple[Any, ...], target: Any, precision: str, *,
+                  space: Sequence[str] = DIMENSIONS, resolutions: Any = None, width_choices: Sequence[float] = WIDTH_CHOICES,
+                  max_ratio: float = 0.9, measure: str = "estimate") -> tuple[float, float]:
+    """``(smallest candidate, input graph)`` latency in seconds for a shape-propagated graph: the
+    budgets `Slim` can meet lie between the two."""
+    from fxopt.targets import get_target
+
+    profile = get_target(target)
+    s = _Space(gm, tuple(example_inputs), space, resolutions, tuple(sorted(width_choices)), profile.alignment(precision),
+               max_ratio, measure)
+    return s.latency_s(s.smallest(), profile, precision), s.latency_s(SlimCandidate(), profile, precision)
 
 
 def _graph_copy(gm: GraphModule) -> Any:

@@ -18,7 +18,7 @@ from fxopt.cost_model import estimate_costs
 from fxopt.errors import InputError
 from fxopt.pass_base import CompileContext, use_context
 from fxopt.passes import Slim
-from fxopt.passes.slim import output_divergence, recalibrate_batchnorm
+from fxopt.passes.slim import latency_range, output_divergence, recalibrate_batchnorm
 from fxopt.passes.slim_space import find_residual_blocks, parse_resolutions, remove_blocks
 
 optuna = pytest.importorskip("optuna")  # a dev dependency: the import error would name it
@@ -206,6 +206,8 @@ def test_bad_requests_are_clear_errors():
         _run(Slim(), gm)
     with pytest.raises(InputError, match="unreachable"):
         _run(Slim(latency_ratio=0.01, trials=2), gm)
+    floor_s, base_s = latency_range(gm, X, "xavier", "fp16")
+    assert 0 < floor_s < base_s == estimate_costs(gm, "xavier", "fp16").latency_s
     with pytest.raises(InputError, match="space"):
         Slim(space=("depth", "colour"))
     with pytest.raises(InputError, match="only the spatial dims"):
