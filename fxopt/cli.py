@@ -183,7 +183,7 @@ def _model_inputs_precision(args: argparse.Namespace) -> tuple[torch.nn.Module, 
     return load_factory(args.model), _example_inputs(args.input_shape, args.seed), args.precision
 
 
-def _cmd_compile(args: argparse.Namespace) -> int:
+def _cmd_compile(args: argparse.Namespace, first: Sequence[Any] = (), calib_from_recipe: int = 0) -> int:
     import fxopt
     from fxopt.output_folder import check_output_folder
 
@@ -191,8 +191,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     passes: list[Any] | None = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
     if args.pass_specs:
         passes = (passes or []) + [parse_pass(text) for text in args.pass_specs]
+    if first:
+        passes = [*first, *(passes or [])]
     options = {"calib_data": load_calib_data(args.calib_data)} if args.calib_data else {}
     model, inputs, precision = _model_inputs_precision(args)
+    if calib_from_recipe and "calib_data" not in options:
+        options["calib_data"] = _recipe_calibration(args.model, calib_from_recipe)
     print(f"compiling {args.model} for {args.target} ...", file=sys.stderr)
     compiled = fxopt.compile(
         model, args.target, example_inputs=inputs, passes=passes, precision=precision,
@@ -205,6 +209,28 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"fxopt: error: requested pass '{r.name}' was rolled back: {r.reason}", file=sys.stderr)
     return 3 if failed else 0
+
+
+def _recipe_calibration(model: str, batches: int) -> list[tuple[Any, ...]]:
+    """Input batches from a bundled model's training recipe (seeded), for passes that need data."""
+    from fxopt import models
+
+    recipe = models.spec(model).recipe if ":" not in model and model in models.names() else None
+    if recipe is None or not callable(getattr(recipe, "batch", None)):
+        raise InputError(f"'{model}' brings no data: give --calib-data FILE (input batches like the example inputs)")
+    generator = torch.Generator().manual_seed(0)
+    return [tuple(recipe.batch(step, generator)[0]) for step in range(batches)]
+
+
+def _cmd_slim(args: argparse.Namespace) -> int:
+    from fxopt.passes import Slim
+
+    space = tuple(d.strip() for d in args.space.split(",") if d.strip())
+    resolutions = [parse_shape(text)[0] for text in args.resolution] or None
+    slim = Slim(latency_ms=args.latency_ms, latency_ratio=args.latency_ratio, trials=args.trials, space=space,
+                resolutions=resolutions, seed=args.search_seed, storage=args.storage, study_name=args.study,
+                progress=not args.quiet)
+    return _cmd_compile(args, first=[slim], calib_from_recipe=4)
 
 
 def _name(p: Any) -> str:
@@ -280,19 +306,16 @@ COMPILE_EXAMPLES = """examples:
 """
 
 
-def _version() -> str:
-    from fxopt import __version__
+SLIM_EXAMPLES = """examples:
+  fxopt slim camera_multitask --latency-ratio 0.6 --trials 30 -o out/cam_slim
+  fxopt slim my_models:net --input-shape 1x3x128x128 --calib-data calib.pt --latency-ms 2.5 --resolution 96x96
+  # one study, many machines: start the same command on each (a different --search-seed per worker)
+  fxopt slim my_models:net --input-shape 1x3x128x128 --calib-data calib.pt --latency-ratio 0.5 \\
+      --storage postgresql://user@db/fxopt --study net-xavier --search-seed 1
+"""
 
-    return __version__
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxopt", description="Compile PyTorch models for NVIDIA Jetson and ONNX Runtime.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    parser.add_argument("--version", action="version", version=f"fxopt {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compile", help="compile MODULE:FACTORY for a target", epilog=COMPILE_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_compile_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("model", help="MODULE:FACTORY, a callable returning an nn.Module (e.g. torchvision.models:resnet18), "
                    "or a bundled model name (see `fxopt models`)")
     c.add_argument("--preset", default=None, help="a bundled model's preset, e.g. kitti for pointpillars")
@@ -312,7 +335,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", default="out", help="output folder")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _version() -> str:
+    from fxopt import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxopt", description="Compile PyTorch models for NVIDIA Jetson and ONNX Runtime.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"fxopt {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="compile MODULE:FACTORY for a target", epilog=COMPILE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_compile_arguments(c)
     c.set_defaults(func=_cmd_compile)
+    sl = sub.add_parser("slim", help="NAS-slim a model under a latency budget (Optuna; workers can share a study), then compile it",
+                        epilog=SLIM_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_compile_arguments(sl)
+    budget = sl.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--latency-ratio", type=float, help="budget as a fraction of the input model's latency, e.g. 0.5")
+    budget.add_argument("--latency-ms", type=float, help="budget in milliseconds")
+    sl.add_argument("--trials", type=int, default=40, help="Optuna trials this worker runs (default 40)")
+    sl.add_argument("--space", default="depth,width,resolution", help="dimensions to search (default depth,width,resolution)")
+    sl.add_argument("--resolution", action="append", default=[], metavar="HxW",
+                    help="an input size the first input may take instead (spatial dims, e.g. 64x96); repeatable")
+    sl.add_argument("--storage", default=None, help="Optuna storage URL (sqlite:///s.db, postgresql://...) or a .journal file, to share a study")
+    sl.add_argument("--study", default=None, help="study name in --storage (the same on every worker)")
+    sl.add_argument("--search-seed", type=int, default=0, help="seed of the sampler (give each worker its own)")
+    sl.set_defaults(func=_cmd_slim)
     v = sub.add_parser("verify", help="check a saved folder against its manifest (SHA-256 of every file, onnx.checker)")
     v.add_argument("folder")
     v.set_defaults(func=_cmd_verify)

@@ -182,3 +182,33 @@ def test_safety_supervisor_refuses_fp16_and_records_its_evidence(tmp_path):
     assert not (tmp_path / "out").exists()
     proc = run_cli("compile", "safety_supervisor", "--pass", "prune", "-o", "out", "-q", cwd=tmp_path)
     assert proc.returncode == 2 and "refuses lossy pass 'prune'" in proc.stderr
+
+
+def test_slim_command_with_a_shared_journal_study(tmp_path):
+    (tmp_path / "wide.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        def net():  # compute-bound on the CPU, so a narrower candidate is measurably faster
+            return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                                 nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 2, 1))
+    """))
+    torch.save([(torch.randn(2, 3, 48, 48),) for _ in range(3)], tmp_path / "calib.pt")
+    journal = tmp_path / "study.journal"
+    factory_dir = tmp_path
+    common = ["slim", "wide:net", "--input-shape", "1x3x48x48", "--calib-data", "calib.pt", "--target", "cpu",
+              "--latency-ratio", "0.8", "--trials", "3", "--space", "width", "--storage", str(journal), "--study", "wide", "-q"]
+    first = run_cli(*common, "--search-seed", "1", "-o", "out1", cwd=factory_dir)
+    assert first.returncode == 0, first.stderr
+    second = run_cli(*common, "--search-seed", "2", "-o", "out2", cwd=factory_dir)
+    assert second.returncode == 0, second.stderr
+    rows = (factory_dir / "out2" / "trials.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 6  # header + both workers' trials: the second run continued the first's study
+    assert (factory_dir / "out2" / "pareto.png").exists() and not (factory_dir / "out2" / "study.db").exists()
+    assert "slim: chosen architecture" in (factory_dir / "out2" / "report.md").read_text()
+
+
+def test_slim_command_needs_data_and_a_budget(factory_dir):
+    no_data = run_cli("slim", "my_models:gated", "--input-shape", "1x3x16x16", "--latency-ratio", "0.5", cwd=factory_dir)
+    assert no_data.returncode == 2 and "--calib-data" in no_data.stderr and "Traceback" not in no_data.stderr
+    no_budget = run_cli("slim", "my_models:gated", "--input-shape", "1x3x16x16", cwd=factory_dir)
+    assert no_budget.returncode == 2 and "--latency-ratio" in no_budget.stderr
