@@ -25,7 +25,7 @@ from fxopt.inputs import copy_inputs
 from fxopt.numerics import TOLERANCES, compare_outputs, flatten_outputs, run_model
 from fxopt.targets import TargetProfile, get_target
 
-__all__ = ["OnnxExport", "export_onnx", "verify_onnx", "lower", "opset_of"]
+__all__ = ["OnnxExport", "batch_inputs", "export_onnx", "verify_onnx", "lower", "opset_of"]
 
 # ONNX Runtime on CPU vs torch on CPU, fp32: max_abs <= ATOL + RTOL * max|reference|.
 ATOL, RTOL = 1e-4, 1e-4
@@ -46,6 +46,8 @@ class OnnxExport:
     lowered_by: str = "trace"
     inputs_checked: int = 0
     rewrites: list[str] = field(default_factory=list)
+    dynamic_batch: tuple[int, int, int] | None = None
+    batch_sizes_checked: list[int] = field(default_factory=list)
 
     def serialized(self) -> bytes:
         return self.model.SerializeToString()
@@ -66,6 +68,8 @@ class OnnxExport:
             "findings": self.findings,
             "rewrites": self.rewrites,
             "op_types": sorted(self.op_types()),
+            "dynamic_batch": list(self.dynamic_batch) if self.dynamic_batch else None,
+            "batch_sizes_checked": self.batch_sizes_checked,
         }
 
 
@@ -92,6 +96,7 @@ def export_onnx(
     opset: int = 17,
     cleanup: bool = True,
     tensorrt_version: str | None = None,
+    dynamic_batch: bool = False,
 ) -> OnnxExport:
     """Export `module` to an in-memory ONNX model at `opset`, cleaned and checked.
 
@@ -102,6 +107,7 @@ def export_onnx(
         cleanup: fold constants and drop unused nodes with onnx-graphsurgeon.
         tensorrt_version: the TensorRT release that will parse the file (``"8.5"``): the clean-up
             rewrites ops that release lacks (`fxopt.backends.onnx_rewrites`); ``None`` rewrites nothing.
+        dynamic_batch: make dim 0 of every input and output a symbolic ``batch`` axis.
 
     Returns:
         An `OnnxExport` (not yet verified: see `verify_onnx`).
@@ -126,6 +132,7 @@ def export_onnx(
                     input_names=input_names,
                     output_names=output_names,
                     do_constant_folding=True,
+                    dynamic_axes={name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None,
                     dynamo=False,
                 )
         except Exception as exc:
@@ -365,16 +372,54 @@ def lower(
     *,
     verify: bool = True,
     check_inputs: Sequence[tuple[Any, ...]] = (),
+    dynamic_batch: tuple[int, int, int] | None = None,
 ) -> OnnxExport:
     """Export at the target's highest opset, rewritten for its TensorRT release where it has one, and
     verify in ONNX Runtime on the example inputs and every set in `check_inputs`.
 
     A file with Q/DQ nodes (int8) is compared with the torch fake-quant graph at the int8
     tolerance: ONNX Runtime runs integer kernels whose rounding can move a value by a step.
+
+    With ``dynamic_batch=(min, opt, max)`` dim 0 of every input and output is a symbolic batch axis,
+    and the file is also verified at each of the three batch sizes (`batch_inputs`).
+
+    Raises:
+        VerificationError: at some batch size ONNX Runtime fails or differs from torch (a size
+            the graph has baked in, e.g. ``x.view(1, -1)``).
     """
     profile = get_target(target)
-    exported = export_onnx(module, example_inputs, opset=profile.max_onnx_opset, tensorrt_version=profile.tensorrt_version)
+    exported = export_onnx(module, example_inputs, opset=profile.max_onnx_opset, tensorrt_version=profile.tensorrt_version,
+                           dynamic_batch=dynamic_batch is not None)
     if not verify:
         return exported
     atol, rtol = TOLERANCES["int8"] if "QuantizeLinear" in exported.op_types() else (ATOL, RTOL)
-    return verify_onnx(exported, module, example_inputs, check_inputs=check_inputs, atol=atol, rtol=rtol)
+    exported = verify_onnx(exported, module, example_inputs, check_inputs=check_inputs, atol=atol, rtol=rtol)
+    if dynamic_batch is not None:
+        checked, worst = exported.inputs_checked, (exported.max_abs_error, exported.max_rel_error)
+        for size in sorted(set(dynamic_batch)):
+            try:
+                verify_onnx(exported, module, batch_inputs(example_inputs, size), atol=atol, rtol=rtol)
+                worst = (max(worst[0], exported.max_abs_error), max(worst[1], exported.max_rel_error))
+            except VerificationError as exc:
+                raise VerificationError(f"dynamic_batch: at batch size {size}: {exc} (does the model fix its batch size, "
+                                        "e.g. x.view(1, -1) or a size read as a constant?)") from None
+        exported.dynamic_batch, exported.batch_sizes_checked = tuple(dynamic_batch), sorted(set(dynamic_batch))
+        exported.inputs_checked, (exported.max_abs_error, exported.max_rel_error) = checked, worst
+    return exported
+
+
+def batch_inputs(inputs: tuple[Any, ...], size: int) -> tuple[Any, ...]:
+    """`inputs` at batch `size`: every tensor's dim 0 repeated (seeded noise added to float inputs,
+    so rows differ and a mixed-up batch shows) or cut to `size` rows."""
+    generator = torch.Generator().manual_seed(size)
+    out = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            out.append(x)
+            continue
+        reps = -(-size // x.shape[0])
+        y = x.repeat(reps, *([1] * (x.dim() - 1)))[:size].clone()
+        if y.is_floating_point():
+            y = y + 0.1 * y.std().clamp_min(1e-3) * torch.randn(y.shape, generator=generator, dtype=y.dtype)
+        out.append(y)
+    return tuple(out)

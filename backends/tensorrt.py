@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -401,6 +401,9 @@ class BuildPlan:
         return shlex.join(self.trtexec)
 
 
+# {input name: (min shape, opt shape, max shape)}: a TensorRT optimisation profile
+ShapeProfile = Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]]
+
 _PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "int8": ["--fp16", "--int8"]}
 
 
@@ -413,6 +416,7 @@ def build_plan(
     dla_core: int | None = None,
     workspace_mib: int = 2048,
     calibration_cache: str | None = None,
+    shapes: ShapeProfile | None = None,
 ) -> BuildPlan:
     """The `trtexec` command line and Python script that build the engine on the target.
 
@@ -425,6 +429,8 @@ def build_plan(
         workspace_mib: builder workspace.
         calibration_cache: int8 from this TensorRT calibration cache (implicit quantisation, e.g.
             for DLA) instead of Q/DQ nodes in the ONNX file.
+        shapes: the optimisation profile of a file with a dynamic batch axis:
+            ``{input name: (min shape, opt shape, max shape)}``.
     """
     profile = get_target(target)
     if calibration_cache is not None and precision != "int8":
@@ -441,9 +447,13 @@ def build_plan(
             f"--exportLayerInfo={stem}.layers.json", f"--exportProfile={stem}.profile.json"]
     if calibration_cache is not None:
         cmd.append(f"--calib={calibration_cache}")
+    if shapes:
+        for flag, i in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
+            cmd.append(f"{flag}=" + ",".join(f"{name}:{'x'.join(map(str, dims[i]))}" for name, dims in shapes.items()))
     if dla_core is not None:
         cmd += [f"--useDLACore={dla_core}", "--allowGPUFallback"]
     cache = f", calibration_cache={calibration_cache!r}" if calibration_cache is not None else ""
+    cache += f", shapes={ {k: tuple(tuple(d) for d in v) for k, v in shapes.items()}!r}" if shapes else ""
     call = f"build_engine({onnx_file!r}, {engine_file!r}, precision={precision!r}, dla_core={dla_core!r}, workspace_mib={workspace_mib}{cache})"
     script = build_script([call], f"Build {engine_file} from {onnx_file} with TensorRT {profile.tensorrt_version} ({profile.name}, {precision})")
     return BuildPlan(cmd, script, call)
@@ -474,6 +484,7 @@ def build_engine(
     dla_core: int | None = None,
     workspace_mib: int = 2048,
     calibration_cache: str | None = None,
+    shapes: ShapeProfile | None = None,
 ) -> int:
     """Build and serialise a TensorRT engine (needs `tensorrt` and a GPU); returns 0 on success.
 
@@ -504,6 +515,11 @@ def build_engine(
     if calibration_cache is not None:
         with open(calibration_cache) as f:
             config.int8_calibrator = _cache_calibrator(trt, cache_for_version(f.read(), trt.__version__))
+    if shapes:  # a dynamic batch axis: one optimisation profile
+        opt_profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            opt_profile.set_shape(name, tuple(low), tuple(opt), tuple(high))
+        config.add_optimization_profile(opt_profile)
     if dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core
@@ -564,20 +580,36 @@ DLA_ONNX = "model_dla.onnx"
 CALIBRATION_CACHE = "calibration.cache"
 
 
-def plan_deployment(model: onnx.ModelProto, target: str | TargetProfile, precision: str) -> DeploymentPlan:
+def batch_profile(model: onnx.ModelProto, batch: tuple[int, int, int]) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    """``{input: (min, opt, max shape)}`` of a file whose inputs have a symbolic batch axis."""
+    shapes = {}
+    for value in model.graph.input:
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        shapes[value.name] = tuple([b, *dims[1:]] for b in batch)
+    return shapes
+
+
+def plan_deployment(model: onnx.ModelProto, target: str | TargetProfile, precision: str,
+                    dynamic_batch: tuple[int, int, int] | None = None) -> DeploymentPlan:
     """Build plan (GPU and, where the target has DLA, DLA core 0) plus the placement report.
 
     At int8 the GPU engine is built from the Q/DQ file; the DLA engine, which on TensorRT 8.5 takes no
     Q/DQ, from `model_dla.onnx` (the same graph without them) and `calibration.cache` (their scales).
+    With `dynamic_batch` the GPU engine gets the ``(min, opt, max)`` optimisation profile; DLA builds
+    static shapes only, so its engine is fixed at the opt batch.
     """
     profile = get_target(target)
-    gpu = build_plan(profile, precision)
+    shapes = batch_profile(model, dynamic_batch) if dynamic_batch else None
+    gpu = build_plan(profile, precision, shapes=shapes)
     files: dict[str, str | bytes] = {"build_engine.sh": f"#!/bin/sh\n# GPU engine ({profile.name}, {precision})\n{gpu.command_line}\n"}
     calls = [gpu.call]
     placement: list[Placement] = []
     notes = []
     if profile.dla_cores and precision in profile.dla_peak_ops_per_s:
-        dla_model, dla, how = _dla_build(model, profile, precision, files, notes)
+        dla_shapes = {k: (v[1], v[1], v[1]) for k, v in shapes.items()} if shapes else None
+        dla_model, dla, how = _dla_build(model, profile, precision, files, notes, dla_shapes)
+        if shapes:
+            how += f" (static batch {dynamic_batch[1]}: DLA takes no dynamic shapes)"
         files["build_engine.sh"] += f"# DLA core 0 with GPU fallback{how}\n{dla.command_line}\n"
         calls.append(dla.call)
         placement = dla_placement(dla_model, profile, precision)
@@ -593,15 +625,16 @@ def plan_deployment(model: onnx.ModelProto, target: str | TargetProfile, precisi
 
 
 def _dla_build(
-    model: onnx.ModelProto, profile: TargetProfile, precision: str, files: dict[str, str | bytes], notes: list[str]
+    model: onnx.ModelProto, profile: TargetProfile, precision: str, files: dict[str, str | bytes], notes: list[str],
+    shapes: ShapeProfile | None = None,
 ) -> tuple[onnx.ModelProto, BuildPlan, str]:
     """The model DLA builds from, its plan and a comment; at int8 writes model_dla.onnx and the cache."""
     if precision != "int8":
-        return model, build_plan(profile, precision, engine_file="engine_dla0.plan", dla_core=0), ""
+        return model, build_plan(profile, precision, engine_file="engine_dla0.plan", dla_core=0, shapes=shapes), ""
     implicit, scales = strip_qdq(model)
     if not scales:
         notes.append("int8 DLA: the ONNX file has no Q/DQ (nothing was quantised), so the DLA engine is built in fp16")
-        return model, build_plan(profile, "fp16", engine_file="engine_dla0.plan", dla_core=0), " (fp16: no Q/DQ to take scales from)"
+        return model, build_plan(profile, "fp16", engine_file="engine_dla0.plan", dla_core=0, shapes=shapes), " (fp16: no Q/DQ to take scales from)"
     cache = propagated_scales(implicit, scales)
     files[DLA_ONNX] = implicit.SerializeToString()
     files[CALIBRATION_CACHE] = calibration_cache(cache)
@@ -612,5 +645,6 @@ def _dla_build(
         "more carried across ReLU/pool/reshape and fused adds); a layer whose tensors have no scale "
         "(the network outputs, ops the Q/DQ file leaves unquantised) runs in fp16"
     )
-    dla = build_plan(profile, precision, onnx_file=DLA_ONNX, engine_file="engine_dla0.plan", dla_core=0, calibration_cache=CALIBRATION_CACHE)
+    dla = build_plan(profile, precision, onnx_file=DLA_ONNX, engine_file="engine_dla0.plan", dla_core=0,
+                     calibration_cache=CALIBRATION_CACHE, shapes=shapes)
     return implicit, dla, " (implicit int8: no Q/DQ on DLA)"

@@ -168,6 +168,7 @@ def compile(  # noqa: A001 - the public name the design asks for
     distill: Any = None,
     recipe: Any = None,
     eval_fn: Any = None,
+    dynamic_batch: tuple[int, int, int] | None = None,
     **options: Any,
 ) -> CompiledModel:
     """Compile `model` for `target`: trace, run verified passes, lower to ONNX and verify it.
@@ -204,6 +205,9 @@ def compile(  # noqa: A001 - the public name the design asks for
         recipe: a bundled model's `TrainingRecipe` (``fxopt.models.spec(name).recipe``): its
             batches, loss and held-out evaluation stand in for `train_data`, `loss` and `eval_fn`
             (the fine-tune keeps the state best on its first metric; the summary shows them all).
+        dynamic_batch: ``(min, opt, max)``: the ONNX file gets a symbolic batch axis (dim 0 of
+            every input and output), is verified in ONNX Runtime at each of the three sizes, and
+            the TensorRT build plan gets the matching optimisation profile. Static shapes otherwise.
         eval_fn: ``graph -> {metric: value}`` (or a number): the report's summary table gives
             the metric of the input model and after each lossy step (slim/prune, fine-tune, int8).
         **options: data passes need, e.g. ``calib_data=`` (a list of input tuples, also used
@@ -232,6 +236,7 @@ def compile(  # noqa: A001 - the public name the design asks for
     input_notes = validate_inputs(inputs)
     if save_to is not None:
         check_output_folder(os.fspath(save_to))  # before any work
+    dynamic_batch = _dynamic_batch(dynamic_batch, export)
     if "calib_data" in options:
         options["calib_data"] = calibration_batches(options["calib_data"], like=inputs)
     split = split_stages(model, inputs, stages)  # None: the whole model is the graph
@@ -312,7 +317,7 @@ def compile(  # noqa: A001 - the public name the design asks for
             if export:
                 from fxopt.backends.onnx import lower
 
-                exported = lower(final, inputs, profile, check_inputs=check_inputs)
+                exported = lower(final, inputs, profile, check_inputs=check_inputs, dynamic_batch=dynamic_batch)
                 onnx_info, onnx_model = exported.to_dict(), exported.model
                 notes += [f"ONNX export: {finding}" for finding in exported.findings]
                 if policy.strict:
@@ -327,7 +332,7 @@ def compile(  # noqa: A001 - the public name the design asks for
                     compat.raise_if_errors()  # a hard incompatibility: TensorRTCompatError naming each node
                     notes += compat.notes()
 
-                    deployment = plan_deployment(onnx_model, profile, context.precision)
+                    deployment = plan_deployment(onnx_model, profile, context.precision, dynamic_batch)
                     extras["files"] = {**extras.get("files", {}), **deployment.files}
                     placement = _conv_placement(final, deployment.conv_devices())
                     notes += deployment.notes
@@ -358,6 +363,7 @@ def compile(  # noqa: A001 - the public name the design asks for
         "input_state_dict_sha256": input_sha,
         "example_inputs": [list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs],
         "input_shapes_changed": context.example_inputs is not original_inputs,
+        "dynamic_batch": list(dynamic_batch) if dynamic_batch else None,
         "verification_inputs": len(check_inputs),
         "safety": safety_evidence,
     } | ({"stages": split.cut()} if split is not None else {})
@@ -473,6 +479,17 @@ class _Summary:
 
     def table(self) -> dict[str, list[dict[str, Any]]]:
         return {self.TITLE: self.rows} if len(self.rows) > 1 else {}
+
+
+def _dynamic_batch(value: Any, export: bool) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, (tuple, list)) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or not 1 <= value[0] <= value[1] <= value[2]:
+        raise InputError(f"dynamic_batch must be (min, opt, max) batch sizes with 1 <= min <= opt <= max, got {value!r}")
+    if not export:
+        raise InputError("dynamic_batch shapes the ONNX file and its build plan: it needs export=True")
+    return (value[0], value[1], value[2])
 
 
 def _shapes(inputs: Sequence[Any]) -> str:
