@@ -29,6 +29,7 @@ class LayerRow:
     precision: str
     placement: str = ""
     uncosted: str = ""  # why the cost model could not cost the node (its flops are then 0)
+    roofline_ms: float = 0.0  # the lower bound for the same work (peak compute or memory bandwidth)
 
     def flops_text(self) -> str:
         return f"uncosted ({self.uncosted})" if self.uncosted else _si(self.flops)
@@ -47,7 +48,7 @@ def layer_rows(gm: GraphModule, cost: CostSummary, placement: dict[str, str] | N
             op = getattr(node.target, "__name__", str(node.target))
         rows.append(LayerRow(
             node.name, op, c.kind, c.params, c.flops, c.latency_s * 1e3, cost.precision,
-            (placement or {}).get(node.name, ""), c.uncosted,
+            (placement or {}).get(node.name, ""), c.uncosted, c.roofline_s * 1e3,
         ))
     return rows
 
@@ -108,9 +109,12 @@ class CompileReport:
         lines = [
             f"params  {_si(b.params)} -> {_si(a.params)}{_change(b.params, a.params)}",
             f"FLOPs   {_si(b.flops)} -> {_si(a.flops)}{_change(b.flops, a.flops)}",
-            f"est. {self.target} latency ({self.precision}, roofline)  "
+            f"est. {self.target} latency ({self.precision})  "
             f"{b.latency_s * 1e3:.3f} ms -> {a.latency_s * 1e3:.3f} ms{_change(b.latency_s, a.latency_s)}",
         ]
+        if a.roofline_s > 0:  # what the estimate adds to the bare peak-throughput bound
+            lines.append(f"roofline lower bound  {b.roofline_s * 1e3:.3f} ms -> {a.roofline_s * 1e3:.3f} ms "
+                         f"(estimate / roofline {a.latency_s / a.roofline_s:.2f}x)")
         # a node without a cost is said so, never folded into the totals as a silent zero
         lines += [f"{when}: {c.uncosted_note()}" for when, c in (("before", b), ("after", a)) if not c.complete]
         return lines
@@ -152,6 +156,21 @@ class CompileReport:
             lines += ["", "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings_s.items())]
         return "\n".join(lines)
 
+    def _dominant_layers(self, top: int = 8) -> list[str]:
+        """The layers that take most of the estimated time, with their share (markdown lines)."""
+        total = sum(r.latency_ms for r in self.layers)
+        rows = sorted((r for r in self.layers if r.latency_ms > 0), key=lambda r: -r.latency_ms)[:top]
+        if not rows or total <= 0:
+            return []
+        lines = ["", "## Where the time goes", "",
+                 f"The {len(rows)} slowest of {len(self.layers)} layers take {sum(r.latency_ms for r in rows) / total:.0%} of the "
+                 f"estimated layer time ({total:.4f} ms; the whole estimate adds the per-inference overhead).", "",
+                 "| node | op | kind | est. ms | share | estimate / roofline | placement |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.node} | {r.op} | {r.kind} | {r.latency_ms:.4f} | {r.latency_ms / total:.1%} | "
+                  f"{r.latency_ms / r.roofline_ms:.1f}x | {r.placement} |" if r.roofline_ms > 0 else
+                  f"| {r.node} | {r.op} | {r.kind} | {r.latency_ms:.4f} | {r.latency_ms / total:.1%} | | {r.placement} |" for r in rows]
+        return lines
+
     def to_markdown(self) -> str:
         """The report as Markdown (what report.md holds)."""
         out = [f"# fxopt report: {self.model} for `{self.target}` ({self.precision})", ""]
@@ -163,9 +182,12 @@ class CompileReport:
             out += [f"| `{leaf.path}` | {leaf.module_type} | {leaf.reason} |" for leaf in self.leaves]
         if self.onnx:
             out += ["", "## ONNX", ""] + [f"- {k}: {v}" for k, v in self.onnx.items()]
-        out += ["", "## Layers", "", "| node | op | kind | params | FLOPs | est. ms | precision | placement |", "|---|---|---|---|---|---|---|---|"]
+        out += self._dominant_layers()
+        out += ["", "## Layers", "", "| node | op | kind | params | FLOPs | est. ms | roofline ms | precision | placement |",
+                "|---|---|---|---|---|---|---|---|---|"]
         out += [
-            f"| {r.node} | {r.op} | {r.kind} | {r.params} | {f'uncosted ({r.uncosted})' if r.uncosted else r.flops} | {r.latency_ms:.4f} | {r.precision} | {r.placement} |"
+            f"| {r.node} | {r.op} | {r.kind} | {r.params} | {f'uncosted ({r.uncosted})' if r.uncosted else r.flops} | {r.latency_ms:.4f} "
+            f"| {r.roofline_ms:.4f} | {r.precision} | {r.placement} |"
             for r in self.layers
         ]
         for title, rows in self.tables.items():
