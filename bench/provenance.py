@@ -15,7 +15,7 @@ def code_version() -> str:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", *CODE_DIRS],
-                               capture_output=True, text=True, check=True).stdout.strip()
+                               capture_output=True, text=True, check=True).stdout.rstrip()  # " M path": keep the status column
     except (OSError, subprocess.CalledProcessError):
         return "unknown commit"
     changed = sorted({line[3:].split(" -> ")[-1] for line in dirty.splitlines()})
