@@ -59,6 +59,11 @@ bench-distill: venv
 bench-slim: venv
 	$(PY) bench/slim.py
 
+# fit the xavier latency model to published AGX Xavier TensorRT figures, checked on held-out families (bench/results/xavier_latency.md)
+.PHONY: bench-latency
+bench-latency: venv
+	$(PY) bench/xavier_latency.py
+
 lint: venv
 	$(PY) -m ruff check .
 

@@ -80,7 +80,6 @@ class EngineModel:
             without tensor cores, int8 kernels reach less of their peak than fp16 ones).
         half_size: per op kind, the output elements at which a kernel reaches half its efficiency.
         half_depth: per op kind, the reduction depth at which a kernel reaches half its efficiency.
-        dla_efficiency: fraction of a DLA core's peak a layer placed on it reaches.
         fuse_epilogues: a conv/linear/matmul runs its BatchNorm, bias, activation and one residual
             add in one kernel, and consecutive pointwise ops run as one kernel (TensorRT's layer
             fusions); the fused nodes cost nothing of their own.
@@ -99,7 +98,6 @@ class EngineModel:
     precision_efficiency: Mapping[str, float] = field(default_factory=lambda: _frozen({}))
     half_size: Mapping[str, float] = field(default_factory=lambda: _frozen({}))
     half_depth: Mapping[str, float] = field(default_factory=lambda: _frozen({}))
-    dla_efficiency: float = 0.5
     fuse_epilogues: bool = True
     copies_are_kernels: bool = True
     pad_channels: bool = True
@@ -287,6 +285,26 @@ _GPU_EFFICIENCY = {
     "default": 0.5,
 }
 
+# The xavier engine model's parameters, fitted by bench/xavier_latency.py (`make bench-latency`, at
+# commit 9fb07df) to 52 published batch-1 TensorRT latencies of AGX Xavier (bench/data/xavier_published.json):
+# held out by network family, 75% (39/52) within ±25%, median |log ratio| 0.12 (bench/results/xavier_latency.md).
+# Products (conv, linear, matmul) share one peak efficiency; fp32 above 1 is Winograd-like algorithms the
+# direct FLOP count does not see; int8 reaches about half its 2x peak.
+_XAVIER_PRODUCTS = ("conv", "conv_transpose", "linear", "matmul", "leaf", "unknown", "default")
+_XAVIER_EFFICIENCY = {
+    **{kind: 0.6913 for kind in _XAVIER_PRODUCTS},
+    "conv_depthwise": 0.09916,
+    **{kind: 1.0 for kind in ("pool", "elementwise", "norm", "copy")},  # memory bound: bandwidth_efficiency applies
+}
+_XAVIER_ENGINE = EngineModel(
+    inference_overhead_s=202.1e-6,
+    bandwidth_efficiency=0.7613,
+    precision_efficiency={"fp32": 1.521, "fp16": 1.0, "int8": 0.5131},
+    half_size={kind: 5.227e4 for kind in (*_XAVIER_PRODUCTS, "conv_depthwise")},  # output elements at half efficiency
+    half_depth={kind: 64.13 for kind in _XAVIER_PRODUCTS},  # reduction depth at half efficiency
+    source="bench/xavier_latency.py at commit 9fb07df (bench/results/xavier_latency.md)",
+)
+
 XAVIER = TargetProfile(
     name="xavier",
     description="NVIDIA Jetson AGX Xavier (JetPack 5.1: TensorRT 8.5, Volta GPU + 2 DLA)",
@@ -306,18 +324,10 @@ XAVIER = TargetProfile(
     dla_peak_ops_per_s={"fp16": 2.8e12, "int8": 5.7e12},
     # Tensor-core kernels want channels in multiples of 8 (fp16) and 32 (int8 IMMA).
     channel_alignment={"fp32": 1, "fp16": 8, "int8": 32},
-    op_efficiency=_GPU_EFFICIENCY,
-    launch_overhead_s=8e-6,
+    op_efficiency=_XAVIER_EFFICIENCY,
+    launch_overhead_s=14.02e-6,
     quant_scheme=TENSORRT_QDQ,
-    engine=EngineModel(
-        inference_overhead_s=100e-6,
-        bandwidth_efficiency=0.7,
-        precision_efficiency={"fp32": 0.8, "fp16": 1.0, "int8": 0.6},
-        half_size={"default": 50e3},
-        half_depth={"default": 64},
-        dla_efficiency=0.5,
-        source="initial guesses",
-    ),
+    engine=_XAVIER_ENGINE,
 )
 
 ORIN = TargetProfile(
