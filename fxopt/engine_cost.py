@@ -246,6 +246,7 @@ def _fuse(gm: GraphModule, node: Node, f: NodeFacts, open_kernels: dict[str, dic
         others = sum(_numel(a) for a in node.all_input_nodes if a is not producer and a.op != "get_attr")
         kernel["elements"] += others + f.params + _numel(node) - kernel["out"]
         kernel["out"] = _numel(node)
+        kernel["size"] = max(kernel["size"], _numel(node))  # the parallel work is the widest tensor the kernel writes
         kernel["flops"] += f.flops if kernel["kind"] == "elementwise" else 0  # epilogues ride free on a product
         kernel["residual"] = kernel["residual"] or epilogue == "residual"
         kernel["fused"].append(node.name)
