@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import fxopt
+from fxopt.cost_model import estimate_costs
 from fxopt.distill import Distill, FeatureMSE, LogitKD, OutputKD, SigmoidKD
 from fxopt.files import write_atomic
 from fxopt.passes import PruneChannels, Slim
@@ -97,6 +98,34 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
     return rows, notes
 
 
+def run_hd(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    """camera_multitask's deployment-sized preset (384x640), untrained (its recipe trains the default
+    config only): Slim at `--ratio` on generated HD scenes, latency and proxy only."""
+    from fxopt.models.camera_data import CameraDataConfig, generate_camera_batch
+
+    torch.manual_seed(0)
+    model = fxopt.models.create("camera_multitask", preset="hd").eval()
+    example = fxopt.models.example_inputs("camera_multitask", preset="hd")
+    data = CameraDataConfig(height=example[0].shape[2], width=example[0].shape[3])
+    calib = [(generate_camera_batch(2, data, seed=100 + i).images,) for i in range(args.calib)]
+    start = time.perf_counter()
+    compiled = fxopt.compile(model, "xavier", example_inputs=example, passes=[Slim(trials=args.trials, seed=0, progress=args.progress)],
+                             latency_ratio=args.ratio, calib_data=calib, export=False)
+    seconds = time.perf_counter() - start
+    rows = []
+    for stage, gm in (("fp32 (untrained)", fxopt.trace(model, example)), (f"slim at latency_ratio {args.ratio}", compiled.graph_module)):
+        row: dict[str, Any] = {"model": "camera_multitask hd", "arm": stage}
+        for p in ("fp16", "int8"):
+            row[f"est. xavier latency ms ({p})"] = round(estimate_costs(gm, "xavier", p).latency_s * 1e3, 4)
+        cost = estimate_costs(gm, "xavier", "fp16")
+        row.update({"params": cost.params, "FLOPs": cost.flops, "compile s": round(seconds, 1) if gm is compiled.graph_module else ""})
+        rows.append(row)
+    chosen = compiled.report.tables.get("slim: chosen architecture", [])
+    notes = ["camera_multitask hd (384x640, untrained: no metric, the recipe trains the default config only): slim chose "
+             + "; ".join(f"{r['dimension']}: {r['choice']}" for r in chosen)]
+    return rows, notes
+
+
 def _markdown(rows: list[dict[str, Any]], notes: list[str], args: argparse.Namespace, total_s: float) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     lines = [
@@ -145,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--no-hd", dest="hd", action="store_false", help="leave out the deployment-sized camera preset")
     parser.add_argument("--out", type=Path, default=RESULTS_MD)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -152,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, notes = [], []
     for name in args.models:
         r, n = run_model(name, args)
+        rows += r
+        notes += n
+    if args.hd:
+        r, n = run_hd(args)
         rows += r
         notes += n
     notes += verdicts(rows)
