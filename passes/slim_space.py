@@ -127,6 +127,8 @@ def remove_blocks(module: nn.Module, blocks: Sequence[ResidualBlock]) -> None:
         add, skip = nodes.get(block.add), nodes.get(block.skip)
         if add is None or skip is None or add.graph is not graph:
             continue
+        for user in list(add.users):
+            _out_of_place(module, user)  # it now reads `skip`, which other nodes (and autograd) still need
         add.replace_all_uses_with(skip)
         for name in (block.add, *reversed(block.body)):
             n = nodes.pop(name, None)
@@ -136,6 +138,20 @@ def remove_blocks(module: nn.Module, blocks: Sequence[ResidualBlock]) -> None:
         graph.lint()
         module.recompile()
         module.delete_all_unused_submodules()
+
+
+def _out_of_place(module: nn.Module, node: Node) -> None:
+    """Make an in-place op (``ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x.relu_()``) write a
+    new tensor: after a block goes, its input feeds what the block's output fed, and writing into
+    it would change a tensor other nodes read (or autograd saved)."""
+    if node.op == "call_module":
+        sub = module.get_submodule(str(node.target))
+        if getattr(sub, "inplace", False):
+            sub.inplace = False
+    elif node.op == "call_function" and node.kwargs.get("inplace"):
+        node.kwargs = {**node.kwargs, "inplace": False}
+    elif node.op == "call_method" and str(node.target).endswith("_") and hasattr(torch.Tensor, str(node.target)[:-1]):
+        node.target = str(node.target)[:-1]
 
 
 def stage_of_groups(gm: GraphModule, analysis: Any) -> dict[int, str]:

@@ -125,6 +125,24 @@ def test_removing_a_block_is_exact_where_the_block_is_zeroed():
     torch.testing.assert_close(gm(*X), before, rtol=0, atol=0)
 
 
+def test_after_removal_an_inplace_activation_no_longer_writes_into_the_skip_input():
+    class InplaceBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre, self.conv, self.relu = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = torch.relu(self.pre(x))
+            return self.relu(y + self.conv(y)), y  # y is also an output: an in-place ReLU on it would corrupt it
+
+    gm = fxopt.trace(InplaceBlock().train(), X)
+    remove_blocks(gm, find_residual_blocks(gm))
+    out, y = gm(*X)
+    assert not gm.get_submodule("relu").inplace
+    (out.sum() + y.sum()).backward()  # autograd still has the tensors it saved
+    assert torch.equal(out, y)
+
+
 def test_nested_blocks_any_subset_can_be_removed():
     x = (torch.randn(1, 8, 8, 8),)
     gm = fxopt.trace(Nested(), x)
