@@ -127,8 +127,9 @@ def remove_blocks(module: nn.Module, blocks: Sequence[ResidualBlock]) -> None:
         add, skip = nodes.get(block.add), nodes.get(block.skip)
         if add is None or skip is None or add.graph is not graph:
             continue
-        for user in list(add.users):
-            _out_of_place(module, user)  # it now reads `skip`, which other nodes (and autograd) still need
+        if isinstance(module, GraphModule):  # a shape-only build shares modules with its source and never runs
+            for user in list(add.users):
+                _out_of_place(module, user)  # it now reads `skip`, which other nodes (and autograd) still need
         add.replace_all_uses_with(skip)
         for name in (block.add, *reversed(block.body)):
             n = nodes.pop(name, None)
