@@ -113,7 +113,7 @@ def _is_qdq(mod: nn.Module) -> bool:
     return isinstance(mod, FakeQuantizeBase) or type(mod).__name__ == "FakeQuantize"
 
 
-def _copy_elements(gm: GraphModule, node: Node) -> int | None:
+def _copy_elements(node: Node) -> int | None:
     """Elements a copy kernel reads and writes for `node`; None if it is not a copy."""
     fn = node.target if node.op == "call_function" else None
     method = node.target if node.op == "call_method" else None
@@ -215,7 +215,7 @@ def engine_kernels(gm: GraphModule, facts: Mapping[str, NodeFacts], profile: Tar
         mod = _module(gm, node)
         if mod is not None and _is_qdq(mod):
             continue
-        copied = _copy_elements(gm, node) if engine.copies_are_kernels else None
+        copied = _copy_elements(node) if engine.copies_are_kernels else None
         if copied is not None:
             kernels.append(dict(head=node.name, kind="copy", fused=[], flops=0, elements=copied, size=_numel(node), depth=1, done=True))
             continue
