@@ -17,7 +17,8 @@ eval_fn; the last state is scored on the test split).
 - ``camera``: `camera_multitask` trained with its recipe, pruned to half its FLOPs, fine-tuned
   with labels only, + SigmoidKD / dense KD on its heads, + ICKD on its FPN stages.
 
-Each part replaces its own section of bench/results/distill.md and leaves the others.
+Each part replaces its own section of bench/results/distill.md and leaves the others (a hand-written
+``summary`` section, after ``main``, is kept as it is).
 """
 
 from __future__ import annotations
@@ -259,8 +260,9 @@ def part_main(setups: list[DigitsSetup], args: argparse.Namespace) -> str:
         f"Every arm: `fxopt.finetune`, Adam lr {LR} with cosine decay, batches of {BATCH} in the same seeded order, "
         "cross-entropy on the labelled images; logit KD at T = 4 with weight 1 (the loss is T²·KL); ICKD over the stage "
         "features (last node per spatial resolution: 8x8, 4x4, 2x2; teacher channels sliced to those pruning kept) at "
-        "grids (1, 2) with weight 1. With 50 labels, each batch is 32 labelled images (the same 50 throughout) and 32 "
-        "from all training images without their labels, which only distillation can use. No eval_fn: the last state is "
+        f"grids (1, 2) with weight {ICKD_WEIGHT:g} (the sweep below: at weight 1 it does nothing). With 50 labels, each "
+        "batch is up to 32 labelled images (the same 50 throughout, cycled in shuffled order: 32, then 18) and 32 from "
+        "all training images without their labels, which only distillation can use. No eval_fn: the last state is "
         "scored on the test split, which no arm sees.",
         "",
         f"Teacher {_mean_range([s.teacher_acc for s in setups])}, pruned and not fine-tuned "
@@ -571,7 +573,7 @@ def merge_sections(old: str, new: dict[str, str]) -> str:
     """The results file with the sections of the parts in `new` replaced (or added) and the others kept."""
     found = dict(re.findall(r"<!-- part: (\w+) -->\n(.*?)(?=<!-- part: \w+ -->\n|\Z)", old, flags=re.S))
     found.update(new)
-    known = ("main", "why", "camera", "camera_few_labels")
+    known = ("main", "summary", "why", "camera", "camera_few_labels")  # summary: written by hand, kept
     order = [p for p in known if p in found] + [p for p in found if p not in known]
     return "".join(f"{_MARK.format(p)}\n{found[p].rstrip()}\n\n" for p in order).rstrip() + "\n"
 
