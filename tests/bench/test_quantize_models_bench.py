@@ -76,9 +76,8 @@ def test_camera_multitask_int8_is_within_one_point_of_fp32_in_onnx_runtime():
         result = bench.run_model("camera_multitask", None, None, lambda line: None)
     finally:
         torch.set_num_threads(threads)
-    assert [a.label for a in result.attempts] == ["int8, entropy", "int8, mse (default)"]
-    for attempt in result.attempts:  # both calibrations, every layer in int8
-        assert attempt.qdq > 10 and attempt.kept_fp16 == []
-        for metric in ("seg_miou", "det_map50"):
-            assert result.fp32[metric] - attempt.metrics[metric] <= 0.01, (attempt.label, metric, result.fp32, attempt.metrics)
+    first = result.attempts[0]  # the default calibration, every layer in int8, meets the bound
+    assert [a.label for a in result.attempts] == ["int8, entropy (default)"] and first.qdq > 10 and first.kept_fp16 == []
+    for metric in ("seg_miou", "det_map50"):
+        assert result.fp32[metric] - first.metrics[metric] <= 0.01, (metric, result.fp32, first.metrics)
     assert result.fp32["seg_miou"] > 0.6 and result.fp32["det_map50"] > 0.6  # a trained model, not chance
