@@ -59,7 +59,7 @@ from fxopt.passes.slim_space import (
 from fxopt.registry import register_pass
 from fxopt.tracing import propagate_shapes
 
-__all__ = ["Slim", "SlimCandidate", "latency_range", "output_divergence", "recalibrate_batchnorm"]
+__all__ = ["OutputMatch", "Slim", "SlimCandidate", "latency_range", "output_divergence", "recalibrate_batchnorm"]
 
 DIMENSIONS = ("depth", "width", "resolution")
 WIDTH_CHOICES = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
@@ -133,6 +133,23 @@ def output_divergence(outputs: Any, reference: Any) -> float:
             total += float(((o64 - r64) ** 2).mean() / r64.pow(2).mean().clamp_min(1e-12))
         n += 1
     return total / max(n, 1)
+
+
+class OutputMatch(nn.Module):
+    """A differentiable `output_divergence` for distilling any output structure:
+    ``mean over float outputs of mean((s - t)^2) / mean(t^2)`` (the student's output resized to
+    the teacher's size first where only the spatial dims differ)."""
+
+    def forward(self, student: Any, teacher: Any) -> torch.Tensor:
+        terms = []
+        for s, t in zip(flatten_outputs(student), flatten_outputs(teacher)):
+            if not t.is_floating_point():
+                continue
+            s2 = _resize_like(s, t)
+            if s2 is None:
+                raise InputError(f"OutputMatch: output of shape {tuple(s.shape)} cannot be compared with {tuple(t.shape)}")
+            terms.append(((s2 - t) ** 2).mean() / t.pow(2).mean().clamp_min(1e-12))
+        return torch.stack(terms).mean()
 
 
 @dataclass(frozen=True)
@@ -325,6 +342,11 @@ class Slim(FxoptPass):
             or ``"onnxruntime"`` (each candidate exported and timed in ONNX Runtime on this CPU,
             median of repeats, one thread); ``None``: measured on an ONNX Runtime target (`cpu`),
             estimated on a TensorRT target.
+        finetune_top: re-rank the best few feasible trials (by proxy) after a short fine-tune
+            each: `fxopt.finetune` distils the original's outputs on the calibration batches
+            (no labels; the last quarter held out) for `finetune_steps` steps, and the proxy on
+            the held-out batches decides. 0: the search's proxy alone decides.
+        finetune_steps: steps of that fine-tune.
         progress: show a progress bar over trials.
     """
 
@@ -347,6 +369,8 @@ class Slim(FxoptPass):
         width_choices: Sequence[float] = WIDTH_CHOICES,
         max_ratio: float = 0.9,
         measure: str | None = None,
+        finetune_top: int = 0,
+        finetune_steps: int = 30,
         progress: bool = False,
     ) -> None:
         super().__init__()
@@ -366,6 +390,9 @@ class Slim(FxoptPass):
         self.storage, self.study_name = storage, study_name
         self.width_choices = tuple(sorted(float(r) for r in width_choices))
         self.max_ratio, self.progress, self.measure = max_ratio, progress, measure
+        if isinstance(finetune_top, bool) or not isinstance(finetune_top, int) or finetune_top < 0 or finetune_steps < 1:
+            raise InputError(f"Slim: finetune_top must be an int >= 0 and finetune_steps >= 1, got {finetune_top!r}, {finetune_steps!r}")
+        self.finetune_top, self.finetune_steps = finetune_top, finetune_steps
         self.study: Any = None
         self.chosen: SlimCandidate | None = None
 
@@ -373,7 +400,7 @@ class Slim(FxoptPass):
         return {"latency_ms": self.latency_ms, "latency_ratio": self.latency_ratio, "trials": self.trials,
                 "space": list(self.space), "resolutions": self.resolutions, "seed": self.seed,
                 "storage": None if self.storage is None else str(self.storage), "study_name": self.study_name,
-                "measure": self.measure}
+                "measure": self.measure, "finetune_top": self.finetune_top, "finetune_steps": self.finetune_steps}
 
     # ------------------------------------------------------------------------------------
     def _budget_s(self, base_s: float) -> float:
@@ -436,6 +463,8 @@ class Slim(FxoptPass):
         best = search.best(study)
         if best is None:
             raise PassError(self.name, f"no trial met the budget of {budget_s * 1e3:.3g} ms in {len(study.trials)} trials")
+        if self.finetune_top:
+            best = search.rerank(study, self.finetune_top, self.finetune_steps, graph_module, progress=self.progress)
         self.chosen = search.candidate_of(best.params)
         slim, inputs = space.build(self.chosen)
         recalibrate_batchnorm(slim, [resize_inputs(b, space.resolutions[self.chosen.resolution]) for b in batches])
@@ -474,6 +503,7 @@ class _Search:
         self.space, self.batches, self.references = space, batches, references
         self.target, self.precision, self.budget_s = target, precision, budget_s
         self._bar: Any = None
+        self.tuned: dict[int, float] = {}  # trial number -> proxy after the short fine-tune
 
     # the search space as Optuna parameters
     def params_of(self, c: SlimCandidate) -> dict[str, Any]:
@@ -516,6 +546,29 @@ class _Search:
             raise InputError(f"slim: at input {describe_shapes(shapes)} the outputs are not a resize of the original's ({exc}); "
                              "leave that size out of resolutions=") from None
 
+    def rerank(self, study: Any, top: int, steps: int, teacher: GraphModule, progress: bool = False) -> Any:
+        """The best of the `top` feasible trials after a short distillation fine-tune each."""
+        import optuna
+
+        from fxopt.distill import Distill, finetune
+
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("constraint", 1.0) <= 0]
+        held = max(1, len(self.batches) // 4) if len(self.batches) > 1 else 0
+        for t in sorted(done, key=lambda t: (t.value, t.number))[:top]:
+            c = self.candidate_of(t.params)
+            gm, _ = self.space.build(c)
+            shapes = self.space.resolutions[c.resolution]
+            batches = [resize_inputs(b, shapes) for b in self.batches]
+            recalibrate_batchnorm(gm, batches)
+            train, score = (batches[:-held], list(range(len(batches) - held, len(batches)))) if held else (batches, [0])
+            finetune(gm, [(b, None) for b in train], loss=None, teacher=teacher, distill=Distill(logits=OutputMatch()),
+                     steps=steps, lr=1e-3, progress=progress)
+            self.tuned[t.number] = float(np.mean([output_divergence(run_model(gm, batches[i]), self.references[i]) for i in score]))
+        if not self.tuned:
+            return self.best(study)
+        number = min(self.tuned, key=lambda n: (self.tuned[n], n))
+        return next(t for t in study.trials if t.number == number)
+
     @staticmethod
     def constraints(trial: Any) -> tuple[float]:
         return (float(trial.user_attrs.get("constraint", 0.0)),)
@@ -550,8 +603,10 @@ class _Search:
     # outputs
     def _trial_row(self, t: Any, best: Any) -> dict[str, Any]:
         c = self.candidate_of(t.params)
+        tuned = self.tuned.get(t.number)
         return {"trial": t.number, "state": t.state.name.lower(), "est. latency ms": round(t.user_attrs.get("latency_ms", float("nan")), 4),
                 "feasible": t.user_attrs.get("constraint", 1.0) <= 0, "proxy": None if t.value is None else round(t.value, 6),
+                **({"proxy after fine-tune": None if tuned is None else round(tuned, 6)} if self.tuned else {}),
                 **c.describe(), "chosen": t.number == best.number}
 
     def rows(self, study: Any, best: Any) -> list[dict[str, Any]]:

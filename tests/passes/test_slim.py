@@ -326,3 +326,17 @@ def test_on_cpu_the_constraint_is_measured_in_onnxruntime():
     assert len(done) == 3 and all(t.user_attrs["latency_ms"] > 0 for t in done)
     best = min((t for t in done if t.user_attrs["constraint"] <= 0), key=lambda t: t.value)
     assert best.user_attrs["latency_ms"] <= best.user_attrs["latency_ms"] - best.user_attrs["constraint"]  # within budget
+
+
+def test_finetune_top_reranks_the_best_few_by_a_short_distillation():
+    gm = fxopt.trace(_model(), X)
+    p = Slim(latency_ratio=0.8, trials=8, seed=0, finetune_top=2, finetune_steps=3)
+    out = _run(p, gm).graph_module
+    rows = out.meta["fxopt_tables"]["slim: search (every trial)"]
+    tuned = {r["trial"]: r["proxy after fine-tune"] for r in rows if r["proxy after fine-tune"] is not None}
+    assert len(tuned) == 2
+    chosen = next(r for r in rows if r["chosen"])
+    assert chosen["trial"] == min(tuned, key=tuned.get) and chosen["feasible"]
+    assert out(*X).shape == gm(*X).shape
+    with pytest.raises(InputError, match="finetune_top"):
+        Slim(finetune_top=-1)
