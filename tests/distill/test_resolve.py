@@ -13,6 +13,7 @@ import fxopt
 from fxopt.distill import (
     ICKD,
     Distill,
+    FeatureMSE,
     LogitKD,
     OutputKD,
     SigmoidKD,
@@ -78,6 +79,13 @@ def test_a_recipe_supplies_data_loss_and_eval_and_given_ones_win():
     assert inputs[0].shape[1:] == (3, 96, 160)
     mine = nn.MSELoss()
     assert resolve(None, teacher=nn.Identity(), example_inputs=(), recipe=recipe, loss=mine).loss is mine
+
+
+def test_mse_alone_regresses_the_trunk_stages_without_output_kd():
+    setup = resolve("mse", teacher=nn.Identity(), example_inputs=(), data=[], loss=nn.CrossEntropyLoss())
+    d = setup.distill
+    assert d.logits is None and isinstance(d.feature_loss, FeatureMSE) and d.features == "stages"
+    assert setup.notes == ("features: FitNets MSE, weight 1, on the trunk stages",)
 
 
 def test_a_distill_is_used_as_given_with_kept_filled_in():
