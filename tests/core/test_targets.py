@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import fxopt
@@ -45,3 +47,14 @@ def test_profile_is_frozen_data():
         XAVIER.peak_ops_per_s["fp16"] = 1.0  # type: ignore[index]
     assert isinstance(XAVIER.to_dict()["peak_ops_per_s"], dict)
     assert isinstance(XAVIER, TargetProfile)
+
+
+def test_profile_round_trips_through_plain_data_and_names_its_fit():
+    data = json.loads(json.dumps(XAVIER.to_dict()))  # what a profile file holds
+    assert TargetProfile.from_dict(data) == XAVIER
+    assert isinstance(data["engine"]["half_size"], dict) and data["quant_scheme"]["symmetric"] is True
+    assert "bench/xavier_latency.py" in XAVIER.engine.source  # the fitted numbers say where they come from
+    with pytest.raises(fxopt.TargetError, match=r"lab.json: unknown field\(s\) \['peak_tops'\]"):
+        TargetProfile.from_dict({**data, "peak_tops": 1}, where="lab.json")
+    with pytest.raises(fxopt.TargetError, match="lab.json.engine: expected an object"):
+        TargetProfile.from_dict({**data, "engine": 3}, where="lab.json")
