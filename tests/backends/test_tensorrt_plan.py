@@ -228,3 +228,19 @@ def test_a_concat_gives_its_output_scale_to_its_inputs():
     convs = [n.output[0] for n in implicit.graph.node if n.op_type == "Conv"][:2]
     # concat inputs, the ReLUs before them and the convs before those: all at the concat's scale
     assert {cache[name] for name in [*concat.input, *convs]} == {cache[concat.output[0]]}
+
+
+def test_the_cache_calibrator_hands_tensorrt_the_cache_and_no_batches():
+    from types import SimpleNamespace
+
+    from fxopt.backends.tensorrt import _cache_calibrator
+
+    class Base:  # stands in for tensorrt.IInt8EntropyCalibrator2 (needs a GPU host)
+        def __init__(self):
+            self.base_init = True
+
+    cache = cache_for_version(calibration_cache({"input": 0.5}), "8.5.2.2")
+    calibrator = _cache_calibrator(SimpleNamespace(IInt8EntropyCalibrator2=Base), cache)
+    assert isinstance(calibrator, Base) and calibrator.base_init  # TensorRT's base class is initialised
+    assert calibrator.get_batch(["input"]) is None and calibrator.get_batch_size() == 1
+    assert read_calibration_cache(calibrator.read_calibration_cache().decode()) == ("TRT-8502-EntropyCalibration2", {"input": 0.5})
