@@ -1,7 +1,7 @@
 """Does distillation win back more of what pruning loses than labels alone, and where? A digits CNN
 at a fifth of its FLOPs, the sweep that explains the answer, and one bundled perception model.
 
-    python bench/distill.py [--parts main why camera] [--seeds 3] [--threads 1]
+    python bench/distill.py [--parts main why camera camera_few] [--seeds 3] [--threads 1]
 
 For each seed: train `fxopt.models.digits.DigitsCNN` (the teacher) on scikit-learn's 8x8 digits,
 prune it with `fxopt.compile(..., passes=[PruneChannels(amount=0.8, by="flops", round_to=1)])`, then
@@ -15,7 +15,12 @@ eval_fn; the last state is scored on the test split).
 - ``why``: the sweep that explains it (loss and gradient magnitudes, regime, temperature, weights,
   features, learning rate).
 - ``camera``: `camera_multitask` trained with its recipe, pruned to half its FLOPs, fine-tuned
-  with labels only, + SigmoidKD / dense KD on its heads, + ICKD on its FPN stages.
+  with labels only, + SigmoidKD / dense KD on its heads, + ICKD on its trunk stages.
+- ``camera_few``: the same with few labels (`--camera-labelled` batches, default 4, beside fresh
+  unlabelled images).
+
+On the 2-core development host, one thread each: main ~3 min, why ~15-35 min (load), each camera
+part ~8-10 min; the camera teacher's weights are cached in ``--cache`` (default out/distill_cache).
 
 Each part replaces its own section of bench/results/distill.md and leaves the others (a hand-written
 ``summary`` section, after ``main``, is kept as it is).
@@ -390,6 +395,7 @@ CAMERA_FINETUNE_STEPS = 100
 CAMERA_LR = 1e-3
 CAMERA_METRICS = ("seg_miou", "det_map50", "det_map75")
 CAMERA_UNLABELLED = 4  # fresh images without labels beside each labelled batch (--camera-labelled)
+CAMERA_FEW_BATCHES = 4  # camera_few: labelled batches of 8 (32 images)
 
 
 CAMERA_HEATMAP_KD_WEIGHT = 500.0  # SigmoidKD averages over every cell, the focal loss over centres: ~1/500 of its gradient
@@ -580,18 +586,21 @@ def merge_sections(old: str, new: dict[str, str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["main", "why", "camera"], choices=["main", "why", "camera"])
+    parts = ["main", "why", "camera", "camera_few"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--teacher-epochs", type=int, default=20)
     parser.add_argument("--camera-steps", type=int, default=None, help="camera_multitask fine-tune steps")
     parser.add_argument("--camera-kd-weight", type=float, default=1.0)
     parser.add_argument("--camera-labelled", type=int, default=None,
-                        help="camera: fine-tune on this many fixed labelled batches (+ unlabelled images) instead of fresh ones")
+                        help="camera: fine-tune on this many fixed labelled batches (+ unlabelled images) instead of "
+                             "fresh ones; camera_few: default 4")
     parser.add_argument("--camera-ickd-weight", type=float, default=100.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--step-scale", type=float, default=1.0, help="multiply every fine-tune's steps (tests: 0.01)")
-    parser.add_argument("--cache", type=Path, default=None, help="folder for the camera teacher's trained weights")
+    parser.add_argument("--cache", type=Path, default=RESULTS_MD.parents[2] / "out" / "distill_cache",
+                        help="folder for the camera teacher's trained weights")
     parser.add_argument("--out", type=Path, default=RESULTS_MD)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -604,6 +613,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             sections[part] = PARTS[part](setups, args) + f"\nThis part ran in {time.perf_counter() - start:.0f} s.\n"
     if "camera" in args.parts:
         sections["camera_few_labels" if args.camera_labelled else "camera"] = part_camera(args)
+    if "camera_few" in args.parts:
+        few = argparse.Namespace(**{**vars(args), "camera_labelled": args.camera_labelled or CAMERA_FEW_BATCHES})
+        sections["camera_few_labels"] = part_camera(few)
     text = merge_sections(args.out.read_text() if args.out.exists() else "", sections)
     write_atomic(args.out, text)
     print(text)
