@@ -435,8 +435,9 @@ class Slim(FxoptPass):
         base_s = space.latency_s(SlimCandidate(), target, precision)
         budget_s = self._budget_s(base_s)
         if not space.blocks and not space.stages and len(space.resolutions) == 1:
-            raise InputError("slim found nothing to search: no removable residual block, no prunable channel group "
-                             "and no other input size (resolutions=)")
+            self.unchanged_reason = ("slim found nothing to search: no removable residual block, no prunable channel "
+                                     "group and no other input size (resolutions=)")
+            return PassResult(graph_module, False)
         floor = space.smallest()
         floor_s = space.latency_s(floor, target, precision)
         if floor_s > budget_s:

@@ -42,6 +42,9 @@ class PassSetup:
 PASS_SETUPS: dict[str, PassSetup] = {
     "prune": PassSetup(factory=functools.partial(fxopt.create_pass, "prune", amount=0.3)),
     "quantize": PassSetup(options=lambda inputs: {"calib_data": [inputs]}),
+    # a budget every drawn model meets (its contract, not the search, is under test), estimated (no ORT timing)
+    "slim": PassSetup(factory=lambda: fxopt.passes.Slim(latency_ms=1e6, trials=2, seed=0, measure="estimate"),
+                      options=lambda inputs: {"calib_data": [inputs]}),
 }
 
 
