@@ -91,6 +91,8 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
         f"({PRECISION}; fixed per-inference and per-kernel costs of a small model); slim ran at latency_ratio {ratio} instead"]
     slim, slim_s = _compile(trained.model, name, Slim(trials=args.trials, seed=0, progress=args.progress,
                                                       finetune_top=args.finetune_top), args, calib, latency_ratio=ratio)
+    if next(r for r in slim.report.passes if r.name == "slim").status != "applied":
+        raise RuntimeError(f"{name}: slim did not apply: {next(r for r in slim.report.passes if r.name == 'slim').reason}")
     table = slim.report.tables[SUMMARY]
     reached = table[1][LATENCY] / table[0][LATENCY]
     uniform, uniform_s = _compile(trained.model, name, PruneChannels(amount=1 - reached, by="latency"), args, calib)

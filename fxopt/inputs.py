@@ -188,10 +188,10 @@ def resize_inputs(inputs: tuple[Any, ...], shapes: Sequence[tuple[int, ...] | No
     bilinear/linear/trilinear for floating inputs, nearest for others."""
     out = []
     for x, shape in zip(inputs, shapes):
-        if not isinstance(x, torch.Tensor) or shape is None or tuple(x.shape) == tuple(shape):
-            out.append(x)
+        size = tuple(shape[2:]) if shape is not None else ()
+        if not isinstance(x, torch.Tensor) or x.dim() < 3 or tuple(x.shape[2:]) == size:
+            out.append(x)  # the batch size may differ (a calibration batch); only spatial dims are resized
             continue
-        size = tuple(shape[2:])
         if x.is_floating_point():
             mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
             out.append(F.interpolate(x, size=size, mode=mode, align_corners=False))

@@ -340,3 +340,21 @@ def test_finetune_top_reranks_the_best_few_by_a_short_distillation():
     assert out(*X).shape == gm(*X).shape
     with pytest.raises(InputError, match="finetune_top"):
         Slim(finetune_top=-1)
+
+
+def test_a_model_with_index_inputs_and_calibration_batches_of_another_batch_size():
+    class Scatterish(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 4, 1)
+
+        def forward(self, x, idx):  # idx: (B, K) integer input, like pointpillars' pillar indices
+            y = self.b(torch.relu(self.a(x)))
+            return y.flatten(2).gather(2, idx[:, None, :].expand(-1, 4, -1))
+
+    x = (torch.randn(1, 3, 16, 16), torch.randint(0, 256, (1, 8)))
+    calib = [(torch.randn(2, 3, 16, 16), torch.randint(0, 256, (2, 8)))]
+    gm = fxopt.trace(Scatterish().eval(), x)
+    with use_context(CompileContext.create("xavier", x, calib_data=calib)):
+        out = Slim(latency_ms=1e6, trials=2, seed=0, space=("width",))(gm).graph_module
+    assert out(*x).shape == gm(*x).shape
