@@ -274,31 +274,33 @@ def compile(  # noqa: A001 - the public name the design asks for
             gm = trace(model if split is None else split.root, inputs, leaf_modules=leaf_modules)
         traced_s = time.perf_counter() - start
         cost_before = estimate_costs(gm, profile, context.precision)
-        # fine-tuning runs after the structural passes and before int8, which then calibrates the
-        # tuned weights: the pipeline is run in two parts around it
+        # the pipeline runs in two parts, the structural passes and then int8 (quantize onwards), so
+        # fine-tuning comes between them (int8 calibrates the tuned weights) and the summary sees both
         ordered = order_passes(pipeline)
-        cut = next((i for i, p in enumerate(ordered) if pass_name(p) == "quantize"), len(ordered)) if finetune_steps else len(ordered)
+        cut = next((i for i, p in enumerate(ordered) if pass_name(p) == "quantize"), len(ordered))
         manager = PassManager(ordered[:cut], strict=strict, progress=progress)
-        summary = _Summary(profile, context.precision, summary_eval)
+        # the summary table (input model, after each lossy step) only where there is more than one step
+        lossy_steps = finetune_steps or context.precision == "int8" or any(pass_attr(p, "lossy", False) for p in ordered)
+        summary = _Summary(profile, context.precision, summary_eval, enabled=bool(lossy_steps))
         summary.add("input model", gm)
         with phases("passes"):
             result = manager.run(gm, context)
         context = result.context or context
         final = result.graph_module
-        if any(pass_name(p) in ("slim", "prune") for p in ordered):
-            summary.add("after " + " + ".join(r.name for r in result.records if r.lossy and r.status == "applied") if any(
-                r.lossy and r.status == "applied" for r in result.records) else "after the passes", final)
+        structural = [r.name for r in result.records if r.lossy and r.status == "applied" and r.name != "quantize"]
+        if structural:
+            summary.add("after " + " + ".join(structural), final)
         tuned_notes: list[str] = []
         if finetune_steps:
             with phases("finetune"):
                 tuned_notes = _finetune(final, gm, ordered, inputs, finetune_steps, finetune_lr, progress, recipe=recipe,
                                         data=train_data, loss=loss, distill=distill, eval_fn=eval_fn if summary.scalar else None)
             summary.add("after fine-tune", final)
-            if cut < len(ordered):
-                rest = PassManager(ordered[cut:], strict=strict, progress=progress).run(final, context)
-                result.records += rest.records
-                context, final = rest.context or context, rest.graph_module
-                result.graph_module = final
+        if cut < len(ordered):
+            rest = PassManager(ordered[cut:], strict=strict, progress=progress).run(final, context)
+            result.records += rest.records
+            context, final = rest.context or context, rest.graph_module
+            result.graph_module = final
         if context.precision == "int8":
             summary.add("after int8", final)
         passes_s = time.perf_counter() - start - traced_s
@@ -455,13 +457,15 @@ class _Summary:
 
     TITLE = "summary: input model and after each step"
 
-    def __init__(self, profile: TargetProfile, precision: str, eval_fn: Any) -> None:
-        self.profile, self.eval_fn = profile, eval_fn
+    def __init__(self, profile: TargetProfile, precision: str, eval_fn: Any, enabled: bool = True) -> None:
+        self.profile, self.eval_fn, self.enabled = profile, eval_fn, enabled
         self.precisions = list(dict.fromkeys([profile.default_precision, precision]))
         self.rows: list[dict[str, Any]] = []
         self.scalar = False  # eval_fn returns one number (fine-tuning can then keep its best state)
 
     def add(self, stage: str, gm: GraphModule) -> None:
+        if not self.enabled:
+            return
         row: dict[str, Any] = {"stage": stage}
         for p in self.precisions:
             cost = estimate_costs(gm, self.profile, p)
