@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxopt.errors import InputError
+from fxopt.errors import ExportError, InputError
 from fxopt.ort_timing import ort_latencies_ms
 from fxopt.pass_base import FxoptPass, PassResult, current_context
 from fxopt.passes.quant_observers import (
@@ -497,9 +497,14 @@ class QuantizeInt8(FxoptPass):
         int8_report = int8_tables(graph_module, ctx.target, higher, self._why_not_int8(graph_module, scheme, kept, higher))
         graph_module.meta["fxopt_tables"].update(int8_report)
         if original is not None:
-            self.timing = _ort_latencies_ms(
-                {"fp32": original, "int8": graph_module}, ctx.example_inputs, ctx.target.max_onnx_opset, self.timing_runs, self.timing_threads
-            )
+            try:
+                self.timing = _ort_latencies_ms(
+                    {"fp32": original, "int8": graph_module}, ctx.example_inputs, ctx.target.max_onnx_opset, self.timing_runs, self.timing_threads
+                )
+            except ExportError as exc:  # the graph itself cannot be lowered: the compile's export says why
+                graph_module.meta["fxopt_tables"]["int8 vs fp32 in ONNX Runtime (this host)"] = [
+                    {"graph": "not timed", "why": f"the graph does not export to ONNX ({str(exc)[:200]}); int8 kept untimed"}]
+                return PassResult(graph_module, True)
             graph_module.meta["fxopt_tables"]["int8 vs fp32 in ONNX Runtime (this host)"] = [
                 {"graph": k, "median ms": f"{v:.4f}", "runs": self.timing_runs, "threads": self.timing_threads} for k, v in self.timing.items()
             ]

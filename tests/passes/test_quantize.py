@@ -487,3 +487,37 @@ def test_a_permute_of_the_model_input_is_calibrated_like_the_input():
     assert [r["calibrator"] for r in rows.values()] == ["max"]  # not entropy: it is the input's data
     views = q.input_views(q.float_graph(compiled.graph_module))
     assert {"x", "permute"} <= views and set(rows) <= views and "fc" not in views
+
+
+def test_cpu_timing_is_skipped_when_the_graph_cannot_be_exported():
+    """Found by `make fuzz`: a leaf that branches on data after an integer-scale interpolate cannot be
+    scripted, so neither graph exports; the pass keeps int8 untimed instead of being rolled back
+    (the compile's export reports the model's own problem)."""
+    from fxopt.testing import check_pass
+
+    class DataGate(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            if x.mean() > 0.1:
+                return self.inner(x)
+            return x * 0.5
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b0_conv = nn.Conv2d(2, 2, 3, stride=1, padding=1, groups=2, bias=False)
+            self.b2_gate = DataGate(nn.Conv2d(2, 2, 1, padding=0))
+
+        def forward(self, x):
+            x = torch.nn.functional.interpolate(self.b0_conv(x), scale_factor=2, mode="bilinear", align_corners=False)
+            return self.b2_gate(x)
+
+    torch.manual_seed(0)
+    model, inputs = Model().eval(), (torch.randn(1, 2, 4, 5),)
+    result = check_pass(lambda: fxopt.create_pass("quantize"), model, inputs, calib_data=[inputs])
+    assert result.record.status == "applied"
+    table = result.graph_module.meta["fxopt_tables"]["int8 vs fp32 in ONNX Runtime (this host)"]
+    assert table[0]["graph"] == "not timed" and "does not export" in table[0]["why"]
