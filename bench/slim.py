@@ -166,8 +166,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
         ratio = slim[lat] / fp32[lat]  # at the compile precision
         drop = 100 * (fp32[metric] - slim[metric])
         out.append(f"{model}: slim at {ratio:.2f}x the fp32 estimate ({'meets' if ratio <= 0.5 + 1e-9 else 'misses'} <= 0.5), "
-                   f"{metric} {drop:+.1f} points below fp32 ({'within' if drop <= 2 else 'outside'} 2); uniform pruning at "
-                   f"{uni[lat] / fp32[lat]:.2f}x: {metric} {100 * (fp32[metric] - uni[metric]):+.1f} points below fp32 "
+                   f"{metric} {-drop:+.1f} points vs fp32 ({'within' if drop <= 2 else 'outside'} 2 points); uniform pruning at "
+                   f"{uni[lat] / fp32[lat]:.2f}x: {metric} {100 * (uni[metric] - fp32[metric]):+.1f} points vs fp32 "
                    f"(slim {'better' if slim[metric] > uni[metric] else 'not better'}); the uncompressed model after the same "
                    f"fine-tune: {metric} {100 * (ref[metric] - fp32[metric]):+.1f} points vs fp32 (the recipe's model is not "
                    "trained to convergence, so fine-tuning alone moves the metric)")
