@@ -134,6 +134,15 @@ class RecipeBatches:
             step += 1
 
 
+def with_recipe(recipe: Any, data: Any, loss: Any, eval_fn: Any, seed: int = 0) -> tuple[Any, Any, Any]:
+    """``(data, loss, eval_fn)`` with what is missing taken from a bundled model's recipe (its
+    seeded batches, its loss, its first metric); given ones win; no recipe: unchanged."""
+    if recipe is None:
+        return data, loss, eval_fn
+    return (RecipeBatches(recipe, seed) if data is None else data, recipe.loss if loss is None else loss,
+            recipe_metric(recipe) if eval_fn is None else eval_fn)
+
+
 def recipe_metric(recipe: Any, metric: str | None = None) -> Callable[[nn.Module], float]:
     """``model -> recipe.evaluate(model)[metric]`` (default: the recipe's first metric), an `eval_fn`.
 
@@ -340,10 +349,7 @@ def finetune(
         >>> r.history[-1]["loss"] < r.history[0]["loss"], r.stopped_reason
         (True, 'completed')
     """
-    if recipe is not None:
-        data = RecipeBatches(recipe, seed) if data is None else data
-        loss = recipe.loss if loss is None else loss
-        eval_fn = recipe_metric(recipe) if eval_fn is None else eval_fn
+    data, loss, eval_fn = with_recipe(recipe, data, loss, eval_fn, seed)
     if data is None:
         raise InputError("finetune needs data= ((inputs, target) batches) or recipe=")
     if steps < 0 or lr <= 0 or (eval_every is not None and eval_every < 1):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fxopt.distill.loop import Distill, RecipeBatches, recipe_metric
+from fxopt.distill.loop import Distill, with_recipe
 from fxopt.distill.losses import ICKD, FeatureMSE, LogitKD, OutputKD, SigmoidKD
 from fxopt.errors import InputError
 
@@ -131,10 +131,7 @@ def resolve(
         >>> type(setup.distill.logits).__name__, setup.notes
         ('LogitKD', ('output KD: LogitKD(T=4) on the class logits',))
     """
-    if recipe is not None:
-        data = RecipeBatches(recipe, seed) if data is None else data
-        loss = recipe.loss if loss is None else loss
-        eval_fn = recipe_metric(recipe) if eval_fn is None else eval_fn
+    data, loss, eval_fn = with_recipe(recipe, data, loss, eval_fn, seed)
     if data is None:
         raise InputError("fine-tuning needs train_data= ((inputs, target) batches) or recipe= (a bundled model's)")
     if distill is None:
