@@ -7,12 +7,30 @@ burst of load then hits one candidate and not the other.
 
 from __future__ import annotations
 
+import pickle
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ort_latencies_ms", "ort_session"]
+__all__ = ["OrtCrashed", "isolated_latencies_ms", "ort_latencies_ms", "ort_session"]
+
+# Run in a child interpreter by `isolated_latencies_ms`: this file is loaded on its own (it imports
+# nothing of fxopt, torch or onnx), so the child starts in well under a second.
+_CHILD = """
+import importlib.util, pickle, sys
+spec = importlib.util.spec_from_file_location("fxopt_ort_timing", sys.argv[1])
+timing = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(timing)
+models, arrays, runs, warmup, threads = pickle.load(sys.stdin.buffer)
+pickle.dump(timing.ort_latencies_ms(models, arrays, runs, warmup, threads), sys.stdout.buffer)
+"""
+
+
+class OrtCrashed(RuntimeError):
+    """ONNX Runtime died (a native abort or an error) while loading or running a model in the child."""
 
 
 def ort_session(onnx_model: Any, threads: int = 1) -> Any:
@@ -23,7 +41,8 @@ def ort_session(onnx_model: Any, threads: int = 1) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    data = onnx_model if isinstance(onnx_model, bytes) else onnx_model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def ort_latencies_ms(
@@ -64,3 +83,26 @@ def ort_latencies_ms(
             if step >= warmup:
                 acc.append(time.perf_counter() - start)
     return [statistics.median(t) * 1e3 for t in times]
+
+
+def isolated_latencies_ms(
+    onnx_models: Sequence[Any], inputs: tuple[Any, ...], runs: int, warmup: int = 3, threads: int = 1, timeout_s: float = 600.0
+) -> list[float]:
+    """`ort_latencies_ms` in a child process, so a native crash of ONNX Runtime on some file (an
+    abort in a graph optimiser, seen once on a drawn int8 model) cannot take the caller down.
+
+    Raises:
+        OrtCrashed: the child died or failed; the message gives its exit status and last output.
+    """
+    arrays = [x.detach().cpu().numpy() if hasattr(x, "detach") else x for x in inputs if hasattr(x, "shape")]
+    models = [m if isinstance(m, bytes) else m.SerializeToString() for m in onnx_models]
+    payload = pickle.dumps((models, arrays, runs, warmup, threads))
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, __file__], input=payload, capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise OrtCrashed(f"ONNX Runtime timing did not finish in {timeout_s:g} s") from None
+    if proc.returncode != 0:
+        how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with status {proc.returncode}"
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise OrtCrashed(f"the ONNX Runtime timing process {how}: {tail[0][:300]}")
+    return list(pickle.loads(proc.stdout))

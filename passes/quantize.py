@@ -31,7 +31,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxopt.errors import ExportError, InputError
-from fxopt.ort_timing import ort_latencies_ms
+from fxopt.ort_timing import OrtCrashed, isolated_latencies_ms
 from fxopt.pass_base import FxoptPass, PassResult, current_context
 from fxopt.passes.quant_observers import (
     CALIBRATORS,
@@ -317,11 +317,11 @@ def sensitivity(gm: GraphModule, calib_data: Sequence[tuple[Any, ...]], metric: 
 
 def _ort_latencies_ms(graphs: Mapping[str, nn.Module], inputs: tuple[Any, ...], opset: int, runs: int, threads: int) -> dict[str, float]:
     """Median ONNX Runtime (CPU) latency of each graph on `inputs`: exported, then timed by
-    `fxopt.ort_timing.ort_latencies_ms` (fixed thread count, runs interleaved)."""
+    `fxopt.ort_timing.isolated_latencies_ms` (fixed thread count, runs interleaved, in a child process)."""
     from fxopt.backends.onnx import export_onnx
 
     models = [export_onnx(gm, inputs, opset=opset).model for gm in graphs.values()]
-    return dict(zip(graphs, ort_latencies_ms(models, inputs, runs, threads=threads)))
+    return dict(zip(graphs, isolated_latencies_ms(models, inputs, runs, threads=threads)))
 
 
 # modules that are not weighted compute: activations, pools, norms and shape ops (no reason owed)
@@ -505,6 +505,9 @@ class QuantizeInt8(FxoptPass):
                 graph_module.meta["fxopt_tables"]["int8 vs fp32 in ONNX Runtime (this host)"] = [
                     {"graph": "not timed", "why": f"the graph does not export to ONNX ({str(exc)[:200]}); int8 kept untimed"}]
                 return PassResult(graph_module, True)
+            except OrtCrashed as exc:  # ONNX Runtime cannot run one of the files here: ship the one it can
+                self.unchanged_reason = f"ONNX Runtime failed on the int8 file ({exc}); kept fp32"
+                return PassResult(original, False)
             graph_module.meta["fxopt_tables"]["int8 vs fp32 in ONNX Runtime (this host)"] = [
                 {"graph": k, "median ms": f"{v:.4f}", "runs": self.timing_runs, "threads": self.timing_threads} for k, v in self.timing.items()
             ]

@@ -55,3 +55,28 @@ def test_the_pruning_bench_times_with_the_shared_function():
     path = Path(__file__).resolve().parents[2] / "bench" / "prune.py"
     source = path.read_text()
     assert "from fxopt.ort_timing import ort_latencies_ms" in source and "def ort_latencies_ms" not in source
+
+
+def test_isolated_timing_runs_in_a_child_and_a_crash_there_is_an_error_not_an_abort(monkeypatch):
+    model = export_onnx(torch.nn.Linear(4, 2), (torch.randn(1, 4),)).model
+    got = ort_timing.isolated_latencies_ms([model, model.SerializeToString()], (torch.randn(1, 4),), runs=3, warmup=1)
+    assert len(got) == 2 and all(ms > 0 for ms in got)
+    monkeypatch.setattr(ort_timing, "_CHILD", "import os; os.abort()")  # what a native ONNX Runtime abort looks like
+    with pytest.raises(ort_timing.OrtCrashed, match="killed by signal 6"):
+        ort_timing.isolated_latencies_ms([model], (torch.randn(1, 4),), runs=1)
+
+
+def test_quantize_keeps_fp32_when_onnx_runtime_dies_on_the_int8_file(monkeypatch):
+    import fxopt
+    import fxopt.passes.quantize as q
+
+    def crashed(*args, **kwargs):
+        raise ort_timing.OrtCrashed("the ONNX Runtime timing process was killed by signal 6: abort")
+
+    monkeypatch.setattr(q, "isolated_latencies_ms", crashed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    compiled = fxopt.compile(model, "cpu", example_inputs=x, passes=["quantize"], calib_data=[x])
+    record = next(r for r in compiled.report.passes if r.name == "quantize")
+    assert record.status == "unchanged" and "ONNX Runtime failed on the int8 file" in record.reason
+    assert "QuantizeLinear" not in {n.op_type for n in compiled.onnx_model.graph.node}

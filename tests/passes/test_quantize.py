@@ -367,7 +367,7 @@ def test_cpu_keeps_int8_only_when_onnx_runtime_runs_it_faster(monkeypatch, int8_
         calls.append((len(models), threads))
         return [2.0, int8_ms]
 
-    monkeypatch.setattr(q, "ort_latencies_ms", fake_timing)
+    monkeypatch.setattr(q, "isolated_latencies_ms", fake_timing)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     x = torch.randn(1, 3, 8, 8)
     compiled = fxopt.compile(model, "cpu", example_inputs=(x,), precision="int8", calib_data=[(x,)])
@@ -385,7 +385,7 @@ def test_cpu_keeps_int8_only_when_onnx_runtime_runs_it_faster(monkeypatch, int8_
 def test_xavier_is_never_timed_here(monkeypatch):
     import fxopt.passes.quantize as q
 
-    monkeypatch.setattr(q, "ort_latencies_ms", lambda *a, **k: pytest.fail("timed a TensorRT target on this host"))
+    monkeypatch.setattr(q, "isolated_latencies_ms", lambda *a, **k: pytest.fail("timed a TensorRT target on this host"))
     x = torch.randn(1, 3, 8, 8)
     compiled = fxopt.compile(nn.Sequential(nn.Conv2d(3, 8, 3)).eval(), "xavier", example_inputs=(x,), precision="int8", calib_data=[(x,)])
     assert next(r for r in compiled.report.passes if r.name == "quantize").status == "applied"
