@@ -10,6 +10,14 @@ CODE_DIRS = ("fxopt", "passes", "backends", "models", "safety")
 
 
 def code_version() -> str:
+    """The code a benchmark ran: its version when this module was imported (the start of the run),
+    and the version at the call too when the tree changed meanwhile (a long run writes its file
+    after other commits landed)."""
+    now = _version_now()
+    return _AT_START if now == _AT_START else f"{_AT_START} (at the end of the run: {now})"
+
+
+def _version_now() -> str:
     """``commit abc1234``, plus the changed files when the library code had uncommitted changes."""
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -21,3 +29,6 @@ def code_version() -> str:
     changed = sorted({line[3:].split(" -> ")[-1] for line in dirty.splitlines()})
     more = " ..." if len(changed) > 4 else ""
     return f"commit {head}" + (f" (uncommitted changes in the tree: {', '.join(changed[:4])}{more})" if changed else "")
+
+
+_AT_START = _version_now()
