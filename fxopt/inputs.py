@@ -24,6 +24,7 @@ __all__ = [
     "copy_inputs",
     "input_variants",
     "resize_inputs",
+    "resize_spatial",
     "validate_inputs",
     "verification_inputs",
 ]
@@ -192,9 +193,15 @@ def resize_inputs(inputs: tuple[Any, ...], shapes: Sequence[tuple[int, ...] | No
         if not isinstance(x, torch.Tensor) or x.dim() < 3 or tuple(x.shape[2:]) == size:
             out.append(x)  # the batch size may differ (a calibration batch); only spatial dims are resized
             continue
-        if x.is_floating_point():
-            mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-            out.append(F.interpolate(x, size=size, mode=mode, align_corners=False))
-        else:
-            out.append(F.interpolate(x.float(), size=size, mode="nearest").to(x.dtype))
+        out.append(resize_spatial(x, size))
     return tuple(out)
+
+
+def resize_spatial(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """`x` (batch, channels, spatial...) resized to the spatial `size`: linear/bilinear/trilinear
+    for a floating tensor, nearest for others."""
+    size = tuple(size)
+    if x.is_floating_point():
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+        return F.interpolate(x, size=size, mode=mode, align_corners=False)
+    return F.interpolate(x.float(), size=size, mode="nearest").to(x.dtype)

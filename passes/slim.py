@@ -41,7 +41,7 @@ from torch.fx import GraphModule
 
 from fxopt.cost_model import estimate_costs
 from fxopt.errors import InputError, PassError
-from fxopt.inputs import resize_inputs
+from fxopt.inputs import resize_inputs, resize_spatial
 from fxopt.numerics import flatten_outputs, run_model
 from fxopt.pass_base import FxoptPass, PassResult, current_context
 from fxopt.pass_manager import FILES_META, INPUT_SHAPES_META
@@ -96,13 +96,21 @@ def recalibrate_batchnorm(gm: nn.Module, batches: Sequence[tuple[Any, ...]]) -> 
     return len(bns)
 
 
-def _resize_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:
-    if x.shape == ref.shape:
-        return x
-    if x.dim() != ref.dim() or x.dim() < 3 or x.shape[:2] != ref.shape[:2] or not x.is_floating_point():
-        return None
-    mode = {3: "linear", 4: "bilinear", 5: "trilinear"}[x.dim()]
-    return F.interpolate(x, size=tuple(ref.shape[2:]), mode=mode, align_corners=False)
+def _float_pairs(outputs: Any, reference: Any) -> Any:
+    """``(output, reference)`` for each float reference tensor, the output resized to the
+    reference's spatial size where only that differs (a candidate at a smaller input).
+
+    Raises:
+        ValueError: an output that is not a resize of its reference.
+    """
+    for o, r in zip(flatten_outputs(outputs), flatten_outputs(reference)):
+        if not r.is_floating_point():
+            continue
+        if o.shape != r.shape:
+            if o.dim() != r.dim() or o.dim() < 3 or o.shape[:2] != r.shape[:2] or not o.is_floating_point():
+                raise ValueError(f"output of shape {tuple(o.shape)} cannot be compared with the reference's {tuple(r.shape)}")
+            o = resize_spatial(o, r.shape[2:])
+        yield o, r
 
 
 def output_divergence(outputs: Any, reference: Any) -> float:
@@ -120,13 +128,8 @@ def output_divergence(outputs: Any, reference: Any) -> float:
     if len(outs) != len(refs):
         raise ValueError(f"{len(outs)} output tensors vs {len(refs)} in the reference")
     total, n = 0.0, 0
-    for o, r in zip(outs, refs):
-        if not r.is_floating_point():
-            continue
-        o2 = _resize_like(o, r)
-        if o2 is None:
-            raise ValueError(f"output of shape {tuple(o.shape)} cannot be compared with the reference's {tuple(r.shape)}")
-        o64, r64 = o2.double(), r.double()
+    for o, r in _float_pairs(outs, refs):
+        o64, r64 = o.double(), r.double()
         if r64.dim() == 2 and r64.shape[1] > 1:
             total += float(F.kl_div(F.log_softmax(o64, 1), F.log_softmax(r64, 1), log_target=True, reduction="batchmean"))
         else:
@@ -141,14 +144,10 @@ class OutputMatch(nn.Module):
     the teacher's size first where only the spatial dims differ)."""
 
     def forward(self, student: Any, teacher: Any) -> torch.Tensor:
-        terms = []
-        for s, t in zip(flatten_outputs(student), flatten_outputs(teacher)):
-            if not t.is_floating_point():
-                continue
-            s2 = _resize_like(s, t)
-            if s2 is None:
-                raise InputError(f"OutputMatch: output of shape {tuple(s.shape)} cannot be compared with {tuple(t.shape)}")
-            terms.append(((s2 - t) ** 2).mean() / t.pow(2).mean().clamp_min(1e-12))
+        try:
+            terms = [((s - t) ** 2).mean() / t.pow(2).mean().clamp_min(1e-12) for s, t in _float_pairs(student, teacher)]
+        except ValueError as exc:
+            raise InputError(f"OutputMatch: {exc}") from None
         return torch.stack(terms).mean()
 
 
