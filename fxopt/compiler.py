@@ -16,7 +16,13 @@ from torch.fx import GraphModule
 
 from fxopt.cost_model import estimate_costs
 from fxopt.errors import InputError
-from fxopt.inputs import calibration_batches, copy_inputs, validate_inputs, verification_inputs
+from fxopt.inputs import (
+    calibration_batches,
+    copy_inputs,
+    describe_shapes,
+    validate_inputs,
+    verification_inputs,
+)
 from fxopt.output_folder import MANIFEST, check_output_folder, write_output_folder
 from fxopt.pass_base import CompileContext, pass_attr, pass_name
 from fxopt.pass_manager import FILES_META, PassManager, order_passes, resolve_passes
@@ -312,8 +318,8 @@ def compile(  # noqa: A001 - the public name the design asks for
         requested = [*(passes or ()), *(["quantize"] if context.precision == "int8" else [])]  # int8 asks for quantize
         notes += _pass_warnings(result.records, requested) + (split.notes() if split is not None else [])
         if context.example_inputs is not original_inputs:  # a pass (slim) chose another input size
-            notes.append(f"WARNING: the compiled model takes input shape(s) {_shapes(context.example_inputs)} instead of "
-                         f"{_shapes(inputs)} (slim's resolution choice): feed it inputs of the new size")
+            notes.append(f"WARNING: the compiled model takes input shape(s) {describe_shapes(context.example_inputs)} instead of "
+                         f"{describe_shapes(inputs)} (slim's resolution choice): feed it inputs of the new size")
             inputs, check_inputs = context.example_inputs, context.verification_inputs
         with phases("export"):
             if export:
@@ -494,10 +500,6 @@ def _dynamic_batch(value: Any, export: bool) -> tuple[int, int, int] | None:
     if not export:
         raise InputError("dynamic_batch shapes the ONNX file and its build plan: it needs export=True")
     return (value[0], value[1], value[2])
-
-
-def _shapes(inputs: Sequence[Any]) -> str:
-    return ", ".join("x".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
 
 
 def _check_request(pipeline: list[Any], options: dict[str, Any], precision: str, profile: TargetProfile) -> None:

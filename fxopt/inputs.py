@@ -22,6 +22,7 @@ __all__ = [
     "VARIANT_KINDS",
     "calibration_batches",
     "copy_inputs",
+    "describe_shapes",
     "input_variants",
     "resize_inputs",
     "resize_spatial",
@@ -205,3 +206,9 @@ def resize_spatial(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
         return F.interpolate(x, size=size, mode=mode, align_corners=False)
     return F.interpolate(x.float(), size=size, mode="nearest").to(x.dtype)
+
+
+def describe_shapes(items: Sequence[Any]) -> str:
+    """``1x3x64x96`` for each tensor or shape in `items` (others skipped), comma-separated."""
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in items]
+    return ", ".join("x".join(map(str, s)) for s in shapes if isinstance(s, (tuple, list, torch.Size)))

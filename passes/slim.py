@@ -41,7 +41,7 @@ from torch.fx import GraphModule
 
 from fxopt.cost_model import estimate_costs
 from fxopt.errors import InputError, PassError
-from fxopt.inputs import resize_inputs, resize_spatial
+from fxopt.inputs import describe_shapes, resize_inputs, resize_spatial
 from fxopt.numerics import flatten_outputs, run_model
 from fxopt.pass_base import FxoptPass, PassResult, current_context
 from fxopt.pass_manager import FILES_META, INPUT_SHAPES_META
@@ -50,7 +50,6 @@ from fxopt.passes.dependency_groups import analyze_dependencies
 from fxopt.passes.prune import apply_plan, plan_keep_ratios, shape_only
 from fxopt.passes.slim_space import (
     ResidualBlock,
-    describe_shapes,
     find_residual_blocks,
     parse_resolutions,
     remove_blocks,

@@ -10,7 +10,7 @@ replaces the add by `x`, so the graph computes exactly what it computed when `f(
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxopt.errors import InputError
 
-__all__ = ["ResidualBlock", "describe_shapes", "find_residual_blocks", "parse_resolutions", "remove_blocks", "stage_of_groups"]
+__all__ = ["ResidualBlock", "find_residual_blocks", "parse_resolutions", "remove_blocks", "stage_of_groups"]
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 
@@ -204,9 +204,3 @@ def parse_resolutions(resolutions: Any, example_inputs: tuple[Any, ...]) -> list
             shapes[j] = shape
         choices.append(tuple(shapes))
     return choices
-
-
-def describe_shapes(shapes: Mapping[int, Any] | Sequence[Any]) -> str:
-    """``1x3x64x96`` per tensor input, comma-separated."""
-    items = shapes.values() if isinstance(shapes, Mapping) else shapes
-    return ", ".join("x".join(map(str, s)) for s in items if s is not None)
