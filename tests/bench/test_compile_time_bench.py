@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "compile_time.py"
+from bench_loader import load_bench
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("compile_time_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('compile_time')
 
 
 def test_measure_and_render_tiny_model() -> None:

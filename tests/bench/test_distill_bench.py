@@ -3,21 +3,12 @@ replaces only the sections of the results file it re-ran."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "distill.py"
+from bench_loader import load_bench
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("distill_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('distill')
 
 
 def test_bench_writes_the_tables_and_a_verdict_per_arm_and_regime(tmp_path):

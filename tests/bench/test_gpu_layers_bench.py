@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from bench_loader import load_bench
 from scipy.stats import spearmanr
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_layers.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("gpu_layers_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('gpu_layers')
 
 
 def test_spearman_matches_scipy_with_ties():

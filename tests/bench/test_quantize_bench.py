@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import torch
+from bench_loader import load_bench
 from onnx import TensorProto, helper, numpy_helper
 
 import fxopt
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "quantize.py"
-
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("quantize_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('quantize')
 
 
 def _xavier_int8():

@@ -3,25 +3,16 @@ on the Q/DQ file (slow: training with the recipe), and its pieces on tiny models
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from bench_loader import load_bench
 from torch import nn
 
 import fxopt
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "quantize_models.py"
-
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("quantize_models_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('quantize_models')
 
 
 class TwoHeads(nn.Module):
