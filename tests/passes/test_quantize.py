@@ -128,8 +128,9 @@ def test_residual_add_input_is_quantized_for_tensorrt_not_for_onnx_runtime():
     assert xavier["add"].kind == "residual_add" and xavier["add"].quantized_inputs == ("x",)
     assert {n.kind for n in xavier.values()} == {"conv", "residual_add"}
     # ONNX Runtime: no residual rule, but the conv's output is quantised where the add reads it
-    # (DQ -> Conv -> Q is what its QDQ fusion turns into an int8 QLinearConv)
-    assert cpu["add"] == q.QuantAnnotation("output", ("b",), False)
+    # (DQ -> Conv -> Q is what its QDQ fusion turns into an int8 QLinearConv), and so is the add's
+    # other input: DQ, DQ -> Add -> Q is its QLinearAdd
+    assert cpu["add"] == q.QuantAnnotation("output", ("b", "x"), False)
     assert cpu["b"].quantized_inputs == ("relu",)
 
 
@@ -137,8 +138,12 @@ def test_onnx_runtime_scheme_quantizes_relu_outputs_unsigned_and_op_outputs():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)).eval()
     gm = quantize(model, (torch.randn(1, 3, 8, 8),), target="cpu").graph_module
     fqs = {name: m for name, m in gm.named_modules() if isinstance(m, FakeQuantize)}
-    # the relu output (uint8, zero point 0) and the pool of it; the input and the conv output are signed
-    assert {n: m.unsigned for n, m in fqs.items()} == {"fxopt_fq_input_1": False, "fxopt_fq__1": True, "fxopt_fq__2": True, "fxopt_fq__3": False, "fxopt_fq__4": False}
+    # the relu output (uint8, zero point 0); the input and the conv output are signed. The max pool
+    # of the relu stays on the relu's grid and gets no Q/DQ of its own: the conv after it reads it
+    # through ONNX Runtime's DQ propagation, so the pool runs in int8 (NhwcMaxPool)
+    assert {n: m.unsigned for n, m in fqs.items()} == {"fxopt_fq_input_1": False, "fxopt_fq__1": True, "fxopt_fq__3": False, "fxopt_fq__4": False}
+    pool = next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.MaxPool2d))
+    assert pool.args[0].target == "fxopt_fq__1" and [u.target for u in pool.users] == ["3"]
     out = next(n for n in gm.graph.nodes if n.op == "output")
     assert out.args[0].name == "_5"  # the last linear's output is not quantised
 
@@ -521,3 +526,67 @@ def test_cpu_timing_is_skipped_when_the_graph_cannot_be_exported():
     assert result.record.status == "applied"
     table = result.graph_module.meta["fxopt_tables"]["int8 vs fp32 in ONNX Runtime (this host)"]
     assert table[0]["graph"] == "not timed" and "does not export" in table[0]["why"]
+
+
+# --- what ONNX Runtime makes of the cpu file --------------------------------------------------------
+
+class PoolResidualHead(nn.Module):
+    """A ResNet stem in miniature: conv-relu, max pool, a residual block reading the pool, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.pool, self.fc = nn.MaxPool2d(2), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.pool(self.stem(x).relu())
+        y = (self.b(self.a(y).relu()) + y).relu()
+        return self.fc(y.mean((2, 3)))
+
+
+def ort_optimized_ops(model: onnx.ModelProto) -> list[str]:
+    """The op kinds ONNX Runtime's CPU provider runs after its hardware-independent fusions."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = f"{tmp}/optimized.onnx"
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_cpu_file_runs_every_conv_add_and_linear_as_an_onnx_runtime_int8_kernel():
+    torch.manual_seed(0)
+    compiled = quantize(PoolResidualHead().eval(), (torch.randn(1, 3, 16, 16),), target="cpu")
+    ops = ort_optimized_ops(compiled.onnx_model)
+    # before: scales of shape [1] kept the add in float, the pool's own Q/DQ left the add after it
+    # in float, and a float bias kept the head a float Gemm dequantising its weight every run
+    assert ops.count("QLinearConv") == 3 and ops.count("QLinearAdd") == 1 and ops.count("QGemm") == 1, ops
+    assert "Conv" not in ops and "Add" not in ops and "Gemm" not in ops
+
+
+def test_per_tensor_scales_are_scalars_and_only_the_cpu_file_gets_an_int32_bias():
+    torch.manual_seed(0)
+    x = (torch.randn(1, 3, 16, 16),)
+    for target in ("cpu", "xavier"):
+        graph = quantize(PoolResidualHead().eval(), x, target=target).onnx_model.graph
+        initializers = {t.name: t for t in graph.initializer}
+        per_tensor = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(a.name == "axis" for a in n.attribute)]
+        assert per_tensor and all(list(initializers[n.input[1]].dims) == [] for n in per_tensor if n.input[1] in initializers)
+        int32 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT32]
+        assert len(int32) == (1 if target == "cpu" else 0), target  # TensorRT 8.5 parses int8 Q/DQ only
+
+
+def test_int32_bias_is_the_float_bias_on_the_product_grid():
+    torch.manual_seed(0)
+    compiled = quantize(PoolResidualHead().eval(), (torch.randn(1, 3, 16, 16),), target="cpu")
+    graph = compiled.onnx_model.graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    gemm = next(n for n in graph.node if n.op_type == "Gemm")
+    bias_dq, a_dq, b_dq = (producers[name] for name in (gemm.input[2], gemm.input[0], gemm.input[1]))
+    scale = initializers[bias_dq.input[1]]
+    np.testing.assert_allclose(scale, initializers[a_dq.input[1]] * initializers[b_dq.input[1]], rtol=1e-6)
+    bias = compiled.graph_module.get_submodule("fc").module.bias.detach().numpy()
+    np.testing.assert_array_less(np.abs(initializers[bias_dq.input[0]] * scale - bias), scale / 2 + 1e-9)
