@@ -325,7 +325,7 @@ def compile(  # noqa: A001 - the public name the design asks for
             if export:
                 from fxopt.backends.onnx import lower
 
-                exported = lower(final, inputs, profile, check_inputs=check_inputs, dynamic_batch=dynamic_batch)
+                exported = lower(final, inputs, profile, check_inputs=check_inputs, dynamic_batch=dynamic_batch, float_module=_float_twin(final))
                 onnx_info, onnx_model = exported.to_dict(), exported.model
                 notes += [f"ONNX export: {finding}" for finding in exported.findings]
                 if policy.strict:
@@ -528,3 +528,14 @@ def _pass_warnings(records: list[Any], requested: Sequence[Any] | None) -> list[
         f"WARNING: requested pass '{r.name}' {'was rolled back' if r.status == 'rolled_back' else 'changed nothing'}: {r.reason}"
         for r in records if r.name in asked and r.status in ("rolled_back", "unchanged")
     ]
+
+
+def _float_twin(gm: GraphModule) -> GraphModule | None:
+    """`gm` without its fake quantisation when it has any (the int8 file's verification measures the
+    quantisation error against it), else ``None``."""
+    from fxopt.passes.quant_observers import FakeQuantize
+    from fxopt.passes.quantize import float_graph
+
+    if not any(isinstance(m, FakeQuantize) for m in gm.modules()):
+        return None
+    return float_graph(gm)

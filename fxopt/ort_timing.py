@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["OrtCrashed", "isolated_latencies_ms", "ort_latencies_ms", "ort_session"]
+__all__ = ["OrtCrashed", "OrtFailed", "isolated_latencies_ms", "isolated_outputs", "ort_latencies_ms", "ort_session"]
 
 # Run in a child interpreter by `isolated_latencies_ms`: this file is loaded on its own (it imports
 # nothing of fxopt, torch or onnx), so the child starts in well under a second.
@@ -26,6 +26,27 @@ timing = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(timing)
 models, arrays, runs, warmup, threads = pickle.load(sys.stdin.buffer)
 pickle.dump(timing.ort_latencies_ms(models, arrays, runs, warmup, threads), sys.stdout.buffer)
+"""
+
+# Run by `isolated_outputs`: ONNX Runtime's own errors come back as ("error", stage, message).
+_CHILD_RUN = """
+import importlib.util, pickle, sys
+spec = importlib.util.spec_from_file_location("fxopt_ort_timing", sys.argv[1])
+timing = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(timing)
+model, sets = pickle.load(sys.stdin.buffer)
+try:
+    session = timing.ort_session(model)
+except Exception as exc:
+    pickle.dump(("error", "load", f"{type(exc).__name__}: {exc}"), sys.stdout.buffer); sys.exit(0)
+names = [i.name for i in session.get_inputs()]
+outputs = []
+for arrays in sets:
+    try:
+        outputs.append(session.run(None, dict(zip(names, arrays))))
+    except Exception as exc:
+        pickle.dump(("error", "run", f"{type(exc).__name__}: {exc}"), sys.stdout.buffer); sys.exit(0)
+pickle.dump(("ok", outputs), sys.stdout.buffer)
 """
 
 
@@ -106,3 +127,47 @@ def isolated_latencies_ms(
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise OrtCrashed(f"the ONNX Runtime timing process {how}: {tail[0][:300]}")
     return list(pickle.loads(proc.stdout))
+
+
+class OrtFailed(RuntimeError):
+    """ONNX Runtime raised an error (not a crash) in the child; ``stage`` is ``"load"`` or ``"run"``."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+def isolated_outputs(onnx_model: Any, input_sets: Sequence[tuple[Any, ...]], timeout_s: float = 600.0) -> list[list[Any]]:
+    """Run `onnx_model` in ONNX Runtime (CPU, one thread) on each input set, in a child process.
+
+    Used to verify int8 files: a Q/DQ pattern once made ONNX Runtime abort natively while creating
+    the session, which in-process would end the user's program instead of raising an error.
+
+    Returns:
+        The outputs (numpy arrays) of each input set, in order.
+
+    Raises:
+        OrtFailed: ONNX Runtime raised an error loading or running the model.
+        OrtCrashed: the child died (a native abort, a signal) or timed out.
+
+    Example:
+        >>> import torch
+        >>> from fxopt.backends.onnx import export_onnx
+        >>> model = export_onnx(torch.nn.ReLU(), (torch.randn(1, 3),)).model
+        >>> isolated_outputs(model, [(torch.tensor([[-1.0, 0.0, 2.0]]),)])[0][0].tolist()
+        [[0.0, 0.0, 2.0]]
+    """
+    sets = [[x.detach().cpu().numpy() if hasattr(x, "detach") else x for x in inputs if hasattr(x, "shape")] for inputs in input_sets]
+    model = onnx_model if isinstance(onnx_model, bytes) else onnx_model.SerializeToString()
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD_RUN, __file__], input=pickle.dumps((model, sets)), capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise OrtCrashed(f"ONNX Runtime did not finish in {timeout_s:g} s") from None
+    if proc.returncode != 0:
+        how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with status {proc.returncode}"
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise OrtCrashed(f"the ONNX Runtime process {how}: {tail[0][:300]}")
+    result = pickle.loads(proc.stdout)
+    if result[0] == "error":
+        raise OrtFailed(result[1], result[2])
+    return result[1]

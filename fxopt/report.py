@@ -139,8 +139,12 @@ class CompileReport:
             lines += ["", "leaf modules (kept opaque):"]
             lines += [f"  {leaf.path} ({leaf.module_type}): {leaf.reason}" for leaf in self.leaves]
         if self.onnx:
-            err = self.onnx.get("max_abs_error_vs_torch")
+            err, steps = self.onnx.get("max_abs_error_vs_torch"), self.onnx.get("max_error_in_output_int8_steps")
             verified = f", ONNX Runtime max|err| vs torch {err:.2g}" if err is not None else ""
+            verified += f" ({steps:.2g} output int8 steps)" if err is not None and steps is not None else ""
+            int8_error = self.onnx.get("int8_vs_float_max_abs_error")
+            if int8_error is not None:
+                verified += f"; int8 vs float graph {int8_error:.2g} ({self.onnx.get('int8_vs_float_in_output_int8_steps', 0):.2g} steps)"
             lines += ["", f"onnx: opset {self.onnx['opset']}, {self.onnx['nodes']} nodes{verified}"]
         top = sorted(self.layers, key=lambda r: -r.latency_ms)[:8]
         if top:

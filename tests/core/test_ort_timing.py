@@ -80,3 +80,36 @@ def test_quantize_keeps_fp32_when_onnx_runtime_dies_on_the_int8_file(monkeypatch
     record = next(r for r in compiled.report.passes if r.name == "quantize")
     assert record.status == "unchanged" and "ONNX Runtime failed on the int8 file" in record.reason
     assert "QuantizeLinear" not in {n.op_type for n in compiled.onnx_model.graph.node}
+
+
+def test_isolated_outputs_match_in_process_and_errors_and_crashes_are_told_apart(monkeypatch):
+    import numpy as np
+
+    model = export_onnx(torch.nn.Linear(4, 2), (torch.randn(1, 4),)).model
+    sets = [(torch.randn(1, 4),), (torch.randn(1, 4),)]
+    got = ort_timing.isolated_outputs(model, sets)
+    session = ort_timing.ort_session(model)
+    for outputs, (x,) in zip(got, sets):
+        np.testing.assert_array_equal(outputs[0], session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with pytest.raises(ort_timing.OrtFailed, match="INVALID_ARGUMENT|Invalid") as failed:
+        ort_timing.isolated_outputs(model, [(torch.randn(1, 5),)])  # a wrong input shape: ONNX Runtime raises
+    assert failed.value.stage == "run"
+    monkeypatch.setattr(ort_timing, "_CHILD_RUN", "import os; os.abort()")
+    with pytest.raises(ort_timing.OrtCrashed, match="killed by signal 6"):
+        ort_timing.isolated_outputs(model, sets)
+
+
+def test_int8_verification_survives_an_onnx_runtime_abort_as_a_verification_error(monkeypatch):
+    import fxopt
+    from fxopt.errors import VerificationError
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    compiled = fxopt.compile(model, "xavier", example_inputs=x, precision="int8", calib_data=[x])
+    steps = compiled.report.onnx["max_error_in_output_int8_steps"]
+    assert steps is not None and 0 <= steps < 8 and "output int8 steps" in str(compiled.report)
+    fp32 = fxopt.compile(model, "xavier", example_inputs=x)
+    assert fp32.report.onnx["max_error_in_output_int8_steps"] is None  # no Q/DQ: in-process, no steps
+    monkeypatch.setattr(ort_timing, "_CHILD_RUN", "import os; os.abort()")
+    with pytest.raises(VerificationError, match="ONNX Runtime crashed on the exported int8 model"):
+        fxopt.compile(model, "xavier", example_inputs=x, precision="int8", calib_data=[x])

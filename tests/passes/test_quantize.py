@@ -590,3 +590,27 @@ def test_int32_bias_is_the_float_bias_on_the_product_grid():
     np.testing.assert_allclose(scale, initializers[a_dq.input[1]] * initializers[b_dq.input[1]], rtol=1e-6)
     bias = compiled.graph_module.get_submodule("fc").module.bias.detach().numpy()
     np.testing.assert_array_less(np.abs(initializers[bias_dq.input[0]] * scale - bias), scale / 2 + 1e-9)
+
+
+def test_int8_verification_accepts_rounding_noise_but_not_a_wrong_scale():
+    from fxopt.backends.onnx import OnnxExport, verify_onnx
+    from fxopt.errors import VerificationError
+    from fxopt.passes.quantize import float_graph
+
+    torch.manual_seed(0)
+    x = (torch.randn(1, 3, 16, 16),)
+    compiled = quantize(PoolResidualHead().eval(), x, target="xavier")
+    gm, good = compiled.graph_module, compiled.onnx_model
+    report = compiled.report.onnx
+    assert report["int8_vs_float_max_abs_error"] > 0 and report["int8_vs_float_in_output_int8_steps"] > 0
+    checked = verify_onnx(OnnxExport(good, 17, ["input"], ["output"]), gm, x, atol=1e-2, rtol=5e-2, float_module=float_graph(gm))
+    assert checked.max_error_steps is not None and checked.int8_error is not None
+    bad = onnx.ModelProto()
+    bad.CopyFrom(good)
+    initializers = {t.name: t for t in bad.graph.initializer}
+    first_dq = next(n for n in bad.graph.node if n.op_type == "DequantizeLinear" and not any(a.name == "axis" for a in n.attribute))
+    wrong = numpy_helper.to_array(initializers[first_dq.input[1]]) * 8  # the input dequantised 8x too large (its Q keeps the scale)
+    bad.graph.initializer.append(numpy_helper.from_array(wrong, "wrong_scale"))
+    first_dq.input[1] = "wrong_scale"
+    with pytest.raises(VerificationError, match="nor is its error vs the float graph"):
+        verify_onnx(OnnxExport(bad, 17, ["input"], ["output"]), gm, x, atol=1e-2, rtol=5e-2, float_module=float_graph(gm))
