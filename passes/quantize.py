@@ -421,13 +421,12 @@ class QuantizeInt8(FxoptPass):
 
     Args:
         calibrator: how an activation's range is chosen from its histogram: ``"max"``,
-            ``"percentile"``, ``"entropy"`` (TensorRT's KL search, the default) or ``"mse"`` (the
-            clipping point with the least quantise-dequantise error). Use ``"mse"`` for BEV/lidar
-            nets: entropy clips their sparse features at a fraction of the range (motionnet's
-            first block at 0.78 of 12.5) and cost motionnet 76 points of accuracy and pointpillars
-            15 of mAP, where MSE stays within 0.2 (bench/results/quantize_models.md). MSE is not
-            the default: on resnet18 for xavier its Q/DQ file then missed the ONNX verification
-            tolerance (0.029 vs 0.025).
+            ``"percentile"``, ``"entropy"`` (TensorRT's KL search) or ``"mse"`` (the clipping
+            point with the least quantise-dequantise error; the default). Not entropy by default,
+            although it is TensorRT's: it clips sparse BEV/lidar features at a fraction of their
+            range (motionnet's first block at 0.78 of 12.5) and cost motionnet 76 points of
+            accuracy and pointpillars 15 of mAP, where MSE stays within 0.2 and matches entropy
+            on camera_multitask (bench/results/quantize_models.md).
         percentile: the percentile of ``"percentile"``.
         calibrators: per-tensor overrides, ``{node name or regex: calibrator}``. The model's
             own inputs, and permutes/reshapes of them (`input_views`), use ``"max"`` unless named
@@ -463,7 +462,7 @@ class QuantizeInt8(FxoptPass):
 
     def __init__(
         self,
-        calibrator: str = "entropy",
+        calibrator: str = "mse",
         percentile: float = 99.99,
         calibrators: Mapping[str, str] | None = None,
         skip: Sequence[str] = (),
