@@ -343,7 +343,10 @@ class Slim(FxoptPass):
         finetune_top: re-rank the best few feasible trials (by proxy) after a short fine-tune
             each: `fxopt.finetune` distils the original's outputs on the calibration batches
             (no labels; the last quarter held out) for `finetune_steps` steps, and the proxy on
-            the held-out batches decides. 0: the search's proxy alone decides.
+            the held-out batches decides. The best feasible even cut (every block kept, one width
+            for all stages) is always fine-tuned with them: a candidate that narrows one stage
+            hard can lead the proxy and then recover less than an even cut (bench/results/slim.md).
+            0: the search's proxy alone decides.
         finetune_steps: steps of that fine-tune.
         progress: show a progress bar over trials.
     """
@@ -513,6 +516,11 @@ class _Search:
             params["resolution"] = c.resolution
         return params
 
+    @staticmethod
+    def is_even(c: SlimCandidate) -> bool:
+        """Every block kept and every stage at the same width: a uniform cut."""
+        return not c.removed_blocks and len({r for _, r in c.widths}) <= 1
+
     def candidate_of(self, params: Mapping[str, Any]) -> SlimCandidate:
         removed = tuple(b.scope for b in self.space.blocks if not params.get(f"depth:{b.scope}", True))
         widths = tuple((s, float(params.get(f"width:{s}", 1.0))) for s in self.space.stages)
@@ -553,7 +561,12 @@ class _Search:
 
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("constraint", 1.0) <= 0]
         held = max(1, len(self.batches) // 4) if len(self.batches) > 1 else 0
-        for t in sorted(done, key=lambda t: (t.value, t.number))[:top]:
+        ranked = sorted(done, key=lambda t: (t.value, t.number))
+        shortlist = ranked[:top]
+        even = next((t for t in ranked if self.is_even(self.candidate_of(t.params))), None)
+        if even is not None and even not in shortlist:
+            shortlist.append(even)  # the best even cut is always tried too (see Slim's finetune_top)
+        for t in shortlist:
             c = self.candidate_of(t.params)
             gm, _ = self.space.build(c)
             shapes = self.space.resolutions[c.resolution]
