@@ -614,3 +614,15 @@ def test_int8_verification_accepts_rounding_noise_but_not_a_wrong_scale():
     first_dq.input[1] = "wrong_scale"
     with pytest.raises(VerificationError, match="nor is its error vs the float graph"):
         verify_onnx(OnnxExport(bad, 17, ["input"], ["output"]), gm, x, atol=1e-2, rtol=5e-2, float_module=float_graph(gm))
+
+
+def test_cpu_report_gives_measured_latencies_even_when_int8_is_forced(monkeypatch):
+    import fxopt.passes.quantize as q
+
+    monkeypatch.setattr(q, "isolated_latencies_ms", lambda models, inputs, runs, threads: [2.0, 3.0])
+    x = torch.randn(1, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    compiled = fxopt.compile(model, "cpu", example_inputs=(x,), precision="int8", calib_data=[(x,)], passes=[QuantizeInt8(keep_faster=False)])
+    record = next(r for r in compiled.report.passes if r.name == "quantize")
+    assert record.status == "applied"  # slower, but forced
+    assert [row["median ms"] for row in compiled.report.tables["int8 vs fp32 in ONNX Runtime (this host)"]] == ["2.0000", "3.0000"]
