@@ -117,16 +117,21 @@ def isolated_latencies_ms(
     """
     arrays = [x.detach().cpu().numpy() if hasattr(x, "detach") else x for x in inputs if hasattr(x, "shape")]
     models = [m if isinstance(m, bytes) else m.SerializeToString() for m in onnx_models]
-    payload = pickle.dumps((models, arrays, runs, warmup, threads))
+    return list(_in_child(_CHILD, (models, arrays, runs, warmup, threads), "ONNX Runtime timing", timeout_s))
+
+
+def _in_child(script: str, payload: Any, what: str, timeout_s: float) -> Any:
+    """Run `script` (one of the child programs above) in a fresh interpreter with `payload` pickled
+    on its stdin; its unpickled stdout. A death or a timeout is `OrtCrashed`, naming `what`."""
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, __file__], input=payload, capture_output=True, timeout=timeout_s)
+        proc = subprocess.run([sys.executable, "-c", script, __file__], input=pickle.dumps(payload), capture_output=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise OrtCrashed(f"ONNX Runtime timing did not finish in {timeout_s:g} s") from None
+        raise OrtCrashed(f"{what} did not finish in {timeout_s:g} s") from None
     if proc.returncode != 0:
         how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with status {proc.returncode}"
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise OrtCrashed(f"the ONNX Runtime timing process {how}: {tail[0][:300]}")
-    return list(pickle.loads(proc.stdout))
+        raise OrtCrashed(f"the {what} process {how}: {tail[0][:300]}")
+    return pickle.loads(proc.stdout)
 
 
 class OrtFailed(RuntimeError):
@@ -159,15 +164,7 @@ def isolated_outputs(onnx_model: Any, input_sets: Sequence[tuple[Any, ...]], tim
     """
     sets = [[x.detach().cpu().numpy() if hasattr(x, "detach") else x for x in inputs if hasattr(x, "shape")] for inputs in input_sets]
     model = onnx_model if isinstance(onnx_model, bytes) else onnx_model.SerializeToString()
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD_RUN, __file__], input=pickle.dumps((model, sets)), capture_output=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise OrtCrashed(f"ONNX Runtime did not finish in {timeout_s:g} s") from None
-    if proc.returncode != 0:
-        how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with status {proc.returncode}"
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise OrtCrashed(f"the ONNX Runtime process {how}: {tail[0][:300]}")
-    result = pickle.loads(proc.stdout)
+    result = _in_child(_CHILD_RUN, (model, sets), "ONNX Runtime", timeout_s)
     if result[0] == "error":
         raise OrtFailed(result[1], result[2])
     return result[1]
