@@ -274,10 +274,13 @@ class _Space:
         return estimate_costs(module, target, precision).latency_s
 
     def build(self, c: SlimCandidate) -> tuple[GraphModule, tuple[Any, ...]]:
-        """The candidate with real weights (the original graph is left intact) and its inputs."""
+        """The candidate with real weights and its inputs. It shares no tensor with the original
+        graph: `apply_plan` keeps the tensors it does not slice, so it slices a copy. (Sharing let
+        each candidate's BatchNorm re-estimation and re-rank fine-tune write into the graph that
+        the later candidates, the teacher and the final build came from.)"""
         v = self.variant(c.resolution)
         removed = self._plan(v, c)
-        gm = apply_plan(v.gm, v.analysis, removed, mode="slice") if removed is not None else copy.deepcopy(v.gm)
+        gm = apply_plan(copy.deepcopy(v.gm), v.analysis, removed, mode="slice") if removed is not None else copy.deepcopy(v.gm)
         remove_blocks(gm, self._blocks(c))
         return gm, v.inputs
 

@@ -363,3 +363,17 @@ def test_a_model_with_index_inputs_and_calibration_batches_of_another_batch_size
     with use_context(CompileContext.create("xavier", x, calib_data=calib)):
         out = Slim(latency_ms=1e6, trials=2, seed=0, space=("width",))(gm).graph_module
     assert out(*x).shape == gm(*x).shape
+
+
+def test_candidates_share_no_tensor_with_the_input_graph_so_proxies_and_rerank_leave_it_intact():
+    # a candidate is built by slicing the input graph; its unsliced tensors (BatchNorm statistics,
+    # heads) used to be the input graph's own, so every proxy's BatchNorm re-estimation and every
+    # re-rank fine-tune wrote into the graph the later candidates, the teacher and the final build
+    # came from
+    gm = fxopt.trace(_model(), X)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    p = Slim(latency_ratio=0.8, trials=6, seed=0, finetune_top=2, finetune_steps=3)
+    out = _run(p, gm).graph_module
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+    inputs = {t.data_ptr() for t in gm.state_dict().values()}
+    assert not inputs & {t.data_ptr() for t in out.state_dict().values()}
