@@ -171,6 +171,7 @@ def compile(  # noqa: A001 - the public name the design asks for
     loss: Any = None,
     finetune_steps: int = 0,
     finetune_lr: float = 1e-4,
+    finetune_seed: int = 0,
     distill: Any = None,
     recipe: Any = None,
     eval_fn: Any = None,
@@ -205,6 +206,8 @@ def compile(  # noqa: A001 - the public name the design asks for
         finetune_steps: optimiser steps of `fxopt.finetune` on the transformed graph before it is
             lowered (0: none); the traced original is the teacher when `distill` is given.
         finetune_lr: Adam learning rate of that fine-tune.
+        finetune_seed: seeds that fine-tune (torch's generators and a recipe's batches): the same
+            seed repeats it exactly; other seeds show how much of a result is the fine-tune's luck.
         distill: ``"kd"``, ``"ickd"``, ``["kd", "ickd"]`` (see `fxopt.distill.resolve`: the
             output KD form follows the model's outputs) or an `fxopt.distill.Distill`; the kept
             channels of a `prune` pass in the pipeline are filled in for it.
@@ -299,7 +302,7 @@ def compile(  # noqa: A001 - the public name the design asks for
         tuned_notes: list[str] = []
         if finetune_steps:
             with phases("finetune"):
-                tuned_notes = _finetune(final, gm, ordered, inputs, finetune_steps, finetune_lr, progress, recipe=recipe,
+                tuned_notes = _finetune(final, gm, ordered, inputs, finetune_steps, finetune_lr, progress, finetune_seed, recipe=recipe,
                                         data=train_data, loss=loss, distill=distill, eval_fn=eval_fn if summary.scalar else None)
             summary.add("after fine-tune", final)
         if cut < len(ordered):
@@ -435,7 +438,7 @@ def _safety_policy(model: nn.Module, safety: str | None, export: bool) -> _Safet
 
 
 def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], inputs: tuple[Any, ...], steps: int,
-              lr: float, progress: bool, **requests: Any) -> list[str]:
+              lr: float, progress: bool, seed: int = 0, **requests: Any) -> list[str]:
     """Fine-tune the transformed graph in place, the traced original teaching; report lines.
 
     `requests` are `fxopt.distill.resolve`'s (recipe, data, loss, distill, eval_fn): a scalar
@@ -448,10 +451,10 @@ def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], inp
         from fxopt.passes.distill import kept_channels
 
         kept = kept_channels(prunes[0])
-    setup = resolve(requests.pop("distill"), teacher=teacher, example_inputs=inputs, kept=kept, **requests)
+    setup = resolve(requests.pop("distill"), teacher=teacher, example_inputs=inputs, kept=kept, seed=seed, **requests)
     start = time.perf_counter()
     tuned = finetune(final, **setup.kwargs(), teacher=teacher if setup.distill is not None else None,
-                     steps=steps, lr=lr, progress=progress)
+                     steps=steps, lr=lr, progress=progress, seed=seed)
     first, last = (tuned.history[0]["loss"], tuned.history[-1]["loss"]) if tuned.history else (float("nan"),) * 2
     return [f"fine-tune: {tuned.steps_run} steps in {time.perf_counter() - start:.1f} s, {tuned.stopped_reason}; "
             f"loss {first:.4g} -> {last:.4g}", *[f"fine-tune: {n}" for n in (*setup.notes, *tuned.notes)]]

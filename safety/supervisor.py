@@ -554,7 +554,8 @@ def _recipe_loss(outputs: dict[str, Tensor], labels: Tensor) -> Tensor:
 def _recipe_evaluate(model: nn.Module) -> dict[str, float]:
     from fxopt.safety.scenarios import balanced_holdout
 
-    inputs, labels = balanced_holdout(model.config)
+    # a traced or compiled graph has no `config`: the recipe's own batches use the default one
+    inputs, labels = balanced_holdout(getattr(model, "config", None))
     risk = model(*inputs)["learned_risk"]
     return risk_metrics(risk, labels)
 

@@ -52,3 +52,18 @@ def test_distill_by_name_picks_the_output_kd_form():
     with pytest.raises(fxopt.InputError, match="distill must name"):
         compile_pruned(train_data=TensorBatches(X, Y, batch_size=16), loss=nn.CrossEntropyLoss(),
                        finetune_steps=5, distill="kdd", export=False)
+
+
+def test_finetune_seed_repeats_a_fine_tune_exactly_and_another_seed_draws_other_batches():
+    spec = fxopt.models.spec("safety_supervisor")
+    model = fxopt.models.create("safety_supervisor").eval()
+    inputs = fxopt.models.example_inputs("safety_supervisor")
+
+    def tuned(seed):
+        compiled = fxopt.compile(model, "cpu", example_inputs=inputs, passes=[], recipe=spec.recipe, finetune_steps=4,
+                                 finetune_lr=1e-2, finetune_seed=seed, export=False, safety="off")
+        line = next(n for n in compiled.report.notes if n.startswith("fine-tune: 4 steps"))
+        return line.rsplit("loss ", 1)[1]  # first and last training loss: which batches were drawn
+
+    first, again, other = tuned(0), tuned(0), tuned(1)
+    assert first == again and first != other
