@@ -14,9 +14,9 @@ from fxopt.models.registry import (
     register_model,
     spec,
 )
-from fxopt.models.training import TrainResult, train
+from fxopt.models.training import TrainResult, recipe, train
 
 __all__ = [
     "ModelSpec", "TrainResult", "TrainingRecipe", "create", "example_inputs", "names",
-    "register_model", "spec", "train",
+    "recipe", "register_model", "spec", "train",
 ]

@@ -67,6 +67,8 @@ class CameraDataConfig:
         max_distractors: background buildings and bushes per image (0 .. this many).
         illumination: per-image gain in ``1 ± illumination`` and offset in ``± illumination / 3``.
         placement_tries: random placements tried per object before it is dropped.
+        object_scale: object heights are drawn from their class's pixel range times this (2 at
+            192x320 keeps the 96x160 scenes' proportions at twice the resolution).
     """
 
     height: int = 96
@@ -78,6 +80,7 @@ class CameraDataConfig:
     max_distractors: int = 4
     illumination: float = 0.3
     placement_tries: int = 20
+    object_scale: float = 1.0
 
     @property
     def num_classes(self) -> int:
@@ -196,7 +199,7 @@ def _paint(image: torch.Tensor, mask: torch.Tensor, label: int, box: tuple[int, 
 
 def _sample_box(label: int, horizon: int, config: CameraDataConfig, generator: torch.Generator) -> tuple[int, int, int, int]:
     (hmin, hmax), (amin, amax), _ = _OBJECT_STYLE[label]
-    bh = _randint(generator, hmin, hmax)
+    bh = _randint(generator, round(hmin * config.object_scale), round(hmax * config.object_scale))
     bw = max(3, round(bh * _uniform(generator, amin, amax)))
     x1 = _randint(generator, 0, config.width - bw)
     # cars and people stand on the ground (their bottom edge below the horizon); signs float

@@ -42,6 +42,8 @@ class ModelSpec:
         recipe: how `fxopt.models.train` trains it on generated data (None: not trainable here);
             a `TrainingRecipe` trains the default config only, a function ``(**cfg) -> TrainingRecipe``
             any config.
+        config_recipe: ``(**cfg) -> TrainingRecipe`` for configs other than the default, when
+            `recipe` is the default config's `TrainingRecipe` (see `fxopt.models.recipe`).
         precision: the precision it must be deployed at, whatever the target's default
             (``None``: the target's); e.g. fp32 for a supervisor whose pass-through must be exact.
         safety: the compile policy it is deployed under by default: ``"strict"`` (see
@@ -66,6 +68,7 @@ class ModelSpec:
     summary: str = ""
     presets: tuple[str, ...] = ()
     recipe: TrainingRecipe | Callable[..., TrainingRecipe] | None = None
+    config_recipe: Callable[..., TrainingRecipe] | None = None
     precision: str | None = None
     safety: str | None = None
     properties: Callable[[Callable[..., Mapping[str, Any]], nn.Module | None], Mapping[str, Mapping[str, Any]]] | None = None

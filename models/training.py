@@ -13,7 +13,7 @@ from torch import nn
 from fxopt.errors import InputError
 from fxopt.models.registry import TrainingRecipe, spec
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "recipe", "train"]
 
 
 @dataclass
@@ -94,14 +94,28 @@ def train(
     return TrainResult(net, metrics, dict(chance), losses, elapsed)
 
 
+def recipe(name: str, **cfg: Any) -> TrainingRecipe:
+    """The `TrainingRecipe` that trains ``create(name, **cfg)`` (its batches, loss and held-out
+    metrics at that config's input size).
+
+    Example:
+        >>> recipe("camera_multitask") is spec("camera_multitask").recipe
+        True
+    """
+    return _recipe(name, cfg)
+
+
 def _recipe(name: str, cfg: dict[str, Any]) -> TrainingRecipe:
-    recipe = spec(name).recipe
-    if recipe is None:
+    model_spec = spec(name)
+    found = model_spec.recipe
+    if found is None:
         raise InputError(f"model '{name}' has no training recipe")
-    if isinstance(recipe, TrainingRecipe):
-        if cfg:  # its data fits the default config only
+    if isinstance(found, TrainingRecipe):
+        if not cfg:
+            return found
+        if model_spec.config_recipe is None:  # its data fits the default config only
             raise InputError(
                 f"the training recipe of '{name}' trains its default config only; got config {sorted(cfg)}"
             )
-        return recipe
-    return recipe(**cfg)
+        return model_spec.config_recipe(**cfg)
+    return found(**cfg)

@@ -64,7 +64,8 @@ def test_registered_spec():
     from fxopt.models.registry import _SPECS
 
     spec = _SPECS["camera_multitask"]
-    assert spec.presets == ("default", "hd") and spec.recipe is cm.RECIPE
+    assert spec.presets == ("default", "md", "hd") and spec.recipe is cm.RECIPE
+    assert fxopt.models.recipe("camera_multitask") is cm.RECIPE
     assert isinstance(spec.build(), cm.CameraMultitaskNet)
 
 
@@ -149,3 +150,32 @@ def test_hd_preset_compiles_for_xavier():
     compiled = fxopt.compile(model, "xavier", example_inputs=cm.example_inputs(preset="hd"))
     assert compiled.report.onnx["opset"] == 17 and compiled.report.onnx["outputs"] == ["heatmap", "box", "seg"]
     assert compiled.report.onnx["max_abs_error_vs_torch"] < 1e-3
+
+
+def test_md_recipe_trains_on_its_own_scenes_with_objects_scaled():
+    recipe = fxopt.models.recipe("camera_multitask", preset="md")
+    assert recipe is not cm.RECIPE and (recipe.steps, recipe.lr) == (cm.RECIPE.steps, cm.RECIPE.lr)
+    (images,), batch = recipe.batch(0, torch.Generator().manual_seed(0))
+    assert images.shape == (8, 3, 192, 320) and batch.heatmap.shape[-2:] == (48, 80)
+    data = cm.data_config(cm.camera_config(preset="md"))
+    assert data.object_scale == 2.0 and cm.data_config() is cm.DATA
+    # the same scenes at twice the resolution: box heights follow the class ranges doubled
+    heights = torch.cat([b[:, 3] - b[:, 1] for b in cm.eval_set(data).boxes])
+    default_heights = torch.cat([b[:, 3] - b[:, 1] for b in cm.eval_set().boxes])
+    assert heights.min() >= 16 and heights.max() > 28 >= default_heights.max()
+    # a model of that config trains one step and is evaluated on the 192x320 held-out set
+    result = fxopt.models.train("camera_multitask", steps=1, progress=False, preset="md", widths=(8, 8, 8, 8, 8),
+                                blocks=(1, 1, 1, 1), fpn_channels=8, head_channels=8)
+    assert set(result.metrics) == {"seg_miou", "det_map50", "det_map75"} and result.model.config.height == 192
+    assert 0.2 < result.chance["seg_miou"] < 0.5
+
+
+def test_md_preset_estimate_is_compute_bound_enough_for_half_latency():
+    """md is in the bench because slim can reach half its Xavier estimate (the default config
+    cannot: its smallest candidate is 0.68x)."""
+    from fxopt.passes.slim import latency_range
+
+    torch.manual_seed(0)
+    inputs = cm.example_inputs(preset="md")
+    floor_s, base_s = latency_range(fxopt.trace(cm.build(preset="md"), inputs), inputs, "xavier", "int8")
+    assert floor_s / base_s < 0.45
