@@ -196,7 +196,7 @@ def _cmd_compile(args: argparse.Namespace, first: Sequence[Any] = (), calib_from
     options = {"calib_data": load_calib_data(args.calib_data)} if args.calib_data else {}
     model, inputs, precision = _model_inputs_precision(args)
     if calib_from_recipe and "calib_data" not in options:
-        options["calib_data"] = _recipe_calibration(args.model, calib_from_recipe)
+        options["calib_data"] = _recipe_calibration(args.model, calib_from_recipe, args.preset)
     print(f"compiling {args.model} for {args.target} ...", file=sys.stderr)
     compiled = fxopt.compile(
         model, args.target, example_inputs=inputs, passes=passes, precision=precision,
@@ -211,13 +211,20 @@ def _cmd_compile(args: argparse.Namespace, first: Sequence[Any] = (), calib_from
     return 3 if failed else 0
 
 
-def _recipe_calibration(model: str, batches: int) -> list[tuple[Any, ...]]:
-    """Input batches from a bundled model's training recipe (seeded), for passes that need data."""
+def _recipe_calibration(model: str, batches: int, preset: str | None = None) -> list[tuple[Any, ...]]:
+    """Input batches from a bundled model's training recipe for its preset (seeded), for passes
+    that need data."""
     from fxopt import models
 
-    recipe = models.spec(model).recipe if ":" not in model and model in models.names() else None
+    recipe = None
+    if ":" not in model and model in models.names() and models.spec(model).recipe is not None:
+        try:
+            recipe = models.recipe(model, **({"preset": preset} if preset else {}))
+        except InputError:  # a recipe that trains the default config only
+            recipe = None
     if recipe is None or not callable(getattr(recipe, "batch", None)):
-        raise InputError(f"'{model}' brings no data: give --calib-data FILE (input batches like the example inputs)")
+        which = f"'{model}' with --preset {preset}" if preset else f"'{model}'"
+        raise InputError(f"{which} brings no data: give --calib-data FILE (input batches like the example inputs)")
     generator = torch.Generator().manual_seed(0)
     return [tuple(recipe.batch(step, generator)[0]) for step in range(batches)]
 

@@ -212,3 +212,13 @@ def test_slim_command_needs_data_and_a_budget(factory_dir):
     assert no_data.returncode == 2 and "--calib-data" in no_data.stderr and "Traceback" not in no_data.stderr
     no_budget = run_cli("slim", "my_models:gated", "--input-shape", "1x3x16x16", cwd=factory_dir)
     assert no_budget.returncode == 2 and "--latency-ratio" in no_budget.stderr
+
+
+def test_slim_calibrates_a_preset_on_that_preset_s_recipe():
+    from fxopt.cli import _recipe_calibration
+
+    batches = _recipe_calibration("camera_multitask", 2, "md")
+    assert len(batches) == 2 and batches[0][0].shape == (8, 3, 192, 320)  # not the default 96x160 scenes
+    assert _recipe_calibration("camera_multitask", 1)[0][0].shape == (8, 3, 96, 160)
+    with pytest.raises(InputError, match="'pointpillars' with --preset kitti brings no data: give --calib-data"):
+        _recipe_calibration("pointpillars", 1, "kitti")  # its recipe trains the default config only
