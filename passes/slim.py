@@ -1,7 +1,7 @@
 """NAS-slimming: search depth x width x input size under a latency budget, with Optuna.
 
 `Slim` finds its search space in the graph (`fxopt.passes.slim_space`): residual blocks it may
-remove (depth), a keep ratio per stage over the pruning dependency groups (width; a stage is
+remove (depth; in a net without any, same-shape conv layers), a keep ratio per stage over the pruning dependency groups (width; a stage is
 the groups whose producers output one spatial size) and the input shapes the user allows
 (resolution). Each Optuna trial builds one candidate and measures
 
@@ -50,6 +50,7 @@ from fxopt.passes.dependency_groups import analyze_dependencies
 from fxopt.passes.prune import apply_plan, plan_keep_ratios, shape_only
 from fxopt.passes.slim_space import (
     ResidualBlock,
+    find_removable_layers,
     find_residual_blocks,
     parse_resolutions,
     remove_blocks,
@@ -191,11 +192,17 @@ class _Space:
         self.blocks: list[ResidualBlock] = find_residual_blocks(gm) if "depth" in dims else []
         if len({b.scope for b in self.blocks}) != len(self.blocks):  # two blocks in one module: name them by add
             self.blocks = [ResidualBlock(b.add, b.skip, b.body, f"{b.scope}/{b.add}") for b in self.blocks]
+        # a net without residual blocks searches its removable layers instead (see slim_space). A
+        # layer's input and output channels are separate prune groups, so its removal comes before
+        # the width plan, which is made on the graph without it (a residual add ties its groups).
+        self.layers = not self.blocks and "depth" in dims and bool(blocks := find_removable_layers(gm))
+        if self.layers:
+            self.blocks = blocks
         shapes = [tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in example)]
         if "resolution" in dims and resolutions is not None:
             shapes += [s for s in parse_resolutions(resolutions, example) if s != shapes[0]]
         self.resolutions = shapes
-        self._variants: dict[int, _Variant] = {}
+        self._variants: dict[Any, _Variant] = {}
         self.stages: list[str] = []
         if "width" in dims:
             base = self.variant(0)
@@ -205,11 +212,19 @@ class _Space:
     def _stage_order(stage: str) -> tuple[int, str]:
         return (-math.prod(int(v) for v in stage.split("x")) if stage != "flat" else 0, stage)
 
-    def variant(self, index: int) -> _Variant:
-        if index not in self._variants:
-            gm = self.gm if index == 0 else copy.deepcopy(self.gm)
-            inputs = self.example if index == 0 else resize_inputs(self.example, self.resolutions[index])
-            if index:
+    def variant(self, index: int, removed_layers: tuple[str, ...] = ()) -> _Variant:
+        """The graph at input shape `index`, without `removed_layers` (layer depth only)."""
+        key = (index, removed_layers)
+        if key not in self._variants:
+            if removed_layers:
+                full = self.variant(index)
+                gm = copy.deepcopy(full.gm)
+                remove_blocks(gm, [b for b in self.blocks if b.scope in set(removed_layers)])
+                inputs = full.inputs
+            else:
+                gm = self.gm if index == 0 else copy.deepcopy(self.gm)
+                inputs = self.example if index == 0 else resize_inputs(self.example, self.resolutions[index])
+            if index and not removed_layers:
                 try:
                     propagate_shapes(gm, inputs)
                 except RuntimeError as exc:
@@ -221,14 +236,17 @@ class _Space:
             if "width" in self.dims:
                 v.analysis = analyze_dependencies(gm)
                 v.scores = atom_scores(gm, v.analysis, "l1")
-                by_root = stage_of_groups(self.gm if index == 0 else gm, v.analysis)
-                if index:  # name stages by the example resolution's sizes, matched through producer names
+                by_root = stage_of_groups(self.gm if key == (0, ()) else gm, v.analysis)
+                if key != (0, ()):  # name stages by the example resolution's sizes, matched through producer names
                     base = self.variant(0)
                     stage_by_name = {g.root_names[0]: base.group_stage[g.index] for g in base.analysis.groups}
                     by_root = {g.index: stage_by_name.get(g.root_names[0], by_root[g.index]) for g in v.analysis.groups}
                 v.group_stage = by_root
-            self._variants[index] = v
-        return self._variants[index]
+            self._variants[key] = v
+        return self._variants[key]
+
+    def _variant_of(self, c: SlimCandidate) -> _Variant:
+        return self.variant(c.resolution, tuple(sorted(c.removed_blocks)) if self.layers else ())
 
     def fingerprint(self) -> str:
         data = {"blocks": [b.scope for b in self.blocks], "stages": self.stages, "measure": self.measure, "widths": self.width_choices,
@@ -240,7 +258,8 @@ class _Space:
         return SlimCandidate(tuple(b.scope for b in self.blocks), tuple((s, self.width_choices[0]) for s in self.stages), res)
 
     def describe(self, c: SlimCandidate) -> str:
-        parts = [f"{len(c.removed_blocks)} of {len(self.blocks)} residual blocks removed"] if "depth" in self.dims else []
+        kind = "layers" if self.layers else "residual blocks"
+        parts = [f"{len(c.removed_blocks)} of {len(self.blocks)} {kind} removed"] if "depth" in self.dims else []
         parts += [f"stage widths {' '.join(f'{s}:{r:g}' for s, r in c.widths)}"] if c.widths else []
         return ", ".join(parts + [f"input {describe_shapes(self.resolutions[c.resolution])}"])
 
@@ -253,8 +272,9 @@ class _Space:
         return removed if removed.any() else None
 
     def _blocks(self, c: SlimCandidate) -> list[ResidualBlock]:
+        """The residual blocks to remove after the width plan (layers are gone from the variant already)."""
         chosen = set(c.removed_blocks)
-        return [b for b in self.blocks if b.scope in chosen]
+        return [] if self.layers else [b for b in self.blocks if b.scope in chosen]
 
     def latency_s(self, c: SlimCandidate, target: Any, precision: str) -> float:
         """The candidate's latency: estimated on a shape-only build, or measured in ONNX Runtime."""
@@ -264,13 +284,14 @@ class _Space:
 
             gm, inputs = self.build(c)
             return ort_latencies_ms([export_onnx(gm, inputs).model], inputs, runs=ORT_RUNS)[0] / 1e3
-        v = self.variant(c.resolution)
+        v = self._variant_of(c)
         removed = self._plan(v, c)
-        if removed is None and not c.removed_blocks:
+        blocks = self._blocks(c)
+        if removed is None and not blocks:
             return estimate_costs(v.gm, target, precision).latency_s
         module: Any = shape_only(v.gm, v.analysis, removed if removed is not None else np.zeros(v.analysis.num_atoms, bool)) \
             if v.analysis is not None else _graph_copy(v.gm)
-        remove_blocks(module, self._blocks(c))
+        remove_blocks(module, blocks)
         return estimate_costs(module, target, precision).latency_s
 
     def build(self, c: SlimCandidate) -> tuple[GraphModule, tuple[Any, ...]]:
@@ -278,7 +299,7 @@ class _Space:
         graph: `apply_plan` keeps the tensors it does not slice, so it slices a copy. (Sharing let
         each candidate's BatchNorm re-estimation and re-rank fine-tune write into the graph that
         the later candidates, the teacher and the final build came from.)"""
-        v = self.variant(c.resolution)
+        v = self._variant_of(c)
         removed = self._plan(v, c)
         gm = apply_plan(copy.deepcopy(v.gm), v.analysis, removed, mode="slice") if removed is not None else copy.deepcopy(v.gm)
         remove_blocks(gm, self._blocks(c))
@@ -439,7 +460,7 @@ class Slim(FxoptPass):
         base_s = space.latency_s(SlimCandidate(), target, precision)
         budget_s = self._budget_s(base_s)
         if not space.blocks and not space.stages and len(space.resolutions) == 1:
-            self.unchanged_reason = ("slim found nothing to search: no removable residual block, no prunable channel "
+            self.unchanged_reason = ("slim found nothing to search: no removable residual block or layer, no prunable channel "
                                      "group and no other input size (resolutions=)")
             return PassResult(graph_module, False)
         floor = space.smallest()

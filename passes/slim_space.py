@@ -5,6 +5,13 @@ the user allows (resolution).
 A *residual block* is an ``add(x, f(x))`` whose two operands and result have one shape, where
 `x` is an ancestor of ``f(x)`` and nothing outside the block reads the nodes of `f`. Removing it
 replaces the add by `x`, so the graph computes exactly what it computed when `f(x)` was zero.
+
+A network without residual blocks (a plain chain such as PointPillars' backbone or a VGG) gets
+*removable layers* as its depth instead: a stride-1 convolution whose output channels equal its
+input channels, with the BatchNorm and activations that follow it alone, whose output has its
+input's shape. Removing one replaces its output by its input, which is not exact: the candidate
+is judged after its BatchNorm statistics are re-estimated, and fine-tuning recovers the rest
+(elastic depth as in Once-for-All, on layers instead of blocks).
 """
 
 from __future__ import annotations
@@ -20,29 +27,32 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxopt.errors import InputError
 
-__all__ = ["ResidualBlock", "find_residual_blocks", "parse_resolutions", "remove_blocks", "stage_of_groups"]
+__all__ = ["ResidualBlock", "find_removable_layers", "find_residual_blocks", "node_shape", "parse_resolutions", "remove_blocks",
+           "stage_of_groups"]
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 
 @dataclass(frozen=True)
 class ResidualBlock:
-    """One removable ``x + f(x)``.
+    """One removable ``x + f(x)``, or one removable layer ``f(x)`` (``kind="layer"``).
 
     Attributes:
-        add: the name of the add node (the block's output).
+        add: the name of the add node (the block's output; a layer's last node).
         skip: the name of `x`, the node the add is replaced by when the block goes.
         body: the names of the nodes of ``f`` (removed with the block), in graph order.
         scope: the module path the body's modules share (for reports), or the add's name.
+        kind: ``"residual"`` (removal is exact where ``f(x)`` is zero) or ``"layer"`` (not exact).
     """
 
     add: str
     skip: str
     body: tuple[str, ...]
     scope: str
+    kind: str = "residual"
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
+def node_shape(node: Any) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
@@ -97,8 +107,8 @@ def find_residual_blocks(gm: GraphModule) -> list[ResidualBlock]:
         a, b = node.args
         if not (isinstance(a, Node) and isinstance(b, Node)):
             continue
-        shape = _shape(node)
-        if shape is None or _shape(a) != shape or _shape(b) != shape:
+        shape = node_shape(node)
+        if shape is None or node_shape(a) != shape or node_shape(b) != shape:
             continue
         for skip, branch in ((a, b), (b, a)):
             body = _ancestors(branch, skip)
@@ -113,6 +123,49 @@ def find_residual_blocks(gm: GraphModule) -> list[ResidualBlock]:
     return blocks
 
 
+# what may follow a removable layer's convolution inside the layer: per-channel and pointwise ops
+_LAYER_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU,
+                  nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish, nn.ELU, nn.Dropout, nn.Identity)
+_LAYER_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.leaky_relu,
+                    torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.hardswish, torch.sigmoid, torch.tanh)
+_LAYER_METHODS = ("relu", "relu_", "sigmoid", "tanh")
+
+
+def _layer_op(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _LAYER_MODULES)
+    if node.op == "call_function":
+        return node.target in _LAYER_FUNCTIONS
+    return node.op == "call_method" and node.target in _LAYER_METHODS
+
+
+def find_removable_layers(gm: GraphModule) -> list[ResidualBlock]:
+    """Every removable layer of a shape-propagated graph, in graph order (``kind="layer"``).
+
+    A layer is an ``nn.Conv1d/2d/3d`` with stride 1 and as many output channels as input
+    channels, then the per-channel and pointwise ops that follow it while each has one user;
+    its output must have its input's shape. Its scope is the convolution's module path.
+    """
+    layers = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or len(node.all_input_nodes) != 1:
+            continue
+        conv = gm.get_submodule(str(node.target))
+        if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or conv.in_channels != conv.out_channels:
+            continue
+        if any(s != 1 for s in conv.stride):
+            continue
+        skip, body, end = node.all_input_nodes[0], [node], node
+        while len(end.users) == 1 and _layer_op(gm, nxt := next(iter(end.users))):
+            body.append(nxt)
+            end = nxt
+        shape = node_shape(end)
+        if shape is None or node_shape(skip) != shape or any(len(n.users) != 1 for n in body[:-1]):
+            continue
+        layers.append(ResidualBlock(end.name, skip.name, tuple(n.name for n in body[:-1]), str(node.target), "layer"))
+    return layers
+
+
 def remove_blocks(module: nn.Module, blocks: Sequence[ResidualBlock]) -> None:
     """Replace each block's add by its skip input and delete its body, in place.
 
@@ -123,10 +176,12 @@ def remove_blocks(module: nn.Module, blocks: Sequence[ResidualBlock]) -> None:
     """
     graph: Graph = module.graph  # type: ignore[assignment]
     nodes = {n.name: n for n in graph.nodes}
+    replaced: dict[str, Node] = {}  # a removed block's output -> what now stands for it (consecutive layers)
     for block in blocks:
-        add, skip = nodes.get(block.add), nodes.get(block.skip)
+        add, skip = nodes.get(block.add), replaced.get(block.skip) or nodes.get(block.skip)
         if add is None or skip is None or add.graph is not graph:
             continue
+        replaced[block.add] = skip
         if isinstance(module, GraphModule):  # a shape-only build shares modules with its source and never runs
             for user in list(add.users):
                 _out_of_place(module, user)  # it now reads `skip`, which other nodes (and autograd) still need
@@ -161,7 +216,7 @@ def stage_of_groups(gm: GraphModule, analysis: Any) -> dict[int, str]:
     nodes = {n.name: n for n in gm.graph.nodes}
     stages = {}
     for g in analysis.groups:
-        shape = _shape(nodes.get(g.roots[0][0])) if g.roots else None
+        shape = node_shape(nodes.get(g.roots[0][0])) if g.roots else None
         spatial = shape[2:] if shape is not None and len(shape) > 2 else ()
         stages[g.index] = "x".join(map(str, spatial)) if spatial else "flat"
     return stages

@@ -16,10 +16,22 @@ from torch import nn
 import fxopt
 from fxopt.cost_model import estimate_costs
 from fxopt.errors import InputError
+from fxopt.numerics import flatten_outputs
 from fxopt.pass_base import CompileContext, use_context
 from fxopt.passes import Slim
-from fxopt.passes.slim import latency_range, output_divergence, recalibrate_batchnorm
-from fxopt.passes.slim_space import find_residual_blocks, parse_resolutions, remove_blocks
+from fxopt.passes.slim import (
+    SlimCandidate,
+    _Space,
+    latency_range,
+    output_divergence,
+    recalibrate_batchnorm,
+)
+from fxopt.passes.slim_space import (
+    find_removable_layers,
+    find_residual_blocks,
+    parse_resolutions,
+    remove_blocks,
+)
 
 optuna = pytest.importorskip("optuna")  # a dev dependency: the import error would name it
 
@@ -156,6 +168,101 @@ def test_nested_blocks_any_subset_can_be_removed():
     g = fxopt.trace(Nested(), x)
     remove_blocks(g, [outer])
     torch.testing.assert_close(g(*x), x[0])
+
+
+def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class PlainChain(nn.Module):
+    """PointPillars-like: each stage a strided conv-BN-ReLU then same-width conv-BN-ReLU layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s1 = nn.Sequential(_cbr(3, 16, 2), _cbr(16, 16), _cbr(16, 16))
+        self.s2 = nn.Sequential(_cbr(16, 32, 2), _cbr(32, 32))
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.s2(self.s1(x)))
+
+
+def _plain(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = PlainChain()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def test_removable_layers_of_a_plain_chain_and_none_taken_where_residual_blocks_exist():
+    gm = fxopt.trace(_plain(), X)
+    layers = find_removable_layers(gm)
+    # stride-1 convs with as many output as input channels; the strided ones and the head are not layers
+    assert [(b.scope, b.kind, len(b.body)) for b in layers] == [("s1.1.0", "layer", 2), ("s1.2.0", "layer", 2), ("s2.1.0", "layer", 2)]
+    # removing consecutive layers (the second one's input is the first one's output) leaves the chain without both
+    g = fxopt.trace(_plain(), X)
+    remove_blocks(g, layers)
+    model = _plain()
+    with torch.no_grad():
+        reference = model.head(model.s2[0](model.s1[0](X[0])))
+    torch.testing.assert_close(g(*X), reference)
+    assert not any(name.startswith(("s1.1", "s1.2", "s2.1")) for name, _ in g.named_modules())
+    # a residual net searches its blocks; its conv1 layers (inside the blocks) are not offered
+    space = _Space(fxopt.trace(_model(), X), X, ("depth", "width"), None, (0.5, 1.0), 8, 0.9)
+    assert not space.layers and {b.kind for b in space.blocks} == {"residual"} and len(space.blocks) == 4
+
+
+def test_slim_removes_layers_of_a_plain_chain_under_a_budget_width_and_depth_together():
+    gm = fxopt.trace(_plain(), X)
+    floor_depth, base = latency_range(gm, X, "xavier", "fp16")
+    floor_width, _ = latency_range(gm, X, "xavier", "fp16", space=("width",))
+    assert floor_depth < floor_width < base  # removable layers take the floor further than width alone
+    assert floor_depth / base < 0.85
+    p = Slim(latency_ratio=0.85, trials=16, seed=0)
+    out = _run(p, gm).graph_module
+    assert estimate_costs(out, "xavier", "fp16").latency_s <= 0.85 * base + 1e-12
+    assert out(*X).shape == gm(*X).shape
+    chosen = out.meta["fxopt_tables"]["slim: chosen architecture"]
+    assert {r["choice"].split(":")[0] for r in chosen if r["dimension"] == "depth"} == {"s1.1.0", "s1.2.0", "s2.1.0"}
+    assert any(r["choice"].endswith("removed") for r in chosen if r["dimension"] == "depth")
+
+
+def test_pointpillars_plain_backbone_gets_layer_depth():
+    torch.manual_seed(0)
+    model = fxopt.models.create("pointpillars").eval()
+    inputs = fxopt.models.example_inputs("pointpillars")
+    gm = fxopt.trace(model, inputs)
+    assert [b.scope for b in find_removable_layers(gm)] == [
+        "backbone.blocks.0.3", "backbone.blocks.1.3", "backbone.blocks.1.6", "backbone.blocks.2.3", "backbone.blocks.2.6"]
+    floor, base = latency_range(gm, inputs, "xavier", "int8")
+    floor_width, _ = latency_range(gm, inputs, "xavier", "int8", space=("width",))
+    assert floor / base < floor_width / base - 0.03  # width alone stops at 0.88x of the estimate
+
+
+def test_a_layer_is_removed_before_the_width_plan_so_any_subset_builds_at_any_width():
+    class Tapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.layer, self.head = _cbr(3, 16), _cbr(16, 16), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            y = self.stem(x)
+            return y, self.head(self.layer(y))  # y is a model output: its channels are never pruned
+
+    torch.manual_seed(0)
+    for model in (Tapped().eval(), _plain()):
+        gm = fxopt.trace(model, X)
+        space = _Space(gm, X, ("depth", "width"), None, (0.25, 0.5, 1.0), 8, 0.9)
+        assert space.layers and space.blocks
+        for k in range(len(space.blocks) + 1):
+            for width in (0.25, 0.5):
+                c = SlimCandidate(tuple(b.scope for b in space.blocks[:k]), tuple((st, width) for st in space.stages))
+                built, inputs = space.build(c)
+                shapes = [o.shape for o in flatten_outputs(built(*inputs))]
+                assert shapes == [o.shape for o in flatten_outputs(gm(*X))]
+                assert space.latency_s(c, "xavier", "fp16") > 0
 
 
 def test_search_meets_the_budget_and_changes_depth_and_width():
