@@ -125,7 +125,7 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
     ratio = args.ratio if max(floor_s / base_s + 0.02, uniform_floor) <= args.ratio else round(max(floor_s / base_s + 0.05, uniform_floor), 2)
     why = []
     if floor_s / base_s + 0.02 > args.ratio:
-        why.append(f"the smallest slim candidate (every removable block or layer removed, every stage at width 0.25) is estimated at "
+        why.append(f"the smallest slim candidate (every residual block removed, every stage at width 0.25) is estimated at "
                    f"{floor_s * 1e3:.3f} ms = {floor_s / base_s:.2f}x the trained model's {base_s * 1e3:.3f} ms ({PRECISION}; "
                    "fixed per-inference and per-kernel costs of a small model)")
     if uniform_floor > args.ratio:

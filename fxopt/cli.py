@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--latency-ratio", type=float, help="budget as a fraction of the input model's latency, e.g. 0.5")
     budget.add_argument("--latency-ms", type=float, help="budget in milliseconds")
     sl.add_argument("--trials", type=int, default=40, help="Optuna trials this worker runs (default 40)")
-    sl.add_argument("--space", default="depth,width,resolution", help="dimensions to search (default depth,width,resolution)")
+    sl.add_argument("--space", default="depth,width,resolution", help="dimensions to search (default depth,width,resolution; add layers to remove same-shape conv layers of a net without residual blocks)")
     sl.add_argument("--resolution", action="append", default=[], metavar="HxW",
                     help="an input size the first input may take instead (spatial dims, e.g. 64x96); repeatable")
     sl.add_argument("--storage", default=None, help="Optuna storage URL (sqlite:///s.db, postgresql://...) or a .journal file, to share a study")

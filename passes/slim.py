@@ -1,7 +1,7 @@
 """NAS-slimming: search depth x width x input size under a latency budget, with Optuna.
 
 `Slim` finds its search space in the graph (`fxopt.passes.slim_space`): residual blocks it may
-remove (depth; in a net without any, same-shape conv layers), a keep ratio per stage over the pruning dependency groups (width; a stage is
+remove (depth; in a net without any, same-shape conv layers when ``"layers"`` is in the space), a keep ratio per stage over the pruning dependency groups (width; a stage is
 the groups whose producers output one spatial size) and the input shapes the user allows
 (resolution). Each Optuna trial builds one candidate and measures
 
@@ -62,6 +62,9 @@ from fxopt.tracing import propagate_shapes
 __all__ = ["OutputMatch", "Slim", "SlimCandidate", "latency_range", "output_divergence", "recalibrate_batchnorm"]
 
 DIMENSIONS = ("depth", "width", "resolution")
+# searched only when asked for: removing plain layers is not exact, and on the trained pointpillars
+# the proxy chose layer removals that a 200-step fine-tune did not recover (bench/results/slim.md)
+OPT_IN_DIMENSIONS = ("layers",)
 WIDTH_CHOICES = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 SEARCH_TABLE = "slim: search (every trial)"
 CHOICE_TABLE = "slim: chosen architecture"
@@ -192,10 +195,10 @@ class _Space:
         self.blocks: list[ResidualBlock] = find_residual_blocks(gm) if "depth" in dims else []
         if len({b.scope for b in self.blocks}) != len(self.blocks):  # two blocks in one module: name them by add
             self.blocks = [ResidualBlock(b.add, b.skip, b.body, f"{b.scope}/{b.add}") for b in self.blocks]
-        # a net without residual blocks searches its removable layers instead (see slim_space). A
-        # layer's input and output channels are separate prune groups, so its removal comes before
-        # the width plan, which is made on the graph without it (a residual add ties its groups).
-        self.layers = not self.blocks and "depth" in dims and bool(blocks := find_removable_layers(gm))
+        # "layers": a net without residual blocks searches its removable layers instead (see
+        # slim_space). A layer's input and output channels are separate prune groups, so its removal
+        # comes before the width plan, made on the graph without it (a residual add ties its groups).
+        self.layers = not self.blocks and "layers" in dims and bool(blocks := find_removable_layers(gm))
         if self.layers:
             self.blocks = blocks
         shapes = [tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in example)]
@@ -259,7 +262,7 @@ class _Space:
 
     def describe(self, c: SlimCandidate) -> str:
         kind = "layers" if self.layers else "residual blocks"
-        parts = [f"{len(c.removed_blocks)} of {len(self.blocks)} {kind} removed"] if "depth" in self.dims else []
+        parts = [f"{len(c.removed_blocks)} of {len(self.blocks)} {kind} removed"] if {"depth", "layers"} & set(self.dims) else []
         parts += [f"stage widths {' '.join(f'{s}:{r:g}' for s, r in c.widths)}"] if c.widths else []
         return ", ".join(parts + [f"input {describe_shapes(self.resolutions[c.resolution])}"])
 
@@ -350,7 +353,9 @@ class Slim(FxoptPass):
         latency_ratio: the budget as a fraction of the input graph's estimate (e.g. 0.5);
             one of the two is needed (either also as a compile option).
         trials: Optuna trials this worker runs (the study may hold more, from other workers).
-        space: the dimensions searched: any of ``"depth"``, ``"width"``, ``"resolution"``.
+        space: the dimensions searched: any of ``"depth"``, ``"width"``, ``"resolution"``, and
+            ``"layers"`` (opt-in): in a net without residual blocks, remove same-shape conv layers
+            (see `fxopt.passes.slim_space`; not exact, so the fine-tune must recover them).
         resolutions: input shapes allowed besides the example's (``[(1, 3, 64, 96), ...]``, or
             the spatial part ``[(64, 96)]``); the compile's inputs change to the chosen one.
             Also a compile option.
@@ -401,8 +406,8 @@ class Slim(FxoptPass):
         super().__init__()
         if measure not in (None, *MEASURES):
             raise InputError(f"Slim: measure must be one of {MEASURES} or None (the target's way), got {measure!r}")
-        if isinstance(space, str) or not space or any(d not in DIMENSIONS for d in space):
-            raise InputError(f"Slim: space must be a list drawn from {DIMENSIONS}, got {space!r}")
+        if isinstance(space, str) or not space or any(d not in DIMENSIONS + OPT_IN_DIMENSIONS for d in space):
+            raise InputError(f"Slim: space must be a list drawn from {DIMENSIONS + OPT_IN_DIMENSIONS}, got {space!r}")
         if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
             raise InputError(f"Slim: trials must be a positive int, got {trials!r}")
         if not width_choices or any(not 0 < float(r) <= 1 for r in width_choices):

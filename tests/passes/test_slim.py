@@ -210,17 +210,18 @@ def test_removable_layers_of_a_plain_chain_and_none_taken_where_residual_blocks_
     torch.testing.assert_close(g(*X), reference)
     assert not any(name.startswith(("s1.1", "s1.2", "s2.1")) for name, _ in g.named_modules())
     # a residual net searches its blocks; its conv1 layers (inside the blocks) are not offered
-    space = _Space(fxopt.trace(_model(), X), X, ("depth", "width"), None, (0.5, 1.0), 8, 0.9)
+    assert not _Space(fxopt.trace(_plain(), X), X, ("depth", "width"), None, (0.5, 1.0), 8, 0.9).layers  # opt-in
+    space = _Space(fxopt.trace(_model(), X), X, ("depth", "layers", "width"), None, (0.5, 1.0), 8, 0.9)
     assert not space.layers and {b.kind for b in space.blocks} == {"residual"} and len(space.blocks) == 4
 
 
 def test_slim_removes_layers_of_a_plain_chain_under_a_budget_width_and_depth_together():
     gm = fxopt.trace(_plain(), X)
-    floor_depth, base = latency_range(gm, X, "xavier", "fp16")
-    floor_width, _ = latency_range(gm, X, "xavier", "fp16", space=("width",))
+    floor_depth, base = latency_range(gm, X, "xavier", "fp16", space=("layers", "width"))
+    floor_width, _ = latency_range(gm, X, "xavier", "fp16")  # the default space: nothing to remove in a plain chain
     assert floor_depth < floor_width < base  # removable layers take the floor further than width alone
     assert floor_depth / base < 0.85
-    p = Slim(latency_ratio=0.85, trials=16, seed=0)
+    p = Slim(latency_ratio=0.85, trials=16, seed=0, space=("depth", "layers", "width"))
     out = _run(p, gm).graph_module
     assert estimate_costs(out, "xavier", "fp16").latency_s <= 0.85 * base + 1e-12
     assert out(*X).shape == gm(*X).shape
@@ -236,8 +237,8 @@ def test_pointpillars_plain_backbone_gets_layer_depth():
     gm = fxopt.trace(model, inputs)
     assert [b.scope for b in find_removable_layers(gm)] == [
         "backbone.blocks.0.3", "backbone.blocks.1.3", "backbone.blocks.1.6", "backbone.blocks.2.3", "backbone.blocks.2.6"]
-    floor, base = latency_range(gm, inputs, "xavier", "int8")
-    floor_width, _ = latency_range(gm, inputs, "xavier", "int8", space=("width",))
+    floor, base = latency_range(gm, inputs, "xavier", "int8", space=("layers", "width"))
+    floor_width, _ = latency_range(gm, inputs, "xavier", "int8")
     assert floor / base < floor_width / base - 0.03  # width alone stops at 0.88x of the estimate
 
 
@@ -254,7 +255,7 @@ def test_a_layer_is_removed_before_the_width_plan_so_any_subset_builds_at_any_wi
     torch.manual_seed(0)
     for model in (Tapped().eval(), _plain()):
         gm = fxopt.trace(model, X)
-        space = _Space(gm, X, ("depth", "width"), None, (0.25, 0.5, 1.0), 8, 0.9)
+        space = _Space(gm, X, ("layers", "width"), None, (0.25, 0.5, 1.0), 8, 0.9)
         assert space.layers and space.blocks
         for k in range(len(space.blocks) + 1):
             for width in (0.25, 0.5):
