@@ -54,7 +54,7 @@ bench-quant-models: venv
 bench-distill: venv
 	$(PY) bench/distill.py
 
-# NAS-slimming vs uniform latency pruning on camera_multitask and pointpillars, then int8 (bench/results/slim.md)
+# NAS-slimming vs uniform latency pruning on camera_multitask (default and md) and pointpillars, then int8, 3 fine-tune seeds (bench/results/slim.md; about 70 min on 2 cores)
 .PHONY: bench-slim
 bench-slim: venv
 	$(PY) bench/slim.py
