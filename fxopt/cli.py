@@ -217,10 +217,10 @@ def _recipe_calibration(model: str, batches: int, preset: str | None = None) -> 
     from fxopt import models
 
     recipe = None
-    if ":" not in model and model in models.names() and models.spec(model).recipe is not None:
+    if ":" not in model and model in models.names():
         try:
             recipe = models.recipe(model, **({"preset": preset} if preset else {}))
-        except InputError:  # a recipe that trains the default config only
+        except InputError:  # no recipe, or one that trains the default config only
             recipe = None
     if recipe is None or not callable(getattr(recipe, "batch", None)):
         which = f"'{model}' with --preset {preset}" if preset else f"'{model}'"

@@ -332,7 +332,7 @@ def recipe(**cfg: Any) -> TrainingRecipe:
     return TrainingRecipe(
         batch=_batcher(data), loss=multitask_loss,
         evaluate=functools.partial(evaluate, data_config=data),
-        chance=functools.partial(chance, data),
+        chance=functools.partial(chance, data_config=data),
         steps=RECIPE.steps, lr=RECIPE.lr,
     )
 

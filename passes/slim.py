@@ -1,9 +1,9 @@
 """NAS-slimming: search depth x width x input size under a latency budget, with Optuna.
 
 `Slim` finds its search space in the graph (`fxopt.passes.slim_space`): residual blocks it may
-remove (depth; in a net without any, same-shape conv layers when ``"layers"`` is in the space), a keep ratio per stage over the pruning dependency groups (width; a stage is
-the groups whose producers output one spatial size) and the input shapes the user allows
-(resolution). Each Optuna trial builds one candidate and measures
+remove (depth; in a net without any, same-shape conv layers when ``"layers"`` is in the space),
+a keep ratio per stage over the pruning dependency groups (width; a stage is the groups whose
+producers output one spatial size) and the input shapes the user allows (resolution). Each Optuna trial builds one candidate and measures
 
 - its **latency**: the target's estimate (`fxopt.cost_model`) at the compile precision, costed
   on a shape-only build, which is the constraint ``latency <= budget``;
@@ -198,9 +198,10 @@ class _Space:
         # "layers": a net without residual blocks searches its removable layers instead (see
         # slim_space). A layer's input and output channels are separate prune groups, so its removal
         # comes before the width plan, made on the graph without it (a residual add ties its groups).
-        self.layers = not self.blocks and "layers" in dims and bool(blocks := find_removable_layers(gm))
+        layers = find_removable_layers(gm) if "layers" in dims and not self.blocks else []
+        self.layers = bool(layers)
         if self.layers:
-            self.blocks = blocks
+            self.blocks = layers
         shapes = [tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in example)]
         if "resolution" in dims and resolutions is not None:
             shapes += [s for s in parse_resolutions(resolutions, example) if s != shapes[0]]
