@@ -44,7 +44,7 @@ from fxopt.cost_model import estimate_costs
 from fxopt.distill import Distill, FeatureMSE, LogitKD, OutputKD, SigmoidKD
 from fxopt.files import write_atomic
 from fxopt.passes import PruneChannels, Slim
-from fxopt.passes.slim import latency_range
+from fxopt.passes.slim import DIMENSIONS, OPT_IN_DIMENSIONS, latency_range
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import code_version  # noqa: E402
@@ -56,6 +56,9 @@ LATENCY = f"est. xavier latency ms ({PRECISION})"
 # the metric the 2-point goal is judged on, per model
 PRIMARY = {"camera_multitask": "seg_miou", "pointpillars": "mAP"}
 MODELS = ("camera_multitask", "pointpillars", "camera_multitask:md")
+# also runnable, not in the default run: pointpillars:md needs ``--space depth width resolution layers``
+# to reach 0.5x and takes about as long as the default run (bench/results/slim_pointpillars_md.md)
+CHOICES = (*MODELS, "pointpillars:md")
 
 
 def _split(key: str) -> tuple[str, dict[str, Any]]:
@@ -118,14 +121,15 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
     calib = _calib(fxopt.models.recipe(name, **cfg), args.calib)
     example = fxopt.models.example_inputs(name, **cfg)
     name = key  # rows, notes and compiles below name the model with its preset
-    floor_s, base_s = latency_range(fxopt.trace(trained.model, example), example, "xavier", PRECISION)
+    floor_s, base_s = latency_range(fxopt.trace(trained.model, example), example, "xavier", PRECISION, space=args.space)
     uniform_floor = _uniform_reach(trained.model, name, args.ratio, calib)
     # the comparison is at one latency both arms reach: the requested ratio, else the nearer of
     # slim's floor (plus a margin for the search) and what uniform pruning reaches when asked for it
     ratio = args.ratio if max(floor_s / base_s + 0.02, uniform_floor) <= args.ratio else round(max(floor_s / base_s + 0.05, uniform_floor), 2)
     why = []
     if floor_s / base_s + 0.02 > args.ratio:
-        why.append(f"the smallest slim candidate (every residual block removed, every stage at width 0.25) is estimated at "
+        removed = "every residual block and removable layer" if "layers" in args.space else "every residual block"
+        why.append(f"the smallest slim candidate ({removed} removed, every stage at width 0.25) is estimated at "
                    f"{floor_s * 1e3:.3f} ms = {floor_s / base_s:.2f}x the trained model's {base_s * 1e3:.3f} ms ({PRECISION}; "
                    "fixed per-inference and per-kernel costs of a small model)")
     if uniform_floor > args.ratio:
@@ -133,7 +137,7 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
     notes = [] if ratio == args.ratio else [
         f"{name}: latency_ratio {args.ratio} is out of reach for a comparison at one latency: " + "; ".join(why)
         + f"; both arms ran at latency_ratio {ratio}"]
-    slim, slim_s = _compile(trained.model, name, Slim(trials=args.trials, seed=0, progress=args.progress,
+    slim, slim_s = _compile(trained.model, name, Slim(trials=args.trials, seed=0, space=args.space, progress=args.progress,
                                                       finetune_top=args.finetune_top), args, calib, latency_ratio=ratio)
     if next(r for r in slim.report.passes if r.name == "slim").status != "applied":
         raise RuntimeError(f"{name}: slim did not apply: {next(r for r in slim.report.passes if r.name == 'slim').reason}")
@@ -145,7 +149,7 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
             + _rows(name, "no compression", tuned, tuned_s))
     lowest = args.ratio if floor_s / base_s + 0.02 <= args.ratio else round(floor_s / base_s + 0.05, 2)
     if lowest < ratio - 0.02:  # slim alone goes further (removing blocks): how much does that cost?
-        deeper, deeper_s = _compile(trained.model, name, Slim(trials=args.trials, seed=0, progress=args.progress,
+        deeper, deeper_s = _compile(trained.model, name, Slim(trials=args.trials, seed=0, space=args.space, progress=args.progress,
                                                                 finetune_top=args.finetune_top), args, calib, latency_ratio=lowest)
         rows += [r for r in _rows(name, f"slim at {lowest}", deeper, deeper_s) if not r["arm"].startswith("fp32")]
         notes.append(f"{name}: slim at latency_ratio {lowest} (below what uniform pruning reaches) chose "
@@ -155,11 +159,11 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
               f"{name}: slim chose " + "; ".join(chosen)]
     # the same arms again with other fine-tune seeds (slim's search stays seed 0, so the architecture
     # is the same): how much of a difference between arms is the fine-tune's luck
-    arms = {"slim": (lambda: Slim(trials=args.trials, seed=0, finetune_top=args.finetune_top), {"latency_ratio": ratio}),
+    arms = {"slim": (lambda: Slim(trials=args.trials, seed=0, space=args.space, finetune_top=args.finetune_top), {"latency_ratio": ratio}),
             "uniform prune": (lambda: PruneChannels(amount=1 - reached, by="latency"), {}),
             "no compression": (lambda: None, {})}
     if lowest < ratio - 0.02:
-        arms[f"slim at {lowest}"] = (lambda: Slim(trials=args.trials, seed=0, finetune_top=args.finetune_top), {"latency_ratio": lowest})
+        arms[f"slim at {lowest}"] = (lambda: Slim(trials=args.trials, seed=0, space=args.space, finetune_top=args.finetune_top), {"latency_ratio": lowest})
     metric = _metric(name)
     spread = []
     for arm, (first, extra) in arms.items():
@@ -182,7 +186,7 @@ def run_hd(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     hd_batch = fxopt.models.recipe("camera_multitask", preset="hd").batch
     calib = [(hd_batch(i, g)[0][0][:2],) for i in range(args.calib)]
     start = time.perf_counter()
-    compiled = fxopt.compile(model, "xavier", example_inputs=example, passes=[Slim(trials=args.trials, seed=0, progress=args.progress)],
+    compiled = fxopt.compile(model, "xavier", example_inputs=example, passes=[Slim(trials=args.trials, seed=0, space=args.space, progress=args.progress)],
                              latency_ratio=args.ratio, calib_data=calib, export=False)
     seconds = time.perf_counter() - start
     rows = []
@@ -206,7 +210,8 @@ def _markdown(rows: list[dict[str, Any]], notes: list[str], args: argparse.Names
         "# NAS-slimming vs uniform latency pruning (then int8) on the bundled perception models", "",
         f"Generated by `python bench/slim.py --models {' '.join(args.models)} --trials {args.trials} --steps {args.steps} "
         f"--ratio {args.ratio} --finetune-top {args.finetune_top} --calib {args.calib} --threads {args.threads} --seeds {args.seeds}"
-        f"{'' if args.train_steps is None else f' --train-steps {args.train_steps}'}{'' if args.hd else ' --no-hd'}` (`make bench-slim`) at fxopt {code_version()}, torch {torch.__version__}, CPU, "
+        f"{'' if args.train_steps is None else f' --train-steps {args.train_steps}'}{'' if args.hd else ' --no-hd'}"
+        f"{'' if tuple(args.space) == DIMENSIONS else ' --space ' + ' '.join(args.space)}` (`make bench-slim`) at fxopt {code_version()}, torch {torch.__version__}, CPU, "
         f"{torch.get_num_threads()} thread(s); whole run {total_s:.0f} s.", "",
         "Each model is trained with its recipe (seed 0); both arms get the same fine-tune (recipe loss + output "
         f"distillation from the trained model, {args.steps} Adam steps at lr {args.lr}) and int8 on top. Latencies are "
@@ -270,7 +275,9 @@ def verdicts(rows: list[dict[str, Any]], spread: list[dict[str, Any]] = (), goal
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(CHOICES))
+    parser.add_argument("--space", nargs="+", default=list(DIMENSIONS), choices=list(DIMENSIONS + OPT_IN_DIMENSIONS),
+                        help="Slim(space=) for every model of the run")
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=5e-4)
