@@ -114,7 +114,7 @@ def test_registered_with_the_registry():
     from fxopt.models.registry import _SPECS
 
     spec = _SPECS["pointpillars"]
-    assert spec is pp.SPEC and spec.presets == ("kitti",) and spec.recipe is not None
+    assert spec is pp.SPEC and spec.presets == ("md", "kitti") and spec.recipe is not None
     inputs = spec.inputs(batch_size=2)
     assert inputs[0].shape == (2, 4096, 16, 9)
     assert isinstance(spec.build(batch_size=2), pp.PointPillars)
@@ -195,6 +195,41 @@ def test_recipe_batch_and_loss():
     torch.manual_seed(0)
     loss = pp.RECIPE.loss(pp.build()(*inputs), targets)
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_md_preset_is_the_kitti_backbone_on_the_default_grid_and_scenes():
+    md, default, kitti = pp.make_config("md"), pp.make_config(), pp.make_config("kitti")
+    assert md.pillars == default.pillars and md.anchors == default.anchors
+    assert (md.pfn_channels, md.layer_nums, md.num_filters, md.upsample_filters) == (
+        kitti.pfn_channels, kitti.layer_nums, kitti.num_filters, kitti.upsample_filters)
+    # the same scenes and targets: the default recipe trains it, also through the registry
+    assert pp.recipe("md") is pp.RECIPE and fxopt.models.recipe("pointpillars", preset="md") is pp.RECIPE
+    assert pp.example_inputs("md")[0].shape == pp.example_inputs()[0].shape
+    torch.manual_seed(0)
+    assert 4.5e6 < sum(p.numel() for p in pp.build("md").parameters()) < 5e6
+
+
+def test_recipe_of_another_grid_trains_and_evaluates_that_grid():
+    # a 64 x 64 grid of 0.64 m pillars: head 32 x 32, so the default's anchors do not fit it
+    cfg = dict(voxel_size=(0.64, 0.64), max_pillars=1024, pfn_channels=8, layer_nums=(1, 1, 1), num_filters=(8, 8, 8),
+               upsample_filters=(8, 8, 8))
+    recipe = fxopt.models.recipe("pointpillars", **cfg)
+    assert recipe is not pp.RECIPE
+    inputs, targets = recipe.batch(0, torch.Generator().manual_seed(0))
+    assert inputs[0].shape == (pp.TRAIN_BATCH, 1024, 16, 9)
+    torch.manual_seed(0)
+    model = pp.build(**cfg)
+    outputs = model(*inputs)
+    assert outputs[0].shape[-2:] == (32, 32)
+    assert torch.isfinite(recipe.loss(outputs, targets))
+    # a traced graph has no .config: the recipe's evaluation still decodes on the config's anchors
+    gm = fxopt.trace(model.eval(), pp.example_inputs(**cfg))
+    assert not hasattr(gm, "config")
+    metrics = recipe.evaluate(gm, frames=2)
+    with pytest.raises(IndexError):  # the default recipe voxelizes on its 128 x 128 grid
+        pp.RECIPE.evaluate(gm, frames=2)
+    assert set(metrics) == {"car_ap", "pedestrian_ap", "cyclist_ap", "mAP"}
+    assert set(recipe.chance()) == set(metrics)
 
 
 def test_training_smoke_loss_decreases():
