@@ -41,9 +41,10 @@ def test_seed_spread_verdict_needs_the_worst_seed_to_beat_the_best():
 def test_bench_runs_a_preset_end_to_end_on_a_tiny_budget(tmp_path):
     out = tmp_path / "slim.md"
     load_bench("slim").main(["--models", "camera_multitask", "--train-steps", "3", "--trials", "3", "--steps", "2",
-                             "--seeds", "2", "--calib", "2", "--finetune-top", "1", "--no-hd", "--out", str(out)])
+                             "--seeds", "2", "--calib", "2", "--finetune-top", "1", "--no-hd", "--out", str(out),
+                             "--space", "depth", "width", "layers"])
     text = out.read_text()
-    assert "--train-steps 3 --no-hd` (`make bench-slim`)" in text
+    assert "--train-steps 3 --no-hd --space depth width layers` (`make bench-slim`)" in text
     for arm in ("fp32 (trained)", "slim: after fine-tune", "uniform prune: after int8", "no compression: after fine-tune"):
         assert f"| camera_multitask | {arm} |" in text
     assert "| camera_multitask | slim | seg_miou |" in text  # the seed-spread table
