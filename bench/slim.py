@@ -112,12 +112,18 @@ def _uniform_reach(model: torch.nn.Module, key: str, ratio: float, calib: list[A
     return table[1][LATENCY] / table[0][LATENCY]
 
 
-def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
+def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]], float]:
+    """Rows, notes and the seed-spread rows of one model, and its recipe's chance level of the primary metric."""
     name, cfg = _split(key)
     torch.manual_seed(0)
     start = time.perf_counter()
     trained = fxopt.models.train(name, args.train_steps, seed=0, progress=args.progress, **cfg)
     train_s = time.perf_counter() - start
+    metric = _metric(key)
+    trained_to = ", ".join(f"{k} {v:.3f}" for k, v in trained.metrics.items())
+    if not trained.metrics[metric] > trained.chance[metric]:  # nothing learnt, nothing to lose: skip the arms
+        return [], [f"{key}: NOT RUN: trained {train_s:.0f} s to {trained_to}; {metric} is not above the recipe's chance "
+                    f"level {trained.chance[metric]:.4f}, so there is nothing to compress"], [], trained.chance[metric]
     calib = _calib(fxopt.models.recipe(name, **cfg), args.calib)
     example = fxopt.models.example_inputs(name, **cfg)
     name = key  # rows, notes and compiles below name the model with its preset
@@ -155,7 +161,7 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
         notes.append(f"{name}: slim at latency_ratio {lowest} (below what uniform pruning reaches) chose "
                      + "; ".join(f"{r['dimension']}: {r['choice']}" for r in deeper.report.tables["slim: chosen architecture"]))
     chosen = [f"{r['dimension']}: {r['choice']}" for r in slim.report.tables["slim: chosen architecture"]]
-    notes += [f"{name}: trained {train_s:.0f} s to {', '.join(f'{k} {v:.3f}' for k, v in trained.metrics.items())}",
+    notes += [f"{name}: trained {train_s:.0f} s to {trained_to} (chance: {metric} {trained.chance[metric]:.4f})",
               f"{name}: slim chose " + "; ".join(chosen)]
     # the same arms again with other fine-tune seeds (slim's search stays seed 0, so the architecture
     # is the same): how much of a difference between arms is the fine-tune's luck
@@ -164,7 +170,6 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
             "no compression": (lambda: None, {})}
     if lowest < ratio - 0.02:
         arms[f"slim at {lowest}"] = (lambda: Slim(trials=args.trials, seed=0, space=args.space, finetune_top=args.finetune_top), {"latency_ratio": lowest})
-    metric = _metric(name)
     spread = []
     for arm, (first, extra) in arms.items():
         values = [next(r[metric] for r in rows if r["arm"] == f"{arm}: after fine-tune")]
@@ -173,7 +178,7 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
             values.append(next(r[metric] for r in compiled.report.tables[SUMMARY] if r["stage"] == "after fine-tune"))
         spread.append({"model": name, "arm": arm, "metric": metric, **{f"seed {i}": round(v, 4) for i, v in enumerate(values)},
                        "mean": round(statistics.mean(values), 4), "min": round(min(values), 4), "max": round(max(values), 4)})
-    return rows, notes, spread
+    return rows, notes, spread, trained.chance[metric]
 
 
 def run_hd(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
@@ -229,10 +234,14 @@ def _markdown(rows: list[dict[str, Any]], notes: list[str], args: argparse.Names
     return "\n".join(lines)
 
 
-def verdicts(rows: list[dict[str, Any]], spread: list[dict[str, Any]] = (), goal_ratio: float = 0.5) -> list[str]:
+def verdicts(rows: list[dict[str, Any]], spread: list[dict[str, Any]] = (), goal_ratio: float = 0.5,
+             chance: dict[str, float] | None = None) -> list[str]:
     """The issue's goal per model: slim within 2 points of fp32 at <= 50% of its latency, and
     better than uniform pruning at the same latency (over the fine-tune seeds: better only when
-    slim's worst seed beats uniform's best)."""
+    slim's worst seed beats uniform's best).
+
+    `chance` is each model's chance level of its primary metric: a trained model not above it has
+    learnt nothing to lose, so its goal is not judged."""
     out = []
     models = list(dict.fromkeys([r["model"] for r in rows] + [r["model"] for r in spread]))
     for model in models:
@@ -263,6 +272,12 @@ def verdicts(rows: list[dict[str, Any]], spread: list[dict[str, Any]] = (), goal
         best = max(meeting, key=lambda r: r[metric]) if meeting else min(slims, key=lambda r: r[lat])
         drop = 100 * (fp32[metric] - best[metric])
         met = bool(meeting) and drop <= 2
+        level = (chance or {}).get(model)
+        if level is not None and fp32[metric] <= level:
+            out.append(f"{model}: goal NOT JUDGED: the trained model's {metric} {fp32[metric]:.4f} is not above chance "
+                       f"({level:.4f}), so 'within 2 points of fp32' says nothing (slim's best arm at <= {goal_ratio}x: "
+                       f"{metric} {best[metric]:.4f})")
+            continue
         out.append(f"{model}: goal (<= {goal_ratio}x the fp32 estimate within 2 points) {'MET' if met else 'missed'}: "
                    f"{best['arm'].split(':')[0]} at {best[lat] / fp32[lat]:.2f}x, {metric} {-drop:+.1f} points vs fp32")
         out.append(f"{model}: at one latency, slim at {ratio:.2f}x: {metric} {100 * (slim[metric] - fp32[metric]):+.1f} points "
@@ -293,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    rows, notes, spread = [], [], []
+    rows, notes, spread, chance = [], [], [], {}
     for name in args.models:
-        r, n, sp = run_model(name, args)
+        r, n, sp, chance[name] = run_model(name, args)
         rows += r
         notes += n
         spread += sp
@@ -303,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         r, n = run_hd(args)
         rows += r
         notes += n
-    notes += verdicts(rows, spread, args.ratio)
+    notes += verdicts(rows, spread, args.ratio, chance)
     text = _markdown(rows, notes, args, time.perf_counter() - start, spread)
     write_atomic(args.out, text)
     print(text)

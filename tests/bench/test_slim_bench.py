@@ -29,6 +29,16 @@ def test_goal_is_judged_on_the_slim_arm_at_half_latency():
     assert any("missed: slim at 0.53x, seg_miou -0.5 points" in v for v in bench.verdicts(_rows(0.885)[:4]))
 
 
+def test_goal_is_not_judged_on_a_model_that_learnt_nothing():
+    bench = load_bench("slim")
+    rows = _rows(0.885)
+    assert any("MET" in v for v in bench.verdicts(rows, chance={"camera_multitask:md": 0.5}))
+    # a trained model at chance loses nothing whatever is cut: no MET, no missed
+    judged = bench.verdicts(rows, chance={"camera_multitask:md": 0.90})
+    assert not any("MET" in v or "missed" in v for v in judged)
+    assert any("goal NOT JUDGED: the trained model's seg_miou 0.9000 is not above chance (0.9000)" in v for v in judged)
+
+
 def test_seed_spread_verdict_needs_the_worst_seed_to_beat_the_best():
     bench = load_bench("slim")
     spread = [{"model": "m", "arm": "slim", "metric": "x", "seed 0": 0.8, "seed 1": 0.9, "mean": 0.85, "min": 0.8, "max": 0.9},
