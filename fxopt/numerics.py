@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils import _pytree as pytree
 
 from fxopt.inputs import copy_inputs
 
-__all__ = ["Deviation", "TOLERANCES", "flatten_outputs", "compare_outputs", "run_model"]
+__all__ = ["Deviation", "TOLERANCES", "flatten_outputs", "compare_outputs", "recalibrate_batchnorm", "run_model"]
 
 # (atol, rtol) per compute precision: a check passes when max_abs <= atol + rtol * max|reference|.
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -87,3 +90,29 @@ def run_model(model: Any, inputs: tuple[Any, ...]) -> Any:
     input changes neither the caller's tensors nor the next run's)."""
     with torch.no_grad():
         return model(*copy_inputs(inputs))
+
+
+def recalibrate_batchnorm(gm: nn.Module, batches: Sequence[tuple[Any, ...]]) -> int:
+    """Re-estimate every BatchNorm's running statistics on `batches` (a cumulative average),
+    in place; returns how many BatchNorm modules were re-estimated (0 when there are none or
+    a batch of one sample cannot give a per-channel variance, in which case nothing changes)."""
+    bns = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or not batches:
+        return 0
+    saved = [(m.momentum, m.training, copy.deepcopy(m.state_dict())) for m in bns]
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the batches
+            m.train()
+        for batch in batches:
+            run_model(gm, batch)
+    except (ValueError, RuntimeError):
+        for m, (_, _, state) in zip(bns, saved):
+            m.load_state_dict(state)
+        return 0
+    finally:
+        for m, (momentum, training, _) in zip(bns, saved):
+            m.momentum = momentum
+            m.train(training)
+    return len(bns)

@@ -89,6 +89,11 @@ class TrainingRecipe:
             a mapping, or a function computing it (called by `train`, so listing models stays cheap).
         steps: default number of optimiser steps (a few CPU minutes at most).
         lr: Adam learning rate.
+        bn_batches: after the last step, re-estimate every BatchNorm's running statistics as the
+            plain average over this many fresh recipe batches at the final weights ("precise
+            BN"; 0: keep the running averages of training). A short recipe with a slow BatchNorm
+            momentum needs it: the running statistics still average the weights of many steps
+            ago, and a deep net's eval-mode outputs drift far from its training-mode ones.
     """
 
     batch: Callable[[int, Any], tuple[tuple[Any, ...], Any]]
@@ -97,6 +102,7 @@ class TrainingRecipe:
     chance: Mapping[str, float] | Callable[[], Mapping[str, float]]
     steps: int = 300
     lr: float = 1e-3
+    bn_batches: int = 0
 
 
 def register_model(model_spec: ModelSpec) -> ModelSpec:

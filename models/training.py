@@ -12,6 +12,7 @@ from torch import nn
 
 from fxopt.errors import InputError
 from fxopt.models.registry import TrainingRecipe, spec
+from fxopt.numerics import recalibrate_batchnorm
 
 __all__ = ["TrainResult", "recipe", "train"]
 
@@ -86,6 +87,8 @@ def train(
         losses.append(float(loss.detach()))
         if show:
             iterator.set_postfix(loss=f"{losses[-1]:.4f}")
+    if recipe.bn_batches:
+        recalibrate_batchnorm(net, [tuple(recipe.batch(steps + i, generator)[0]) for i in range(recipe.bn_batches)])
     elapsed = time.perf_counter() - start
     net.eval()
     with torch.no_grad():

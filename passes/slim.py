@@ -42,7 +42,7 @@ from torch.fx import GraphModule
 from fxopt.cost_model import estimate_costs
 from fxopt.errors import InputError, PassError
 from fxopt.inputs import describe_shapes, resize_inputs, resize_spatial
-from fxopt.numerics import flatten_outputs, run_model
+from fxopt.numerics import flatten_outputs, recalibrate_batchnorm, run_model
 from fxopt.pass_base import FxoptPass, PassResult, current_context
 from fxopt.pass_manager import FILES_META, INPUT_SHAPES_META
 from fxopt.passes.channel_importance import atom_scores
@@ -71,32 +71,6 @@ CHOICE_TABLE = "slim: chosen architecture"
 PROXY_BATCHES = 8
 MEASURES = ("estimate", "onnxruntime")
 ORT_RUNS = 15
-
-
-def recalibrate_batchnorm(gm: nn.Module, batches: Sequence[tuple[Any, ...]]) -> int:
-    """Re-estimate every BatchNorm's running statistics on `batches` (a cumulative average),
-    in place; returns how many BatchNorm modules were re-estimated (0 when there are none or
-    a batch of one sample cannot give a per-channel variance, in which case nothing changes)."""
-    bns = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns or not batches:
-        return 0
-    saved = [(m.momentum, m.training, copy.deepcopy(m.state_dict())) for m in bns]
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average over the batches
-            m.train()
-        for batch in batches:
-            run_model(gm, batch)
-    except (ValueError, RuntimeError):
-        for m, (_, _, state) in zip(bns, saved):
-            m.load_state_dict(state)
-        return 0
-    finally:
-        for m, (momentum, training, _) in zip(bns, saved):
-            m.momentum = momentum
-            m.train(training)
-    return len(bns)
 
 
 def _float_pairs(outputs: Any, reference: Any) -> Any:

@@ -202,8 +202,11 @@ def test_md_preset_is_the_kitti_backbone_on_the_default_grid_and_scenes():
     assert md.pillars == default.pillars and md.anchors == default.anchors
     assert (md.pfn_channels, md.layer_nums, md.num_filters, md.upsample_filters) == (
         kitti.pfn_channels, kitti.layer_nums, kitti.num_filters, kitti.upsample_filters)
-    # the same scenes and targets: the default recipe trains it, also through the registry
-    assert pp.recipe("md") is pp.RECIPE and fxopt.models.recipe("pointpillars", preset="md") is pp.RECIPE
+    # the default's scenes and targets, and a BatchNorm re-estimation after training
+    md_recipe = fxopt.models.recipe("pointpillars", preset="md")
+    assert md_recipe.bn_batches > 0 and md_recipe.lr == pp.RECIPE.lr and md_recipe.steps == pp.RECIPE.steps
+    torch.testing.assert_close(md_recipe.batch(0, torch.Generator().manual_seed(0))[0][0],
+                               pp.RECIPE.batch(0, torch.Generator().manual_seed(0))[0][0])
     assert pp.example_inputs("md")[0].shape == pp.example_inputs()[0].shape
     torch.manual_seed(0)
     assert 4.5e6 < sum(p.numel() for p in pp.build("md").parameters()) < 5e6
@@ -214,7 +217,7 @@ def test_recipe_of_another_grid_trains_and_evaluates_that_grid():
     cfg = dict(voxel_size=(0.64, 0.64), max_pillars=1024, pfn_channels=8, layer_nums=(1, 1, 1), num_filters=(8, 8, 8),
                upsample_filters=(8, 8, 8))
     recipe = fxopt.models.recipe("pointpillars", **cfg)
-    assert recipe is not pp.RECIPE
+    assert recipe is not pp.RECIPE and pp.recipe() is pp.RECIPE
     inputs, targets = recipe.batch(0, torch.Generator().manual_seed(0))
     assert inputs[0].shape == (pp.TRAIN_BATCH, 1024, 16, 9)
     torch.manual_seed(0)

@@ -79,3 +79,30 @@ def test_config_aware_recipe_trains_the_configured_model(tiny_models):
 def test_negative_steps_are_an_input_error(tiny_models):
     with pytest.raises(fxopt.InputError, match="steps must be >= 0"):
         fxopt.models.train("tiny_fixed", steps=-1)
+
+
+def test_bn_batches_reestimates_batchnorm_at_the_final_weights(monkeypatch):
+    """With ``bn_batches`` the running statistics are the plain average over fresh batches after
+    the last step, not the slow running average of training (momentum 0.01)."""
+    from dataclasses import replace
+
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+
+    def build():
+        return nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3, momentum=0.01), nn.Linear(3, 1))
+
+    plain = _tiny_recipe([])
+    for name, recipe in (("tiny_bn_plain", plain), ("tiny_bn_precise", replace(plain, bn_batches=4))):
+        registry.register_model(ModelSpec(name, build, lambda: (torch.ones(1, 2),), recipe=recipe))
+    before = fxopt.models.train("tiny_bn_plain", steps=5, progress=False).model
+    after = fxopt.models.train("tiny_bn_precise", steps=5, progress=False).model
+    # the same training (same seed and batches), so the weights agree; only the statistics differ
+    torch.testing.assert_close(before[0].weight, after[0].weight)
+    g = torch.Generator().manual_seed(0)
+    for step in range(5):
+        plain.batch(step, g)  # the training batches; re-estimation draws the next four
+    with torch.no_grad():
+        hidden = torch.cat([after[0](plain.batch(5 + i, g)[0][0]) for i in range(4)])
+    torch.testing.assert_close(after[1].running_mean, hidden.mean(0))
+    assert not torch.allclose(before[1].running_mean, hidden.mean(0), atol=1e-2)
+    assert after[1].momentum == 0.01 and not after.training
