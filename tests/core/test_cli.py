@@ -220,5 +220,5 @@ def test_slim_calibrates_a_preset_on_that_preset_s_recipe():
     batches = _recipe_calibration("camera_multitask", 2, "md")
     assert len(batches) == 2 and batches[0][0].shape == (8, 3, 192, 320)  # not the default 96x160 scenes
     assert _recipe_calibration("camera_multitask", 1)[0][0].shape == (8, 3, 96, 160)
-    with pytest.raises(InputError, match="'pointpillars' with --preset kitti brings no data: give --calib-data"):
-        _recipe_calibration("pointpillars", 1, "kitti")  # its recipe trains the default config only
+    with pytest.raises(InputError, match="'motionnet' with --preset full brings no data: give --calib-data"):
+        _recipe_calibration("motionnet", 1, "full")  # its recipe trains the default config only
