@@ -426,7 +426,9 @@ def test_one_call_slim_finetune_int8_pipeline_reports_each_step():
 
 def test_on_cpu_the_constraint_is_measured_in_onnxruntime():
     gm = fxopt.trace(_model(), X)
-    p = Slim(latency_ratio=0.9, trials=3, space=("width",), seed=0)
+    # a budget every candidate meets: measured latencies of so small a model are mostly fixed
+    # overheads, so a ratio of them is at the mercy of the host's load (0.9 once failed in CI)
+    p = Slim(latency_ms=1000.0, trials=3, space=("width",), seed=0)
     out = _run(p, gm, target="cpu").graph_module
     chosen = out.meta["fxopt_tables"]["slim: chosen architecture"][0]["choice"]
     assert "measured in ONNX Runtime" in chosen
