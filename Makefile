@@ -59,7 +59,7 @@ bench-distill: venv
 bench-slim: venv
 	$(PY) bench/slim.py
 
-# pointpillars' md preset: slim with removable layers (its floor without them is 0.57x), about 2 h on 2 cores
+# pointpillars' md preset: slim with removable layers (its floor without them is 0.57x), about 65 min on 2 cores
 .PHONY: bench-slim-pointpillars-md
 bench-slim-pointpillars-md: venv
 	$(PY) bench/slim.py --models pointpillars:md --space depth width resolution layers --no-hd --out bench/results/slim_pointpillars_md.md

@@ -91,6 +91,11 @@ def _compile(model: torch.nn.Module, key: str, first: Any, args: argparse.Namesp
     return compiled, time.perf_counter() - start
 
 
+def _slim(args: argparse.Namespace, **options: Any) -> Slim:
+    """The run's Slim pass (its trials and space; search seed 0)."""
+    return Slim(trials=args.trials, seed=0, space=args.space, **options)
+
+
 def _rows(model: str, arm: str, compiled: Any, seconds: float) -> list[dict[str, Any]]:
     out = []
     for row in compiled.report.tables[SUMMARY]:
@@ -143,8 +148,8 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
     notes = [] if ratio == args.ratio else [
         f"{name}: latency_ratio {args.ratio} is out of reach for a comparison at one latency: " + "; ".join(why)
         + f"; both arms ran at latency_ratio {ratio}"]
-    slim, slim_s = _compile(trained.model, name, Slim(trials=args.trials, seed=0, space=args.space, progress=args.progress,
-                                                      finetune_top=args.finetune_top), args, calib, latency_ratio=ratio)
+    slim, slim_s = _compile(trained.model, name, _slim(args, progress=args.progress, finetune_top=args.finetune_top), args, calib,
+                            latency_ratio=ratio)
     if next(r for r in slim.report.passes if r.name == "slim").status != "applied":
         raise RuntimeError(f"{name}: slim did not apply: {next(r for r in slim.report.passes if r.name == 'slim').reason}")
     table = slim.report.tables[SUMMARY]
@@ -155,8 +160,8 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
             + _rows(name, "no compression", tuned, tuned_s))
     lowest = args.ratio if floor_s / base_s + 0.02 <= args.ratio else round(floor_s / base_s + 0.05, 2)
     if lowest < ratio - 0.02:  # slim alone goes further (removing blocks): how much does that cost?
-        deeper, deeper_s = _compile(trained.model, name, Slim(trials=args.trials, seed=0, space=args.space, progress=args.progress,
-                                                                finetune_top=args.finetune_top), args, calib, latency_ratio=lowest)
+        deeper, deeper_s = _compile(trained.model, name, _slim(args, progress=args.progress, finetune_top=args.finetune_top), args, calib,
+                                    latency_ratio=lowest)
         rows += [r for r in _rows(name, f"slim at {lowest}", deeper, deeper_s) if not r["arm"].startswith("fp32")]
         notes.append(f"{name}: slim at latency_ratio {lowest} (below what uniform pruning reaches) chose "
                      + "; ".join(f"{r['dimension']}: {r['choice']}" for r in deeper.report.tables["slim: chosen architecture"]))
@@ -165,11 +170,11 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
               f"{name}: slim chose " + "; ".join(chosen)]
     # the same arms again with other fine-tune seeds (slim's search stays seed 0, so the architecture
     # is the same): how much of a difference between arms is the fine-tune's luck
-    arms = {"slim": (lambda: Slim(trials=args.trials, seed=0, space=args.space, finetune_top=args.finetune_top), {"latency_ratio": ratio}),
+    arms = {"slim": (lambda: _slim(args, finetune_top=args.finetune_top), {"latency_ratio": ratio}),
             "uniform prune": (lambda: PruneChannels(amount=1 - reached, by="latency"), {}),
             "no compression": (lambda: None, {})}
     if lowest < ratio - 0.02:
-        arms[f"slim at {lowest}"] = (lambda: Slim(trials=args.trials, seed=0, space=args.space, finetune_top=args.finetune_top), {"latency_ratio": lowest})
+        arms[f"slim at {lowest}"] = (lambda: _slim(args, finetune_top=args.finetune_top), {"latency_ratio": lowest})
     spread = []
     for arm, (first, extra) in arms.items():
         values = [next(r[metric] for r in rows if r["arm"] == f"{arm}: after fine-tune")]
@@ -191,7 +196,7 @@ def run_hd(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     hd_batch = fxopt.models.recipe("camera_multitask", preset="hd").batch
     calib = [(hd_batch(i, g)[0][0][:2],) for i in range(args.calib)]
     start = time.perf_counter()
-    compiled = fxopt.compile(model, "xavier", example_inputs=example, passes=[Slim(trials=args.trials, seed=0, space=args.space, progress=args.progress)],
+    compiled = fxopt.compile(model, "xavier", example_inputs=example, passes=[_slim(args, progress=args.progress)],
                              latency_ratio=args.ratio, calib_data=calib, export=False)
     seconds = time.perf_counter() - start
     rows = []
