@@ -7,7 +7,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -292,6 +292,11 @@ def compile(  # noqa: A001 - the public name the design asks for
         lossy_steps = finetune_steps or context.precision == "int8" or any(pass_attr(p, "lossy", False) for p in ordered)
         summary = _Summary(profile, context.precision, summary_eval, enabled=bool(lossy_steps))
         summary.add("input model", gm)
+        if finetune_steps:  # passes choosing between candidates may fine-tune them the same way (slim's re-rank)
+            from fxopt.distill import FinetuneRequest
+
+            context = replace(context, finetune=FinetuneRequest(
+                distill, recipe, train_data, loss, eval_fn if summary.scalar else None, finetune_lr, finetune_seed))
         with phases("passes"):
             result = manager.run(gm, context)
         context = result.context or context

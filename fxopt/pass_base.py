@@ -34,6 +34,9 @@ class CompileContext:
             ``train_data``; unknown keys are kept for user passes.
         check_inputs: every input set the pass manager verifies on (the example inputs, their
             seeded variants, calibration batches); empty means the example inputs alone.
+        finetune: the fine-tune `fxopt.compile` runs after the structural passes (a
+            `fxopt.distill.FinetuneRequest`), or None: a pass choosing between candidates can
+            fine-tune each the same way for fewer steps (slim's ``finetune_top`` re-rank).
     """
 
     target: TargetProfile
@@ -41,6 +44,7 @@ class CompileContext:
     precision: str
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     check_inputs: tuple[tuple[Any, ...], ...] = ()
+    finetune: Any = None
 
     @property
     def verification_inputs(self) -> tuple[tuple[Any, ...], ...]:

@@ -345,12 +345,16 @@ class Slim(FxoptPass):
             median of repeats, one thread); ``None``: measured on an ONNX Runtime target (`cpu`),
             estimated on a TensorRT target.
         finetune_top: re-rank the best few feasible trials (by proxy) after a short fine-tune
-            each: `fxopt.finetune` distils the original's outputs on the calibration batches
-            (no labels; the last quarter held out) for `finetune_steps` steps, and the proxy on
-            the held-out batches decides. The best feasible even cut (every block kept, one width
-            for all stages) is always fine-tuned with them: a candidate that narrows one stage
-            hard can lead the proxy and then recover less than an even cut (bench/results/slim.md).
-            0: the search's proxy alone decides.
+            each. Inside a compile that fine-tunes (``finetune_steps=`` with ``recipe=`` or a
+            scalar ``eval_fn=``), each is fine-tuned as compile will fine-tune the result (its
+            data, loss, distillation and learning rate) for `finetune_steps` steps and scored on
+            compile's metric; otherwise `fxopt.finetune` distils the original's outputs on the
+            calibration batches (no labels; the last quarter held out) and the proxy on the
+            held-out batches decides. The best feasible even cut (every block kept, one width for
+            all stages) and the best of the trials removing the fewest blocks or layers are always
+            fine-tuned with them: a candidate that narrows one stage hard, or removes layers, can
+            lead the proxy and then recover less (bench/results/slim.md,
+            bench/results/slim_pointpillars_md.md). 0: the search's proxy alone decides.
         finetune_steps: steps of that fine-tune.
         progress: show a progress bar over trials.
     """
@@ -470,7 +474,8 @@ class Slim(FxoptPass):
         if best is None:
             raise PassError(self.name, f"no trial met the budget of {budget_s * 1e3:.3g} ms in {len(study.trials)} trials")
         if self.finetune_top:
-            best = search.rerank(study, self.finetune_top, self.finetune_steps, graph_module, progress=self.progress)
+            best = search.rerank(study, self.finetune_top, self.finetune_steps, graph_module, progress=self.progress,
+                                 request=ctx.finetune)
         self.chosen = search.candidate_of(best.params)
         slim, inputs = space.build(self.chosen)
         recalibrate_batchnorm(slim, [resize_inputs(b, space.resolutions[self.chosen.resolution]) for b in batches])
@@ -509,7 +514,8 @@ class _Search:
         self.space, self.batches, self.references = space, batches, references
         self.target, self.precision, self.budget_s = target, precision, budget_s
         self._bar: Any = None
-        self.tuned: dict[int, float] = {}  # trial number -> proxy after the short fine-tune
+        self.tuned: dict[int, float] = {}  # trial number -> proxy (or -metric) after the short fine-tune
+        self.tuned_by = "proxy"  # or "metric": compile's fine-tune scored the re-rank
 
     # the search space as Optuna parameters
     def params_of(self, c: SlimCandidate) -> dict[str, Any]:
@@ -557,25 +563,45 @@ class _Search:
             raise InputError(f"slim: at input {describe_shapes(shapes)} the outputs are not a resize of the original's ({exc}); "
                              "leave that size out of resolutions=") from None
 
-    def rerank(self, study: Any, top: int, steps: int, teacher: GraphModule, progress: bool = False) -> Any:
-        """The best of the `top` feasible trials after a short distillation fine-tune each."""
+    def shortlist(self, study: Any, top: int) -> list[Any]:
+        """The feasible trials the re-rank fine-tunes: the `top` best by proxy, then the best even cut
+        and the best of those that remove the fewest blocks or layers, where not among them."""
         import optuna
 
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("constraint", 1.0) <= 0]
+        ranked = sorted(done, key=lambda t: (t.value, t.number))
+        chosen = ranked[:top]
+        # an even cut, and the least depth the budget allows: a cut the proxy cannot judge (a
+        # removed layer ranks well before fine-tuning and may never recover) always meets one it can
+        extra = [next((t for t in ranked if self.is_even(self.candidate_of(t.params))), None)]
+        if self.space.blocks and ranked:
+            fewest = min(len(self.candidate_of(t.params).removed_blocks) for t in ranked)
+            extra.append(next(t for t in ranked if len(self.candidate_of(t.params).removed_blocks) == fewest))
+        for t in extra:
+            if t is not None and t not in chosen:
+                chosen.append(t)
+        return chosen
+
+    def rerank(self, study: Any, top: int, steps: int, teacher: GraphModule, progress: bool = False,
+               request: Any = None) -> Any:
+        """The best of the shortlisted trials after a short fine-tune each: compile's own fine-tune
+        (`request`, a `fxopt.distill.FinetuneRequest` with a metric) scored on its metric, else a
+        distillation of the original's outputs on the calibration batches scored by the proxy on
+        held-out ones."""
         from fxopt.distill import Distill, finetune
 
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("constraint", 1.0) <= 0]
         held = max(1, len(self.batches) // 4) if len(self.batches) > 1 else 0
-        ranked = sorted(done, key=lambda t: (t.value, t.number))
-        shortlist = ranked[:top]
-        even = next((t for t in ranked if self.is_even(self.candidate_of(t.params))), None)
-        if even is not None and even not in shortlist:
-            shortlist.append(even)  # the best even cut is always tried too (see Slim's finetune_top)
-        for t in shortlist:
+        by_metric = request is not None and request.scores
+        for t in self.shortlist(study, top):
             c = self.candidate_of(t.params)
             gm, _ = self.space.build(c)
             shapes = self.space.resolutions[c.resolution]
             batches = [resize_inputs(b, shapes) for b in self.batches]
             recalibrate_batchnorm(gm, batches)
+            if by_metric:
+                self.tuned[t.number] = -request.tune_and_score(gm, teacher, batches[0], steps, progress=progress)
+                self.tuned_by = "metric"
+                continue
             train, score = (batches[:-held], list(range(len(batches) - held, len(batches)))) if held else (batches, [0])
             finetune(gm, [(b, None) for b in train], loss=None, teacher=teacher, distill=Distill(logits=OutputMatch()),
                      steps=steps, lr=1e-3, progress=progress)
@@ -622,8 +648,11 @@ class _Search:
         tuned = self.tuned.get(t.number)
         return {"trial": t.number, "state": t.state.name.lower(), "est. latency ms": round(t.user_attrs.get("latency_ms", float("nan")), 4),
                 "feasible": t.user_attrs.get("constraint", 1.0) <= 0, "proxy": None if t.value is None else round(t.value, 6),
-                **({"proxy after fine-tune": None if tuned is None else round(tuned, 6)} if self.tuned else {}),
+                **({f"{self.tuned_by} after fine-tune": None if tuned is None else round(self._shown(tuned), 6)} if self.tuned else {}),
                 **c.describe(), "chosen": t.number == best.number}
+
+    def _shown(self, tuned: float) -> float:
+        return -tuned if self.tuned_by == "metric" else tuned
 
     def rows(self, study: Any, best: Any) -> list[dict[str, Any]]:
         return [self._trial_row(t, best) for t in study.trials if t.state.name != "WAITING"]
@@ -634,6 +663,10 @@ class _Search:
                  f"input graph {base_s * 1e3:.4g} ms, {self.target.name} {self.precision})"},
                 {"dimension": "proxy", "choice": f"{best.value:.4g} (trial {best.number}; search {search_s:.1f} s over "
                  f"{trials} trial(s) of the study)"}]
+        if best.number in self.tuned:
+            how = "compile's fine-tune, its metric" if self.tuned_by == "metric" else "output distillation, proxy on held-out batches"
+            rows.append({"dimension": "re-rank", "choice": f"{self.tuned_by} {self._shown(self.tuned[best.number]):.4g} after a short "
+                         f"fine-tune ({how}); best of {len(self.tuned)} trial(s)"})
         removed = set(c.removed_blocks)
         rows += [{"dimension": "depth", "choice": f"{b.scope}: {'removed' if b.scope in removed else 'kept'}"} for b in self.space.blocks]
         rows += [{"dimension": "width", "choice": f"stage {s}: keep {r:g}"} for s, r in c.widths]

@@ -16,9 +16,9 @@ from fxopt.distill.loop import (
     recipe_metric,
 )
 from fxopt.distill.losses import ICKD, FeatureMSE, LogitKD, OutputKD, SigmoidKD, channel_correlation
-from fxopt.distill.resolve import FinetuneSetup, resolve
+from fxopt.distill.resolve import FinetuneRequest, FinetuneSetup, resolve
 
 __all__ = [
-    "ICKD", "Distill", "FeatureMSE", "FinetuneResult", "FinetuneSetup", "LogitKD", "OutputKD", "RecipeBatches",
+    "ICKD", "Distill", "FeatureMSE", "FinetuneRequest", "FinetuneResult", "FinetuneSetup", "LogitKD", "OutputKD", "RecipeBatches",
     "SigmoidKD", "TensorBatches", "channel_correlation", "finetune", "recipe_metric", "resolve",
 ]

@@ -20,7 +20,7 @@ from fxopt.distill.loop import Distill, with_recipe
 from fxopt.distill.losses import ICKD, FeatureMSE, LogitKD, OutputKD, SigmoidKD
 from fxopt.errors import InputError
 
-__all__ = ["DISTILL_PARTS", "OUTPUT_KD", "FinetuneSetup", "resolve"]
+__all__ = ["DISTILL_PARTS", "OUTPUT_KD", "FinetuneRequest", "FinetuneSetup", "resolve"]
 
 KD_TEMPERATURE = 4.0  # Hinton's T for class logits; bench/results/distill.md, "Temperature"
 DENSE_TEMPERATURE = 1.0  # per-pixel heads: the teacher's maps are already soft
@@ -168,3 +168,45 @@ def resolve(
     return FinetuneSetup(data, loss, Distill(
         logits=logits, features="stages" if feature_loss is not None else (), feature_loss=feature_loss,
         feature_weight=weight, kept=dict(kept) if kept else None), eval_fn, tuple(notes))
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """The fine-tune `fxopt.compile` runs after its structural passes, as a pass sees it
+    (``CompileContext.finetune``): a pass choosing between candidates (slim's re-rank) fine-tunes
+    each the same way, for fewer steps, and compares them on the metric compile's fine-tune keeps
+    its best state by.
+
+    Attributes: compile's ``distill``, ``recipe``, ``train_data`` (`data`), ``loss``, a scalar
+    ``eval_fn`` (None where compile's returns a dict), ``finetune_lr`` and ``finetune_seed``.
+    """
+
+    distill: Any = None
+    recipe: Any = None
+    data: Any = None
+    loss: Any = None
+    eval_fn: Callable[[nn.Module], float] | None = None
+    lr: float = 1e-4
+    seed: int = 0
+
+    @property
+    def scores(self) -> bool:
+        """Whether a tuned candidate gets a metric: a scalar eval_fn, or the recipe's first metric."""
+        return self.eval_fn is not None or self.recipe is not None
+
+    def tune_and_score(self, student: nn.Module, teacher: nn.Module, example_inputs: tuple[Any, ...], steps: int,
+                       progress: bool = False) -> float:
+        """Fine-tune `student` in place for `steps` steps as compile would, `teacher` teaching, and
+        return its metric at the end (higher is better; no best-state restore)."""
+        from fxopt.distill.loop import finetune
+
+        setup = resolve(self.distill, teacher=teacher, example_inputs=example_inputs, recipe=self.recipe, data=self.data,
+                        loss=self.loss, eval_fn=self.eval_fn, seed=self.seed)
+        if setup.eval_fn is None:
+            raise InputError("a fine-tune request scores candidates with a scalar eval_fn or a recipe's metric; it has neither")
+        finetune(student, data=setup.data, loss=setup.loss, distill=setup.distill,
+                 teacher=teacher if setup.distill is not None else None, steps=steps, lr=self.lr, seed=self.seed,
+                 progress=progress)
+        student.eval()
+        with torch.no_grad():
+            return float(setup.eval_fn(student))
