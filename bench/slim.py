@@ -31,6 +31,7 @@ fake-quantised graph). Results go to bench/results/slim.md.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -44,7 +45,7 @@ from fxopt.cost_model import estimate_costs
 from fxopt.distill import Distill, FeatureMSE, LogitKD, OutputKD, SigmoidKD
 from fxopt.files import write_atomic
 from fxopt.passes import PruneChannels, Slim
-from fxopt.passes.slim import DIMENSIONS, OPT_IN_DIMENSIONS, latency_range
+from fxopt.passes.slim import DIMENSIONS, OPT_IN_DIMENSIONS, WIDTH_CHOICES, latency_range
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import code_version  # noqa: E402
@@ -93,7 +94,7 @@ def _compile(model: torch.nn.Module, key: str, first: Any, args: argparse.Namesp
 
 def _slim(args: argparse.Namespace, **options: Any) -> Slim:
     """The run's Slim pass (its trials and space; search seed 0)."""
-    return Slim(trials=args.trials, seed=0, space=args.space, **options)
+    return Slim(trials=args.trials, seed=0, space=args.space, width_choices=args.widths, **options)
 
 
 def _rows(model: str, arm: str, compiled: Any, seconds: float) -> list[dict[str, Any]]:
@@ -132,15 +133,22 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
     calib = _calib(fxopt.models.recipe(name, **cfg), args.calib)
     example = fxopt.models.example_inputs(name, **cfg)
     name = key  # rows, notes and compiles below name the model with its preset
-    floor_s, base_s = latency_range(fxopt.trace(trained.model, example), example, "xavier", PRECISION, space=args.space)
+    floor_s, base_s = latency_range(fxopt.trace(trained.model, example), example, "xavier", PRECISION, space=args.space,
+                                    width_choices=args.widths)
     uniform_floor = _uniform_reach(trained.model, name, args.ratio, calib)
     # the comparison is at one latency both arms reach: the requested ratio, else the nearer of
-    # slim's floor (plus a margin for the search) and what uniform pruning reaches when asked for it
-    ratio = args.ratio if max(floor_s / base_s + 0.02, uniform_floor) <= args.ratio else round(max(floor_s / base_s + 0.05, uniform_floor), 2)
+    # slim's floor (plus a margin for the search) and what uniform pruning reaches when asked for it.
+    # Slim alone runs at the requested ratio whenever its floor is within it: the search's first
+    # trial is the smallest candidate, so a feasible one always exists
+    reaches = floor_s / base_s <= args.ratio
+    if reaches:
+        ratio = args.ratio if uniform_floor <= args.ratio else math.ceil(uniform_floor * 100) / 100
+    else:
+        ratio = round(max(floor_s / base_s + 0.05, uniform_floor), 2)
     why = []
-    if floor_s / base_s + 0.02 > args.ratio:
+    if not reaches:
         removed = "every residual block and removable layer" if "layers" in args.space else "every residual block"
-        why.append(f"the smallest slim candidate ({removed} removed, every stage at width 0.25) is estimated at "
+        why.append(f"the smallest slim candidate ({removed} removed, every stage at width {min(args.widths):g}) is estimated at "
                    f"{floor_s * 1e3:.3f} ms = {floor_s / base_s:.2f}x the trained model's {base_s * 1e3:.3f} ms ({PRECISION}; "
                    "fixed per-inference and per-kernel costs of a small model)")
     if uniform_floor > args.ratio:
@@ -158,7 +166,7 @@ def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]],
     tuned, tuned_s = _compile(trained.model, name, None, args, calib)  # the same fine-tune, nothing removed
     rows = (_rows(name, "slim", slim, slim_s) + _rows(name, "uniform prune", uniform, uniform_s)
             + _rows(name, "no compression", tuned, tuned_s))
-    lowest = args.ratio if floor_s / base_s + 0.02 <= args.ratio else round(floor_s / base_s + 0.05, 2)
+    lowest = args.ratio if reaches else round(floor_s / base_s + 0.05, 2)
     if lowest < ratio - 0.02:  # slim alone goes further (removing blocks): how much does that cost?
         deeper, deeper_s = _compile(trained.model, name, _slim(args, progress=args.progress, finetune_top=args.finetune_top), args, calib,
                                     latency_ratio=lowest)
@@ -222,6 +230,7 @@ def _markdown(rows: list[dict[str, Any]], notes: list[str], args: argparse.Names
         f"--ratio {args.ratio} --finetune-top {args.finetune_top} --calib {args.calib} --threads {args.threads} --seeds {args.seeds}"
         f"{'' if args.train_steps is None else f' --train-steps {args.train_steps}'}{'' if args.hd else ' --no-hd'}"
         f"{'' if tuple(args.space) == DIMENSIONS else ' --space ' + ' '.join(args.space)}"
+        f"{'' if tuple(args.widths) == WIDTH_CHOICES else ' --widths ' + ' '.join(f'{w:g}' for w in args.widths)}"
         f"{' --keep-at-chance' if args.keep_at_chance else ''}` (`make bench-slim`) at fxopt {code_version()}, torch {torch.__version__}, CPU, "
         f"{torch.get_num_threads()} thread(s); whole run {total_s:.0f} s.", "",
         "Each model is trained with its recipe (seed 0); both arms get the same fine-tune (recipe loss + output "
@@ -299,12 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(CHOICES))
     parser.add_argument("--space", nargs="+", default=list(DIMENSIONS), choices=list(DIMENSIONS + OPT_IN_DIMENSIONS),
                         help="Slim(space=) for every model of the run")
+    parser.add_argument("--widths", nargs="+", type=float, default=list(WIDTH_CHOICES),
+                        help="Slim(width_choices=): the keep ratios a stage may take")
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--calib", type=int, default=6)
-    parser.add_argument("--finetune-top", type=int, default=3, help="Slim(finetune_top=): re-rank the best few after a short distillation")
+    parser.add_argument("--finetune-top", type=int, default=3, help="Slim(finetune_top=): re-rank the best few after a short fine-tune (the compile's own)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-steps", type=int, default=None, help="training steps of each model (default: its recipe's)")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tune seeds per arm (the table shows seed 0; the spread table all)")

@@ -234,8 +234,10 @@ class PillarScatter(nn.Module):
         frame = torch.cumsum(torch.ones_like(indices[:, :1]), dim=0) - 1  # (B, 1): 0..B-1
         flat = (indices + frame * self.rows).reshape(-1)
         # zeros computed from the data: a constant canvas would be folded by the ONNX exporters
-        # into a (B * (nx*ny + P), C) initializer (58 MB for the KITTI grid)
-        canvas = (rows[:1, :1] * 0).expand(batch * self.rows, channels)
+        # into a (B * (nx*ny + P), C) initializer (58 MB for the KITTI grid). One row of zeros per
+        # channel, not one value: a slice of the channel dim would tie it to channel 0, and channel
+        # pruning could not narrow the pillar net and the scatter
+        canvas = (rows[:1] * 0).expand(batch * self.rows, channels)
         canvas = canvas.index_put((flat,), rows)
         canvas = canvas.reshape(batch, self.rows, channels)[:, : self.nx * self.ny]
         return canvas.permute(0, 2, 1).reshape(batch, channels, self.ny, self.nx)
@@ -491,9 +493,9 @@ def _loss(outputs: tuple[torch.Tensor, ...], targets: Mapping[str, Any], config:
 
 
 def _ap_metrics(result: dict[str, Any], class_names: tuple[str, ...]) -> dict[str, float]:
-    out = {f"{name}_ap": float(result["ap"][name]) for name in class_names}
-    out["mAP"] = float(result["mAP"])
-    return out
+    # mAP first: a recipe's first metric is the one fine-tuning keeps its best state by
+    # (`fxopt.distill.recipe_metric`) and slim's re-rank scores on
+    return {"mAP": float(result["mAP"]), **{f"{name}_ap": float(result["ap"][name]) for name in class_names}}
 
 
 def _held_out(cfg: PointPillarsConfig, frames: int) -> list[Scene]:
@@ -503,7 +505,7 @@ def _held_out(cfg: PointPillarsConfig, frames: int) -> list[Scene]:
 
 def evaluate(model: nn.Module, frames: int = EVAL_FRAMES, batch_size: int = 4, score_threshold: float = 0.05,
              config: PointPillarsConfig | None = None) -> dict[str, float]:
-    """BEV AP at IoU 0.5 per class (``car_ap`` ...) and ``mAP`` on a fixed seeded held-out set.
+    """``mAP`` and BEV AP at IoU 0.5 per class (``car_ap`` ...) on a fixed seeded held-out set.
 
     The scenes, pillars and anchors are `config`'s, else ``model.config`` when the model has one
     (a traced or compiled graph has not), else the small default config's.

@@ -191,6 +191,30 @@ def _tensor_index_rule(b: _Builder, src: Node, node: Node, index: Any) -> None:
             d_out += 1
 
 
+def _index_put_rule(b: _Builder, node: Node) -> None:
+    """``self.index_put((idx_0, .., idx_k-1), values)`` with 1-D index tensors of one length L
+    (a scatter of rows, e.g. pillars onto a bird's-eye-view canvas): the output is `self`'s shape;
+    the first k dims are addressed by the indices (frozen); values is ``(L, *self.shape[k:])`` and
+    its trailing dims go with `self`'s and the output's (channels stay channels)."""
+    src, out = _first_tensor(node), _shape(node)
+    indices, values = _arg(node, 1, "indices"), _arg(node, 2, "values")
+    ins = _shape(src) if src is not None else None
+    index_shapes = [_shape(i) if isinstance(i, Node) else None for i in indices] if isinstance(indices, (tuple, list)) else [None]
+    vals = _shape(values) if isinstance(values, Node) else None
+    k = len(index_shapes)
+    if (ins is None or out is None or vals is None or any(s is None or len(s) != 1 for s in index_shapes)
+            or len({s[0] for s in index_shapes}) != 1 or tuple(vals) != (index_shapes[0][0], *ins[k:])):
+        b.freeze_all(node, "index_put other than rows of 1-D indices")
+        return
+    b.couple_same(src, node)
+    for d in range(k):
+        b.freeze(b.space(src, d), "indexed dimension")
+        b.freeze(b.space(node, d), "indexed dimension")
+    b.freeze(b.space(values, 0), "indexed dimension")
+    for d in range(k, len(ins)):
+        b.couple(b.space(values, d - k + 1), b.space(node, d))
+
+
 def _is_whole_slice(item: slice, size: int) -> bool:
     ints = all(v is None or type(v) is int for v in (item.start, item.stop, item.step))
     return ints and item.start in (None, 0) and item.step in (None, 1) and (item.stop is None or item.stop >= size)
@@ -458,6 +482,7 @@ METHOD_RULES: dict[str, Callable[[_Builder, Node], None]] = {
     **{name: (lambda b, n: _broadcast(b, n)) for name in _ELEMENTWISE_METHODS},
     "view": _reshape_fn_rule,
     "expand": _expand_rule,
+    "index_put": _index_put_rule,
     "reshape_as": _reshape_as_rule,
     "view_as": _reshape_as_rule,
     "reshape": _reshape_fn_rule,

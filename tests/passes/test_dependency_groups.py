@@ -634,3 +634,47 @@ def test_a_copied_size_the_atoms_keep_equal_adds_no_coupling():
     gm, a = _analyze(SizeReadAttention(), torch.randn(2, 6, 5))
     # reshape(b, n, d) after attention copies d from the residual stream: tied index by index
     assert sum(kind == "size" for _, _, kind in a.space_graph.edges(data="kind")) == 1
+
+
+class RowScatter(nn.Module):
+    """Pillar-style scatter: per-row features written into a canvas by 1-D row indices, then
+    reshaped into an image (as `fxopt.models.pointpillars.PillarScatter`)."""
+
+    def __init__(self, channel_slice: bool = False):
+        super().__init__()
+        self.pfn = nn.Conv1d(4, 8, 1)
+        self.conv = nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 2, 1)
+        self.channel_slice = channel_slice
+
+    def forward(self, feats, idx):
+        rows = self.pfn(feats)[0].t()  # (P, C)
+        zero = rows[:1, :1] if self.channel_slice else rows[:1]
+        canvas = (zero * 0).expand(16, rows.shape[1]).index_put((idx,), rows)  # (16, C)
+        return self.head(self.conv(canvas.t().reshape(1, rows.shape[1], 4, 4)))
+
+
+def test_index_put_of_rows_keeps_channels_prunable():
+    feats, idx = torch.randn(1, 4, 5), torch.tensor([3, 0, 9, 12, 7])
+    gm, a = _analyze(RowScatter(), feats, idx)
+    # Before: the pillar net's 8 channels reach the canvas through index_put; Expected: one group
+    assert sorted(_groups(a)) == [(("conv",), 6), (("pfn",), 8)]
+    pfn = next(i for i, g in enumerate(a.groups) if g.root_modules == ("pfn",))
+    sliced = _check_sliced(gm, a, _remove_first(a, pfn, 3), feats, idx)
+    assert sliced.get_submodule("pfn").out_channels == 5 and sliced.get_submodule("conv").in_channels == 5
+    # a canvas made from channel 0's value ties the channels to that slice: frozen, never guessed
+    _, frozen = _analyze(RowScatter(channel_slice=True), feats, idx)
+    assert _groups(frozen) == [(("conv",), 6)]
+    assert "sliced dimension" in frozen.blocking_reasons()
+
+
+def test_index_put_of_other_forms_freezes_what_it_touches():
+    class Broadcast(RowScatter):  # one value row broadcast to every indexed row: not a row scatter
+        def forward(self, feats, idx):
+            rows = self.pfn(feats)[0].t()
+            canvas = (rows[:1] * 0).expand(16, rows.shape[1]).index_put((idx,), rows[0])
+            return self.head(self.conv(canvas.t().reshape(1, rows.shape[1], 4, 4)))
+
+    _, a = _analyze(Broadcast(), torch.randn(1, 4, 5), torch.tensor([3, 0, 9, 12, 7]))
+    assert _groups(a) == [(("conv",), 6)]  # the pillar net's channels are frozen, never guessed
+    assert "index_put other than rows of 1-D indices" in a.frozen_reasons().values()
