@@ -59,7 +59,7 @@ bench-distill: venv
 bench-slim: venv
 	$(PY) bench/slim.py
 
-# pointpillars' md preset: widths down to 0.125 (its floor is then 0.497x, the pillar net and scatter pruned too), about 65 min on 2 cores
+# pointpillars' md preset: widths down to 0.125 (its floor is then 0.497x, the pillar net and scatter pruned too), about 60 min on 2 cores
 .PHONY: bench-slim-pointpillars-md
 bench-slim-pointpillars-md: venv
 	$(PY) bench/slim.py --models pointpillars:md --widths 0.125 0.1875 0.25 0.375 0.5 0.625 0.75 0.875 1 --no-hd --out bench/results/slim_pointpillars_md.md
