@@ -32,10 +32,12 @@ from fxopt.pass_base import CompileContext, pass_attr, pass_name, use_context
 from fxopt.registry import create_pass
 from fxopt.tracing import propagate_shapes
 
-__all__ = ["FILES_META", "INPUT_SHAPES_META", "PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
+__all__ = ["FILES_META", "INPUT_SHAPES_META", "MANIFEST_META", "PRECISION_META", "PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
 
 INPUT_SHAPES_META = "fxopt_input_shapes"
 FILES_META = "fxopt_files"  # files a pass leaves for the output folder: name -> bytes or text
+MANIFEST_META = "fxopt_manifest"  # facts a pass records for manifest.json (plain data): key -> value
+PRECISION_META = "fxopt_precision"  # the precision a pass made the graph run at ("int8": it holds Q/DQ)
 
 PassLike = Any  # an FxoptPass, a torch.fx PassBase, or a callable gm -> PassResult | GraphModule
 

@@ -38,6 +38,9 @@ class QuantScheme:
             and of adds fed by them, so a runtime that fuses DQ -> op -> Q runs the op in int8.
         unsigned_after_relu: quantise a ReLU's output as uint8 with zero point 0 (its range is
             never negative), which lets ONNX Runtime fold the ReLU into the conv.
+        weight_range: ``"full"``: weights use |q| <= 127 (the runtime sums int8 products in int32);
+            ``"host"``: decided from the compiling host's CPU (`fxopt.host.int8_weights_for`: ONNX
+            Runtime's x86 kernels without VNNI saturate on full-range weights, so they get |q| <= 64).
         source: where the rules come from.
     """
 
@@ -46,7 +49,12 @@ class QuantScheme:
     symmetric: bool = True
     quantize_outputs: bool = False
     unsigned_after_relu: bool = False
+    weight_range: str = "full"
     source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.weight_range not in ("full", "host"):
+            raise TargetError(f"QuantScheme.weight_range must be 'full' or 'host', got {self.weight_range!r}")
 
 
 # TensorRT 8.5 explicit quantisation (Q/DQ): symmetric int8, per-channel weights, Q/DQ on the
@@ -55,9 +63,10 @@ class QuantScheme:
 TENSORRT_QDQ = QuantScheme(source="TensorRT 8.5 developer guide, explicit quantization (Q/DQ placement)")
 # ONNX Runtime on x86: QDQ with signed int8 activations and weights ("S8S8 with QDQ is the default
 # and should be the first choice", ONNX Runtime quantization docs, data type selection); its QDQ
-# fusions need no Q/DQ on a residual add.
+# fusions need no Q/DQ on a residual add. Its x86 int8 kernels are exact only with VNNI/AMX, so the
+# weight range follows the compiling host (fxopt/host.py).
 ORT_QDQ = QuantScheme(
-    residual_add=False, quantize_outputs=True, unsigned_after_relu=True,
+    residual_add=False, quantize_outputs=True, unsigned_after_relu=True, weight_range="host",
     source="ONNX Runtime quantization docs (QDQ format: DQ -> op -> Q fuses into QLinear ops); measured in bench/results/quantize.md",
 )
 

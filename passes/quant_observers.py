@@ -245,18 +245,26 @@ class observing:  # noqa: N801 - used as a context manager, like torch.no_grad
 
 
 class _WeightFakeQuant(nn.Module):
-    """A weighted op whose weight is fake-quantised per output channel (scale: max |w| / 127)."""
+    """A weighted op whose weight is fake-quantised per output channel (scale: max |w| / `levels`).
+
+    ``levels=64`` keeps every |q| <= 64 while the quantiser's range stays int8's ``[-128, 127]``
+    (what the ONNX exporter writes as int8 Q/DQ): |w| <= max |w| puts ``round(w / scale)`` within
+    ±64 (see `fxopt.host` for the hosts that need it)."""
 
     AXIS = 0  # the weight's output-channel dim
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, levels: int = 127) -> None:
         super().__init__()
+        if not 1 <= levels <= 127:
+            raise ValueError(f"weight levels must be in [1, 127], got {levels}")
         self.module = module
         self.axis: int = self.AXIS  # an instance attribute, so TorchScript sees it
         self.enabled: bool = True  # False: the weight stays in higher precision
+        self.levels: int = levels
         weight = module.weight.detach()
         dims = [d for d in range(weight.dim()) if d != self.axis]
-        self.register_buffer("scale", symmetric_scale(weight.abs().amax(dim=dims)).float())
+        amax = weight.abs().amax(dim=dims).float()
+        self.register_buffer("scale", torch.where(amax > 0, amax / levels, torch.ones_like(amax)))
         self.register_buffer("zero_point", torch.zeros(weight.shape[self.axis], dtype=torch.int32))
 
     def quantized_weight(self) -> Tensor:
@@ -285,23 +293,27 @@ class _ConvTransposeFakeQuant(_WeightFakeQuant):
         return fn(x, self.quantized_weight(), m.bias, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
 
 
-def WeightFakeQuant(module: nn.Module) -> nn.Module:  # noqa: N802 - a factory standing in for a class
+def WeightFakeQuant(module: nn.Module, levels: int = 127) -> nn.Module:  # noqa: N802 - a factory standing in for a class
     """`module` (conv, transposed conv with groups=1, linear) with its weight fake-quantised per
-    output channel: dim 0 of a conv or linear weight, dim 1 of a transposed conv's.
+    output channel: dim 0 of a conv or linear weight, dim 1 of a transposed conv's; the largest
+    |w| of a channel maps to ``±levels`` (127, or 64 for ONNX Runtime on x86 without VNNI).
 
     Example:
         >>> q = WeightFakeQuant(nn.Linear(4, 2))
         >>> tuple(q.scale.shape), type(q).__name__
         ((2,), '_LinearFakeQuant')
+        >>> r = WeightFakeQuant(nn.Linear(4, 2), levels=64)
+        >>> int((r.quantized_weight() / r.scale[:, None]).round().abs().max())
+        64
     """
     if isinstance(module, nn.Linear):
-        return _LinearFakeQuant(module)
+        return _LinearFakeQuant(module, levels)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         if module.groups > 1:
             raise ValueError("grouped transposed conv weights are not per-channel quantisable here")
-        return _ConvTransposeFakeQuant(module)
+        return _ConvTransposeFakeQuant(module, levels)
     if isinstance(module, nn.modules.conv._ConvNd):
-        return _ConvFakeQuant(module)
+        return _ConvFakeQuant(module, levels)
     raise TypeError(f"no weight fake quantisation for {type(module).__name__}")
 
 

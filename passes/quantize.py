@@ -31,8 +31,10 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxopt.errors import ExportError, InputError
+from fxopt.host import INT8_WEIGHT_CHOICES, int8_weights_for
 from fxopt.ort_timing import OrtCrashed, isolated_latencies_ms
 from fxopt.pass_base import FxoptPass, PassResult, current_context
+from fxopt.pass_manager import MANIFEST_META, PRECISION_META
 from fxopt.passes.quant_observers import (
     CALIBRATORS,
     WEIGHT_FAKE_QUANT,
@@ -445,6 +447,11 @@ class QuantizeInt8(FxoptPass):
         timing_runs: ONNX Runtime runs per candidate (median, interleaved).
         timing_threads: ONNX Runtime intra-op threads while timing: fixed, because the library's
             default (one per core) makes the comparison swing with the machine's other load.
+        int8_weights: the weights' int8 range where the target's scheme leaves it to the host
+            (``cpu``): ``"host"`` (default) uses ±127 where this CPU's ONNX Runtime int8 kernels are
+            exact (VNNI/AMX) and |q| <= 64 where they would saturate (x86 without VNNI);
+            ``"portable"``: |q| <= 64, a file exact on every x86 CPU; ``"full"``: ±127. The compile
+            option ``int8_weights=`` sets it too (see `fxopt.host`). TensorRT targets always use ±127.
 
     Example:
         >>> import torch, fxopt
@@ -459,7 +466,7 @@ class QuantizeInt8(FxoptPass):
     name = "quantize"
     lossy = True
     after = ("canonicalize", "prune", "slim", "distill", "fold_batchnorm")
-    reads_options = ("calib_data",)
+    reads_options = ("calib_data", "int8_weights")
 
     def __init__(
         self,
@@ -472,8 +479,12 @@ class QuantizeInt8(FxoptPass):
         keep_faster: bool = True,
         timing_runs: int = 30,
         timing_threads: int = 1,
+        int8_weights: str | None = None,
     ) -> None:
         super().__init__()
+        if int8_weights is not None and int8_weights not in INT8_WEIGHT_CHOICES:
+            raise InputError(f"int8_weights must be one of {INT8_WEIGHT_CHOICES}, got {int8_weights!r}")
+        self.int8_weights = int8_weights
         if skip_most_sensitive < 0 or (error_budget is not None and not error_budget > 0):
             raise InputError(f"skip_most_sensitive must be >= 0 and error_budget > 0, got {skip_most_sensitive}, {error_budget}")
         self.skip_most_sensitive = skip_most_sensitive
@@ -499,7 +510,14 @@ class QuantizeInt8(FxoptPass):
             "calibrator": self.calibrator, "percentile": self.percentile, "calibrators": self.calibrators,
             "skip": list(self.skip), "skip_most_sensitive": self.skip_most_sensitive, "error_budget": self.error_budget,
             "keep_faster": self.keep_faster, "timing_runs": self.timing_runs, "timing_threads": self.timing_threads,
+            "int8_weights": self.int8_weights,
         }
+
+    def check_options(self, options: Mapping[str, Any], target: Any = None) -> None:
+        """The int8 weight range must suit the target and this host (`fxopt.host.int8_weights_for`)."""
+        scheme = getattr(target, "quant_scheme", None)
+        if scheme is not None:
+            int8_weights_for(scheme.weight_range, options.get("int8_weights") or self.int8_weights)
 
     def call(self, graph_module: GraphModule) -> PassResult:
         ctx = current_context()
@@ -509,12 +527,16 @@ class QuantizeInt8(FxoptPass):
         calib = ctx.options.get("calib_data")
         if not calib:
             raise InputError("the quantize pass needs calib_data=[(x,), ...] (batches like the example inputs) to calibrate")
+        weights = int8_weights_for(scheme.weight_range, ctx.options.get("int8_weights") or self.int8_weights)
         annotations = annotate_int8(graph_module, scheme, self.skip)
         if not annotations:
             self.unchanged_reason = f"no op the '{ctx.target.name}' int8 scheme quantises ({', '.join(scheme.quantized_ops)})"
             return PassResult(graph_module, False)
         original = copy.deepcopy(graph_module) if self._measured(ctx) else None
-        quantizers = self._insert(graph_module, annotations, unsigned_after_relu=scheme.unsigned_after_relu, share_pool_grid=scheme.quantize_outputs)
+        quantizers = self._insert(graph_module, annotations, unsigned_after_relu=scheme.unsigned_after_relu,
+                                  share_pool_grid=scheme.quantize_outputs, weight_levels=weights.levels)
+        graph_module.meta.setdefault(MANIFEST_META, {})["int8_weights"] = weights.to_dict()
+        graph_module.meta[PRECISION_META] = "int8"
         graph_module.recompile()
         inputs = input_views(graph_module)
         self._calibrate(graph_module, quantizers, calib, inputs)
@@ -524,6 +546,7 @@ class QuantizeInt8(FxoptPass):
         if self.skip_most_sensitive or self.error_budget is not None:
             graph_module.meta["fxopt_tables"]["int8 sensitivity"] = self._mixed_precision(graph_module, calib, higher, kept)
         int8_report = int8_tables(graph_module, ctx.target, higher, self._why_not_int8(graph_module, scheme, kept, higher))
+        int8_report["int8 summary"].append({"what": "int8 weights", "value": weights.why})
         graph_module.meta["fxopt_tables"].update(int8_report)
         if original is not None:
             try:
@@ -556,7 +579,8 @@ class QuantizeInt8(FxoptPass):
         return ctx.target.backend == "onnxruntime" and bool(ctx.example_inputs)
 
     def _insert(
-        self, gm: GraphModule, annotations: dict[str, QuantAnnotation], unsigned_after_relu: bool = False, share_pool_grid: bool = False
+        self, gm: GraphModule, annotations: dict[str, QuantAnnotation], unsigned_after_relu: bool = False, share_pool_grid: bool = False,
+        weight_levels: int = 127,
     ) -> dict[str, FakeQuantize]:
         nodes = {n.name: n for n in gm.graph.nodes}
         quantizers: dict[str, FakeQuantize] = {}
@@ -579,7 +603,7 @@ class QuantizeInt8(FxoptPass):
                 path = str(consumer.target)
                 module = gm.get_submodule(path)
                 if not isinstance(module, WEIGHT_FAKE_QUANT):  # a module called twice is wrapped once
-                    gm.set_submodule(path, WeightFakeQuant(module))
+                    gm.set_submodule(path, WeightFakeQuant(module, weight_levels))
         return quantizers
 
     def _calibrate(self, gm: GraphModule, quantizers: dict[str, FakeQuantize], calib: Sequence[tuple[Any, ...]], inputs: set[str]) -> None:

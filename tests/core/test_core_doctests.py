@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ("fxopt.inputs", "fxopt.output_folder", "fxopt.progress", "fxopt.cli", "fxopt.models.registry", "fxopt.compiler", "fxopt.stages")
+MODULES = ("fxopt.host", "fxopt.inputs", "fxopt.output_folder", "fxopt.progress", "fxopt.cli", "fxopt.models.registry", "fxopt.compiler", "fxopt.stages")
 
 
 @pytest.mark.parametrize("module", MODULES)

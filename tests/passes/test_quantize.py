@@ -335,8 +335,8 @@ def ort_accuracy(onnx_model, x, y):
     return correct / len(y)
 
 
-@pytest.mark.parametrize("target", ["xavier", "cpu"])
-def test_digits_int8_accuracy_within_half_a_point_of_fp32_in_onnx_runtime(target):
+@pytest.mark.parametrize(("target", "int8_weights"), [("xavier", None), ("cpu", None), ("cpu", "portable")])
+def test_digits_int8_accuracy_within_half_a_point_of_fp32_in_onnx_runtime(target, int8_weights):
     split = load_digits_split(0)
     torch.manual_seed(0)
     model = DigitsCNN(width=8)
@@ -351,7 +351,7 @@ def test_digits_int8_accuracy_within_half_a_point_of_fp32_in_onnx_runtime(target
     calib = [(split.x_train[i:i + 1],) for i in range(0, 256, 8)]  # 32 training images
     fp32 = fxopt.compile(model, target, example_inputs=(x,), precision="fp32")
     # keep_faster=False: this test is about accuracy, whichever is faster on this host
-    int8 = fxopt.compile(model, target, example_inputs=(x,), precision="int8", calib_data=calib, passes=[QuantizeInt8(keep_faster=False)])
+    int8 = fxopt.compile(model, target, example_inputs=(x,), precision="int8", calib_data=calib, passes=[QuantizeInt8(keep_faster=False, int8_weights=int8_weights)])
     assert sum(n.op_type == "QuantizeLinear" for n in int8.onnx_model.graph.node) >= 10
     acc32, acc8 = ort_accuracy(fp32.onnx_model, split.x_test, split.y_test), ort_accuracy(int8.onnx_model, split.x_test, split.y_test)
     assert acc32 > 0.9
@@ -385,6 +385,13 @@ def test_cpu_keeps_int8_only_when_onnx_runtime_runs_it_faster(monkeypatch, int8_
     if not applied:
         assert "int8 is not faster on this host: ONNX Runtime median 3.000 ms vs fp32 2.000 ms over 30 runs on 1 thread(s)" in record.reason
         assert any(n.startswith("WARNING: requested pass 'quantize' changed nothing: int8 is not faster") for n in compiled.report.notes)
+    # what ships is said the same way everywhere: manifest, report headline and markdown
+    shipped = "int8" if applied else "fp32"
+    assert compiled.manifest["precision"] == compiled.report.precision == shipped
+    assert str(compiled.report).splitlines()[0].endswith(f"({shipped})")
+    assert f"for `cpu` ({shipped})" in compiled.report.to_markdown().splitlines()[0]
+    assert ("int8_weights" in compiled.manifest) == applied
+    assert any(n.startswith("WARNING: precision fp32, not int8") for n in compiled.report.notes) == (not applied)
 
 
 def test_xavier_is_never_timed_here(monkeypatch):
@@ -626,3 +633,180 @@ def test_cpu_report_gives_measured_latencies_even_when_int8_is_forced(monkeypatc
     record = next(r for r in compiled.report.passes if r.name == "quantize")
     assert record.status == "applied"  # slower, but forced
     assert [row["median ms"] for row in compiled.report.tables["int8 vs fp32 in ONNX Runtime (this host)"]] == ["2.0000", "3.0000"]
+
+
+# --- the host's int8 kernels (fxopt/host.py): tested under both kinds of x86 host ------------------
+
+VNNI_HOSTS = [("avx2", "avx512_bw", "avx512_vnni"), ("avx2", "avx_vnni"), ("avx2", "avx512_bw", "avx512_vnni", "amx_int8")]
+SATURATING_HOSTS = [("avx2",), ("avx2", "avx512_bw")]
+
+
+def onnx_weight_q(model: onnx.ModelProto) -> np.ndarray:
+    """The int8 values of every quantised weight in an exported file (each weight's Q of its initializer)."""
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    values = []
+    for node in model.graph.node:
+        axis = [a.i for a in node.attribute if a.name == "axis"]
+        if node.op_type == "QuantizeLinear" and axis and node.input[0] in initializers:
+            w, scale = initializers[node.input[0]], initializers[node.input[1]]
+            shape = [1] * w.ndim
+            shape[axis[0]] = -1
+            values.append(np.round(w / scale.reshape(shape)).ravel())
+        elif node.op_type == "DequantizeLinear" and axis and node.input[0] in initializers and initializers[node.input[0]].dtype == np.int8:
+            values.append(initializers[node.input[0]].astype(np.float64).ravel())
+    assert values, "no quantised weight in the file"
+    return np.concatenate(values)
+
+
+@pytest.mark.parametrize("features", VNNI_HOSTS + SATURATING_HOSTS)
+def test_cpu_int8_weight_range_follows_the_simulated_host(features):
+    from fxopt.host import simulated_host
+
+    with simulated_host(features) as cpu:
+        torch.manual_seed(0)
+        gm_levels = [m.levels for m in quantize_graph_modules(target="cpu")]
+    expected = 127 if cpu.exact_int8 else 64
+    assert cpu.exact_int8 == any(f in features for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    assert gm_levels and set(gm_levels) == {expected}
+
+
+def quantize_graph_modules(target, **kw):
+    from fxopt.passes.quant_observers import WEIGHT_FAKE_QUANT
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxopt.trace(model, (x,))
+    from fxopt.pass_base import CompileContext, use_context
+
+    ctx = CompileContext.create(get_target(target), (x,), "int8", calib_data=[(torch.randn(1, 3, 8, 8),)], **kw)
+    with use_context(ctx):
+        out = QuantizeInt8(keep_faster=False).call(gm).graph_module
+    return [m for m in out.modules() if isinstance(m, WEIGHT_FAKE_QUANT)]
+
+
+def test_xavier_weights_use_the_full_range_on_any_host():
+    from fxopt.host import simulated_host
+
+    with simulated_host(("avx2",)):
+        torch.manual_seed(0)
+        assert {m.levels for m in quantize_graph_modules(target="xavier")} == {127}
+        with pytest.raises(fxopt.InputError, match="portable"):
+            quantize_graph_modules(target="xavier", int8_weights="portable")
+
+
+@pytest.mark.parametrize("features", [VNNI_HOSTS[0], SATURATING_HOSTS[0]])
+def test_cpu_int8_file_is_exact_where_its_weight_range_says_and_the_manifest_records_why(features):
+    """Simulated host (the decision) x this machine's real ONNX Runtime kernels (the check): the
+    |q| <= 64 file verifies on every x86 host; the full-range one only where the real host has VNNI."""
+    from fxopt.errors import VerificationError
+    from fxopt.host import host_cpu, simulated_host
+
+    real_exact = host_cpu().exact_int8
+    torch.manual_seed(0)
+    model = PoolResidualHead().eval()
+    x = (torch.rand(1, 3, 16, 16) * 4,)
+    with simulated_host(features) as cpu:
+        if cpu.exact_int8 and not real_exact:  # full range on a host whose kernels saturate: what issue 23 saw
+            with pytest.raises(VerificationError):
+                quantize(model, x, target="cpu")
+            return
+        compiled = quantize(model, x, target="cpu")
+    q = np.abs(onnx_weight_q(compiled.onnx_model))
+    assert q.max() == (127 if cpu.exact_int8 else 64)
+    recorded = compiled.manifest["int8_weights"]
+    assert recorded["max_abs_q"] == int(q.max()) and recorded["host"]["features"] == list(features) or recorded["host"]["features"] == tuple(features)
+    assert compiled.manifest["host"]["source"] == "simulated"
+    assert any(row["what"] == "int8 weights" and row["value"] == recorded["why"] for row in compiled.report.tables["int8 summary"])
+
+
+def test_portable_int8_weights_are_exact_everywhere_and_full_is_refused_where_it_would_saturate():
+    from fxopt.host import simulated_host
+
+    torch.manual_seed(0)
+    x = (torch.randn(1, 3, 16, 16),)
+    with simulated_host(VNNI_HOSTS[0]):
+        portable = quantize(PoolResidualHead().eval(), x, target="cpu", int8_weights="portable")
+    assert np.abs(onnx_weight_q(portable.onnx_model)).max() == 64
+    assert portable.manifest["int8_weights"]["choice"] == "portable"
+    with simulated_host(SATURATING_HOSTS[0]), pytest.raises(fxopt.InputError, match="overflow"):
+        quantize(PoolResidualHead().eval(), x, target="cpu", int8_weights="full")
+    with pytest.raises(fxopt.InputError, match="int8_weights must be one of"):
+        QuantizeInt8(int8_weights="7bit")
+
+
+def test_host_isa_is_read_from_proc_cpuinfo_when_torch_cannot_say(tmp_path):
+    from fxopt.host import _from_cpuinfo
+
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse sse2 avx avx2 fma\n")
+    vnni = tmp_path / "vnni"
+    vnni.write_text("model name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512bw avx512_vnni\n")
+    a, v = _from_cpuinfo("x86_64", str(avx2)), _from_cpuinfo("x86_64", str(vnni))
+    assert (a.name, a.features, a.exact_int8) == ("AMD EPYC 7B12", ("avx2",), False)
+    assert (v.features, v.exact_int8) == (("avx2", "avx512_bw", "avx512_vnni"), True)
+    assert "vpmaddubsw" in a.int8_kernels and "AVX2" in a.int8_kernels
+    assert _from_cpuinfo("x86_64", str(tmp_path / "missing")).features == ()
+
+
+def saturation_probe(levels: int) -> int:
+    """ONNX Runtime's u8 x s8 integer product on this host (MatMulInteger: the kernel QLinearConv and
+    QGemm use) with activations at 255 and weights at ±`levels`: its largest error against exact
+    integer arithmetic. (A QDQ conv with a float output would not do: ONNX Runtime runs it as a float
+    Conv, fusing a QLinearConv only when a Q follows.)"""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    a = np.full((4, 256), 255, dtype=np.uint8)
+    a[1::2] = rng.integers(0, 256, size=a[1::2].shape)
+    b = (rng.choice([-1, 1], size=(256, 16)) * levels).astype(np.int8)
+    b[:, 0] = levels  # same signs in every pair: the int16 pair sum saturates first here
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, list(a.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+        [numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    y = session.run(None, {"a": a})[0].astype(np.int64)
+    return int(np.abs(y - a.astype(np.int64) @ b.astype(np.int64)).max())
+
+
+def test_onnx_runtime_int8_kernels_on_this_host_behave_as_fxopt_detects():
+    """The detection against the real kernels of whichever host runs the suite: full-range weights are
+    exact with VNNI/AMX and saturate without; |q| <= 64 is exact on both."""
+    from fxopt.host import host_cpu
+
+    if host_cpu().x86:
+        full = saturation_probe(127)
+        assert (full == 0) == host_cpu().exact_int8, (full, host_cpu())
+    assert saturation_probe(64) == 0
+
+
+@pytest.mark.skipif(
+    __import__("fxopt.testing.emulated_cpu", fromlist=["emulator"]).emulator() is None or not __import__("platform").machine() == "x86_64",
+    reason="needs qemu-x86_64 (Debian qemu-user; `make test` and .ci/run install it) on an x86-64 host",
+)
+def test_cpu_int8_file_is_exact_on_an_emulated_avx2_host():
+    """The AVX2-only host for real, on any x86 host: ONNX Runtime's AVX2 int8 kernels under QEMU's
+    Haswell. The file fxopt writes for such a host matches the torch graph it verified; a full-range
+    file (what a VNNI host writes) does not, which is why the range follows the host."""
+    from fxopt.backends.onnx import error_in_steps
+    from fxopt.host import simulated_host
+    from fxopt.testing.emulated_cpu import run_onnx_emulated
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 64, 10)).eval()
+    x = torch.rand(1, 3, 8, 8) * 4
+    steps = {}
+    for features in (SATURATING_HOSTS[0], VNNI_HOSTS[0]):
+        with simulated_host(features) as cpu:
+            compiled = fxopt.compile(model, "cpu", example_inputs=(x,), precision="int8", passes=[QuantizeInt8(keep_faster=False)],
+                                     calib_data=[(torch.rand(1, 3, 8, 8) * 4,) for _ in range(3)])
+        emulated = run_onnx_emulated(compiled.onnx_model, [x], cpu="Haswell")
+        steps[cpu.exact_int8] = error_in_steps(emulated, [compiled(x)], [None])
+    assert steps[False] <= 1.0, steps  # |q| <= 64: exact on AVX2 (rounding of the last requantisation only)
+    assert steps[True] > 5.0, steps  # full range: vpmaddubsw saturates
