@@ -6,6 +6,7 @@ import hashlib
 import os
 import platform
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -15,11 +16,12 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxopt.cost_model import estimate_costs
-from fxopt.errors import InputError
+from fxopt.errors import FxoptWarning, InputError
 from fxopt.inputs import (
     calibration_batches,
     copy_inputs,
     describe_shapes,
+    leaf_module_paths,
     validate_inputs,
     verification_inputs,
 )
@@ -253,6 +255,8 @@ def compile(  # noqa: A001 - the public name the design asks for
         inputs = split.graph_inputs
         if "calib_data" in options:
             options["calib_data"] = [split.graph_inputs_for(b) for b in options["calib_data"]]
+    leaf_modules = leaf_module_paths(model if split is None else split.root, leaf_modules,
+                                     where=type(model).__name__ if split is None else f"the graph part ({', '.join(split.root.part_paths)})")
     pipeline = resolve_passes(_pipeline(profile, passes))
     if (precision or profile.default_precision) == "int8" and "quantize" not in {pass_name(p) for p in pipeline}:
         pipeline.append(create_pass("quantize"))  # int8 is the quantize pass's Q/DQ, never an uncalibrated engine
@@ -521,6 +525,10 @@ def _check_request(pipeline: list[Any], options: dict[str, Any], precision: str,
             f"unknown compile option(s) {', '.join(map(repr, unknown))}; known here: {', '.join(sorted(known))} "
             "(a pass reading other options declares them in its `reads_options`)"
         )
+    for p in pipeline:  # what a pass's settings need from the options (prune's Taylor importance: calib_data)
+        check = pass_attr(p, "check_options", None)
+        if callable(check):
+            check(options, target=profile)
     names = {pass_name(p) for p in pipeline}
     if (precision == "int8" or "quantize" in names) and not options.get("calib_data"):
         raise InputError(
@@ -530,12 +538,16 @@ def _check_request(pipeline: list[Any], options: dict[str, Any], precision: str,
 
 
 def _pass_warnings(records: list[Any], requested: Sequence[Any] | None) -> list[str]:
-    """Loud report lines for passes the user asked for that were rolled back or changed nothing."""
+    """Loud report lines for passes the user asked for that were rolled back or changed nothing;
+    each is also an `FxoptWarning`, since compile returns normally and the report may go unread."""
     asked = {p if isinstance(p, str) else pass_name(p) for p in (requested or ())}
-    return [
+    lines = [
         f"WARNING: requested pass '{r.name}' {'was rolled back' if r.status == 'rolled_back' else 'changed nothing'}: {r.reason}"
         for r in records if r.name in asked and r.status in ("rolled_back", "unchanged")
     ]
+    for line in lines:
+        warnings.warn(line.removeprefix("WARNING: "), FxoptWarning, stacklevel=3)  # at the caller of compile
+    return lines
 
 
 def _float_twin(gm: GraphModule) -> GraphModule | None:

@@ -8,12 +8,14 @@ gets fresh copies (`copy_inputs`).
 
 from __future__ import annotations
 
+import difflib
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import FxoptWarning, InputError
@@ -24,6 +26,7 @@ __all__ = [
     "copy_inputs",
     "describe_shapes",
     "input_variants",
+    "leaf_module_paths",
     "resize_inputs",
     "resize_spatial",
     "validate_inputs",
@@ -212,3 +215,35 @@ def describe_shapes(items: Sequence[Any]) -> str:
     """``1x3x64x96`` for each tensor or shape in `items` (others skipped), comma-separated."""
     shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in items]
     return ", ".join("x".join(map(str, s)) for s in shapes if isinstance(s, (tuple, list, torch.Size)))
+
+
+def leaf_module_paths(root: nn.Module, leaf_modules: Any, *, where: str = "") -> tuple[str, ...]:
+    """`compile(leaf_modules=...)` as submodule paths of `root`, each checked to exist.
+
+    A lone string is one path (``"backbone.block"``), never split into its characters.
+
+    Args:
+        where: what `root` is, for the message (default: its class name).
+
+    Raises:
+        InputError: an entry is not a non-empty string, or `root` has no such submodule (the
+            message lists the closest names).
+
+    Example:
+        >>> leaf_module_paths(torch.nn.Sequential(torch.nn.ReLU()), "0")
+        ('0',)
+    """
+    paths = (leaf_modules,) if isinstance(leaf_modules, str) else leaf_modules
+    if not isinstance(paths, Iterable) or isinstance(paths, (bytes, Mapping)):
+        raise InputError(f"leaf_modules must be a list of submodule paths (e.g. ['backbone.block']), got {type(leaf_modules).__name__}")
+    paths = tuple(paths)
+    names = [name for name, _ in root.named_modules() if name]
+    for path in paths:
+        if not isinstance(path, str) or not path:
+            raise InputError(f"leaf_modules entries must be submodule paths such as 'backbone.block', got {path!r}")
+        if path not in names:
+            close = difflib.get_close_matches(path, names, n=3)
+            hint = (f"did you mean {', '.join(map(repr, close))}?" if close else
+                    f"its top-level submodules: {', '.join(n for n in names if '.' not in n) or 'none'}")
+            raise InputError(f"leaf_modules: {where or type(root).__name__} has no submodule '{path}'; {hint}")
+    return paths

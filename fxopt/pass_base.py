@@ -138,6 +138,11 @@ class FxoptPass(PassBase):
         """The pass's settings, recorded in the report and manifest (override when configurable)."""
         return {}
 
+    def check_options(self, options: Mapping[str, Any], target: Any = None) -> None:
+        """Refuse, before any work, `compile(**options)` these settings cannot run with on `target`
+        (the `TargetProfile`; raise `fxopt.InputError`); `compile` calls it for every pass in the
+        pipeline. Default: accept."""
+
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__}.call")
 

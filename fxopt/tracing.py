@@ -30,7 +30,7 @@ from torch.fx.proxy import Attribute
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import InputError, TraceError
-from fxopt.inputs import copy_inputs
+from fxopt.inputs import copy_inputs, leaf_module_paths
 
 __all__ = ["Leaf", "trace", "propagate_shapes", "normalize_inputs", "leaves_of", "specialisations_of"]
 
@@ -387,7 +387,8 @@ def trace(
             f"({', '.join(_describe(x) for x in inputs)}): {_reason(exc)}"
         ) from exc
 
-    leaves: dict[str, Leaf] = {p: Leaf(p, _type_of(root, p), "requested by the user") for p in leaf_modules}
+    requested = leaf_module_paths(root, leaf_modules)  # a lone string is one path; unknown paths are refused
+    leaves: dict[str, Leaf] = {p: Leaf(p, _type_of(root, p), "requested by the user") for p in requested}
     fixed = _defaults_after(root, len(inputs))
     for _ in range(_MAX_RETRIES):
         tracer = _LeafTracer(leaves, inputs, fixed)

@@ -838,6 +838,12 @@ class PruneChannels(FxoptPass):
         self.plan: PrunePlan | None = None
         self.analysis: DependencyAnalysis | None = None
 
+    def check_options(self, options: Mapping[str, Any], target: Any = None) -> None:
+        """Taylor importance scores channels on calibration batches: without them, refuse before work."""
+        if self.settings.importance == "taylor" and not options.get("calib_data"):
+            raise InputError("PruneChannels: importance='taylor' needs calib_data=[(x,), ...] (a few batches like the "
+                             "example inputs) to score channels; pass it, or use importance='l1'")
+
     def options(self) -> dict[str, Any]:
         s = self.settings
         importance = s.importance if isinstance(s.importance, str) else getattr(s.importance, "__name__", "callable")
