@@ -12,9 +12,13 @@ producers output one spatial size) and the input shapes the user allows (resolut
   for 2-D logits, squared error relative to the reference's power for every other float
   output), which is the objective.
 
-The sampler is Optuna's TPE with the latency constraint (seeded, so a search is reproducible);
-any Optuna storage URL (or a ``.journal`` file path) lets several workers share one study. The
-pass returns the feasible trial with the lowest proxy, its BatchNorm statistics re-estimated.
+The input graph (after the passes before slim) is a candidate too, at divergence 0 from itself:
+when it meets the budget it is returned unchanged, and nothing is searched. Otherwise the sampler
+is Optuna's TPE with the latency constraint (seeded, so a search is reproducible); any Optuna
+storage URL (or a ``.journal`` file path) lets several workers share one study. The pass returns
+the feasible trial with the lowest proxy, its BatchNorm statistics re-estimated; a re-rank by
+fine-tuning (``finetune_top``) may choose another, and the report then names each less
+compressed trial the proxy ranked higher and its score after the same fine-tune.
 A study's trials, its Pareto plot and the study itself are written by `CompiledModel.save`.
 """
 
@@ -23,10 +27,12 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -231,9 +237,27 @@ class _Space:
                 "resolutions": [describe_shapes(s) for s in self.resolutions], "nodes": len(self.gm.graph.nodes)}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
+    def _pixels(self, index: int) -> int:
+        return math.prod(s for x in self.resolutions[index] if x for s in x)
+
     def smallest(self) -> SlimCandidate:
-        res = min(range(len(self.resolutions)), key=lambda i: math.prod(s for x in self.resolutions[i] if x for s in x))
+        res = min(range(len(self.resolutions)), key=self._pixels)
         return SlimCandidate(tuple(b.scope for b in self.blocks), tuple((s, self.width_choices[0]) for s in self.stages), res)
+
+    def uncut(self) -> SlimCandidate:
+        """The input graph as a candidate: every block kept, every stage whole, the example's input size."""
+        return SlimCandidate((), tuple((s, 1.0) for s in self.stages), 0)
+
+    @staticmethod
+    def is_uncut(c: SlimCandidate) -> bool:
+        return not c.removed_blocks and all(r >= 1.0 for _, r in c.widths) and c.resolution == 0
+
+    def less_compressed(self, a: SlimCandidate, b: SlimCandidate) -> bool:
+        """`a` is another candidate that keeps at least what `b` keeps in every dimension: the blocks
+        `b` keeps, each stage's width, and an input at least as large."""
+        wa, wb = dict(a.widths), dict(b.widths)
+        return (a != b and set(a.removed_blocks) <= set(b.removed_blocks) and self._pixels(a.resolution) >= self._pixels(b.resolution)
+                and all(wa.get(s, 1.0) >= wb.get(s, 1.0) for s in self.stages))
 
     def describe(self, c: SlimCandidate) -> str:
         kind = "layers" if self.layers else "residual blocks"
@@ -297,25 +321,104 @@ def latency_range(gm: GraphModule, example_inputs: tuple[Any, ...], target: Any,
     return s.latency_s(s.smallest(), profile, precision), s.latency_s(SlimCandidate(), profile, precision)
 
 
+def _input_row(space: _Space, base_s: float, budget_s: float, chosen: bool, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """The search table's row for the input graph: a candidate too (divergence 0 from itself), never a trial."""
+    return {"trial": "input", "state": "input graph", "est. latency ms": round(base_s * 1e3, 4), "feasible": base_s <= budget_s,
+            "proxy": 0.0, **dict.fromkeys(extra), **space.uncut().describe(), "chosen": chosen}
+
+
+def _ceil_digits(value: float, digits: int) -> float:
+    """`value` rounded up to `digits` significant digits (a figure to quote as "at least")."""
+    if value <= 0:
+        return value
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale - 1e-9) / scale
+
+
 def _graph_copy(gm: GraphModule) -> Any:
     """A shape-carrying copy of `gm` whose graph can be edited for costing (weights shared)."""
     return GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
 
 
-def _storage(storage: Any) -> Any:
-    import optuna
+# the pip package of a SQLAlchemy driver whose name differs from its module's
+_DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "mysqldb": "mysqlclient", "pymysql": "PyMySQL"}
+_STORAGE_FORMS = "an Optuna storage URL (sqlite:///study.db, postgresql://...) or a .journal file path"
 
+
+def _check_storage(storage: Any) -> None:
+    """Refuse, before any work, a storage slim could not open: a path in a missing folder, a URL
+    SQLAlchemy cannot parse, an unknown database or a driver that is not installed. Opens nothing.
+
+    Raises:
+        InputError: naming the storage (its password hidden) and what to install or fix.
+    """
+    if storage is None:
+        return
+    if not isinstance(storage, (str, os.PathLike)):
+        try:
+            from optuna.storages import BaseStorage
+        except ImportError:
+            raise InputError("the slim pass searches with Optuna: pip install 'fxopt[slim]' (optuna, matplotlib)") from None
+        if not isinstance(storage, BaseStorage):
+            raise InputError(f"Slim: storage must be {_STORAGE_FORMS} or an optuna.storages.BaseStorage, got {type(storage).__name__}")
+        return
+    text = os.fspath(storage)
+    if "://" not in text:
+        if not text.endswith((".journal", ".log")):
+            raise InputError(f"Slim: storage must be {_STORAGE_FORMS}, got {text!r}")
+        folder = os.path.dirname(os.path.abspath(text))
+        if not os.path.isdir(folder):
+            raise InputError(f"Slim: the journal file {text!r} is in {folder!r}, which does not exist: create the folder or give another path")
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(text)
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        raise InputError(f"Slim: storage {_without_password(text)!r} is not a database URL SQLAlchemy can parse ({exc}); give {_STORAGE_FORMS}") from None
+    shown = url.render_as_string(hide_password=True)
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        raise InputError(f"Slim: storage {shown!r} names the database '{url.drivername}', which SQLAlchemy does not know; "
+                         f"give {_STORAGE_FORMS}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError:
+        package = _DRIVER_PACKAGES.get(dialect.driver, dialect.driver)
+        raise InputError(f"Slim: storage {shown!r} needs the database driver '{dialect.driver}', which is not installed: "
+                         f"pip install {package} (or name an installed driver in the URL, e.g. {url.get_backend_name()}+<driver>://)") from None
+
+
+def _without_password(url: str) -> str:
+    """`url` with the password of its ``user:password@`` part shown as ``***`` (for messages)."""
+    return re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", url)
+
+
+def _open_storage(storage: Any) -> Any:
+    """The Optuna storage `storage` names (checked by `_check_storage`), opened; ``None`` stays
+    ``None`` (a study in memory).
+
+    Raises:
+        InputError: the database or journal file cannot be opened (naming it, its password hidden).
+    """
     if storage is None or not isinstance(storage, (str, os.PathLike)):
         return storage
-    text = os.fspath(storage)
-    if text.endswith((".journal", ".log")) and "://" not in text:
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
-        return JournalStorage(JournalFileBackend(text))
-    if "://" not in text:
-        raise InputError(f"slim: storage must be an Optuna storage URL (sqlite:///study.db, postgresql://...) or a .journal file path, got {text!r}")
-    return optuna.storages.RDBStorage(text)
+    text = os.fspath(storage)
+    try:
+        if "://" not in text:
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(text))
+        return optuna.storages.RDBStorage(text)
+    except (ImportError, OSError, SQLAlchemyError) as exc:
+        cause = str(exc).splitlines()[0]
+        raise InputError(f"slim: cannot open the Optuna storage {_without_password(text)!r}: {cause}; check that the database is reachable "
+                         "and writable (or the journal file's folder), or give another storage") from None
 
 
 @register_pass
@@ -326,7 +429,8 @@ class Slim(FxoptPass):
     Args:
         latency_ms: the budget in milliseconds of the target's estimate at the compile precision.
         latency_ratio: the budget as a fraction of the input graph's estimate (e.g. 0.5);
-            one of the two is needed (either also as a compile option).
+            one of the two is needed (either also as a compile option). An input graph that
+            meets the budget is returned unchanged, with the reason in the report.
         trials: Optuna trials this worker runs (the study may hold more, from other workers).
         space: the dimensions searched: any of ``"depth"``, ``"width"``, ``"resolution"``, and
             ``"layers"`` (opt-in): in a net without residual blocks, remove same-shape conv layers
@@ -336,7 +440,9 @@ class Slim(FxoptPass):
             Also a compile option.
         seed: seeds the sampler.
         storage: an Optuna storage URL or a ``.journal`` file path, to share one study between
-            workers; ``None`` keeps the study in memory (`save` writes it as ``study.db``).
+            workers; ``None`` keeps the study in memory (`save` writes it as ``study.db``). Its
+            scheme, driver (installed?) and folder are checked here, and it is opened before any
+            other work of `call`.
         study_name: the study's name in `storage`.
         width_choices: the keep ratios a stage may take.
         max_ratio: the largest fraction of any group's channels that may go.
@@ -394,6 +500,9 @@ class Slim(FxoptPass):
         for key, value in (("latency_ms", latency_ms), ("latency_ratio", latency_ratio)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise InputError(f"Slim: {key} must be a positive number, got {value!r}")
+        if latency_ms is not None and latency_ratio is not None:
+            raise InputError("Slim: give latency_ms= or latency_ratio=, not both")
+        _check_storage(storage)
         self.latency_ms, self.latency_ratio, self.trials = latency_ms, latency_ratio, trials
         self.space, self.resolutions, self.seed = tuple(space), resolutions, seed
         self.storage, self.study_name = storage, study_name
@@ -412,26 +521,54 @@ class Slim(FxoptPass):
                 "measure": self.measure, "finetune_top": self.finetune_top, "finetune_steps": self.finetune_steps}
 
     # ------------------------------------------------------------------------------------
-    def _budget_s(self, base_s: float) -> float:
-        opts = current_context().options
-        latency_ms = self.latency_ms if self.latency_ms is not None else opts.get("latency_ms")
-        ratio = self.latency_ratio if self.latency_ratio is not None else opts.get("latency_ratio")
+    def check_options(self, options: Mapping[str, Any], target: Any = None) -> None:
+        """Refuse, before any work, a slim these compile options cannot run: no latency budget or
+        two, a budget that is not a positive number, no ``calib_data``. `compile` calls it before
+        tracing; `call` checks it first too (a pass run on its own).
+
+        Args:
+            options: the compile options (`CompileContext.options`).
+            target: the compile's `TargetProfile`; these checks hold on every target.
+
+        Raises:
+            InputError: naming what is missing or wrong and how to give it.
+
+        Example:
+            >>> Slim(latency_ratio=0.5).check_options({"calib_data": [(torch.zeros(1, 3, 8, 8),)]})
+            >>> Slim().check_options({"calib_data": [(torch.zeros(1, 3, 8, 8),)]})
+            Traceback (most recent call last):
+            ...
+            fxopt.errors.InputError: slim needs a latency budget: latency_ms= or latency_ratio= (as a Slim option or a compile option)
+        """
+        self._budget_request(options)
+        if not options.get("calib_data"):
+            raise InputError("slim needs calib_data=[(x,), ...] for its accuracy proxy (BatchNorm re-estimation and "
+                             "the divergence from the original model's outputs on those batches)")
+
+    def _budget_request(self, options: Mapping[str, Any]) -> tuple[float | None, float | None]:
+        """``(latency_ms, latency_ratio)``, exactly one given: the pass's own, else the compile option."""
+        latency_ms = self.latency_ms if self.latency_ms is not None else options.get("latency_ms")
+        ratio = self.latency_ratio if self.latency_ratio is not None else options.get("latency_ratio")
         if latency_ms is None and ratio is None:
             raise InputError("slim needs a latency budget: latency_ms= or latency_ratio= (as a Slim option or a compile option)")
         if latency_ms is not None and ratio is not None:
             raise InputError("slim: give latency_ms= or latency_ratio=, not both")
+        for key, value in (("latency_ms", latency_ms), ("latency_ratio", ratio)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise InputError(f"slim: {key} must be a positive number, got {value!r}")
+        return latency_ms, ratio
+
+    def _budget_s(self, base_s: float) -> float:
+        latency_ms, ratio = self._budget_request(current_context().options)
         return float(latency_ms) / 1e3 if latency_ms is not None else float(ratio) * base_s
 
     def call(self, graph_module: GraphModule) -> PassResult:
-        try:
-            import optuna
-        except ImportError:
-            raise InputError("the slim pass searches with Optuna: pip install 'fxopt[slim]' (optuna, matplotlib)") from None
+        if importlib.util.find_spec("optuna") is None:
+            raise InputError("the slim pass searches with Optuna: pip install 'fxopt[slim]' (optuna, matplotlib)")
         ctx = current_context()
-        calib = ctx.options.get("calib_data")
-        if not calib:
-            raise InputError("slim needs calib_data=[(x,), ...] for its accuracy proxy (BatchNorm re-estimation and "
-                             "the divergence from the original model's outputs on those batches)")
+        self.check_options(ctx.options, ctx.target)  # before any work, as is opening the storage: not after the space is built
+        storage = _open_storage(self.storage)
+        self.study, self.chosen = None, None
         if not any("tensor_meta" in n.meta for n in graph_module.graph.nodes):
             raise InputError("Slim needs shapes on the graph: trace with fxopt.trace(model, example_inputs) or use fxopt.compile")
         resolutions = self.resolutions if self.resolutions is not None else ctx.options.get("resolutions")
@@ -441,8 +578,17 @@ class Slim(FxoptPass):
         measure = self.measure or ("onnxruntime" if target.backend == "onnxruntime" else "estimate")
         space = _Space(graph_module, ctx.example_inputs, self.space, resolutions, self.width_choices,
                        target.alignment(precision), self.max_ratio, measure)
-        base_s = space.latency_s(SlimCandidate(), target, precision)
+        base_s = space.latency_s(space.uncut(), target, precision)
         budget_s = self._budget_s(base_s)
+        how = "measured in ONNX Runtime" if measure == "onnxruntime" else "estimated"
+        if base_s <= budget_s:  # the input is a candidate too, and none is closer to itself
+            self.chosen = space.uncut()
+            return self._keep_input(graph_module, (
+                f"slim: the input graph already meets the latency budget ({how} at {base_s * 1e3:.4g} ms <= budget "
+                f"{budget_s * 1e3:.4g} ms on {target.name}, {precision}), so it is returned unchanged; nothing was searched"),
+                {SEARCH_TABLE: [_input_row(space, base_s, budget_s, chosen=True)],
+                 CHOICE_TABLE: [{"dimension": "latency", "choice": f"the input graph, {base_s * 1e3:.4g} ms {how} (budget "
+                                 f"{budget_s * 1e3:.4g} ms, {target.name} {precision}): it meets the budget as it is"}]})
         if not space.blocks and not space.stages and len(space.resolutions) == 1:
             self.unchanged_reason = ("slim found nothing to search: no removable residual block or layer, no prunable channel "
                                      "group and no other input size (resolutions=)")
@@ -451,16 +597,24 @@ class Slim(FxoptPass):
         floor_s = space.latency_s(floor, target, precision)
         if floor_s > budget_s:
             raise InputError(
-                f"slim: the latency budget {budget_s * 1e3:.3g} ms on {target.name} ({precision}) is unreachable: the smallest "
-                f"candidate of this space ({space.describe(floor)}) is {'measured' if measure == 'onnxruntime' else 'estimated'} "
-                f"at {floor_s * 1e3:.3g} ms "
-                f"(the input graph: {base_s * 1e3:.3g} ms)"
+                f"slim: the latency budget {budget_s * 1e3:.4g} ms on {target.name} ({precision}) is unreachable: it is below "
+                f"this search space's floor, {floor_s * 1e3:.4g} ms {how} for its smallest candidate ({space.describe(floor)}; "
+                f"the input graph: {base_s * 1e3:.4g} ms); give a budget of at least {_ceil_digits(floor_s * 1e3, 4):g} ms, "
+                "or widen space=, width_choices= or resolutions="
             )
-        batches = [tuple(b) for b in calib[:PROXY_BATCHES]]
+        return self._search(graph_module, space, storage, floor, base_s, budget_s)
+
+    def _search(self, graph_module: GraphModule, space: _Space, storage: Any, floor: SlimCandidate, base_s: float,
+                budget_s: float) -> PassResult:
+        """Run the study and build its choice (the input graph itself where that is the choice)."""
+        import optuna
+
+        ctx = current_context()
+        batches = [tuple(b) for b in ctx.options["calib_data"][:PROXY_BATCHES]]
         references = [run_model(graph_module, b) for b in batches]
-        search = _Search(space, batches, references, target, precision, budget_s)
+        search = _Search(space, batches, references, ctx.target, ctx.precision, budget_s, base_s)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = self._study(space, search)
+        study = self._study(space, search, storage)
         if not study.trials:  # a new study starts from the smallest candidate and a few uniform widths
             seeds = [floor] + [SlimCandidate((), tuple((s, r) for s in space.stages), 0)
                                for r in self.width_choices[len(self.width_choices) // 2: -1] if space.stages]
@@ -477,25 +631,39 @@ class Slim(FxoptPass):
             best = search.rerank(study, self.finetune_top, self.finetune_steps, graph_module, progress=self.progress,
                                  request=ctx.finetune)
         self.chosen = search.candidate_of(best.params)
-        slim, inputs = space.build(self.chosen)
+        tables = {SEARCH_TABLE: search.rows(study, best),
+                  CHOICE_TABLE: search.choice_rows(study, self.chosen, best, base_s, budget_s, time.perf_counter() - start)}
+        files = search.files(study, best, self.storage is None)
+        if space.is_uncut(self.chosen):  # a trial of the input itself met the budget (a measured latency varies)
+            return self._keep_input(graph_module, (
+                f"slim: the input graph itself is the best candidate under the latency budget of {budget_s * 1e3:.4g} ms "
+                f"(trial {best.number}: {best.user_attrs['latency_ms']:.4g} ms), so it is returned unchanged"), tables, files)
+        slim, _ = space.build(self.chosen)
         recalibrate_batchnorm(slim, [resize_inputs(b, space.resolutions[self.chosen.resolution]) for b in batches])
         slim.meta.update({k: v for k, v in graph_module.meta.items() if k not in slim.meta})
-        tables = slim.meta.setdefault("fxopt_tables", {})
-        tables[SEARCH_TABLE] = search.rows(study, best)
-        tables[CHOICE_TABLE] = search.choice_rows(self.chosen, best, len(study.trials), base_s, budget_s, time.perf_counter() - start)
-        slim.meta[FILES_META] = {**slim.meta.get(FILES_META, {}), **search.files(study, best, self.storage is None)}
+        slim.meta["fxopt_tables"] = {**slim.meta.get("fxopt_tables", {}), **tables}  # a new dict: the input's stays its own
+        slim.meta[FILES_META] = {**slim.meta.get(FILES_META, {}), **files}
         if self.chosen.resolution:
             slim.meta[INPUT_SHAPES_META] = space.resolutions[self.chosen.resolution]
         return PassResult(slim, True)
 
-    def _study(self, space: _Space, search: _Search) -> Any:
+    def _keep_input(self, graph_module: GraphModule, reason: str, tables: dict[str, Any],
+                    files: Mapping[str, Any] | None = None) -> PassResult:
+        """The input graph, unchanged, with `reason` for the report and slim's tables (and files) in its meta."""
+        self.unchanged_reason = reason
+        graph_module.meta["fxopt_tables"] = {**graph_module.meta.get("fxopt_tables", {}), **tables}
+        if files:
+            graph_module.meta[FILES_META] = {**graph_module.meta.get(FILES_META, {}), **files}
+        return PassResult(graph_module, False)
+
+    def _study(self, space: _Space, search: _Search, storage: Any) -> Any:
         import optuna
 
         # Optuna 5 reads constraints the objective sets on the trial; older releases take a function
         constraints = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": search.constraints}
         sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=min(10, max(2, self.trials // 3)), **constraints)
         name = self.study_name or f"fxopt-slim-{space.fingerprint()}"
-        study = optuna.create_study(storage=_storage(self.storage), sampler=sampler, study_name=name,
+        study = optuna.create_study(storage=storage, sampler=sampler, study_name=name,
                                     direction="minimize", load_if_exists=True)
         known = study.user_attrs.get("fxopt_space")
         if known is None:
@@ -510,9 +678,9 @@ class _Search:
     """The Optuna objective, constraint and outputs of one slim search."""
 
     def __init__(self, space: _Space, batches: list[tuple[Any, ...]], references: list[Any], target: Any,
-                 precision: str, budget_s: float) -> None:
+                 precision: str, budget_s: float, base_s: float) -> None:
         self.space, self.batches, self.references = space, batches, references
-        self.target, self.precision, self.budget_s = target, precision, budget_s
+        self.target, self.precision, self.budget_s, self.base_s = target, precision, budget_s, base_s
         self._bar: Any = None
         self.tuned: dict[int, float] = {}  # trial number -> proxy (or -metric) after the short fine-tune
         self.tuned_by = "proxy"  # or "metric": compile's fine-tune scored the re-rank
@@ -553,6 +721,8 @@ class _Search:
         return self.proxy(c)
 
     def proxy(self, c: SlimCandidate) -> float:
+        if self.space.is_uncut(c):  # the input graph as it is: re-estimating its BatchNorm would only move it from itself
+            return 0.0
         gm, _ = self.space.build(c)
         shapes = self.space.resolutions[c.resolution]
         batches = [resize_inputs(b, shapes) for b in self.batches]
@@ -566,10 +736,7 @@ class _Search:
     def shortlist(self, study: Any, top: int) -> list[Any]:
         """The feasible trials the re-rank fine-tunes: the `top` best by proxy, then the best even cut
         and the best of those that remove the fewest blocks or layers, where not among them."""
-        import optuna
-
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("constraint", 1.0) <= 0]
-        ranked = sorted(done, key=lambda t: (t.value, t.number))
+        ranked = sorted(self.feasible(study), key=lambda t: (t.value, t.number))
         chosen = ranked[:top]
         # an even cut, and the least depth the budget allows: a cut the proxy cannot judge (a
         # removed layer ranks well before fine-tuning and may never recover) always meets one it can
@@ -587,39 +754,58 @@ class _Search:
         """The best of the shortlisted trials after a short fine-tune each: compile's own fine-tune
         (`request`, a `fxopt.distill.FinetuneRequest` with a metric) scored on its metric, else a
         distillation of the original's outputs on the calibration batches scored by the proxy on
-        held-out ones."""
-        from fxopt.distill import Distill, finetune
-
-        held = max(1, len(self.batches) // 4) if len(self.batches) > 1 else 0
-        by_metric = request is not None and request.scores
+        held-out ones. A feasible trial less compressed than the leader that the proxy ranks above
+        it is fine-tuned too, until none is left untried (the report names each one passed over)."""
         for t in self.shortlist(study, top):
-            c = self.candidate_of(t.params)
-            gm, _ = self.space.build(c)
-            shapes = self.space.resolutions[c.resolution]
-            batches = [resize_inputs(b, shapes) for b in self.batches]
-            recalibrate_batchnorm(gm, batches)
-            if by_metric:
-                self.tuned[t.number] = -request.tune_and_score(gm, teacher, batches[0], steps, progress=progress)
-                self.tuned_by = "metric"
-                continue
-            train, score = (batches[:-held], list(range(len(batches) - held, len(batches)))) if held else (batches, [0])
-            finetune(gm, [(b, None) for b in train], loss=None, teacher=teacher, distill=Distill(logits=OutputMatch()),
-                     steps=steps, lr=1e-3, progress=progress)
-            self.tuned[t.number] = float(np.mean([output_divergence(run_model(gm, batches[i]), self.references[i]) for i in score]))
+            self._tune(t, steps, teacher, progress, request)
         if not self.tuned:
             return self.best(study)
-        number = min(self.tuned, key=lambda n: (self.tuned[n], n))
-        return next(t for t in study.trials if t.number == number)
+        while True:  # a less compressed trial the proxy ranks higher is never passed over untried
+            number = min(self.tuned, key=lambda n: (self.tuned[n], n))
+            best = next(t for t in study.trials if t.number == number)
+            untried = [t for t in self.passed_over(study, best) if t.number not in self.tuned]
+            if not untried:
+                return best
+            self._tune(min(untried, key=lambda t: (t.value, t.number)), steps, teacher, progress, request)
+
+    def _tune(self, t: Any, steps: int, teacher: GraphModule, progress: bool, request: Any) -> None:
+        """Fine-tune trial `t`'s candidate briefly and record its score in `tuned` (lower is better)."""
+        from fxopt.distill import Distill, finetune
+
+        c = self.candidate_of(t.params)
+        gm, _ = self.space.build(c)
+        shapes = self.space.resolutions[c.resolution]
+        batches = [resize_inputs(b, shapes) for b in self.batches]
+        recalibrate_batchnorm(gm, batches)
+        if request is not None and request.scores:
+            self.tuned[t.number] = -request.tune_and_score(gm, teacher, batches[0], steps, progress=progress)
+            self.tuned_by = "metric"
+            return
+        held = max(1, len(batches) // 4) if len(batches) > 1 else 0
+        train, score = (batches[:-held], list(range(len(batches) - held, len(batches)))) if held else (batches, [0])
+        finetune(gm, [(b, None) for b in train], loss=None, teacher=teacher, distill=Distill(logits=OutputMatch()),
+                 steps=steps, lr=1e-3, progress=progress)
+        self.tuned[t.number] = float(np.mean([output_divergence(run_model(gm, batches[i]), self.references[i]) for i in score]))
+
+    def passed_over(self, study: Any, best: Any) -> list[Any]:
+        """The feasible trials less compressed than `best` that the proxy ranks above it."""
+        chosen = self.candidate_of(best.params)
+        return [t for t in self.feasible(study) if t.value < best.value
+                and self.space.less_compressed(self.candidate_of(t.params), chosen)]
 
     @staticmethod
     def constraints(trial: Any) -> tuple[float]:
         return (float(trial.user_attrs.get("constraint", 0.0)),)
 
-    def best(self, study: Any) -> Any:
+    @staticmethod
+    def feasible(study: Any) -> list[Any]:
+        """The completed trials that met the latency budget."""
         import optuna
 
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        feasible = [t for t in done if t.user_attrs.get("constraint", 1.0) <= 0]
+        return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("constraint", 1.0) <= 0]
+
+    def best(self, study: Any) -> Any:
+        feasible = self.feasible(study)
         return min(feasible, key=lambda t: (t.value, t.number)) if feasible else None
 
     # progress
@@ -654,19 +840,24 @@ class _Search:
     def _shown(self, tuned: float) -> float:
         return -tuned if self.tuned_by == "metric" else tuned
 
-    def rows(self, study: Any, best: Any) -> list[dict[str, Any]]:
-        return [self._trial_row(t, best) for t in study.trials if t.state.name != "WAITING"]
+    def rows(self, study: Any, best: Any, with_input: bool = True) -> list[dict[str, Any]]:
+        """A row per trial, after the input graph's (a candidate that is never a trial) unless `with_input` is false."""
+        tuned = [f"{self.tuned_by} after fine-tune"] if self.tuned else []
+        first = [_input_row(self.space, self.base_s, self.budget_s, chosen=False, extra=tuned)] if with_input else []
+        return first + [self._trial_row(t, best) for t in study.trials if t.state.name != "WAITING"]
 
-    def choice_rows(self, c: SlimCandidate, best: Any, trials: int, base_s: float, budget_s: float, search_s: float) -> list[dict[str, Any]]:
+    def choice_rows(self, study: Any, c: SlimCandidate, best: Any, base_s: float, budget_s: float,
+                    search_s: float) -> list[dict[str, Any]]:
         how = "measured in ONNX Runtime" if self.space.measure == "onnxruntime" else "estimated"
         rows = [{"dimension": "latency", "choice": f"{best.user_attrs['latency_ms']:.4g} ms {how} (budget {budget_s * 1e3:.4g} ms, "
                  f"input graph {base_s * 1e3:.4g} ms, {self.target.name} {self.precision})"},
                 {"dimension": "proxy", "choice": f"{best.value:.4g} (trial {best.number}; search {search_s:.1f} s over "
-                 f"{trials} trial(s) of the study)"}]
+                 f"{len(study.trials)} trial(s) of the study)"}]
         if best.number in self.tuned:
             how = "compile's fine-tune, its metric" if self.tuned_by == "metric" else "output distillation, proxy on held-out batches"
             rows.append({"dimension": "re-rank", "choice": f"{self.tuned_by} {self._shown(self.tuned[best.number]):.4g} after a short "
                          f"fine-tune ({how}); best of {len(self.tuned)} trial(s)"})
+        rows += [self._passed_over_row(t, best) for t in self.passed_over(study, best)]
         removed = set(c.removed_blocks)
         rows += [{"dimension": "depth", "choice": f"{b.scope}: {'removed' if b.scope in removed else 'kept'}"} for b in self.space.blocks]
         rows += [{"dimension": "width", "choice": f"stage {s}: keep {r:g}"} for s, r in c.widths]
@@ -674,13 +865,21 @@ class _Search:
             rows.append({"dimension": "resolution", "choice": describe_shapes(self.space.resolutions[c.resolution])})
         return rows
 
+    def _passed_over_row(self, t: Any, best: Any) -> dict[str, Any]:
+        """Why the choice is not trial `t`, which is less compressed and ranked above it by the proxy."""
+        what = f"trial {t.number} ({self.space.describe(self.candidate_of(t.params))}) is less compressed and its proxy is lower, {t.value:.4g}"
+        if t.number not in self.tuned or best.number not in self.tuned:  # `rerank` tunes every one; only it can pass one over
+            return {"dimension": "passed over", "choice": f"{what}; no fine-tune score sets it apart (a fault: please report it)"}
+        return {"dimension": "passed over", "choice": f"{what}, but after the same short fine-tune its {self.tuned_by} is "
+                f"{self._shown(self.tuned[t.number]):.4g} against the chosen's {self._shown(self.tuned[best.number]):.4g}"}
+
     def files(self, study: Any, best: Any, in_memory: bool) -> dict[str, Any]:
-        rows = self.rows(study, best)
+        rows = self.rows(study, best, with_input=False)  # the study's trials, as another worker's copy of the study holds them
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        files: dict[str, Any] = {"trials.csv": text.getvalue(), "pareto.png": _pareto_png(study, best)}
+        files: dict[str, Any] = {"trials.csv": text.getvalue(), "pareto.png": _pareto_png(study, best, self.base_s * 1e3)}
         if in_memory:
             files["study.db"] = _study_bytes(study)
         return files
@@ -696,7 +895,7 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _pareto_png(study: Any, best: Any) -> bytes:
+def _pareto_png(study: Any, best: Any, input_ms: float) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -709,6 +908,7 @@ def _pareto_png(study: Any, best: Any) -> bytes:
     ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, c="#999999", label="trials")
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", c="#1f77b4", ms=4, label="Pareto front")
     ax.scatter([best.user_attrs["latency_ms"]], [best.value], s=90, marker="*", c="#d62728", zorder=3, label="chosen")
+    ax.scatter([input_ms], [0.0], s=40, marker="s", c="#2ca02c", zorder=3, label="input graph")
     budget = best.user_attrs["latency_ms"] - best.user_attrs["constraint"]
     ax.axvline(budget, ls="--", c="#d62728", lw=1, label="budget")
     ax.set_xlabel("estimated latency (ms)")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 import torch
@@ -424,16 +425,31 @@ def test_one_call_slim_finetune_int8_pipeline_reports_each_step():
     assert "summary: input model and after each step" in compiled.report.to_markdown()
 
 
-def test_on_cpu_the_constraint_is_measured_in_onnxruntime():
+def test_on_cpu_the_constraint_is_measured_in_onnxruntime(monkeypatch):
+    import fxopt.ort_timing
+
     gm = fxopt.trace(_model(), X)
     # a budget every candidate meets: measured latencies of so small a model are mostly fixed
     # overheads, so a ratio of them is at the mercy of the host's load (0.9 once failed in CI)
     p = Slim(latency_ms=1000.0, trials=3, space=("width",), seed=0)
+    res = _run(p, gm, target="cpu")
+    assert not res.modified and "measured in ONNX Runtime" in p.unchanged_reason  # the input graph meets it as it is
+    # the input graph's measurement stalls past the budget, so the search runs and measures each candidate
+    timings: list[list[float]] = []
+    measure = fxopt.ort_timing.ort_latencies_ms
+
+    def first_stalled(*args, **kwargs):
+        timings.append(measure(*args, **kwargs))
+        return [2e6] if len(timings) == 1 else timings[-1]
+
+    monkeypatch.setattr(fxopt.ort_timing, "ort_latencies_ms", first_stalled)
+    p = Slim(latency_ms=1000.0, trials=3, space=("width",), seed=0)
     out = _run(p, gm, target="cpu").graph_module
     chosen = out.meta["fxopt_tables"]["slim: chosen architecture"][0]["choice"]
-    assert "measured in ONNX Runtime" in chosen
+    assert "measured in ONNX Runtime" in chosen and "input graph 2e+06 ms" in chosen
     done = [t for t in p.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == 3 and all(t.user_attrs["latency_ms"] > 0 for t in done)
+    assert len(timings) == 2 + 3  # the input graph, the smallest candidate, then each trial
+    assert [t.user_attrs["latency_ms"] for t in done] == [pytest.approx(m[0]) for m in timings[2:]]
     best = min((t for t in done if t.user_attrs["constraint"] <= 0), key=lambda t: t.value)
     assert best.user_attrs["latency_ms"] <= best.user_attrs["latency_ms"] - best.user_attrs["constraint"]  # within budget
 
@@ -537,3 +553,182 @@ def test_candidates_share_no_tensor_with_the_input_graph_so_proxies_and_rerank_l
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
     inputs = {t.data_ptr() for t in gm.state_dict().values()}
     assert not inputs & {t.data_ptr() for t in out.state_dict().values()}
+
+
+def _spaces_built(monkeypatch) -> list[int]:
+    """A list that grows by one each time slim builds a search space (its first work on the graph)."""
+    built: list[int] = []
+    init = _Space.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(_Space, "__init__", counting)
+    return built
+
+
+def test_a_budget_the_input_meets_returns_it_unchanged_and_says_so():
+    # Before: latency_ratio=1.5 removed every block and cut every width (the uncut model was never a candidate)
+    gm = fxopt.trace(_model(), X)
+    before = str(gm.graph)
+    p = Slim(latency_ratio=1.5, trials=12, seed=0)
+    res = _run(p, gm)
+    # Expected = Before
+    assert res.modified is False and str(res.graph_module.graph) == before
+    torch.testing.assert_close(res.graph_module(*X), gm(*X), rtol=0, atol=0)
+    assert "already meets the latency budget" in p.unchanged_reason and "nothing was searched" in p.unchanged_reason
+    assert p.study is None and p.chosen == SlimCandidate((), (("32x32", 1.0), ("16x16", 1.0)), 0)
+    rows = res.graph_module.meta["fxopt_tables"]["slim: search (every trial)"]
+    assert rows == [{"trial": "input", "state": "input graph", "est. latency ms": rows[0]["est. latency ms"], "feasible": True,
+                     "proxy": 0.0, "removed blocks": 0, "widths": "32x32:1 16x16:1", "resolution": 0, "chosen": True}]
+
+
+def test_compile_with_a_budget_the_input_meets_keeps_the_model_and_warns():
+    model = _model()
+    base_ms = estimate_costs(fxopt.trace(model, X), "xavier", "fp16").latency_s * 1e3
+    compiled = fxopt.compile(model, "xavier", example_inputs=X, precision="fp16", passes=[Slim(trials=4, seed=0)],
+                             latency_ms=base_ms * 6, calib_data=CALIB, export=False)  # like --latency-ms 2.5 on a 0.44 ms model
+    record = next(r for r in compiled.report.passes if r.name == "slim")
+    assert record.status == "unchanged" and "already meets the latency budget" in record.reason
+    assert any(n.startswith("WARNING: requested pass 'slim' changed nothing") and "already meets" in n for n in compiled.report.notes)
+    assert record.after.flops == record.before.flops
+    assert [r["trial"] for r in compiled.report.tables["slim: search (every trial)"] if r["chosen"]] == ["input"]
+    torch.testing.assert_close(compiled(*X), model(*X), rtol=1e-5, atol=1e-5)
+
+
+def test_the_candidate_table_holds_the_input_graph_and_trials_csv_the_trials():
+    gm = fxopt.trace(_model(), X)
+    base_ms = estimate_costs(gm, "xavier", "fp16").latency_s * 1e3
+    p = Slim(latency_ratio=0.97, trials=3, space=("width",), seed=0)  # the width-only floor is 0.94x
+    out = _run(p, gm).graph_module
+    rows = out.meta["fxopt_tables"]["slim: search (every trial)"]
+    assert rows[0]["trial"] == "input" and rows[0]["proxy"] == 0.0 and rows[0]["feasible"] is False
+    assert rows[0]["est. latency ms"] == pytest.approx(base_ms, abs=1e-4) and not rows[0]["chosen"]
+    assert [r["trial"] for r in rows[1:]] == [t.number for t in p.study.trials]
+    csv_rows = out.meta["fxopt_files"]["trials.csv"].strip().splitlines()
+    assert len(csv_rows) == 1 + len(p.study.trials) and not any(r.startswith("input,") for r in csv_rows)
+
+
+def test_a_trial_of_the_input_itself_that_meets_the_budget_returns_the_input_unchanged(monkeypatch):
+    # a measured latency varies: the input graph's first measurement misses the budget, a trial of it meets it
+    gm = fxopt.trace(_model(), X)
+    base = estimate_costs(gm, "xavier", "fp16").latency_s
+    measured: list[SlimCandidate] = []
+    latency_s = _Space.latency_s
+
+    def first_one_slow(self, c, target, precision):
+        measured.append(c)
+        return latency_s(self, c, target, precision) * (2 if len(measured) == 1 else 1)
+
+    monkeypatch.setattr(_Space, "latency_s", first_one_slow)
+    p = Slim(latency_ms=base * 1e3 * 1.2, trials=4, space=("width",), width_choices=(0.5, 1.0), seed=0)
+    res = _run(p, gm)
+    uncut = SlimCandidate((), (("32x32", 1.0), ("16x16", 1.0)), 0)
+    assert res.modified is False and str(res.graph_module.graph) == str(gm.graph)
+    assert p.chosen == uncut and "the input graph itself is the best candidate" in p.unchanged_reason
+    rows = res.graph_module.meta["fxopt_tables"]["slim: search (every trial)"]
+    chosen = next(r for r in rows if r["chosen"])
+    assert chosen["trial"] != "input" and chosen["proxy"] == 0.0 and chosen["widths"] == "32x32:1 16x16:1"
+    assert "trials.csv" in res.graph_module.meta["fxopt_files"]
+
+
+def test_a_bad_storage_is_refused_when_the_pass_is_made(tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="'nosuchdb'.*SQLAlchemy does not know"):
+        Slim(storage="nosuchdb://host/study")
+    with pytest.raises(InputError, match=r"'postgresql://user:\*\*\*@host:port/db' is not a database URL") as err:
+        Slim(storage="postgresql://user:s@cret@host:port/db")
+    assert "cret" not in str(err.value)
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # the driver is not installed
+    with pytest.raises(InputError, match=r"'postgresql\+psycopg2://user:\*\*\*@host/db'.*'psycopg2'.*pip install psycopg2-binary") as err:
+        Slim(storage="postgresql+psycopg2://user:secret@host/db")
+    assert "secret" not in str(err.value)
+    with pytest.raises(InputError, match="does not exist"):
+        Slim(storage=str(tmp_path / "missing" / "study.journal"))
+    with pytest.raises(InputError, match="storage URL"):
+        Slim(storage="study.db")
+    with pytest.raises(InputError, match="BaseStorage"):
+        Slim(storage=42)
+
+
+def test_a_storage_that_cannot_be_opened_and_a_missing_budget_fail_before_any_work(tmp_path, monkeypatch):
+    built = _spaces_built(monkeypatch)
+    gm = fxopt.trace(_model(), X)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    p = Slim(latency_ratio=0.8, trials=2, storage=f"sqlite:///{not_a_folder}/study.db")
+    with pytest.raises(InputError, match=f"cannot open the Optuna storage 'sqlite:///{not_a_folder}/study.db'"):
+        _run(p, gm)
+    with pytest.raises(InputError, match="latency budget"):
+        _run(Slim(trials=2), gm)
+    with pytest.raises(InputError, match="latency_ratio must be a positive number"):
+        _run(Slim(trials=2), gm, latency_ratio=-1)
+    with pytest.raises(InputError, match="not both"):
+        Slim(latency_ms=1.0, latency_ratio=0.5)
+    assert built == [] and p.study is None
+
+
+def test_a_budget_below_the_floor_names_the_floor_and_the_budget_in_one_line():
+    model = _model()
+    gm = fxopt.trace(model, X)
+    floor_s, _ = latency_range(gm, X, "xavier", "fp16")
+    with pytest.raises(InputError) as err:
+        _run(Slim(latency_ms=0.001, trials=2), gm)
+    message = str(err.value)
+    assert "budget 0.001 ms" in message and f"floor, {floor_s * 1e3:.4g} ms" in message and "\n" not in message
+    at_least = float(message.split("at least ")[1].split(" ms")[0])
+    assert floor_s * 1e3 <= at_least <= floor_s * 1e3 * 1.001
+    compiled = fxopt.compile(model, "xavier", example_inputs=X, precision="fp16", passes=[Slim(trials=2)],
+                             latency_ms=0.001, calib_data=CALIB, export=False)
+    record = next(r for r in compiled.report.passes if r.name == "slim")
+    assert record.status == "rolled_back" and "below this search space's floor" in record.reason and "\n" not in record.reason
+
+
+def _study_of(space: _Space, trials: list[tuple[dict[str, float], float, float]], budget_ms: float) -> Any:
+    """An in-memory study holding `trials` (width params, proxy, latency in ms) as completed."""
+    study = optuna.create_study(direction="minimize")
+    dist = optuna.distributions.CategoricalDistribution(list(space.width_choices))
+    for params, proxy, ms in trials:
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dist for k in params}, value=proxy,
+                                                  user_attrs={"latency_ms": ms, "constraint": ms - budget_ms}))
+    return study
+
+
+class _FewestParameters:
+    """Compile's fine-tune request as the re-rank sees it, scoring a candidate by how small it is."""
+
+    scores = True
+
+    def tune_and_score(self, gm, teacher, batch, steps, progress=False):
+        return -float(sum(p.numel() for p in gm.parameters()))
+
+
+def test_rerank_never_passes_over_a_less_compressed_better_proxy_trial_untried_and_says_why():
+    from fxopt.passes.slim import _Search
+    from fxopt.targets import get_target
+
+    gm = fxopt.trace(_model(), X)
+    space = _Space(gm, X, ("width",), None, (0.25, 0.5, 1.0), 1, 0.9)  # alignment 1: each width builds its own
+    assert space.stages == ["32x32", "16x16"]
+    study = _study_of(space, [({"width:32x32": 0.5, "width:16x16": 0.25}, 0.1, 0.3),    # 0: best proxy
+                              ({"width:32x32": 0.25, "width:16x16": 0.25}, 0.3, 0.2),   # 1: the even cut, most compressed
+                              ({"width:32x32": 0.25, "width:16x16": 0.5}, 0.2, 0.3),    # 2: neither top nor even
+                              ({"width:32x32": 1.0, "width:16x16": 0.5}, 0.05, 0.6)], budget_ms=0.5)  # 3: over the budget
+    base_s = space.latency_s(space.uncut(), get_target("xavier"), "fp16")
+    search = _Search(space, list(CALIB[:1]), [gm(*CALIB[0])], get_target("xavier"), "fp16", 0.5e-3, base_s)
+    assert search.best(study).number == 0 and search.passed_over(study, search.best(study)) == []  # the proxy alone
+    best = search.rerank(study, top=1, steps=1, teacher=gm, request=_FewestParameters())
+    assert best.number == 1 and set(search.tuned) == {0, 1, 2}  # trial 2 was tuned only because the choice passed it over
+    rows = search.choice_rows(study, search.candidate_of(best.params), best, base_s, 0.5e-3, 0.0)
+    passed = [r["choice"] for r in rows if r["dimension"] == "passed over"]
+    assert len(passed) == 2 and passed[0].startswith("trial 0 ") and passed[1].startswith("trial 2 ")
+    assert all("less compressed" in p and "after the same short fine-tune its metric is" in p for p in passed)
+
+
+def test_the_docstring_examples_run():
+    import doctest
+
+    import fxopt.passes.slim
+
+    result = doctest.testmod(fxopt.passes.slim, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
