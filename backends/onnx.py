@@ -21,7 +21,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import ExportError, VerificationError
-from fxopt.inputs import copy_inputs
+from fxopt.inputs import check_tensor_outputs, copy_inputs
 from fxopt.numerics import TOLERANCES, compare_outputs, flatten_outputs, run_model
 from fxopt.targets import TargetProfile, get_target
 
@@ -125,9 +125,11 @@ def export_onnx(
         An `OnnxExport` (not yet verified: see `verify_onnx`).
 
     Raises:
-        ExportError: the exporter failed, wrote another opset, or the checker rejected the file.
+        ExportError: the module returns something other than tensors (None, a string), the
+            exporter failed, wrote another opset, or the checker rejected the file.
     """
     outputs = run_model(module, example_inputs)
+    check_tensor_outputs(outputs, error=ExportError)  # None fails in ONNX Runtime's C++, a string is dropped
     input_names = [f"input_{i}" for i in range(len(example_inputs))] if len(example_inputs) > 1 else ["input"]
     output_names = _output_names(outputs)
 

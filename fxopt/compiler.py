@@ -19,12 +19,16 @@ from fxopt.cost_model import estimate_costs
 from fxopt.errors import FxoptWarning, InputError
 from fxopt.inputs import (
     calibration_batches,
+    check_tensor_outputs,
+    check_train_batches,
     copy_inputs,
     describe_shapes,
+    first_train_batch,
     leaf_module_paths,
     validate_inputs,
     verification_inputs,
 )
+from fxopt.numerics import run_model
 from fxopt.output_folder import MANIFEST, check_output_folder, write_output_folder
 from fxopt.pass_base import CompileContext, pass_attr, pass_name
 from fxopt.pass_manager import FILES_META, PassManager, order_passes, resolve_passes
@@ -94,7 +98,41 @@ class CompiledModel(nn.Module):
         return list(self.manifest["example_inputs"])
 
     def forward(self, *args: Any) -> Any:
+        """Run the optimised torch graph (or, for a staged compile, the model around it).
+
+        Raises:
+            InputError: not the compiled inputs: another count, a non-tensor (a NumPy array), or
+                a shape other than the example's (the ONNX file and the traced graph are fixed
+                to it; with ``dynamic_batch`` the batch may range over (min, max)).
+        """
+        if self.staged is None:
+            self._check_call(args)
         return self.graph_module(*args) if self.staged is None else self.staged(*args)
+
+    def _check_call(self, args: tuple[Any, ...]) -> None:
+        # consistent with a staged compile's check (fxopt.stages._GraphCall): expected vs got, in one line
+        expected, low_high = self.manifest["example_inputs"], self.manifest.get("dynamic_batch")
+        if len(args) != len(expected):
+            raise InputError(f"the compiled model takes {len(expected)} input(s) (shapes {expected}), this call gives {len(args)}")
+        dtypes = [getattr(x, "dtype", None) for x in self.context.example_inputs]
+        for i, (x, shape) in enumerate(zip(args, expected)):
+            if not isinstance(shape, list):  # a non-tensor example input (its type name)
+                continue
+            if not isinstance(x, torch.Tensor):
+                kind = f"{type(x).__module__}.{type(x).__name__}" if type(x).__module__ != "builtins" else type(x).__name__
+                hint = " (torch.from_numpy(a) makes one)" if kind.startswith("numpy.") else ""
+                raise InputError(f"input {i} of the compiled model is {kind}, not a torch.Tensor{hint}")
+            got = list(x.shape)
+            batch_ok = got[:1] == shape[:1] or (low_high is not None and bool(got) and low_high[0] <= got[0] <= low_high[2])
+            if got[1:] != shape[1:] or len(got) != len(shape) or not batch_ok:
+                batches = f", batch {low_high[0]} to {low_high[2]}" if low_high is not None else ""
+                raise InputError(
+                    f"input {i} of the compiled model was compiled for shape {shape}{batches}, this call gives {got}: the ONNX "
+                    "file and the traced graph are fixed to the example inputs' shapes; compile with example inputs of this "
+                    "size" + ("" if low_high is not None else " (or dynamic_batch=(min, opt, max) for other batch sizes)")
+                )
+            if i < len(dtypes) and dtypes[i] is not None and x.dtype != dtypes[i]:
+                raise InputError(f"input {i} of the compiled model is {x.dtype}, it was compiled for {dtypes[i]}")
 
     def save(self, directory: str | os.PathLike[str]) -> dict[str, str]:
         """Write model.onnx, the build plan, report.md, report.json and manifest.json as one folder.
@@ -109,8 +147,11 @@ class CompiledModel(nn.Module):
             and the build-plan file names).
 
         Raises:
-            InputError: `directory` is a file, lies under a file, or holds foreign files.
+            InputError: `directory` is not a path, is a file, lies under a file, holds foreign
+                files, or cannot be written.
         """
+        if not isinstance(directory, (str, os.PathLike)):
+            raise InputError(f"save() needs a folder path (a str or os.PathLike), got {type(directory).__name__}")
         files: dict[str, bytes | str] = {}
         kinds: dict[str, str] = {}
         if self.onnx_model is not None:
@@ -120,7 +161,10 @@ class CompiledModel(nn.Module):
         files["report.md"], kinds["report_md"] = self.report.to_markdown(), "report.md"
         files["report.json"], kinds["report_json"] = self.report.to_json(), "report.json"
         kinds["manifest"] = MANIFEST
-        written = write_output_folder(directory, files, dict(self.manifest))
+        try:
+            written = write_output_folder(directory, files, dict(self.manifest))
+        except OSError as exc:
+            raise InputError(f"cannot save into '{os.fspath(directory)}': {exc.strerror or exc}; choose a writable folder") from exc
         return {kind: written[name] for kind, name in kinds.items()}
 
 
@@ -240,6 +284,9 @@ def compile(  # noqa: A001 - the public name the design asks for
         17
     """
     start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}"
+                         + (" (wrap a function in an nn.Module whose forward calls it)" if callable(model) else ""))
     profile = get_target(target)
     if precision is not None and precision not in profile.precisions:
         raise InputError(f"target '{profile.name}' has no precision '{precision}'; it has {profile.precisions}")
@@ -277,6 +324,8 @@ def compile(  # noqa: A001 - the public name the design asks for
                          "or recipe= (a bundled model's)")
     if finetune_steps and (split is not None or policy.strict):
         raise InputError("fine-tuning is not available for a staged compile (stages=) or under safety='strict'")
+    if finetune_steps and train_data is not None:
+        check_train_batches(train_data)
     check_inputs = verification_inputs(inputs, options.get("calib_data"))
     input_sha = state_dict_sha256(model)
     original_inputs = inputs
@@ -285,6 +334,10 @@ def compile(  # noqa: A001 - the public name the design asks for
     try:
         with phases("trace"):
             gm = trace(model if split is None else split.root, inputs, leaf_modules=leaf_modules)
+            if export:  # before the passes: the exporter would fail on them, or silently drop them
+                check_tensor_outputs(run_model(gm, inputs))
+            if finetune_steps and loss is not None:
+                _check_loss(gm, train_data, loss)
         traced_s = time.perf_counter() - start
         cost_before = estimate_costs(gm, profile, context.precision)
         # the pipeline runs in two parts, the structural passes and then int8 (quantize onwards), so
@@ -548,6 +601,30 @@ def _pass_warnings(records: list[Any], requested: Sequence[Any] | None) -> list[
     for line in lines:
         warnings.warn(line.removeprefix("WARNING: "), FxoptWarning, stacklevel=3)  # at the caller of compile
     return lines
+
+
+def _check_loss(gm: GraphModule, train_data: Any, loss: Any) -> None:
+    """Refuse, before the passes, a fine-tune loss that raises or is not a scalar on the first batch."""
+    batch = first_train_batch(train_data)
+    if batch is None:  # the recipe's batches, or an iterable not to draw from (finetune checks the loss's shape)
+        return
+    inputs, target = batch
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    try:
+        output = run_model(gm, inputs)
+    except Exception as exc:  # noqa: BLE001 - the user's batch is wrong, whatever the model raises
+        raise InputError(f"the model does not run on train_data's first batch ({describe_shapes(inputs)}): "
+                         f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}") from exc
+    try:
+        with torch.no_grad():
+            value = loss(output, target)
+    except Exception as exc:  # noqa: BLE001 - the user's loss may raise anything
+        raise InputError(f"loss(output, target) raises on train_data's first batch: {type(exc).__name__}: "
+                         f"{(str(exc).splitlines() or [''])[0][:200]}") from exc
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+        raise InputError(f"loss(output, target) must return a scalar tensor (one number to minimise), got {got} on "
+                         "train_data's first batch: reduce it, e.g. with .mean()")
 
 
 def _float_twin(gm: GraphModule) -> GraphModule | None:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxopt.engine_cost import NodeFacts, engine_kernels, kernel_latency_s, roofline_s, tensor_metas
+from fxopt.errors import InputError
 from fxopt.leaf_cost import measure_module, measure_on_values
 from fxopt.targets import BYTES_PER_ELEMENT, TargetProfile, get_target
 
@@ -357,6 +358,9 @@ def estimate_costs(
     Returns:
         A `CostSummary`; each node also gets ``node.meta["fxopt"]["cost"]``.
 
+    Raises:
+        InputError: `precision` is not one of the target's precisions.
+
     Example:
         >>> import torch, fxopt
         >>> gm = fxopt.trace(torch.nn.Linear(8, 4), (torch.randn(2, 8),))
@@ -365,6 +369,8 @@ def estimate_costs(
     """
     profile = get_target(target)
     precision = precision or profile.default_precision
+    if precision not in profile.precisions:
+        raise InputError(f"estimate_costs: target '{profile.name}' has no precision {precision!r}; it has {profile.precisions}")
     counts = {node.name: _count(gm, node) for node in gm.graph.nodes}
     if example_inputs is not None:
         opaque = {name for name, (c, _) in counts.items() if c.kind in ("leaf", "unknown")}

@@ -23,8 +23,11 @@ from fxopt.errors import FxoptWarning, InputError
 __all__ = [
     "VARIANT_KINDS",
     "calibration_batches",
+    "check_tensor_outputs",
+    "check_train_batches",
     "copy_inputs",
     "describe_shapes",
+    "first_train_batch",
     "input_variants",
     "leaf_module_paths",
     "resize_inputs",
@@ -247,3 +250,62 @@ def leaf_module_paths(root: nn.Module, leaf_modules: Any, *, where: str = "") ->
                     f"its top-level submodules: {', '.join(n for n in names if '.' not in n) or 'none'}")
             raise InputError(f"leaf_modules: {where or type(root).__name__} has no submodule '{path}'; {hint}")
     return paths
+
+
+def check_tensor_outputs(outputs: Any, *, error: type[Exception] = InputError) -> None:
+    """Refuse model outputs an ONNX file cannot carry: None, strings, numbers (anything not a tensor).
+
+    The exporter fails on them with a long C++ message, or silently drops them (a ``"label"``
+    next to a tensor), so the file would not return what the model does.
+
+    Raises:
+        `error` (InputError by default) naming each non-tensor output and its position.
+
+    Example:
+        >>> check_tensor_outputs({"logits": torch.ones(1)})
+        >>> check_tensor_outputs((torch.ones(1), "cat"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fxopt.errors.InputError: the model's output[1] is str 'cat', not a tensor: an ONNX file carries tensors only ...
+    """
+    leaves, _ = pytree.tree_flatten_with_path(outputs)
+    bad = [(pytree.keystr(path), x) for path, x in leaves if not isinstance(x, torch.Tensor)]
+    if not leaves or outputs is None:
+        bad = [("", outputs)]
+    if bad:
+        shown = "; ".join(f"output{where} is {'None' if x is None else f'{type(x).__name__} {x!r:.40}'}" for where, x in bad[:3])
+        raise error(f"the model's {shown}, not a tensor: an ONNX file carries tensors only (the exporter would fail or "
+                    "drop it); return tensors from forward, or compile with export=False")
+
+
+def first_train_batch(train_data: Any) -> Any:
+    """The first batch of `train_data` when it is a list or tuple, else None: drawing from any
+    other iterable could change what the fine-tune gets (a one-shot iterator loses a batch, a
+    shuffling `TensorBatches` or DataLoader advances its generator)."""
+    return train_data[0] if isinstance(train_data, (list, tuple)) and train_data else None
+
+
+def check_train_batches(train_data: Any) -> None:
+    """Refuse ``(inputs, target)`` fine-tune batches whose target's batch size is not the inputs'.
+
+    Checks every batch of a list or tuple (other iterables are not drawn from, see
+    `first_train_batch`); a target that is a tensor, or a dict of tensors (one per head), must have
+    the inputs' first dimension. Lists of per-sample targets (detection boxes) are not checked.
+
+    Raises:
+        InputError: a batch that is not ``(inputs, target)``, or a target of another batch size.
+    """
+    for i, batch in enumerate(train_data if isinstance(train_data, (list, tuple)) else ()):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise InputError(f"train_data[{i}] must be an (inputs, target) pair, got {type(batch).__name__}"
+                             + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+        inputs, target = batch
+        sizes = [x.shape[0] for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor) and x.dim() > 0]
+        if not sizes:
+            continue
+        targets = target.items() if isinstance(target, Mapping) else [("", target)]
+        for key, t in targets:
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] != sizes[0]:
+                name = f"target[{key!r}]" if key != "" else "target"
+                raise InputError(f"train_data[{i}]: the {name} has batch size {t.shape[0]} (shape {tuple(t.shape)}), the inputs "
+                                 f"{sizes[0]}: each target must hold one row per input sample")

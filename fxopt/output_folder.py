@@ -40,8 +40,9 @@ def check_output_folder(directory: str) -> None:
     """Refuse a destination that is not a folder fxopt may replace, before any work is done.
 
     Raises:
-        InputError: `directory` (or a parent) is a file, or it is a folder holding files that
-            no fxopt compile wrote (they would be lost by the swap).
+        InputError: `directory` (or a parent) is a file, it is a folder holding files that
+            no fxopt compile wrote (they would be lost by the swap), or the folder its files are
+            staged in cannot be written (``/proc/x``, a read-only mount).
     """
     path = os.path.abspath(directory)
     parent = path
@@ -49,6 +50,7 @@ def check_output_folder(directory: str) -> None:
         parent = os.path.dirname(parent)
     if parent != path and not os.path.isdir(parent):
         raise InputError(f"cannot save into '{directory}': '{parent}' is a file, not a directory")
+    _check_writable(directory, parent if parent != path else os.path.dirname(path))
     if not os.path.exists(path):
         return
     if not os.path.isdir(path):
@@ -60,6 +62,16 @@ def check_output_folder(directory: str) -> None:
             f"cannot save into '{directory}': it holds files no fxopt compile wrote ({shown}); "
             "saving replaces the whole folder, so choose an empty or new folder"
         )
+
+
+def _check_writable(directory: str, folder: str) -> None:
+    # saving stages a folder beside the destination: try that once (and remove it) rather than
+    # trust os.access, which says yes to root on /proc
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".fxopt-write-check-"))
+    except OSError as exc:
+        raise InputError(f"cannot save into '{directory}': '{folder}' cannot be written ({exc.strerror or exc}); "
+                         "choose a writable folder") from exc
 
 
 def write_output_folder(directory: str | os.PathLike[str], files: Mapping[str, bytes | str], manifest: dict) -> dict[str, str]:

@@ -398,6 +398,8 @@ class _Loop:
         terms: dict[str, Tensor] = {}
         if self.loss is not None:
             terms["task"] = d.task_weight * self.loss(out, target)
+            if terms["task"].numel() != 1:  # a per-sample loss: float() below would fail with torch's words
+                raise InputError(f"loss(output, target) must return a scalar tensor, got shape {tuple(terms['task'].shape)}: reduce it, e.g. with .mean()")
         if d.logits is not None:
             terms["logits"] = d.logit_weight * d.logits(out, t_out)
         if pairs and d.feature_loss is not None:
