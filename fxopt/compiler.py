@@ -31,7 +31,8 @@ from fxopt.inputs import (
 from fxopt.numerics import run_model
 from fxopt.output_folder import MANIFEST, check_output_folder, write_output_folder
 from fxopt.pass_base import CompileContext, pass_attr, pass_name
-from fxopt.pass_manager import FILES_META, PassManager, order_passes, resolve_passes
+from fxopt.host import host_cpu
+from fxopt.pass_manager import FILES_META, MANIFEST_META, PRECISION_META, PassManager, order_passes, resolve_passes
 from fxopt.progress import Phases
 from fxopt.registry import create_pass
 from fxopt.report import CompileReport, layer_rows, report_tables
@@ -372,15 +373,21 @@ def compile(  # noqa: A001 - the public name the design asks for
             result.records += rest.records
             context, final = rest.context or context, rest.graph_module
             result.graph_module = final
+        shipped = _shipped_precision(final, profile, context.precision)
+        precision_notes = []
+        if shipped != context.precision:  # int8 asked, but the quantize pass kept the float graph (slower here, nothing to quantise)
+            precision_notes.append(f"WARNING: precision {shipped}, not {context.precision}: the quantize pass kept the float graph "
+                                   "(its line in the passes table says why)")
+            context = replace(context, precision=shipped)
         if context.precision == "int8":
             summary.add("after int8", final)
         passes_s = time.perf_counter() - start - traced_s
         cost_after = estimate_costs(final, profile, context.precision)
-        onnx_info, onnx_model, notes, extras, placement = None, None, list(input_notes) + tuned_notes, {}, None
+        onnx_info, onnx_model, notes, extras, placement = None, None, list(input_notes) + tuned_notes + precision_notes, {}, None
         if final.meta.get(FILES_META):  # files a pass left for the output folder (slim's trials.csv, pareto.png)
             extras["files"] = dict(final.meta[FILES_META])
         safety_evidence: dict[str, Any] = {"policy": "off"}
-        requested = [*(passes or ()), *(["quantize"] if context.precision == "int8" else [])]  # int8 asks for quantize
+        requested = [*(passes or ()), *(["quantize"] if shipped == "int8" or precision_notes else [])]  # int8 asks for quantize
         notes += _pass_warnings(result.records, requested) + (split.notes() if split is not None else [])
         if context.example_inputs is not original_inputs:  # a pass (slim) chose another input size
             notes.append(f"WARNING: the compiled model takes input shape(s) {describe_shapes(context.example_inputs)} instead of "
@@ -439,6 +446,8 @@ def compile(  # noqa: A001 - the public name the design asks for
         "dynamic_batch": list(dynamic_batch) if dynamic_batch else None,
         "verification_inputs": len(check_inputs),
         "safety": safety_evidence,
+        "host": host_cpu().to_dict(),
+        **final.meta.get(MANIFEST_META, {}),
     } | ({"stages": split.cut()} if split is not None else {})
     if state_dict_sha256(model) != input_sha:  # pragma: no cover - an internal invariant
         raise AssertionError("fxopt modified the user's model")
@@ -554,6 +563,14 @@ class _Summary:
 
     def table(self) -> dict[str, list[dict[str, Any]]]:
         return {self.TITLE: self.rows} if len(self.rows) > 1 else {}
+
+
+def _shipped_precision(gm: GraphModule, profile: TargetProfile, asked: str) -> str:
+    """The precision the compiled graph runs at: int8 only when it holds fake quantisation, else the
+    target's float default (what a quantize pass that kept the float graph leaves)."""
+    if asked != "int8" or gm.meta.get(PRECISION_META) == "int8":
+        return asked
+    return profile.default_precision if profile.default_precision != "int8" else next(p for p in profile.precisions if p != "int8")
 
 
 def _dynamic_batch(value: Any, export: bool) -> tuple[int, int, int] | None:
