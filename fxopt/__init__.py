@@ -18,6 +18,7 @@ from fxopt.errors import (
     PassOrderError,
     PassRegistryError,
     SafetyPolicyError,
+    StateWriteError,
     TargetError,
     TensorRTCompatError,
     TraceError,
@@ -34,7 +35,7 @@ from fxopt.tracing import Leaf, leaves_of, trace
 __all__ = [
     "CompileContext", "CompileReport", "CompiledModel", "CostSummary", "ExportError", "FxoptError", "FxoptWarning",
     "FxoptPass", "InputError", "Leaf", "NodeCost", "PassError", "PassManager", "PassOrderError",
-    "PassRecord", "PassRegistryError", "SafetyPolicyError", "PassResult", "Stages", "TargetError", "TargetProfile", "TensorRTCompatError", "TraceError",
+    "PassRecord", "PassRegistryError", "SafetyPolicyError", "PassResult", "Stages", "StateWriteError", "TargetError", "TargetProfile", "TensorRTCompatError", "TraceError",
     "VerificationError", "compile", "create_pass", "current_context", "default_pipeline",
     "estimate_costs", "get_target", "leaves_of", "pass_names", "register_pass", "register_target",
     "target_names", "trace", "__version__",

@@ -24,6 +24,18 @@ class TraceError(FxoptError):
         super().__init__(f"cannot trace model{where}: {message}{line}")
 
 
+class StateWriteError(TraceError):
+    """The forward writes one of the model's own buffers or parameters and the written value reaches
+    an output: a compiled graph keeps no state between calls, so it would bake in one value.
+
+    ``names`` holds the qualified names of the written buffers and parameters.
+    """
+
+    def __init__(self, message: str, *, names: Sequence[str] = (), module_path: str = "", source_line: str = "") -> None:
+        self.names = tuple(names)
+        super().__init__(message, module_path=module_path, source_line=source_line)
+
+
 class TargetError(FxoptError):
     """An unknown target, or a target that cannot run what was asked."""
 

@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import InputError
 from fxopt.inputs import copy_inputs
+from fxopt.module_state import preserved_state
 
 __all__ = ["Stages", "StagedGraph", "StagedModel", "StageSplit", "preset_for", "split_stages"]
 
@@ -307,7 +308,8 @@ class StageSplit:
 
     def graph_inputs_for(self, inputs: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
         """The graph inputs the model's eager stages make from `inputs` (for calibration data)."""
-        calls = _capture(self.model, inputs, self.stages.graph)
+        with preserved_state(self.model):  # the eager copy starts from the model's own state
+            calls = _capture(self.model, inputs, self.stages.graph)
         return tuple(x for x in pytree.tree_leaves((calls[0].args, calls[0].kwargs)) if isinstance(x, torch.Tensor))
 
     def cut(self) -> dict[str, Any]:
@@ -363,7 +365,8 @@ def split_stages(model: nn.Module, inputs: tuple[Any, ...], stages: Stages | str
     if chosen is None:
         return None
     copied = copy.deepcopy(model).eval()
-    calls = _capture(copied, inputs, chosen.graph)
+    with preserved_state(copied):  # the graph parts keep the model's state, not this run's
+        calls = _capture(copied, inputs, chosen.graph)
     root = _graph_class(_sources(calls)[0])(copied, calls).eval()
     first = calls[0]
     graph_inputs = tuple(x.detach().clone() for x in pytree.tree_leaves((first.args, first.kwargs)) if isinstance(x, torch.Tensor))

@@ -31,6 +31,13 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import InputError, TraceError
 from fxopt.inputs import copy_inputs, leaf_module_paths
+from fxopt.module_state import (
+    StateSnapshot,
+    check_state_writes,
+    drop_state_writes,
+    find_state_writes,
+    judge_state_writes,
+)
 
 __all__ = ["Leaf", "trace", "propagate_shapes", "normalize_inputs", "leaves_of", "specialisations_of"]
 
@@ -356,6 +363,11 @@ def trace(
     reason, in ``gm.meta["fxopt_leaves"]`` (see `leaves_of`). Every node carries
     ``meta["tensor_meta"]`` from ShapeProp on `example_inputs`.
 
+    A forward that writes the model's own buffers or parameters is refused where the written value
+    reaches an output; where it cannot, the write is left out of the graph with an `FxoptWarning`
+    (see `fxopt.module_state.state_writes_of`). The graph's state is the model's, whatever
+    fxopt's own runs of the forward wrote.
+
     Args:
         model: the user's module; never modified.
         example_inputs: a tensor or tuple of positional inputs.
@@ -365,8 +377,9 @@ def trace(
         The traced, shape-annotated GraphModule.
 
     Raises:
-        InputError: the model does not run on `example_inputs`.
+        InputError: the model does not run on `example_inputs`, or has lazy parameters not yet drawn.
         TraceError: tracing fails in the root module itself, so no leaf can help.
+        StateWriteError: the forward writes a buffer or parameter whose value reaches an output.
 
     Example:
         >>> import torch
@@ -378,14 +391,20 @@ def trace(
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
     root = copy.deepcopy(model).eval()
-    try:
+    state = StateSnapshot(root)  # the model's own state: every run below is undone before the graph takes it
+
+    def run() -> Any:
         with torch.no_grad():
-            root(*copy_inputs(inputs))
+            return root(*copy_inputs(inputs))
+
+    try:
+        writes = find_state_writes(root, run)
     except Exception as exc:
         raise InputError(
             f"the model does not run on the example inputs "
             f"({', '.join(_describe(x) for x in inputs)}): {_reason(exc)}"
         ) from exc
+    dropped = check_state_writes(judge_state_writes(root, run, writes), type(root).__name__)
 
     requested = leaf_module_paths(root, leaf_modules)  # a lone string is one path; unknown paths are refused
     leaves: dict[str, Leaf] = {p: Leaf(p, _type_of(root, p), "requested by the user") for p in requested}
@@ -401,7 +420,11 @@ def trace(
                 raise TraceError(_reason(exc), module_path=path or "", source_line=_user_line(exc)) from exc
             leaves[path] = Leaf(path, _type_of(root, path), _reason(exc))
             continue
+        finally:
+            state.restore(root)  # tracing ran the forward's eager code on the model's state
         gm = GraphModule(tracer.root, graph, type(root).__name__)
+        if dropped:
+            drop_state_writes(gm, dropped)
         failed_path, exc = _run_failure_module(gm, inputs)
         if exc is None:
             break
@@ -413,6 +436,7 @@ def trace(
     else:  # pragma: no cover - a model with more than _MAX_RETRIES untraceable blocks
         raise TraceError(f"gave up after {_MAX_RETRIES} automatic leaves")
     propagate_shapes(gm, inputs)
+    state.restore(root)  # the graph shares root's tensors: they hold the model's values, not those of fxopt's runs
     gm.meta["fxopt_leaves"] = tuple(leaves.values())
     gm.meta["fxopt_specialisations"] = tuple(dict.fromkeys(tracer.specialisations))
     return gm

@@ -1,0 +1,313 @@
+"""Module state written in forward: refused where it reaches an output, left out with a warning
+where it cannot, and never baked in from fxopt's own runs (issue 23, item 2)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.module_state import StateSnapshot, find_state_writes, state_writes_of
+from fxopt.stages import split_stages
+
+
+class Counter(nn.Module):
+    """The issue's example: a call counter that scales the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.lin(x) * self.calls
+
+
+class Ema(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, x):
+        y = self.lin(x)
+        self.ema.mul_(0.5).add_(y.mean(0) * 0.5)
+        return y - self.ema
+
+
+class Reassigned(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        return self.lin(x) * self.calls
+
+
+class WarmUp(nn.Module):
+    """Reads the written buffer only in a Python condition."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x) if self.calls < 2 else -self.lin(x)
+
+
+class ClampsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        self.lin.weight.data.clamp_(-0.1, 0.1)
+        return self.lin(x)
+
+
+class BatchStats(nn.Module):
+    """Batch statistics always, running statistics written by the kernel (no in-place op in Python)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rm", torch.zeros(8))
+        self.register_buffer("rv", torch.ones(8))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.rm, self.rv, training=True, momentum=0.5)
+
+
+class WithBatchStats(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.norm = BatchStats()
+
+    def forward(self, x):
+        return self.norm(self.lin(x))
+
+
+class Monitor(nn.Module):
+    """Bookkeeping no output reads: a call counter and a running mean of the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("feature_mean", torch.zeros(8))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        y = self.lin(x)
+        self.feature_mean.mul_(0.9).add_(y.mean(0) * 0.1)
+        return torch.relu(y)
+
+
+class InPlaceOnActivations(nn.Module):
+    """In-place ops on the input copy and on activations, BatchNorm in eval: nothing to refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x.mul_(2)
+        y = self.bn(self.conv(x)).relu_()
+        y += 1
+        return y
+
+
+class DataDependentCounter(nn.Module):
+    """Untraceable (becomes an automatic leaf) and writes a buffer that reaches its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        self.count.add_(1)
+        if x.mean() > 0:
+            return x * self.count
+        return x - self.count
+
+
+class WithLeafCounter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.gate = DataDependentCounter()
+
+    def forward(self, x):
+        return self.gate(self.lin(x))
+
+
+def _fresh(model: nn.Module) -> nn.Module:
+    """A model of the same class with the same state, never run."""
+    twin = type(model)().eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_counter_from_the_issue_is_refused_naming_the_buffer_and_the_line():
+    model = Counter().eval()
+    before = _state(model)
+    with pytest.raises(fxopt.StateWriteError) as info:
+        fxopt.compile(model, "xavier", example_inputs=(torch.randn(2, 8),))
+    message = str(info.value)
+    assert info.value.names == ("calls",)
+    assert "buffer 'calls'" in message and "add_" in message
+    assert "test_module_state.py" in message and "self.calls.add_(1)" in message
+    assert isinstance(info.value, fxopt.FxoptError)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # fxopt's runs left no trace
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "how", "line"),
+    [
+        (Ema(), "ema", "written in place (mul_)", "self.ema.mul_(0.5).add_(y.mean(0) * 0.5)"),
+        (Reassigned(), "calls", "re-assigned", "self.calls = self.calls + 1"),
+        (WarmUp(), "calls", "written in place (add_)", "self.calls += 1"),
+        (ClampsWeight(), "lin.weight", "written in place (clamp_)", "self.lin.weight.data.clamp_(-0.1, 0.1)"),
+        (WithBatchStats(), "norm.rm", "written in place (native_batch_norm)", "F.batch_norm(x, self.rm, self.rv"),
+        (WithLeafCounter(), "gate.count", "written in place (add_)", "self.count.add_(1)"),
+    ],
+    ids=["ema", "reassigned", "python-condition", "parameter-via-data", "kernel-write", "inside-a-leaf"],
+)
+def test_writes_reaching_an_output_are_refused_with_buffer_and_line(model, name, how, line):
+    # the EMA used to fail ONNX verification with no hint; the others compiled to a wrong model
+    with pytest.raises(fxopt.StateWriteError) as info:
+        fxopt.trace(model.eval(), torch.randn(2, 8))
+    message = str(info.value)
+    assert name in info.value.names
+    assert f"'{name}' is {how}" in message
+    assert line in message and "test_module_state.py" in message
+    assert info.value.module_path == name.rpartition(".")[0]
+
+
+def test_writes_no_output_reads_are_left_out_with_a_warning():
+    model = Monitor().eval()
+    before = _state(model)
+    x = torch.randn(2, 8)
+    with pytest.warns(fxopt.FxoptWarning) as record:
+        compiled = fxopt.compile(model, "cpu", example_inputs=(x,))
+    texts = [str(w.message) for w in record if "never reaches an output" in str(w.message)]
+    assert len(texts) == 2
+    assert "buffer 'calls'" in texts[0] and "self.calls.add_(1)" in texts[0]
+    assert "buffer 'feature_mean'" in texts[1] and "test_module_state.py" in texts[1]
+    written = [n for n in compiled.graph_module.graph.nodes if str(n.target).endswith("_")]
+    assert written == []  # the graph writes no state
+    reference = _fresh(model)
+    for _ in range(3):  # the eager model's state moves, its outputs do not: the compiled one matches each call
+        torch.testing.assert_close(compiled(x), reference(x.clone()))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_traced_graph_keeps_the_models_state_not_fxopts_runs():
+    model = Monitor().eval()
+    with pytest.warns(fxopt.FxoptWarning):
+        gm = fxopt.trace(model, torch.randn(2, 8))
+    assert {w.name for w in state_writes_of(gm)} == {"calls", "feature_mean"}
+    assert all(not w.reaches_output for w in state_writes_of(gm))
+    # fxopt ran the forward several times (check run, tracing, shape propagation): none of it shows
+    assert torch.equal(gm.get_buffer("feature_mean"), torch.zeros(8))
+    for _ in range(2):
+        gm(torch.randn(2, 8))
+    assert torch.equal(gm.get_buffer("feature_mean"), torch.zeros(8))
+
+
+def test_in_place_ops_on_activations_and_eval_batchnorm_are_not_state_writes():
+    model = InPlaceOnActivations().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxopt.FxoptWarning)
+        compiled = fxopt.compile(model, "cpu", example_inputs=(x,))
+    assert state_writes_of(compiled.graph_module) == ()
+    assert "mul_" in compiled.graph_module.code  # the write into the input copy is kept
+    torch.testing.assert_close(compiled(x.clone()), model(x.clone()))
+
+
+def test_batchnorm_model_in_train_mode_compiles_without_a_state_write():
+    # compile works on an eval copy: running statistics are read, not written
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    assert find_state_writes(model.eval(), lambda: model(torch.randn(2, 3, 8, 8))) == []
+    model.train()
+    compiled = fxopt.compile(model, "cpu", example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert state_writes_of(compiled.graph_module) == ()
+    assert int(model[1].num_batches_tracked) == 0
+
+
+def test_find_state_writes_names_submodule_state_and_puts_it_back():
+    model = WithBatchStats().eval()
+    x = torch.randn(4, 8)
+    writes = find_state_writes(model, lambda: model(x))
+    assert [(w.name, w.kind) for w in writes] == [("norm.rm", "buffer"), ("norm.rv", "buffer")]
+    assert torch.equal(model.norm.rm, torch.zeros(8)) and torch.equal(model.norm.rv, torch.ones(8))
+
+
+def test_snapshot_puts_back_a_reassigned_buffer_and_values_written_in_place():
+    model = Reassigned()
+    original = model.calls
+    snapshot = StateSnapshot(model)
+    model(torch.randn(2, 8))
+    with torch.no_grad():
+        model.lin.weight.mul_(3)
+    assert snapshot.changed(model) == {"lin.weight": "written in place", "calls": "re-assigned"}
+    snapshot.restore(model)
+    assert model.calls is original and float(model.calls) == 0.0
+    assert snapshot.changed(model) == {}
+
+
+def test_lazy_module_not_yet_run_is_an_input_error():
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU())
+    with pytest.raises(fxopt.InputError, match=r"not initialised yet .* run the model once"):
+        fxopt.trace(model, torch.randn(2, 8))
+
+
+class EagerCounterDetector(nn.Module):
+    """A staged model: the eager root forward counts calls and scales the graph part's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = Monitor()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.backbone(x) * self.calls
+
+
+def test_staged_compile_starts_from_the_models_state():
+    model = EagerCounterDetector().eval()
+    x = torch.randn(2, 8)
+    calib = [(torch.randn(2, 8),) for _ in range(3)]
+    split = split_stages(model, (x,), "backbone")
+    assert torch.equal(split.root.backbone.feature_mean, torch.zeros(8))  # the capture run left no trace
+    with pytest.warns(fxopt.FxoptWarning, match="feature_mean"):
+        compiled = fxopt.compile(model, "cpu", example_inputs=(x,), stages="backbone", calib_data=calib)
+    reference = _fresh(model)
+    for _ in range(2):  # the eager counter starts at the model's 0, not at the calibration runs' count
+        torch.testing.assert_close(compiled(x.clone()), reference(x.clone()))
+    assert float(model.calls) == 0.0
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import fxopt.module_state
+
+    result = doctest.testmod(fxopt.module_state, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0
