@@ -217,7 +217,7 @@ def compile(  # noqa: A001 - the public name the design asks for
     train_data: Any = None,
     loss: Any = None,
     finetune_steps: int = 0,
-    finetune_lr: float = 1e-4,
+    finetune_lr: float | None = None,
     finetune_seed: int = 0,
     distill: Any = None,
     recipe: Any = None,
@@ -252,7 +252,14 @@ def compile(  # noqa: A001 - the public name the design asks for
         loss: the task loss ``(output, target) -> scalar`` of that fine-tune.
         finetune_steps: optimiser steps of `fxopt.finetune` on the transformed graph before it is
             lowered (0: none); the traced original is the teacher when `distill` is given.
-        finetune_lr: Adam learning rate of that fine-tune.
+        finetune_lr: Adam learning rate of that fine-tune; None: the recipe's ``finetune_lr`` (a
+            bundled model's measured setting), else chosen by a short range test (`fxopt.distill.lr_range`:
+            3e-4, 1e-3 and 3e-3 each train the same start for a few steps; the lowest loss on
+            batches held back from training wins). Every fine-tune is judged: the report gives the
+            metric of the input model, after the lossy passes and after the fine-tune (without eval
+            data: top-1 agreement with the input model on held-back batches), and a result far below
+            the input model (5 points, or agreement under 90%) is a `fxopt.FxoptWarning` and a
+            WARNING line naming what to try.
         finetune_seed: seeds that fine-tune (torch's generators and a recipe's batches): the same
             seed repeats it exactly; other seeds show how much of a result is the fine-tune's luck.
         distill: ``"kd"``, ``"ickd"``, ``["kd", "ickd"]`` (see `fxopt.distill.resolve`: the
@@ -365,9 +372,9 @@ def compile(  # noqa: A001 - the public name the design asks for
         tuned_notes: list[str] = []
         if finetune_steps:
             with phases("finetune"):
-                tuned_notes = _finetune(final, gm, ordered, inputs, finetune_steps, finetune_lr, progress, finetune_seed, recipe=recipe,
-                                        data=train_data, loss=loss, distill=distill, eval_fn=eval_fn if summary.scalar else None)
-            summary.add("after fine-tune", final)
+                tuned_notes = _finetune(final, gm, ordered, inputs, finetune_steps, finetune_lr, progress, finetune_seed, summary=summary,
+                                        recipe=recipe, data=train_data, loss=loss, distill=distill,
+                                        eval_fn=eval_fn if summary.scalar else None)
         if cut < len(ordered):
             rest = PassManager(ordered[cut:], strict=strict, progress=progress).run(final, context)
             result.records += rest.records
@@ -509,12 +516,15 @@ def _safety_policy(model: nn.Module, safety: str | None, export: bool) -> _Safet
 
 
 def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], inputs: tuple[Any, ...], steps: int,
-              lr: float, progress: bool, seed: int = 0, **requests: Any) -> list[str]:
-    """Fine-tune the transformed graph in place, the traced original teaching; report lines.
+              lr: float | None, progress: bool, seed: int = 0, *, summary: _Summary, **requests: Any) -> list[str]:
+    """Fine-tune the transformed graph in place, the traced original teaching, add the summary's
+    "after fine-tune" row and judge the result; report lines.
 
     `requests` are `fxopt.distill.resolve`'s (recipe, data, loss, distill, eval_fn): a scalar
-    eval_fn (or the recipe's first metric) picks the best state, else the last is kept."""
-    from fxopt.distill import finetune, resolve
+    eval_fn (or the recipe's first metric) picks the best state, else the last is kept. `lr` None:
+    the recipe's fine-tune rate, else a range test. The judgement is on the summary's metrics
+    where there is eval data, else on batches held back from training."""
+    from fxopt.distill import HeldOutJudge, advice, choose_lr, finetune, hold_back, judge_metrics, resolve
 
     prunes = [p for p in pipeline if pass_name(p) == "prune" and getattr(p, "plan", None) is not None]
     kept = None
@@ -522,13 +532,31 @@ def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], inp
         from fxopt.passes.distill import kept_channels
 
         kept = kept_channels(prunes[0])
+    recipe = requests.get("recipe")
     setup = resolve(requests.pop("distill"), teacher=teacher, example_inputs=inputs, kept=kept, seed=seed, **requests)
+    by_metric = summary.eval_fn is not None
+    split = None if by_metric else hold_back(setup.data, seed)  # judged on held-back batches: never train on them
+    judge = None if split is None else HeldOutJudge(teacher, split, setup.loss)
+    if judge is not None:
+        judge.measure(summary.rows[-1]["stage"] if len(summary.rows) > 1 else "after the passes", final)
     start = time.perf_counter()
-    tuned = finetune(final, **setup.kwargs(), teacher=teacher if setup.distill is not None else None,
-                     steps=steps, lr=lr, progress=progress, seed=seed)
+    distilled = setup.distill is not None
+    chosen = choose_lr(lr, recipe=recipe, student=final, data=setup.data, loss=setup.loss, teacher=teacher if distilled else None,
+                       distill=setup.distill, steps=steps, seed=seed, split=split)
+    kwargs = setup.kwargs() | ({} if split is None else {"data": split.train})
+    tuned = finetune(final, **kwargs, teacher=teacher if distilled else None, steps=steps, lr=chosen.lr, progress=progress, seed=seed)
     first, last = (tuned.history[0]["loss"], tuned.history[-1]["loss"]) if tuned.history else (float("nan"),) * 2
-    return [f"fine-tune: {tuned.steps_run} steps in {time.perf_counter() - start:.1f} s, {tuned.stopped_reason}; "
-            f"loss {first:.4g} -> {last:.4g}", *[f"fine-tune: {n}" for n in (*setup.notes, *tuned.notes)]]
+    notes = [f"fine-tune: {tuned.steps_run} steps in {time.perf_counter() - start:.1f} s, {tuned.stopped_reason}; "
+             f"loss {first:.4g} -> {last:.4g}", f"fine-tune: {chosen.note()}",
+             *[f"fine-tune: {n}" for n in (*setup.notes, *tuned.notes)]]
+    if split is not None and not split.overlaps:
+        notes.append(f"fine-tune: trained without {split.describe()}, kept to judge it (give eval_fn= to train on all)")
+    summary.add("after fine-tune", final)
+    what_to_try = advice(steps, chosen.lr, chosen.how, distilled, getattr(recipe, "finetune_steps", None))
+    if judge is None:
+        return notes + judge_metrics(summary.metrics, what_to_try)
+    judge.measure("after fine-tune", final)
+    return notes + judge.lines(what_to_try)
 
 
 class _Summary:
@@ -541,6 +569,7 @@ class _Summary:
         self.profile, self.eval_fn, self.enabled = profile, eval_fn, enabled
         self.precisions = list(dict.fromkeys([profile.default_precision, precision]))
         self.rows: list[dict[str, Any]] = []
+        self.metrics: list[tuple[str, dict[str, float]]] = []  # (stage, {metric: value}) of the rows with one
         self.scalar = False  # eval_fn returns one number (fine-tuning can then keep its best state)
 
     def add(self, stage: str, gm: GraphModule) -> None:
@@ -558,7 +587,9 @@ class _Summary:
                 metric = self.eval_fn(gm)
             gm.train(was_training)
             self.scalar = not isinstance(metric, dict)
-            row.update({k: round(float(v), 4) for k, v in metric.items()} if isinstance(metric, dict) else {"metric": round(float(metric), 4)})
+            values = {k: float(v) for k, v in metric.items()} if isinstance(metric, dict) else {"metric": float(metric)}
+            self.metrics.append((stage, values))
+            row.update({k: round(v, 4) for k, v in values.items()})
         self.rows.append(row)
 
     def table(self) -> dict[str, list[dict[str, Any]]]:

@@ -4,7 +4,9 @@
                                     distill=Distill(logits=LogitKD(4.0)), steps=300, lr=1e-3)
     result = fxopt.distill.finetune(student, recipe=fxopt.models.spec("camera_multitask").recipe, steps=100, lr=1e-3)
 
-`resolve` turns compile's ``distill="kd" | "ickd" | [...]`` and ``recipe=`` into finetune's arguments.
+`resolve` turns compile's ``distill="kd" | "ickd" | [...]`` and ``recipe=`` into finetune's arguments;
+`choose_lr` picks the rate compile's ``finetune_lr=None`` runs at (the recipe's, else a range test);
+`judge` tells whether a fine-tune left the model far below the input model.
 """
 
 from fxopt.distill.loop import (
@@ -14,11 +16,22 @@ from fxopt.distill.loop import (
     TensorBatches,
     finetune,
     recipe_metric,
+    trial_loss,
+)
+from fxopt.distill.judge import (
+    HeldBack,
+    HeldOutJudge,
+    advice,
+    agreement,
+    hold_back,
+    judge_metrics,
 )
 from fxopt.distill.losses import ICKD, FeatureMSE, LogitKD, OutputKD, SigmoidKD, channel_correlation
+from fxopt.distill.lr_range import LR_CANDIDATES, LrChoice, choose_lr, range_test
 from fxopt.distill.resolve import FinetuneRequest, FinetuneSetup, resolve
 
 __all__ = [
-    "ICKD", "Distill", "FeatureMSE", "FinetuneRequest", "FinetuneResult", "FinetuneSetup", "LogitKD", "OutputKD", "RecipeBatches",
-    "SigmoidKD", "TensorBatches", "channel_correlation", "finetune", "recipe_metric", "resolve",
+    "ICKD", "LR_CANDIDATES", "Distill", "FeatureMSE", "FinetuneRequest", "FinetuneResult", "FinetuneSetup", "HeldBack", "HeldOutJudge",
+    "LogitKD", "LrChoice", "OutputKD", "RecipeBatches", "SigmoidKD", "TensorBatches", "advice", "agreement", "channel_correlation",
+    "choose_lr", "finetune", "hold_back", "judge_metrics", "range_test", "recipe_metric", "resolve", "trial_loss",
 ]

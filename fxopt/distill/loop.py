@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxopt.errors import FxoptWarning, InputError
 
-__all__ = ["Distill", "FinetuneResult", "RecipeBatches", "TensorBatches", "finetune", "recipe_metric"]
+__all__ = ["Distill", "FinetuneResult", "RecipeBatches", "TensorBatches", "finetune", "recipe_metric", "trial_loss"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class TensorBatches:
     def __init__(self, x: Tensor, y: Tensor, batch_size: int = 64, seed: int = 0) -> None:
         if len(x) != len(y) or len(y) == 0 or batch_size < 1:
             raise InputError(f"need x and y of the same non-zero length and batch_size >= 1, got {len(x)}, {len(y)}, {batch_size}")
-        self.x, self.y, self.batch_size = x, y, batch_size
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -365,6 +365,23 @@ def finetune(
         return _Loop(student, data, loss, teacher, distill, steps, lr, optimizer, schedule, eval_fn, every, progress).run()
 
 
+def trial_loss(student: nn.Module, data: Iterable[Any], held: Sequence[Any], *, loss: Callable[[Any, Any], Tensor] | None,
+               teacher: nn.Module | None, distill: Distill | None, steps: int, lr: float, seed: int = 0) -> float:
+    """Train `student` in place for `steps` steps at the constant rate `lr` (no evaluation, no
+    restore), then return its mean loss on the `held` batches; inf where the loss diverged.
+    One arm of a learning-rate range test (`fxopt.distill.lr_range`)."""
+    student = getattr(student, "graph_module", student) if not isinstance(student, GraphModule) else student
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FxoptWarning)  # a diverging arm is a result here, not news
+        torch.manual_seed(seed)
+        run = _Loop(student, data, loss, teacher, distill, steps, lr, None, "constant", None, max(1, steps), False)
+        result = run.run()
+        if result.stopped_reason != "completed":
+            return math.inf
+        value = run.objective(held)
+    return value if math.isfinite(value) else math.inf
+
+
 class _Loop:
     """One fine-tune run: the state `finetune` threads through its steps."""
 
@@ -392,7 +409,10 @@ class _Loop:
         return _unpack(self.pending.pop() if self.pending else next(self.batches))
 
     def step_loss(self) -> tuple[Tensor, dict[str, float]]:
-        args, target = self.next_batch()
+        return self.terms(*self.next_batch())
+
+    def terms(self, args: tuple[Any, ...], target: Any) -> tuple[Tensor, dict[str, float]]:
+        """The step's loss on one batch: the total and its parts."""
         out, t_out, pairs = self.models.run(args)
         d = self.distill or Distill()
         terms: dict[str, Tensor] = {}
@@ -406,6 +426,12 @@ class _Loop:
             terms["features"] = d.feature_weight * torch.stack([d.feature_loss(s, t) for s, t in pairs]).mean()
         total = torch.stack(list(terms.values())).sum()
         return total, {k: float(v.detach()) for k, v in terms.items()}
+
+    def objective(self, batches: Sequence[Any]) -> float:
+        """The mean loss of `batches` (what a step minimises), the student in eval mode, no gradients."""
+        self.student.eval()
+        with torch.no_grad():
+            return sum(float(self.terms(*_unpack(b))[0]) for b in batches) / len(batches)
 
     def evaluate(self, step: int) -> None:
         if self.eval_fn is None:

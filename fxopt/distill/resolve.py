@@ -90,6 +90,12 @@ def _output_kd(output: Any) -> tuple[nn.Module, str]:
                               + (f"; not distilled: {', '.join(skipped)}" if skipped else ""))
 
 
+def _describe(loss: Any) -> str:
+    if isinstance(loss, OutputKD):
+        return "OutputKD(" + ", ".join(f"{k}: {type(m).__name__} x {w:g}" for k, m, w in zip(loss.keys, loss.losses, loss.weights)) + ")"
+    return type(loss).__name__
+
+
 def resolve(
     distill: str | Sequence[str] | Distill | None,
     *,
@@ -106,8 +112,9 @@ def resolve(
 
     Args:
         distill: None (labels only); a `Distill` (used as given, `kept` filled in when it has none);
-            or names from `DISTILL_PARTS`: ``"kd"`` distils the outputs (`LogitKD` at T = 4 on class
-            logits, `OutputKD` per named head of a multi-head model, see `OUTPUT_KD`), ``"ickd"``
+            or names from `DISTILL_PARTS`: ``"kd"`` distils the outputs (the recipe's own output KD
+            where it carries one, ``recipe.distill``; else `LogitKD` at T = 4 on class logits,
+            `OutputKD` per named head of a multi-head model, see `OUTPUT_KD`), ``"ickd"``
             adds `ICKD` at grids (1, 2) and weight 100 on the student's trunk stages, ``"mse"``
             FitNets regression on them; ``["kd", "ickd"]`` combines.
         teacher: the reference model (the traced original in compile); run once on
@@ -147,7 +154,11 @@ def resolve(
     parts = _parts(distill)
     notes: list[str] = []
     logits = None
-    if "kd" in parts:
+    recipe_kd = getattr(getattr(recipe, "distill", None), "logits", None)
+    if "kd" in parts and recipe_kd is not None:  # a bundled model's own output KD, measured on it
+        logits = recipe_kd
+        notes.append(f"output KD: the recipe's {_describe(recipe_kd)}")
+    elif "kd" in parts:
         was_training = teacher.training
         teacher.eval()
         with torch.no_grad():
@@ -178,7 +189,8 @@ class FinetuneRequest:
     its best state by.
 
     Attributes: compile's ``distill``, ``recipe``, ``train_data`` (`data`), ``loss``, a scalar
-    ``eval_fn`` (None where compile's returns a dict), ``finetune_lr`` and ``finetune_seed``.
+    ``eval_fn`` (None where compile's returns a dict), ``finetune_lr`` (None: chosen as compile
+    chooses it, `fxopt.distill.choose_lr`) and ``finetune_seed``.
     """
 
     distill: Any = None
@@ -186,7 +198,7 @@ class FinetuneRequest:
     data: Any = None
     loss: Any = None
     eval_fn: Callable[[nn.Module], float] | None = None
-    lr: float = 1e-4
+    lr: float | None = None
     seed: int = 0
 
     @property
@@ -199,13 +211,16 @@ class FinetuneRequest:
         """Fine-tune `student` in place for `steps` steps as compile would, `teacher` teaching, and
         return its metric at the end (higher is better; no best-state restore)."""
         from fxopt.distill.loop import finetune
+        from fxopt.distill.lr_range import choose_lr
 
         setup = resolve(self.distill, teacher=teacher, example_inputs=example_inputs, recipe=self.recipe, data=self.data,
                         loss=self.loss, eval_fn=self.eval_fn, seed=self.seed)
         if setup.eval_fn is None:
             raise InputError("a fine-tune request scores candidates with a scalar eval_fn or a recipe's metric; it has neither")
-        finetune(student, data=setup.data, loss=setup.loss, distill=setup.distill,
-                 teacher=teacher if setup.distill is not None else None, steps=steps, lr=self.lr, seed=self.seed,
+        by = teacher if setup.distill is not None else None
+        lr = choose_lr(self.lr, recipe=self.recipe, student=student, data=setup.data, loss=setup.loss, teacher=by,
+                       distill=setup.distill, steps=steps, seed=self.seed).lr
+        finetune(student, data=setup.data, loss=setup.loss, distill=setup.distill, teacher=by, steps=steps, lr=lr, seed=self.seed,
                  progress=progress)
         student.eval()
         with torch.no_grad():

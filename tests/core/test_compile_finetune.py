@@ -3,12 +3,15 @@ passes, before lowering, with the traced original as teacher."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 from torch import nn
 
 import fxopt
-from fxopt.distill import Distill, LogitKD, TensorBatches
+from fxopt.distill import LR_CANDIDATES, Distill, LogitKD, TensorBatches
 from fxopt.passes import PruneChannels
 
 
@@ -18,7 +21,9 @@ def net() -> nn.Module:
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
 
 
-X, Y = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(2))
+X = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    Y = net()(X).argmax(dim=1)  # labels the net can learn back after pruning: its own predictions
 
 
 def compile_pruned(**kw):
@@ -67,3 +72,41 @@ def test_finetune_seed_repeats_a_fine_tune_exactly_and_another_seed_draws_other_
 
     first, again, other = tuned(0), tuned(0), tuned(1)
     assert first == again and first != other
+
+
+def test_the_default_rate_is_a_range_test_and_a_recipe_gives_its_own():
+    assert inspect.signature(fxopt.compile).parameters["finetune_lr"].default is None
+    tuned = compile_pruned(train_data=TensorBatches(X, Y, batch_size=16), loss=nn.CrossEntropyLoss(), finetune_steps=10, export=False)
+    line = next(n for n in tuned.report.notes if n.startswith("fine-tune: lr "))
+    assert "chosen by a range test (5 steps per rate" in line and all(f"{lr:g}: " in line for lr in LR_CANDIDATES)
+
+    spec = fxopt.models.spec("safety_supervisor")
+    recipe = dataclasses.replace(spec.recipe, finetune_lr=2e-3)
+    compiled = fxopt.compile(fxopt.models.create("safety_supervisor").eval(), "cpu", example_inputs=fxopt.models.example_inputs("safety_supervisor"),
+                             passes=[], recipe=recipe, finetune_steps=2, export=False, safety="off")
+    assert "fine-tune: lr 0.002 (the recipe's)" in compiled.report.notes
+
+
+def test_every_fine_tune_is_judged_on_held_back_batches_without_eval_data():
+    tuned = compile_pruned(train_data=TensorBatches(X, Y, batch_size=16), loss=nn.CrossEntropyLoss(), finetune_steps=10,
+                           finetune_lr=1e-2, export=False)
+    assert "fine-tune: trained without 1 held-back batch (6 samples), kept to judge it (give eval_fn= to train on all)" in tuned.report.notes
+    line = next(n for n in tuned.report.notes if n.startswith("fine-tune judged on top-1 agreement"))
+    stages = line.split(": ", 1)[1]
+    assert stages.startswith("input model 100.0%, after prune ") and ", after fine-tune " in stages
+
+
+def test_a_fine_tune_left_far_below_the_input_model_warns_and_says_what_to_try():
+    def eval_fn(gm):  # the input model scores 0.99, any pruned graph 0.5: 49 points down whatever the fine-tune does
+        return 0.99 if sum(p.numel() for p in gm.parameters()) == sum(p.numel() for p in net().parameters()) else 0.5
+
+    with pytest.warns(fxopt.FxoptWarning, match="49.0 points below the input model"):
+        tuned = compile_pruned(train_data=TensorBatches(X, Y, batch_size=16), loss=nn.CrossEntropyLoss(), finetune_steps=3,
+                               finetune_lr=1e-3, eval_fn=eval_fn, export=False)
+    assert ("fine-tune judged on metric: input model 0.9900, after prune 0.5000, after fine-tune 0.5000 "
+            "(-49.0 points vs the input model)") in tuned.report.notes
+    warning = next(n for n in tuned.report.notes if n.startswith("WARNING: after fine-tune, metric"))
+    assert "more finetune_steps (ran 3)" in warning and "a higher finetune_lr (ran 0.001, given)" in warning
+    assert "distill='kd'" in warning and "milder compression budget" in warning
+    # with eval data nothing is held back: the fine-tune trains on every batch
+    assert not any("held-back" in n for n in tuned.report.notes)
