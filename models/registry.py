@@ -94,6 +94,12 @@ class TrainingRecipe:
             BN"; 0: keep the running averages of training). A short recipe with a slow BatchNorm
             momentum needs it: the running statistics still average the weights of many steps
             ago, and a deep net's eval-mode outputs drift far from its training-mode ones.
+        finetune_lr: Adam learning rate of a fine-tune after compression (`fxopt.compile`'s
+            ``finetune_lr=None`` takes it); None: compile chooses one by a short range test.
+        finetune_steps: the fine-tune's steps that met the model's accuracy goal (a recommendation:
+            compile's ``finetune_steps`` is what runs; a WARNING's advice names it when fewer ran).
+        distill: what ``distill="kd"`` distils for this model (a `fxopt.distill.Distill`, its
+            `OutputKD` with one loss per head); None: `fxopt.distill.resolve` picks by head name.
     """
 
     batch: Callable[[int, Any], tuple[tuple[Any, ...], Any]]
@@ -103,6 +109,9 @@ class TrainingRecipe:
     steps: int = 300
     lr: float = 1e-3
     bn_batches: int = 0
+    finetune_lr: float | None = None
+    finetune_steps: int | None = None
+    distill: Any = None
 
 
 def register_model(model_spec: ModelSpec) -> ModelSpec:

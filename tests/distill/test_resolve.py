@@ -106,3 +106,18 @@ def test_bad_requests_are_input_errors():
         resolve(None, **kw)
     with pytest.raises(fxopt.InputError, match="no output named"):
         resolve("kd", teacher=nn.Identity(), example_inputs=({"risk": torch.zeros(1)},), data=[])
+
+
+def test_kd_with_a_recipe_uses_the_recipes_own_output_kd():
+    # what bench/slim.py needed to meet its goal (SigmoidKD heatmap, LogitKD(2) seg, FeatureMSE box) is what distill="kd" gives
+    for recipe in (fxopt.models.recipe("camera_multitask"), fxopt.models.recipe("camera_multitask", preset="md")):
+        setup = resolve("kd", teacher=_Heads().eval(), example_inputs=(torch.randn(1, 3, 8, 8),), recipe=recipe)
+        kd = setup.distill.logits
+        assert kd is recipe.distill.logits and kd.keys == ("heatmap", "seg", "box")
+        assert setup.notes == ("output KD: the recipe's OutputKD(heatmap: SigmoidKD x 1, seg: LogitKD x 1, box: FeatureMSE x 1)",)
+        assert (recipe.finetune_lr, recipe.finetune_steps) == (5e-4, 400)
+    pp = fxopt.models.recipe("pointpillars", preset="md")
+    assert pp.distill.logits.keys == (0, 1) and pp.finetune_lr == 5e-4 and pp.bn_batches > 0
+    # without a recipe (or with one that carries none) the form still follows the outputs' names
+    plain = resolve("kd", teacher=_Heads().eval(), example_inputs=(torch.randn(1, 3, 8, 8),), data=[], loss=None)
+    assert plain.distill.logits.keys == ("heatmap", "seg")
