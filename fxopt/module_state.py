@@ -406,6 +406,11 @@ def _writes_in_place(node: Node) -> bool:
     return False
 
 
+def _write_target(node: Node) -> Any:
+    """The tensor an in-place node writes: ``out=``, else its first argument."""
+    return node.kwargs.get("out", node.args[0] if node.args else None)
+
+
 def _state_root(node: Any) -> str | None:
     """The state a node's value is a view of (through views and in-place ops), else None."""
     while isinstance(node, Node):
@@ -428,11 +433,11 @@ def drop_state_writes(gm: GraphModule, writes: list[StateWrite]) -> int:
     """
     names = {w.name for w in writes}
     gm.meta[_META_KEY] = tuple(writes)
-    dropped = [n for n in gm.graph.nodes if _writes_in_place(n) and n.args and _state_root(n.args[0]) in names]
+    dropped = [n for n in gm.graph.nodes if _writes_in_place(n) and _state_root(_write_target(n)) in names]
     feeders: list[Node] = []
     for node in reversed(dropped):
         feeders += node.all_input_nodes
-        node.replace_all_uses_with(node.args[0])  # an in-place op returns the tensor it wrote
+        node.replace_all_uses_with(_write_target(node))  # an in-place op returns the tensor it wrote
         gm.graph.erase_node(node)
     erased = set(dropped)
     while feeders:  # what only fed the erased writes goes too

@@ -229,6 +229,26 @@ def test_traced_graph_keeps_the_models_state_not_fxopts_runs():
     assert torch.equal(gm.get_buffer("feature_mean"), torch.zeros(8))
 
 
+class KeepsLastFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("last", torch.zeros(2, 8))
+
+    def forward(self, x):
+        y = self.lin(x)
+        torch.mul(y, 2, out=self.last)
+        return y.relu()
+
+
+def test_an_out_write_no_output_reads_leaves_the_graph():
+    with pytest.warns(fxopt.FxoptWarning, match=r"buffer 'last' is written in place \(mul\)"):
+        gm = fxopt.trace(KeepsLastFeatures().eval(), torch.randn(2, 8))
+    assert [n for n in gm.graph.nodes if "out" in n.kwargs] == []
+    gm(torch.randn(2, 8))
+    assert torch.equal(gm.get_buffer("last"), torch.zeros(2, 8))
+
+
 def test_in_place_ops_on_activations_and_eval_batchnorm_are_not_state_writes():
     model = InPlaceOnActivations().eval()
     x = torch.randn(1, 3, 8, 8)
