@@ -22,7 +22,7 @@ import copy
 import operator
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -355,6 +355,40 @@ def _ort_latencies_ms(graphs: Mapping[str, nn.Module], inputs: tuple[Any, ...], 
     return dict(zip(graphs, isolated_latencies_ms(models, inputs, runs, threads=threads)))
 
 
+@dataclass(frozen=True)
+class _LeftOut:
+    """A module call or matmul the scheme did not quantise, with what the reasons read."""
+
+    module: nn.Module | None  # None: a matmul function or method
+    kind: str | None  # the scheme kind it would have (`_module_kind`, or "matmul")
+    skipped: bool  # named by skip=
+    wanted: frozenset[str]
+    higher: str
+
+    @staticmethod
+    def of(gm: GraphModule, node: Node, wanted: set[str], skip: Sequence[str], higher: str) -> _LeftOut | None:
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if isinstance(module, (FakeQuantize, *WEIGHT_FAKE_QUANT)):
+                return None
+            return _LeftOut(module, _module_kind(module), _matches(str(node.target), skip), frozenset(wanted), higher)
+        if (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (node.op == "call_method" and node.target in _MATMUL_METHODS):
+            return _LeftOut(None, "matmul", False, frozenset(wanted), higher)
+        return None
+
+
+# Why a node stayed in the higher precision: (does this rule hold?, the reason); the first that holds wins.
+WHY_NOT_INT8: tuple[tuple[Callable[[_LeftOut], bool], Callable[[_LeftOut], str]], ...] = (
+    (lambda c: c.skipped, lambda c: f"skip= keeps it in {c.higher}"),  # skip= -> kept
+    (lambda c: isinstance(c.module, _CONV_T) and c.kind is None,  # groups > 1 -> no per-channel weight
+     lambda c: "grouped transposed conv: its weight is not per-channel quantisable here"),
+    (lambda c: c.kind is not None and c.kind not in c.wanted, lambda c: f"the target's int8 scheme does not quantise {c.kind}"),
+    (lambda c: c.kind == "matmul", lambda c: "an operand is not a float tensor"),  # wanted, yet not annotated
+    (lambda c: c.kind is not None, lambda c: "an input is not a float tensor"),
+    (lambda c: not isinstance(c.module, _NOT_COMPUTE), lambda c: "an opaque module: fxopt does not quantise inside it"),  # a leaf
+)
+
+
 # modules that are not weighted compute: activations, pools, norms and shape ops (no reason owed)
 _NOT_COMPUTE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Softmax,
@@ -648,29 +682,18 @@ class QuantizeInt8(FxoptPass):
         ]
 
     def _why_not_int8(self, gm: GraphModule, scheme: Any, kept: Mapping[str, str], higher: str) -> dict[str, str]:
-        """Each conv / linear / matmul / leaf left in `higher`, and why."""
+        """Each conv / linear / matmul / leaf left in `higher`, and why (the first rule of
+        `WHY_NOT_INT8` that holds)."""
         reasons = dict(kept)
-        wanted = set(scheme.quantized_ops)
         for node in gm.graph.nodes:
             if node.name in reasons or isinstance(node.meta.get("fxopt", {}).get(META_KEY), QuantAnnotation):
                 continue
-            if node.op == "call_module":
-                module = gm.get_submodule(str(node.target))
-                kind = _module_kind(module)
-                if isinstance(module, (FakeQuantize, *WEIGHT_FAKE_QUANT)):
-                    continue
-                if _matches(str(node.target), self.skip):
-                    reasons[node.name] = f"skip= keeps it in {higher}"
-                elif isinstance(module, _CONV_T) and kind is None:
-                    reasons[node.name] = "grouped transposed conv: its weight is not per-channel quantisable here"
-                elif kind is not None and kind not in wanted:
-                    reasons[node.name] = f"the target's int8 scheme does not quantise {kind}"
-                elif kind is not None:
-                    reasons[node.name] = "an input is not a float tensor"
-                elif not isinstance(module, _NOT_COMPUTE):
-                    reasons[node.name] = "an opaque module: fxopt does not quantise inside it"
-            elif (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (node.op == "call_method" and node.target in _MATMUL_METHODS):
-                reasons[node.name] = "matmul is not in the target's int8 scheme" if "matmul" not in wanted else "an operand is not a float tensor"
+            left = _LeftOut.of(gm, node, set(scheme.quantized_ops), self.skip, higher)
+            if left is None:
+                continue
+            reason = next((why(left) for holds, why in WHY_NOT_INT8 if holds(left)), None)
+            if reason is not None:
+                reasons[node.name] = reason
         return reasons
 
     def _calibrator_for(self, tensor: str, is_input: bool) -> str:

@@ -810,3 +810,25 @@ def test_cpu_int8_file_is_exact_on_an_emulated_avx2_host():
         steps[cpu.exact_int8] = error_in_steps(emulated, [compiled(x)], [None])
     assert steps[False] <= 1.0, steps  # |q| <= 64: exact on AVX2 (rounding of the last requantisation only)
     assert steps[True] > 5.0, steps  # full range: vpmaddubsw saturates
+
+
+def test_each_layer_left_out_gets_the_first_reason_of_the_table_that_holds():
+    from fxopt.targets import QuantScheme
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.leaf = nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8))
+
+        def forward(self, x):
+            return torch.matmul(self.q(x), x.transpose(1, 2)) + self.leaf(x).sum()
+
+    gm = fxopt.trace(Attention().eval(), (torch.randn(1, 4, 8),), leaf_modules=["leaf"])
+    scheme = QuantScheme(quantized_ops=("linear",))  # no matmul in this scheme
+    annotate_int8(gm, scheme, skip=())
+    reasons = QuantizeInt8()._why_not_int8(gm, scheme, {}, "fp16")
+    assert reasons == {"matmul": "the target's int8 scheme does not quantise matmul",
+                       "leaf": "an opaque module: fxopt does not quantise inside it"}
+    skipped = QuantizeInt8(skip=("q",))
+    annotate_int8(gm, scheme, skip=skipped.skip)
+    assert skipped._why_not_int8(gm, scheme, {}, "fp32")["q"] == "skip= keeps it in fp32"
