@@ -11,7 +11,7 @@ import io
 import linecache
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from fxopt.inputs import check_tensor_outputs, copy_inputs
 from fxopt.numerics import TOLERANCES, compare_outputs, flatten_outputs, run_model
 from fxopt.targets import TargetProfile, get_target
 
-__all__ = ["OnnxExport", "batch_inputs", "export_onnx", "verify_onnx", "lower", "opset_of"]
+__all__ = ["OnnxExport", "Parity", "batch_inputs", "export_onnx", "onnx_parity", "verify_onnx", "lower", "opset_of"]
 
 # ONNX Runtime on CPU vs torch on CPU, fp32: max_abs <= ATOL + RTOL * max|reference|.
 ATOL, RTOL = 1e-4, 1e-4
@@ -466,15 +466,127 @@ def _isolated_outputs(exported: OnnxExport, sets: Sequence[tuple[Any, ...]]) -> 
         raise VerificationError(f"ONNX Runtime crashed on the exported int8 model ({exc}); the file is not usable with this ONNX Runtime") from exc
 
 
-def _int8_noise(onnx_outputs: list[torch.Tensor], reference: list[torch.Tensor], float_module: torch.nn.Module,
-                inputs: tuple[Any, ...]) -> tuple[list[torch.Tensor], Any, Any] | None:
-    """The float graph's outputs, the fake-quant graph's `Deviation` from them and the file's; ``None``
-    when the structures differ (then only the fixed tolerance can pass the file)."""
-    float_outputs = flatten_outputs(run_model(float_module, inputs))
-    quant_error, file_error = compare_outputs(reference, float_outputs), compare_outputs(onnx_outputs, float_outputs)
-    if not (quant_error.same_structure and file_error.same_structure):
-        return None
-    return float_outputs, quant_error, file_error
+@dataclass(frozen=True)
+class _Int8Noise:
+    """An int8 file's outputs against the float graph (`float_module`), beside the fake-quant graph's."""
+
+    float_outputs: list[torch.Tensor]
+    quant_error: Any  # the fake-quant graph's `Deviation` from the float graph
+    file_error: Any  # the file's
+
+    @staticmethod
+    def of(onnx_outputs: list[torch.Tensor], reference: list[torch.Tensor], float_module: torch.nn.Module,
+           inputs: tuple[Any, ...]) -> _Int8Noise | None:
+        """``None`` when the structures differ (then only the fixed tolerance can pass the file)."""
+        float_outputs = flatten_outputs(run_model(float_module, inputs))
+        quant_error, file_error = compare_outputs(reference, float_outputs), compare_outputs(onnx_outputs, float_outputs)
+        if not (quant_error.same_structure and file_error.same_structure):
+            return None
+        return _Int8Noise(float_outputs, quant_error, file_error)
+
+    def file_as_good(self, atol: float) -> bool:
+        # ONNX Runtime's integer kernels round some values the other way, and each such step travels on
+        return self.file_error.max_abs <= QUANT_ERROR_RATIO * self.quant_error.max_abs + atol
+
+
+@dataclass(frozen=True)
+class Parity:
+    """What verifying an ONNX file against torch found: the worst errors over every input set.
+
+    Attributes:
+        max_abs_error, max_rel_error: the file vs the torch graph.
+        max_error_steps: int8 files: the worst error in output int8 steps (`error_in_steps`).
+        int8_error, int8_error_steps: given the float graph, the fake-quant graph's own error vs it.
+        inputs_checked: input sets compared.
+    """
+
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    max_error_steps: float | None = None
+    int8_error: float | None = None
+    int8_error_steps: float | None = None
+    inputs_checked: int = 0
+
+    def worst_with(self, other: Parity) -> Parity:
+        """The worse of two checks of one file (another batch size); `inputs_checked` stays this one's."""
+        def worst(a: float | None, b: float | None) -> float | None:
+            return None if a is None and b is None else max(a or 0.0, b or 0.0)
+
+        return Parity(max(self.max_abs_error, other.max_abs_error), max(self.max_rel_error, other.max_rel_error),
+                      worst(self.max_error_steps, other.max_error_steps), worst(self.int8_error, other.int8_error),
+                      worst(self.int8_error_steps, other.int8_error_steps), self.inputs_checked)
+
+    def record_on(self, exported: OnnxExport) -> OnnxExport:
+        exported.max_abs_error, exported.max_rel_error = self.max_abs_error, self.max_rel_error
+        exported.max_error_steps, exported.inputs_checked = self.max_error_steps, self.inputs_checked
+        exported.int8_error, exported.int8_error_steps = self.int8_error, self.int8_error_steps
+        return exported
+
+
+class _ParityCheck:
+    """Compares the file's outputs with torch's set by set, raising on the first set that fails, and
+    keeps the worst figures (`Parity`)."""
+
+    def __init__(self, model: onnx.ModelProto, int8: bool, atol: float, rtol: float, float_module: torch.nn.Module | None, sets: int) -> None:
+        self.steps, self.int8, self.atol, self.rtol, self.float_module, self.sets = output_steps(model), int8, atol, rtol, float_module, sets
+        self.parity = Parity(max_error_steps=0.0 if int8 else None, int8_error=None if float_module is None else 0.0,
+                             int8_error_steps=None if float_module is None else 0.0, inputs_checked=sets)
+
+    def add(self, index: int, inputs: tuple[Any, ...], ort_outputs: list[Any], reference: list[torch.Tensor]) -> None:
+        onnx_outputs = [torch.from_numpy(np.asarray(o)) for o in ort_outputs]
+        deviation = compare_outputs(onnx_outputs, reference)
+        noise = _Int8Noise.of(onnx_outputs, reference, self.float_module, inputs) if self.float_module is not None else None
+        if not (deviation.within(self.atol, self.rtol) or (noise is not None and noise.file_as_good(self.atol))):
+            raise VerificationError(self._failure(index, deviation, noise, ort_outputs, reference))
+        found = Parity(deviation.max_abs, deviation.max_rel,
+                       error_in_steps(ort_outputs, reference, self.steps) if self.int8 else None,
+                       noise.quant_error.max_abs if noise is not None else None,
+                       error_in_steps(noise.float_outputs, reference, self.steps) if noise is not None else None)
+        self.parity = self.parity.worst_with(found)
+
+    def _failure(self, index: int, deviation: Any, noise: _Int8Noise | None, ort_outputs: list[Any], reference: list[torch.Tensor]) -> str:
+        which = "the example inputs" if index == 0 else f"verification input set {index} of {self.sets} (a seeded variant or calibration batch)"
+        share = (f", nor is its error vs the float graph {noise.file_error.max_abs:.3g} within {QUANT_ERROR_RATIO:g} x the fake-quant "
+                 f"graph's {noise.quant_error.max_abs:.3g} + {self.atol:g}") if noise is not None else ""
+        steps = f", {error_in_steps(ort_outputs, reference, self.steps):.1f} output int8 steps" if self.int8 else ""
+        return (f"ONNX Runtime output differs from torch on {which}: max abs error {deviation.max_abs:.3g} "
+                f"(allowed {self.atol:g} + {self.rtol:g} x {deviation.reference_scale:.3g}{share}){steps} {deviation.detail}")
+
+
+def _onnx_runtime_outputs(exported: OnnxExport, sets: list[tuple[Any, ...]], int8: bool) -> Iterator[list[Any]]:
+    """ONNX Runtime's outputs on each input set: a file with Q/DQ in a child process (a native crash
+    becomes a `VerificationError`), any other in this one."""
+    if int8:
+        yield from _isolated_outputs(exported, sets)
+        return
+    try:
+        session = _session(exported.model)
+    except Exception as exc:
+        raise VerificationError(f"ONNX Runtime cannot load the exported model: {exc}") from exc
+    for inputs in sets:
+        try:
+            yield _run_session(session, inputs)
+        except Exception as exc:
+            raise VerificationError(f"ONNX Runtime cannot run the exported model: {exc}") from exc
+
+
+def onnx_parity(
+    exported: OnnxExport,
+    module: torch.nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    check_inputs: Sequence[tuple[Any, ...]] = (),
+    float_module: torch.nn.Module | None = None,
+) -> Parity:
+    """`verify_onnx`'s check, returning what it found instead of recording it on `exported`."""
+    sets = [tuple(example_inputs)] + [tuple(s) for s in check_inputs if s is not example_inputs]
+    int8 = bool({"QuantizeLinear", "DequantizeLinear"} & exported.op_types())
+    check = _ParityCheck(exported.model, int8, atol, rtol, float_module, len(sets))
+    for index, (inputs, outputs) in enumerate(zip(sets, _onnx_runtime_outputs(exported, sets, int8))):
+        check.add(index, inputs, outputs, flatten_outputs(run_model(module, inputs)))
+    return check.parity
 
 
 def verify_onnx(
@@ -497,6 +609,9 @@ def verify_onnx(
             travels through the later layers: a deep int8 file also passes when its error vs
             this float graph is within `QUANT_ERROR_RATIO` x the fake-quant graph's.
 
+    Returns:
+        `exported`, with what the check found (`Parity`) recorded on it.
+
     Raises:
         VerificationError: outputs differ beyond ``atol + rtol * max|reference|`` (and, given
             `float_module`, the file is further from it than allowed above) on any input set (the
@@ -506,53 +621,8 @@ def verify_onnx(
     `VerificationError`), and its worst error is also given in output int8 steps
     (``max_error_steps``, `error_in_steps`): a step or two is integer rounding, more is a mismatch.
     """
-    sets = [tuple(example_inputs)] + [tuple(s) for s in check_inputs if s is not example_inputs]
-    int8 = "QuantizeLinear" in exported.op_types() or "DequantizeLinear" in exported.op_types()
-    all_outputs = _isolated_outputs(exported, sets) if int8 else None
-    if all_outputs is None:
-        try:
-            session = _session(exported.model)
-        except Exception as exc:
-            raise VerificationError(f"ONNX Runtime cannot load the exported model: {exc}") from exc
-    steps = output_steps(exported.model)
-    worst, worst_steps, worst_quant, worst_quant_steps = None, 0.0, 0.0, 0.0
-    for i, inputs in enumerate(sets):
-        if all_outputs is not None:
-            ort_outputs = all_outputs[i]
-        else:
-            try:
-                ort_outputs = _run_session(session, inputs)
-            except Exception as exc:
-                raise VerificationError(f"ONNX Runtime cannot run the exported model: {exc}") from exc
-        reference = flatten_outputs(run_model(module, inputs))
-        onnx_outputs = [torch.from_numpy(np.asarray(o)) for o in ort_outputs]
-        deviation = compare_outputs(onnx_outputs, reference)
-        noise = _int8_noise(onnx_outputs, reference, float_module, inputs) if float_module is not None else None
-        if noise is not None:
-            float_outputs, quant_error, file_error = noise
-            worst_quant = max(worst_quant, quant_error.max_abs)
-            worst_quant_steps = max(worst_quant_steps, error_in_steps(float_outputs, reference, steps))
-        # an int8 file also passes when it is no further from the float graph than the fake-quant graph is
-        as_good = noise is not None and noise[2].max_abs <= QUANT_ERROR_RATIO * noise[1].max_abs + atol
-        if not (deviation.within(atol, rtol) or as_good):
-            which = "the example inputs" if i == 0 else f"verification input set {i} of {len(sets)} (a seeded variant or calibration batch)"
-            share = (f", nor is its error vs the float graph {noise[2].max_abs:.3g} within {QUANT_ERROR_RATIO:g} x the fake-quant "
-                     f"graph's {noise[1].max_abs:.3g} + {atol:g}") if noise is not None else ""
-            raise VerificationError(
-                f"ONNX Runtime output differs from torch on {which}: max abs error {deviation.max_abs:.3g} "
-                f"(allowed {atol:g} + {rtol:g} x {deviation.reference_scale:.3g}{share})"
-                + (f", {error_in_steps(ort_outputs, reference, steps):.1f} output int8 steps" if int8 else "") + f" {deviation.detail}"
-            )
-        if worst is None or deviation.max_abs > worst.max_abs:
-            worst = deviation
-        if int8:
-            worst_steps = max(worst_steps, error_in_steps(ort_outputs, reference, steps))
-    exported.max_error_steps = worst_steps if int8 else None
-    if float_module is not None:
-        exported.int8_error, exported.int8_error_steps = worst_quant, worst_quant_steps
-    exported.max_abs_error, exported.max_rel_error = worst.max_abs, worst.max_rel
-    exported.inputs_checked = len(sets)
-    return exported
+    parity = onnx_parity(exported, module, example_inputs, atol=atol, rtol=rtol, check_inputs=check_inputs, float_module=float_module)
+    return parity.record_on(exported)
 
 
 def lower(
@@ -586,25 +656,17 @@ def lower(
     if not verify:
         return exported
     atol, rtol = TOLERANCES["int8"] if "QuantizeLinear" in exported.op_types() else (ATOL, RTOL)
-    exported = verify_onnx(exported, module, example_inputs, check_inputs=check_inputs, atol=atol, rtol=rtol, float_module=float_module)
+    parity = onnx_parity(exported, module, example_inputs, check_inputs=check_inputs, atol=atol, rtol=rtol, float_module=float_module)
     if dynamic_batch is not None:
-        checked, worst = exported.inputs_checked, (exported.max_abs_error, exported.max_rel_error)
-        worst_steps, int8_error = exported.max_error_steps, (exported.int8_error, exported.int8_error_steps)
         for size in sorted(set(dynamic_batch)):
             try:
-                verify_onnx(exported, module, batch_inputs(example_inputs, size), atol=atol, rtol=rtol, float_module=float_module)
-                worst = (max(worst[0], exported.max_abs_error), max(worst[1], exported.max_rel_error))
-                if worst_steps is not None:
-                    worst_steps = max(worst_steps, exported.max_error_steps or 0.0)
-                if int8_error[0] is not None:
-                    int8_error = (max(int8_error[0], exported.int8_error or 0.0), max(int8_error[1] or 0.0, exported.int8_error_steps or 0.0))
+                parity = parity.worst_with(onnx_parity(exported, module, batch_inputs(example_inputs, size), atol=atol, rtol=rtol,
+                                                       float_module=float_module))
             except VerificationError as exc:
                 raise VerificationError(f"dynamic_batch: at batch size {size}: {exc} (does the model fix its batch size, "
                                         "e.g. x.view(1, -1) or a size read as a constant?)") from None
         exported.dynamic_batch, exported.batch_sizes_checked = tuple(dynamic_batch), sorted(set(dynamic_batch))
-        exported.inputs_checked, (exported.max_abs_error, exported.max_rel_error) = checked, worst
-        exported.max_error_steps = worst_steps
-        exported.int8_error, exported.int8_error_steps = int8_error
+    parity.record_on(exported)
     return exported
 
 

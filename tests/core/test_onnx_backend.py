@@ -124,3 +124,18 @@ def test_zero_initialised_weight_becomes_constant_of_shape_and_matches():
     exported = lower(model, (x,), "xavier")  # raises ExportError / VerificationError on failure
     assert "ConstantOfShape" in {n.op_type for n in exported.model.graph.node}
     np.testing.assert_allclose(run_onnx(exported, (x,))[0], model(x).detach().numpy(), atol=1e-6)
+
+
+def test_parity_is_a_value_the_check_returns_and_verify_records():
+    from fxopt.backends.onnx import Parity, onnx_parity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = (torch.randn(3, 4),)
+    exported = export_onnx(model, x, opset=17)
+    found = onnx_parity(exported, model, x, check_inputs=[(torch.randn(3, 4),), (torch.randn(3, 4),)])
+    assert exported.inputs_checked == 0 and exported.max_abs_error is None  # the check alone records nothing
+    assert found.inputs_checked == 3 and 0 <= found.max_abs_error < 1e-4 and found.max_error_steps is None
+    assert verify_onnx(exported, model, x).max_abs_error == onnx_parity(exported, model, x).max_abs_error
+    a, b = Parity(0.1, 0.2, 1.0, None, None, 4), Parity(0.3, 0.1, None, 0.5, 2.0, 9)
+    assert a.worst_with(b) == Parity(0.3, 0.2, 1.0, 0.5, 2.0, 4)  # per figure the worse; the first's input count
