@@ -29,6 +29,11 @@ def _shape(value: object) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+def _dtype(value: object) -> torch.dtype | None:
+    meta = value.meta.get("tensor_meta") if isinstance(value, Node) else None
+    return getattr(meta, "dtype", None)
+
+
 def _is_dropout_module(gm: GraphModule, n: Node) -> bool:
     return isinstance(_module(gm, n), _DROPOUT_MODULES)
 
@@ -55,14 +60,16 @@ def _is_contiguous(gm: GraphModule, n: Node) -> bool:
 
 def _is_same_shape_view(gm: GraphModule, n: Node) -> bool:
     is_view = (n.op == "call_method" and n.target in ("view", "reshape")) or (n.op == "call_function" and n.target is torch.reshape)
-    return is_view and _shape(n) is not None and _shape(n) == _shape(n.args[0])
+    # x.view(torch.int32) keeps the shape of a float32 x but not its dtype
+    return is_view and _shape(n) is not None and _shape(n) == _shape(n.args[0]) and _dtype(n) == _dtype(n.args[0])
 
 
 def _is_identity_permute(gm: GraphModule, n: Node) -> bool:
     if not (n.op == "call_method" and n.target == "permute") and n.target is not torch.permute:
         return False
-    dims = n.args[1:] if len(n.args) > 2 else n.args[1] if len(n.args) > 1 else ()
-    return isinstance(dims, (tuple, list)) and list(dims) == list(range(len(dims)))
+    # x.permute(0, 1), x.permute((0, 1)) or dims=(0, 1); no dims at all is not a permutation we know
+    dims = n.kwargs.get("dims", n.args[1] if len(n.args) == 2 else n.args[1:])
+    return isinstance(dims, (tuple, list)) and len(dims) > 0 and list(dims) == list(range(len(dims)))
 
 
 def _is_neutral_arithmetic(gm: GraphModule, n: Node) -> bool:
