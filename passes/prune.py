@@ -811,7 +811,7 @@ class PruneChannels(FxoptPass):
         >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16),
         ...                         torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 1))
         >>> gm = fxopt.trace(m, torch.randn(1, 3, 8, 8))
-        >>> result = PruneChannels(amount=0.5, by="channels")(gm)
+        >>> result = PruneChannels(amount=0.5, by="channels", round_to=8)(gm)  # cpu's alignment is the host's lane count
         >>> result.modified, result.graph_module.get_submodule("0").out_channels
         (True, 8)
     """
