@@ -50,6 +50,10 @@ def __getattr__(name: str) -> object:
         import importlib
 
         return importlib.import_module(f"fxopt.{name}")
+    if name == "pipeline":  # the DAG pipeline sits on top of the public API (fxopt.automation)
+        import importlib
+
+        return importlib.import_module("fxopt.automation")
     if name == "finetune":  # training needs no import at `import fxopt`
         from fxopt.distill import finetune
 
