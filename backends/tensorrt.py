@@ -20,6 +20,7 @@ from typing import Any
 import onnx
 from onnx import helper, numpy_helper
 
+from fxopt.backends.dla_cost import PlacementTimes, placement_times
 from fxopt.errors import TargetError
 from fxopt.targets import TargetProfile, get_target
 
@@ -233,8 +234,9 @@ def placement_summary(rows: list[Placement]) -> dict[str, int]:
     return {"dla": sum(r.device == "DLA" for r in rows), "gpu": sum(r.device == "GPU" for r in rows), "switches": switches}
 
 
-def placement_markdown(rows: list[Placement], target: str, precision: str) -> str:
-    """The placement report as Markdown."""
+def placement_markdown(rows: list[Placement], target: str, precision: str, times: PlacementTimes | None = None) -> str:
+    """The placement report as Markdown; with `times` (`fxopt.backends.dla_cost.placement_times`), the
+    estimated engine time of each placement, the best GPU/DLA split and each layer's time on each device."""
     s = placement_summary(rows)
     lines = [
         f"# DLA placement for `{target}` ({precision})",
@@ -242,10 +244,32 @@ def placement_markdown(rows: list[Placement], target: str, precision: str) -> st
         f"{s['dla']} of {len(rows)} nodes can run on DLA; {s['switches']} DLA/GPU switches "
         "(predicted from TensorRT 8.5's DLA layer rules; a GPU build confirms it).",
         "",
-        "| node | op | device | reason |",
-        "|---|---|---|---|",
     ]
-    lines += [f"| {r.node} | {r.op_type} | {r.device} | {r.reason} |" for r in rows]
+    if times is not None:
+        ms = 1e3
+        freed = times.gpu_only_s - times.dla_gpu_busy_s
+        lines += [
+            "Estimated engine time (the xavier latency model, bench/results/xavier_latency.md; DLA fitted to two published figures, see there):",
+            "",
+            "| placement | end to end ms | GPU busy ms | GPU time freed ms |",
+            "|---|---|---|---|",
+            f"| GPU only | {times.gpu_only_s * ms:.3f} | {times.gpu_only_s * ms:.3f} | 0 |",
+            f"| DLA core 0, GPU fallback | {times.dla_s * ms:.3f} | {times.dla_gpu_busy_s * ms:.3f} | {freed * ms:.3f} |",
+        ]
+        if times.split_after:
+            lines.append(f"| best split: DLA0 up to `{times.split_after}`, then GPU | {times.split_s * ms:.3f} | "
+                         f"{times.split_gpu_busy_s * ms:.3f} | {(times.gpu_only_s - times.split_gpu_busy_s) * ms:.3f} |")
+        lines += ["", (f"On DLA0 the model frees {freed * ms:.3f} ms of GPU time per inference at a cost of "
+                       f"{(times.dla_s - times.gpu_only_s) * ms:+.3f} ms latency ({times.switches} switches, each a reformat and a hand-over)."
+                       if freed > 0 else "On DLA0 the model frees no GPU time: its fallback layers and reformats cost the GPU more than it saves."), ""]
+    lines += ["| node | op | device | reason | GPU ms | DLA ms |" if times else "| node | op | device | reason |",
+              "|---|---|---|---|---|---|" if times else "|---|---|---|---|"]
+    for r in rows:
+        row = f"| {r.node} | {r.op_type} | {r.device} | {r.reason} |"
+        if times is not None:
+            g, d = times.layer_s.get(r.node, (None, None))
+            row += f" {g * 1e3:.4f} | {d * 1e3:.4f} |" if g is not None and d is not None else (f" {g * 1e3:.4f} | |" if g is not None else " | |")
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 
@@ -613,9 +637,13 @@ def plan_deployment(model: onnx.ModelProto, target: str | TargetProfile, precisi
         files["build_engine.sh"] += f"# DLA core 0 with GPU fallback{how}\n{dla.command_line}\n"
         calls.append(dla.call)
         placement = dla_placement(dla_model, profile, precision)
-        files["placement.md"] = placement_markdown(placement, profile.name, precision)
+        dla_precision = "fp16" if "fp16" in how else precision
+        times = placement_times(dla_model, {r.node: r.device for r in placement}, _shapes(dla_model), profile, dla_precision)
+        files["placement.md"] = placement_markdown(placement, profile.name, precision, times)
         s = placement_summary(placement)
-        notes.append(f"DLA: {s['dla']} of {len(placement)} ONNX nodes can run on DLA, {s['switches']} DLA/GPU switches (placement.md)")
+        timing = (f"; estimated {times.dla_s * 1e3:.2f} ms on DLA0 vs {times.gpu_only_s * 1e3:.2f} ms on the GPU, "
+                  f"freeing {(times.gpu_only_s - times.dla_gpu_busy_s) * 1e3:.2f} ms of GPU time") if times else ""
+        notes.append(f"DLA: {s['dla']} of {len(placement)} ONNX nodes can run on DLA, {s['switches']} DLA/GPU switches{timing} (placement.md)")
     files["build_engine.py"] = build_script(calls, f"Build the {profile.name} engines with TensorRT {profile.tensorrt_version} ({precision})") if len(calls) > 1 else gpu.script
     if tensorrt_available():
         notes.append("TensorRT and a GPU are present: save() builds engine.plan")

@@ -69,9 +69,12 @@ class CostSummary:
     """Whole-graph totals and the per-node costs they sum.
 
     `uncosted` maps each node that could not be costed to the reason; when it is not empty
-    the FLOPs and latency totals are lower bounds (see `uncosted_note`). `latency_s` is the sum
-    of the per-node times plus `overhead_s`, the target's fixed cost per inference;
-    `roofline_s` sums the per-node roofline lower bounds.
+    the FLOPs and latency totals are lower bounds (see `uncosted_note`). `latency_s` is the
+    engine time: the sum of the per-node times plus `overhead_s`, the engine's fixed cost per
+    inference. `host_overhead_s` is what a call from the host adds around the engine (a Python
+    call, synchronisation, input and output copies; the target's `EngineModel.host_overhead_s`),
+    kept beside it, not in it: `host_latency_s` is the two together, the time a Python loop around
+    the engine would see. `roofline_s` sums the per-node roofline lower bounds.
     """
 
     target: str
@@ -86,6 +89,12 @@ class CostSummary:
     uncosted: dict[str, str] = field(default_factory=dict)
     roofline_s: float = 0.0
     overhead_s: float = 0.0
+    host_overhead_s: float = 0.0
+
+    @property
+    def host_latency_s(self) -> float:
+        """Engine time plus what a host call adds: the time seen around a Python call into the engine."""
+        return self.latency_s + self.host_overhead_s
 
     @property
     def complete(self) -> bool:
@@ -111,6 +120,8 @@ class CostSummary:
             "latency_ms": self.latency_s * 1e3,
             "roofline_ms": self.roofline_s * 1e3,
             "overhead_ms": self.overhead_s * 1e3,
+            "latency_is": "engine time (kernels + the engine's per-inference overhead); host_overhead_ms is beside it",
+            "host_overhead_ms": self.host_overhead_s * 1e3,
             "unknown_nodes": list(self.unknown_nodes),
             "uncosted": dict(self.uncosted),
         }
@@ -356,7 +367,9 @@ def estimate_costs(
             `gm` must be runnable).
 
     Returns:
-        A `CostSummary`; each node also gets ``node.meta["fxopt"]["cost"]``.
+        A `CostSummary`; each node also gets ``node.meta["fxopt"]["cost"]``. Its `latency_s` is
+        engine time (kernels and the engine's per-inference overhead); what a host call adds
+        around the engine is beside it in `host_overhead_s`.
 
     Raises:
         InputError: `precision` is not one of the target's precisions.
@@ -385,6 +398,7 @@ def estimate_costs(
         node.meta.setdefault("fxopt", {})["cost"] = per_node[node.name]
     uncosted = {name: c.uncosted for name, c in per_node.items() if c.uncosted}
     overhead = profile.engine.inference_overhead_s if profile.engine is not None else 0.0
+    host = profile.engine.host_overhead_s if profile.engine is not None else 0.0
     return CostSummary(
         target=profile.name,
         precision=precision,
@@ -398,6 +412,7 @@ def estimate_costs(
         uncosted=uncosted,
         roofline_s=sum(c.roofline_s for c in per_node.values()),
         overhead_s=overhead,
+        host_overhead_s=host,
     )
 
 

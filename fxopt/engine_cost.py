@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 
 from fxopt.targets import TargetProfile
 
-__all__ = ["Kernel", "NodeFacts", "engine_kernels", "kernel_latency_s", "roofline_s", "tensor_metas"]
+__all__ = ["Kernel", "NodeFacts", "dla_kernel_latency_s", "engine_kernels", "kernel_latency_s", "roofline_s", "tensor_metas"]
 
 
 @dataclass(frozen=True)
@@ -284,6 +284,25 @@ def kernel_latency_s(
     memory = np.asarray(nbytes, dtype=float) / (profile.memory_bandwidth_bytes_per_s * engine.bandwidth_efficiency)
     out = np.maximum(compute, memory) + profile.launch_overhead_s
     return float(out) if kinds.ndim == 0 else out
+
+
+def dla_kernel_latency_s(profile: TargetProfile, precision: str, flops: float, nbytes: float) -> float:
+    """Estimated time of one layer on one DLA core (`TargetProfile.dla`): the slower of its FLOPs at the
+    core's reachable peak and its bytes at the reachable bandwidth, plus the per-layer cost.
+
+    Example:
+        >>> from fxopt.targets import get_target
+        >>> xavier = get_target("xavier")
+        >>> dla, gpu = dla_kernel_latency_s(xavier, "fp16", 2e9, 4e6), kernel_latency_s(xavier, "fp16", "conv", 2e9, 4e6, 1e6, 1152)
+        >>> bool(dla > gpu)  # one DLA core is slower than the GPU on a large conv
+        True
+    """
+    dla = profile.dla
+    assert dla is not None, "dla_kernel_latency_s needs a target with a DlaModel"
+    peak = profile.dla_peak_ops_per_s[precision] * dla.efficiency[precision]
+    compute = flops / peak if flops > 0 else 0.0
+    memory = nbytes / (profile.memory_bandwidth_bytes_per_s * dla.bandwidth_efficiency)
+    return max(compute, memory) + dla.layer_overhead_s
 
 
 def roofline_s(profile: TargetProfile, precision: str, flops: float, nbytes: float) -> float:

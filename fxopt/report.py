@@ -109,9 +109,11 @@ class CompileReport:
         lines = [
             f"params  {_si(b.params)} -> {_si(a.params)}{_change(b.params, a.params)}",
             f"FLOPs   {_si(b.flops)} -> {_si(a.flops)}{_change(b.flops, a.flops)}",
-            f"est. {self.target} latency ({self.precision})  "
+            f"est. {self.target} latency ({self.precision}, engine time)  "
             f"{b.latency_s * 1e3:.3f} ms -> {a.latency_s * 1e3:.3f} ms{_change(b.latency_s, a.latency_s)}",
         ]
+        if a.host_overhead_s > 0:  # the report shows engine time; a host call adds this around it
+            lines.append(f"a host call (Python, synchronisation, copies) adds about {a.host_overhead_s * 1e3:.3f} ms to each")
         if a.roofline_s > 0:  # what the estimate adds to the bare peak-throughput bound
             lines.append(f"roofline lower bound  {b.roofline_s * 1e3:.3f} ms -> {a.roofline_s * 1e3:.3f} ms "
                          f"(estimate / roofline {a.latency_s / a.roofline_s:.2f}x)")

@@ -82,8 +82,12 @@ class EngineModel:
     ``half_depth`` falls back to its ``"default"`` entry, else to no size dependence.
 
     Attributes:
-        inference_overhead_s: fixed cost of one inference (enqueue, synchronisation, input and
-            output copies), added once to the total.
+        inference_overhead_s: the engine's fixed cost of one inference (enqueueing its kernels, the
+            input/output reformats), added once to the engine time.
+        host_overhead_s: what a host call adds around the engine (a Python call into the runtime,
+            the synchronisation, input and output copies): not part of the engine time
+            `fxopt.estimate_costs` reports, but beside it (`CostSummary.host_overhead_s`), for a
+            figure timed from the host.
         bandwidth_efficiency: fraction of the DRAM bandwidth a memory-bound kernel reaches.
         precision_efficiency: per precision, a factor on every op efficiency (e.g. fp32 runs
             without tensor cores, int8 kernels reach less of their peak than fp16 ones).
@@ -103,6 +107,7 @@ class EngineModel:
     """
 
     inference_overhead_s: float = 0.0
+    host_overhead_s: float = 0.0
     bandwidth_efficiency: float = 1.0
     precision_efficiency: Mapping[str, float] = field(default_factory=lambda: _frozen({}))
     half_size: Mapping[str, float] = field(default_factory=lambda: _frozen({}))
@@ -124,6 +129,37 @@ class EngineModel:
         return (size / (size + m_half) if m_half > 0 else 1.0) * (depth / (depth + k_half) if k_half > 0 else 1.0)
 
     def replace(self, **changes: object) -> EngineModel:
+        """A copy with some fields changed, e.g. fitted parameters."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DlaModel:
+    """How one DLA core runs the layers TensorRT places on it: data `fxopt.engine_cost.dla_kernel_latency_s` reads.
+
+    A DLA layer takes the slower of its FLOPs at ``efficiency[precision]`` of the core's peak
+    (`TargetProfile.dla_peak_ops_per_s`) and its bytes at ``bandwidth_efficiency`` of the DRAM
+    bandwidth, plus ``layer_overhead_s``. Each switch between DLA and GPU costs a reformat of the
+    tensor that crosses (a GPU copy kernel) plus ``transition_s`` (the hand-over between the engines).
+
+    Attributes:
+        efficiency: per precision (fp16, int8), the fraction of the DLA peak its convolutions reach.
+        bandwidth_efficiency: fraction of the DRAM bandwidth a memory-bound DLA layer reaches.
+        layer_overhead_s: fixed cost per DLA layer.
+        transition_s: fixed cost per DLA<->GPU switch, besides the reformat copy.
+        source: where the numbers come from.
+    """
+
+    efficiency: Mapping[str, float] = field(default_factory=lambda: _frozen({}))
+    bandwidth_efficiency: float = 0.5
+    layer_overhead_s: float = 0.0
+    transition_s: float = 0.0
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "efficiency", _frozen(self.efficiency))
+
+    def replace(self, **changes: object) -> DlaModel:
         """A copy with some fields changed, e.g. fitted parameters."""
         return dataclasses.replace(self, **changes)
 
@@ -154,6 +190,8 @@ class TargetProfile:
             copies, size-dependent efficiency, per-inference overhead); ``None``: each node is
             one kernel costed by its roofline (max of compute at ``op_efficiency`` and memory
             time) plus ``launch_overhead_s``.
+        dla: how a DLA core runs its layers (`DlaModel`); ``None`` where the target has no DLA
+            latency model (the placement report then gives no times).
 
     Example:
         >>> from fxopt.targets import get_target
@@ -178,6 +216,7 @@ class TargetProfile:
     default_passes: tuple[str, ...] = ("canonicalize", "fold_batchnorm")
     quant_scheme: QuantScheme | None = None
     engine: EngineModel | None = None
+    dla: DlaModel | None = None
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -232,7 +271,7 @@ def _plain(value: object) -> Any:
     return value
 
 
-_NESTED: dict[str, type] = {"quant_scheme": QuantScheme, "engine": EngineModel}
+_NESTED: dict[str, type] = {"quant_scheme": QuantScheme, "engine": EngineModel, "dla": DlaModel}
 
 
 def _from_plain(cls: type, data: Mapping[str, Any], where: str) -> Any:
@@ -314,6 +353,19 @@ _XAVIER_ENGINE = EngineModel(
     source="bench/xavier_latency.py at commit 9fb07df (bench/results/xavier_latency.md)",
 )
 
+# One Xavier DLA core (NVDLA v1): convolution efficiency per precision fitted by bench/xavier_latency.py to the
+# published DLA-vs-GPU time of ResNet-50 (Paddle Lite's TensorRT guide, JetPack 4.4.1, TensorRT 7.1.3, MAXN:
+# fp16 6.66 vs 3.15 ms, int8 3.96 vs 2.27 ms): two figures, two parameters, so nothing is left to check it on.
+# A switch costs a GPU reformat copy plus a hand-over taken as the engine's per-inference overhead (no
+# published figure for it); a DLA layer reaches half the DRAM bandwidth (assumed).
+_XAVIER_DLA = DlaModel(
+    efficiency={"fp16": 0.5, "int8": 0.5},
+    bandwidth_efficiency=0.5,
+    layer_overhead_s=0.0,
+    transition_s=50e-6,
+    source="bench/xavier_latency.py (bench/results/xavier_latency.md, DLA section)",
+)
+
 XAVIER = TargetProfile(
     name="xavier",
     description="NVIDIA Jetson AGX Xavier (JetPack 5.1: TensorRT 8.5, Volta GPU + 2 DLA)",
@@ -337,6 +389,7 @@ XAVIER = TargetProfile(
     launch_overhead_s=14.02e-6,
     quant_scheme=TENSORRT_QDQ,
     engine=_XAVIER_ENGINE,
+    dla=_XAVIER_DLA,
 )
 
 ORIN = TargetProfile(

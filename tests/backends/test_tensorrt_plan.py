@@ -244,3 +244,72 @@ def test_the_cache_calibrator_hands_tensorrt_the_cache_and_no_batches():
     assert isinstance(calibrator, Base) and calibrator.base_init  # TensorRT's base class is initialised
     assert calibrator.get_batch(["input"]) is None and calibrator.get_batch_size() == 1
     assert read_calibration_cache(calibrator.read_calibration_cache().decode()) == ("TRT-8502-EntropyCalibration2", {"input": 0.5})
+
+
+# --- DLA latency model and the placement report's times ------------------------------------------
+
+def _times(model, x, precision="fp16", target="xavier", devices=None):
+    from fxopt.backends.dla_cost import placement_times
+    from fxopt.backends.tensorrt import _shapes
+
+    exported = export_onnx(model.eval(), (x,), opset=17)
+    rows = dla_placement(exported.model, target, precision)
+    placed = devices(rows) if devices else {r.node: r.device for r in rows}
+    return placement_times(exported.model, placed, _shapes(exported.model), fxopt.get_target(target), precision), rows
+
+
+def test_dla_layers_cost_more_than_gpu_layers_and_int8_less_than_fp16():
+    from fxopt.engine_cost import dla_kernel_latency_s, kernel_latency_s
+
+    xavier = fxopt.get_target("xavier")
+    big_conv = (4e9, 8e6)  # FLOPs, bytes
+    assert dla_kernel_latency_s(xavier, "fp16", *big_conv) > kernel_latency_s(xavier, "fp16", "conv", big_conv[0], big_conv[1], 4e6, 1152)
+    assert dla_kernel_latency_s(xavier, "int8", *big_conv) < dla_kernel_latency_s(xavier, "fp16", *big_conv)
+    # a layer with no FLOPs is bound by its bytes
+    assert dla_kernel_latency_s(xavier, "fp16", 0.0, 1e6) == pytest.approx(
+        1e6 / (xavier.memory_bandwidth_bytes_per_s * xavier.dla.bandwidth_efficiency) + xavier.dla.layer_overhead_s)
+
+
+def test_an_all_dla_convnet_frees_gpu_time_at_a_latency_cost():
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU())
+    times, rows = _times(model, torch.randn(1, 3, 64, 64))
+    assert all(r.device == "DLA" for r in rows)
+    assert times.dla_s > times.gpu_only_s  # one DLA core is slower than the GPU
+    assert times.dla_gpu_busy_s < times.gpu_only_s  # but the GPU only reformats in and out
+    assert times.switches == 0
+    # each layer's time on both devices is in the report
+    heavy = [r.node for r in rows if r.op_type == "Conv"][-1]  # the 64->64 conv: compute bound on both
+    gpu_s, dla_s = times.layer_s[heavy]
+    assert gpu_s > 0 and dla_s is not None and dla_s > gpu_s
+
+
+def test_gpu_fallback_switches_cost_reformats_and_hand_overs():
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
+    x = torch.randn(1, 3, 32, 32)
+    all_dla, rows = _times(model, x)
+    # the same graph with its middle conv forced onto the GPU: two more switches
+    middle = [r.node for r in rows if r.op_type == "Conv"][1]
+    forced, _ = _times(model, x, devices=lambda rs: {r.node: ("GPU" if r.node == middle else r.device) for r in rs})
+    assert forced.switches == all_dla.switches + 2
+    xavier = fxopt.get_target("xavier")
+    gpu_conv, dla_conv = all_dla.layer_s[middle]
+    # the forced placement pays the GPU conv instead of the DLA conv, plus at least two hand-overs
+    assert forced.dla_s - all_dla.dla_s >= gpu_conv - dla_conv + 2 * xavier.dla.transition_s - 1e-9
+    assert forced.dla_gpu_busy_s > all_dla.dla_gpu_busy_s
+
+
+def test_no_dla_model_no_times_and_placement_md_states_them(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU())
+    x = torch.randn(1, 3, 64, 64)
+    xavier = fxopt.get_target("xavier")
+    bare = xavier.replace(name="xavier_no_dla_model", dla=None)
+    from fxopt.backends.dla_cost import placement_times
+    from fxopt.backends.tensorrt import _shapes
+    exported = export_onnx(model.eval(), (x,), opset=17)
+    assert placement_times(exported.model, {}, _shapes(exported.model), bare, "fp16") is None
+    compiled = fxopt.compile(model, "xavier", example_inputs=(x,))
+    compiled.save(tmp_path)
+    text = (tmp_path / "placement.md").read_text()
+    assert "| GPU only |" in text and "| DLA core 0, GPU fallback |" in text
+    assert "frees" in text and "ms of GPU time per inference" in text
+    assert any("estimated" in n and "on DLA0" in n for n in compiled.report.notes)
