@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -65,7 +66,7 @@ from fxopt.passes.slim_space import (
 from fxopt.registry import register_pass
 from fxopt.tracing import propagate_shapes
 
-__all__ = ["OutputMatch", "Slim", "SlimCandidate", "latency_range", "output_divergence", "recalibrate_batchnorm"]
+__all__ = ["OutputMatch", "Slim", "SlimCandidate", "SlimSettings", "latency_range", "output_divergence", "recalibrate_batchnorm"]
 
 DIMENSIONS = ("depth", "width", "resolution")
 # searched only when asked for: removing plain layers is not exact, and on the trained pointpillars
@@ -421,10 +422,64 @@ def _open_storage(storage: Any) -> Any:
                          "and writable (or the journal file's folder), or give another storage") from None
 
 
+@dataclass(frozen=True)
+class SlimSettings:
+    """Validated options of `Slim` (each is described in its docstring).
+
+    Example:
+        >>> SlimSettings(latency_ratio=0.5, space=["depth", "width"]).space
+        ('depth', 'width')
+        >>> SlimSettings(trials=0)
+        Traceback (most recent call last):
+        ...
+        fxopt.errors.InputError: Slim: trials must be a positive int, got 0
+    """
+
+    latency_ms: float | None = None
+    latency_ratio: float | None = None
+    trials: int = 40
+    space: Sequence[str] = DIMENSIONS
+    resolutions: Sequence[Any] | None = None
+    seed: int = 0
+    storage: Any = None
+    study_name: str | None = None
+    width_choices: Sequence[float] = WIDTH_CHOICES
+    max_ratio: float = 0.9
+    measure: str | None = None
+    finetune_top: int = 0
+    finetune_steps: int = 30
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.measure not in (None, *MEASURES):
+            raise InputError(f"Slim: measure must be one of {MEASURES} or None (the target's way), got {self.measure!r}")
+        space = self.space
+        if isinstance(space, str) or not space or any(d not in DIMENSIONS + OPT_IN_DIMENSIONS for d in space):
+            raise InputError(f"Slim: space must be a list drawn from {DIMENSIONS + OPT_IN_DIMENSIONS}, got {space!r}")
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
+            raise InputError(f"Slim: trials must be a positive int, got {self.trials!r}")
+        if not self.width_choices or any(not 0 < float(r) <= 1 for r in self.width_choices):
+            raise InputError(f"Slim: width_choices must be ratios in (0, 1], got {self.width_choices!r}")
+        for key, value in (("latency_ms", self.latency_ms), ("latency_ratio", self.latency_ratio)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise InputError(f"Slim: {key} must be a positive number, got {value!r}")
+        if self.latency_ms is not None and self.latency_ratio is not None:
+            raise InputError("Slim: give latency_ms= or latency_ratio=, not both")
+        _check_storage(self.storage)
+        top, steps = self.finetune_top, self.finetune_steps
+        if isinstance(top, bool) or not isinstance(top, int) or top < 0 or steps < 1:
+            raise InputError(f"Slim: finetune_top must be an int >= 0 and finetune_steps >= 1, got {top!r}, {steps!r}")
+        object.__setattr__(self, "space", tuple(space))
+        object.__setattr__(self, "width_choices", tuple(sorted(float(r) for r in self.width_choices)))
+
+
 @register_pass
 class Slim(FxoptPass):
     """Search depth x width x input size for the candidate closest to the original model
     under a latency budget (see the module docstring for how candidates are measured).
+
+    Options are given as keywords (``Slim(latency_ratio=0.5, trials=20)``) or as one
+    `SlimSettings` (``Slim(SlimSettings(...))``), validated once when the pass is made.
 
     Args:
         latency_ms: the budget in milliseconds of the target's estimate at the compile precision.
@@ -471,54 +526,25 @@ class Slim(FxoptPass):
     before = ("prune", "fold_batchnorm", "quantize", "distill")
     reads_options = ("calib_data", "latency_ms", "latency_ratio", "resolutions")
 
-    def __init__(
-        self,
-        latency_ms: float | None = None,
-        latency_ratio: float | None = None,
-        trials: int = 40,
-        space: Sequence[str] = DIMENSIONS,
-        resolutions: Sequence[Any] | None = None,
-        seed: int = 0,
-        storage: Any = None,
-        study_name: str | None = None,
-        width_choices: Sequence[float] = WIDTH_CHOICES,
-        max_ratio: float = 0.9,
-        measure: str | None = None,
-        finetune_top: int = 0,
-        finetune_steps: int = 30,
-        progress: bool = False,
-    ) -> None:
+    def __init__(self, settings: SlimSettings | None = None, **options: Any) -> None:
         super().__init__()
-        if measure not in (None, *MEASURES):
-            raise InputError(f"Slim: measure must be one of {MEASURES} or None (the target's way), got {measure!r}")
-        if isinstance(space, str) or not space or any(d not in DIMENSIONS + OPT_IN_DIMENSIONS for d in space):
-            raise InputError(f"Slim: space must be a list drawn from {DIMENSIONS + OPT_IN_DIMENSIONS}, got {space!r}")
-        if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-            raise InputError(f"Slim: trials must be a positive int, got {trials!r}")
-        if not width_choices or any(not 0 < float(r) <= 1 for r in width_choices):
-            raise InputError(f"Slim: width_choices must be ratios in (0, 1], got {width_choices!r}")
-        for key, value in (("latency_ms", latency_ms), ("latency_ratio", latency_ratio)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise InputError(f"Slim: {key} must be a positive number, got {value!r}")
-        if latency_ms is not None and latency_ratio is not None:
-            raise InputError("Slim: give latency_ms= or latency_ratio=, not both")
-        _check_storage(storage)
-        self.latency_ms, self.latency_ratio, self.trials = latency_ms, latency_ratio, trials
-        self.space, self.resolutions, self.seed = tuple(space), resolutions, seed
-        self.storage, self.study_name = storage, study_name
-        self.width_choices = tuple(sorted(float(r) for r in width_choices))
-        self.max_ratio, self.progress, self.measure = max_ratio, progress, measure
-        if isinstance(finetune_top, bool) or not isinstance(finetune_top, int) or finetune_top < 0 or finetune_steps < 1:
-            raise InputError(f"Slim: finetune_top must be an int >= 0 and finetune_steps >= 1, got {finetune_top!r}, {finetune_steps!r}")
-        self.finetune_top, self.finetune_steps = finetune_top, finetune_steps
+        if settings is not None and options:
+            raise InputError(f"Slim: give a SlimSettings or options ({', '.join(options)}), not both")
+        if settings is None:
+            known = {f.name for f in dataclasses.fields(SlimSettings)}
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise InputError(f"Slim: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            settings = SlimSettings(**options)
+        self.settings = settings
         self.study: Any = None
         self.chosen: SlimCandidate | None = None
 
     def options(self) -> dict[str, Any]:
-        return {"latency_ms": self.latency_ms, "latency_ratio": self.latency_ratio, "trials": self.trials,
-                "space": list(self.space), "resolutions": self.resolutions, "seed": self.seed,
-                "storage": None if self.storage is None else str(self.storage), "study_name": self.study_name,
-                "measure": self.measure, "finetune_top": self.finetune_top, "finetune_steps": self.finetune_steps}
+        return {"latency_ms": self.settings.latency_ms, "latency_ratio": self.settings.latency_ratio, "trials": self.settings.trials,
+                "space": list(self.settings.space), "resolutions": self.settings.resolutions, "seed": self.settings.seed,
+                "storage": None if self.settings.storage is None else str(self.settings.storage), "study_name": self.settings.study_name,
+                "measure": self.settings.measure, "finetune_top": self.settings.finetune_top, "finetune_steps": self.settings.finetune_steps}
 
     # ------------------------------------------------------------------------------------
     def check_options(self, options: Mapping[str, Any], target: Any = None) -> None:
@@ -547,8 +573,8 @@ class Slim(FxoptPass):
 
     def _budget_request(self, options: Mapping[str, Any]) -> tuple[float | None, float | None]:
         """``(latency_ms, latency_ratio)``, exactly one given: the pass's own, else the compile option."""
-        latency_ms = self.latency_ms if self.latency_ms is not None else options.get("latency_ms")
-        ratio = self.latency_ratio if self.latency_ratio is not None else options.get("latency_ratio")
+        latency_ms = self.settings.latency_ms if self.settings.latency_ms is not None else options.get("latency_ms")
+        ratio = self.settings.latency_ratio if self.settings.latency_ratio is not None else options.get("latency_ratio")
         if latency_ms is None and ratio is None:
             raise InputError("slim needs a latency budget: latency_ms= or latency_ratio= (as a Slim option or a compile option)")
         if latency_ms is not None and ratio is not None:
@@ -567,17 +593,17 @@ class Slim(FxoptPass):
             raise InputError("the slim pass searches with Optuna: pip install 'fxopt[slim]' (optuna, matplotlib)")
         ctx = current_context()
         self.check_options(ctx.options, ctx.target)  # before any work, as is opening the storage: not after the space is built
-        storage = _open_storage(self.storage)
+        storage = _open_storage(self.settings.storage)
         self.study, self.chosen = None, None
         if not any("tensor_meta" in n.meta for n in graph_module.graph.nodes):
             raise InputError("Slim needs shapes on the graph: trace with fxopt.trace(model, example_inputs) or use fxopt.compile")
-        resolutions = self.resolutions if self.resolutions is not None else ctx.options.get("resolutions")
-        if resolutions is not None and "resolution" not in self.space:
+        resolutions = self.settings.resolutions if self.settings.resolutions is not None else ctx.options.get("resolutions")
+        if resolutions is not None and "resolution" not in self.settings.space:
             raise InputError("slim: resolutions= was given but 'resolution' is not in space=")
         target, precision = ctx.target, ctx.precision
-        measure = self.measure or ("onnxruntime" if target.backend == "onnxruntime" else "estimate")
-        space = _Space(graph_module, ctx.example_inputs, self.space, resolutions, self.width_choices,
-                       target.alignment(precision), self.max_ratio, measure)
+        measure = self.settings.measure or ("onnxruntime" if target.backend == "onnxruntime" else "estimate")
+        space = _Space(graph_module, ctx.example_inputs, self.settings.space, resolutions, self.settings.width_choices,
+                       target.alignment(precision), self.settings.max_ratio, measure)
         base_s = space.latency_s(space.uncut(), target, precision)
         budget_s = self._budget_s(base_s)
         how = "measured in ONNX Runtime" if measure == "onnxruntime" else "estimated"
@@ -617,23 +643,23 @@ class Slim(FxoptPass):
         study = self._study(space, search, storage)
         if not study.trials:  # a new study starts from the smallest candidate and a few uniform widths
             seeds = [floor] + [SlimCandidate((), tuple((s, r) for s in space.stages), 0)
-                               for r in self.width_choices[len(self.width_choices) // 2: -1] if space.stages]
-            for c in seeds[: self.trials]:
+                               for r in self.settings.width_choices[len(self.settings.width_choices) // 2: -1] if space.stages]
+            for c in seeds[: self.settings.trials]:
                 study.enqueue_trial(search.params_of(c))
         start = time.perf_counter()
-        study.optimize(search.objective, n_trials=self.trials, callbacks=search.callbacks(self.progress or False, self.trials))
+        study.optimize(search.objective, n_trials=self.settings.trials, callbacks=search.callbacks(self.settings.progress or False, self.settings.trials))
         search.close()
         self.study = study
         best = search.best(study)
         if best is None:
             raise PassError(self.name, f"no trial met the budget of {budget_s * 1e3:.3g} ms in {len(study.trials)} trials")
-        if self.finetune_top:
-            best = search.rerank(study, self.finetune_top, self.finetune_steps, graph_module, progress=self.progress,
+        if self.settings.finetune_top:
+            best = search.rerank(study, self.settings.finetune_top, self.settings.finetune_steps, graph_module, progress=self.settings.progress,
                                  request=ctx.finetune)
         self.chosen = search.candidate_of(best.params)
         tables = {SEARCH_TABLE: search.rows(study, best),
                   CHOICE_TABLE: search.choice_rows(study, self.chosen, best, base_s, budget_s, time.perf_counter() - start)}
-        files = search.files(study, best, self.storage is None)
+        files = search.files(study, best, self.settings.storage is None)
         if space.is_uncut(self.chosen):  # a trial of the input itself met the budget (a measured latency varies)
             return self._keep_input(graph_module, (
                 f"slim: the input graph itself is the best candidate under the latency budget of {budget_s * 1e3:.4g} ms "
@@ -661,15 +687,15 @@ class Slim(FxoptPass):
 
         # Optuna 5 reads constraints the objective sets on the trial; older releases take a function
         constraints = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": search.constraints}
-        sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=min(10, max(2, self.trials // 3)), **constraints)
-        name = self.study_name or f"fxopt-slim-{space.fingerprint()}"
+        sampler = optuna.samplers.TPESampler(seed=self.settings.seed, n_startup_trials=min(10, max(2, self.settings.trials // 3)), **constraints)
+        name = self.settings.study_name or f"fxopt-slim-{space.fingerprint()}"
         study = optuna.create_study(storage=storage, sampler=sampler, study_name=name,
                                     direction="minimize", load_if_exists=True)
         known = study.user_attrs.get("fxopt_space")
         if known is None:
             study.set_user_attr("fxopt_space", space.fingerprint())
         elif known != space.fingerprint():
-            raise InputError(f"slim: study '{name}' in {self.storage} was made for another search space (model, "
+            raise InputError(f"slim: study '{name}' in {self.settings.storage} was made for another search space (model, "
                              "target or options differ); use another study_name")
         return study
 

@@ -734,3 +734,15 @@ def test_the_docstring_examples_run():
 
     result = doctest.testmod(fxopt.passes.slim, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_options_are_one_validated_settings_record():
+    from fxopt.passes.slim import SlimSettings
+
+    by_keyword = Slim(latency_ratio=0.5, trials=3, width_choices=[0.75, 0.5])
+    assert by_keyword.settings == SlimSettings(latency_ratio=0.5, trials=3, width_choices=(0.5, 0.75))
+    assert Slim(SlimSettings(latency_ms=2.0)).options()["latency_ms"] == 2.0
+    with pytest.raises(fxopt.InputError, match="unknown option"):
+        Slim(latency_ratio=0.5, trails=3)
+    with pytest.raises(fxopt.InputError, match="not both"):
+        Slim(SlimSettings(latency_ms=2.0), trials=3)
