@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 demo: venv
 	$(PY) -m fxopt.demo --out out/
 
-test: venv host-tools
+test: venv host-tools browser-tools
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PYTEST) $(XDIST) -m "not zoo and not slow and not fuzz and not tensorrt" tests
 
 # qemu-user runs ONNX Runtime on an emulated AVX2-only CPU, so the int8 files for hosts without VNNI are
@@ -31,6 +31,14 @@ host-tools:
 	@command -v qemu-x86_64 >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
 	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq qemu-user) >/dev/null 2>&1 \
 	  || echo "note: qemu-user is not installed (apt as root or sudo): the emulated-AVX2 int8 test is skipped"; }
+
+# Debian's chromium renders the pipeline's HTML report headless (tests/automation/test_report_browser.py,
+# marker `browser`). Best effort, like host-tools: without apt (as root or sudo) that test is skipped.
+.PHONY: browser-tools
+browser-tools:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "note: chromium is not installed (apt as root or sudo): the HTML report browser test is skipped"; }
 
 zoo: venv
 	$(PYTEST) -m zoo tests/zoo -v

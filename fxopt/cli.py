@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=_cmd_calibrate_target)
     sub.add_parser("passes", help="list registered passes").set_defaults(func=_cmd_passes)
     sub.add_parser("models", help="list bundled models").set_defaults(func=_cmd_models)
+    from fxopt.automation.cli import add_pipeline_parser  # the DAG pipeline sits on the public API
+
+    add_pipeline_parser(sub)
     return parser
 
 
