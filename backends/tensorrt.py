@@ -15,6 +15,7 @@ import shlex
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import onnx
@@ -340,41 +341,82 @@ def _only_feeds_qdq(node: onnx.NodeProto, graph: onnx.GraphProto, dropped: set[i
     return bool(users) and all(id(u) in dropped for u in users)
 
 
+@dataclass(frozen=True)
+class _ScaleGraph:
+    """Who reads and who writes each tensor of an ONNX graph (what the scale rules ask)."""
+
+    consumers: Mapping[str, int]
+    producers: Mapping[str, onnx.NodeProto]
+
+    @staticmethod
+    def of(model: onnx.ModelProto) -> _ScaleGraph:
+        counts: dict[str, int] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                counts[name] = counts.get(name, 0) + 1
+        return _ScaleGraph(counts, {o: n for n in model.graph.node for o in n.output})
+
+    def single_use(self, tensor: str) -> bool:
+        return self.consumers.get(tensor, 0) == 1
+
+
+def _across_keeper(node: onnx.NodeProto, known: Mapping[str, float], g: _ScaleGraph) -> dict[str, float]:
+    src, dst = node.input[0], node.output[0]
+    if src in known and dst not in known:  # input -> output
+        return {dst: known[src]}
+    if dst in known and src not in known and g.single_use(src):  # output -> its input, read by this op alone
+        return {src: known[dst]}
+    return {}
+
+
+def _concat_to_inputs(node: onnx.NodeProto, known: Mapping[str, float], g: _ScaleGraph) -> dict[str, float]:
+    dst = node.output[0]  # concat output -> each input it alone reads
+    return {name: known[dst] for name in node.input if dst in known and name not in known and g.single_use(name)} if dst in known else {}
+
+
+def _add_to_fused_conv(node: onnx.NodeProto, known: Mapping[str, float], g: _ScaleGraph) -> dict[str, float]:
+    # add(conv, residual) with a scaled residual -> the conv's output takes the add's: TensorRT fuses the add
+    # into that conv's epilogue, so the sum is what the conv writes
+    dst = node.output[0]
+    if dst not in known or len(node.input) != 2:
+        return {}
+    for a, b in (node.input, node.input[::-1]):
+        conv = g.producers.get(a)
+        if b in known and a not in known and conv is not None and conv.op_type == "Conv" and g.single_use(a):
+            return {a: known[dst]}
+    return {}
+
+
+# How a tensor takes a scale from a neighbour, per ONNX op kind (one rule each; the driver repeats them)
+SCALE_RULES: Mapping[str, Callable[[onnx.NodeProto, Mapping[str, float], _ScaleGraph], dict[str, float]]] = MappingProxyType({
+    **{op: _across_keeper for op in _SCALE_KEEPING},  # ReLU, max-pool, reshapes keep the scale
+    "Concat": _concat_to_inputs,
+    "Add": _add_to_fused_conv,
+})
+
+
 def propagated_scales(model: onnx.ModelProto, scales: Mapping[str, float]) -> dict[str, float]:
     """`scales` plus the tensors that take one over unchanged, as TensorRT fuses them (implicit mode
-    needs a range on every tensor a fused int8 layer reads or writes).
+    needs a range on every tensor a fused int8 layer reads or writes): `SCALE_RULES` applied to every
+    node until nothing changes.
 
-    Rules, repeated until nothing changes:
-    - across a scale-keeping op (ReLU, max-pool, reshapes): input <-> output, the input only when
-      that op is its one consumer; a concat's output scale to its inputs (the same condition);
-    - an add with a scaled residual input: its other input, a conv's output, takes the add's
-      output scale (TensorRT fuses the add into that conv's epilogue; the sum is what it writes).
+    Example:
+        >>> from onnx import helper
+        >>> g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [], [])
+        >>> propagated_scales(helper.make_model(g), {"x": 0.5})
+        {'x': 0.5, 'y': 0.5}
     """
     out = dict(scales)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    producers = {o: n for n in model.graph.node for o in n.output}
+    graph = _ScaleGraph.of(model)
     changed = True
     while changed:
         changed = False
         for node in model.graph.node:
-            src, dst = (node.input[0], node.output[0]) if node.input and node.output else ("", "")
-            if node.op_type in _SCALE_KEEPING:
-                if src in out and dst not in out:
-                    out[dst], changed = out[src], True
-                elif dst in out and src not in out and len(consumers.get(src, [])) == 1:
-                    out[src], changed = out[dst], True
-            elif node.op_type == "Concat" and dst in out:
-                for name in node.input:
-                    if name not in out and len(consumers.get(name, [])) == 1:
-                        out[name], changed = out[dst], True
-            elif node.op_type == "Add" and dst in out and len(node.input) == 2:
-                for a, b in (node.input, node.input[::-1]):
-                    conv = producers.get(a)
-                    if b in out and a not in out and conv is not None and conv.op_type == "Conv" and len(consumers.get(a, [])) == 1:
-                        out[a], changed = out[dst], True
+            rule = SCALE_RULES.get(node.op_type)
+            found = rule(node, out, graph) if rule is not None and node.input and node.output else {}
+            for tensor, scale in found.items():
+                if tensor not in out:
+                    out[tensor], changed = scale, True
     return out
 
 

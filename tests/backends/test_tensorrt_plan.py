@@ -313,3 +313,21 @@ def test_no_dla_model_no_times_and_placement_md_states_them(tmp_path):
     assert "| GPU only |" in text and "| DLA core 0, GPU fallback |" in text
     assert "frees" in text and "ms of GPU time per inference" in text
     assert any("estimated" in n and "on DLA0" in n for n in compiled.report.notes)
+
+
+def test_scale_rules_carry_a_scale_as_tensorrt_fuses_and_no_further():
+    from onnx import helper
+
+    from fxopt.backends.tensorrt import propagated_scales
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Add", ["c", "r"], ["s"]),  # conv + scaled residual: the conv writes the sum
+        helper.make_node("Relu", ["s"], ["y"]),  # forward across a keeper
+        helper.make_node("Concat", ["p", "q"], ["cat"], axis=1),  # output -> inputs it alone reads
+        helper.make_node("Relu", ["q"], ["q2"]),  # q is read twice: no scale flows back into it
+        helper.make_node("MaxPool", ["m"], ["mp"], kernel_shape=[2, 2]),  # backwards into a single-use input
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], []))
+    found = propagated_scales(model, {"r": 0.1, "s": 0.2, "cat": 0.3, "mp": 0.4})
+    assert found == {"r": 0.1, "s": 0.2, "cat": 0.3, "mp": 0.4, "c": 0.2, "y": 0.2, "p": 0.3, "m": 0.4}
