@@ -59,14 +59,9 @@ def test_render_marks_the_bound_and_names_the_cause():
 
 
 @pytest.mark.slow
-def test_camera_multitask_int8_is_within_one_point_of_fp32_in_onnx_runtime():
+def test_camera_multitask_int8_is_within_one_point_of_fp32_in_onnx_runtime(one_thread):
     bench = _bench_module()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = bench.run_model("camera_multitask", None, None, lambda line: None)
-    finally:
-        torch.set_num_threads(threads)
+    result = bench.run_model("camera_multitask", None, None, lambda line: None)
     first = result.attempts[0]  # the default calibration, every layer in int8, meets the bound
     assert [a.label for a in result.attempts] == ["int8, mse (default)", "int8, entropy (TensorRT's calibrator)"]
     assert first.qdq > 10 and first.kept_fp16 == []

@@ -73,15 +73,12 @@ def test_a_given_rate_wins_then_the_recipes_then_the_range_test():
 
 
 @pytest.fixture(scope="module")
-def digits() -> tuple[nn.Module, float]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def digits(one_thread: None) -> tuple[nn.Module, float]:
     split = load_digits_split(0)
     torch.manual_seed(0)
     model = DigitsCNN(width=16)
     fit(model, split.x_train, split.y_train, epochs=10, seed=0)
-    yield model, split
-    torch.set_num_threads(threads)
+    return model, split
 
 
 def test_the_default_recovers_a_digits_cnn_pruned_to_a_fifth_of_its_flops(digits):

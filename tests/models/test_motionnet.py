@@ -14,14 +14,7 @@ import fxopt
 from fxopt.models import motionnet as mn
 from fxopt.models.bev_sequence_data import generate_bev_batch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two intra-op threads on a shared, busy CPU spin ten times the CPU time of one
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("module", ("bev_sequence_data", "motionnet"))

@@ -9,7 +9,6 @@ the original), with margin.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,15 +21,6 @@ from fxopt.passes import PruneChannels
 
 AMOUNT = 0.5
 SEED = 0
-
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    # tiny batches: threads only add overhead on the shared CI cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

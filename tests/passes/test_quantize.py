@@ -336,16 +336,11 @@ def ort_accuracy(onnx_model, x, y):
 
 
 @pytest.mark.parametrize(("target", "int8_weights"), [("xavier", None), ("cpu", None), ("cpu", "portable")])
-def test_digits_int8_accuracy_within_half_a_point_of_fp32_in_onnx_runtime(target, int8_weights):
+def test_digits_int8_accuracy_within_half_a_point_of_fp32_in_onnx_runtime(target, int8_weights, one_thread):
     split = load_digits_split(0)
     torch.manual_seed(0)
     model = DigitsCNN(width=8)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fit(model, split.x_train, split.y_train, epochs=8, seed=0)
-    finally:
-        torch.set_num_threads(threads)
+    fit(model, split.x_train, split.y_train, epochs=8, seed=0)
     model.eval()
     x = split.x_train[:1]
     calib = [(split.x_train[i:i + 1],) for i in range(0, 256, 8)]  # 32 training images
