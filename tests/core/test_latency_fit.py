@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import importlib
 import json
 from pathlib import Path
@@ -169,9 +168,3 @@ def test_a_malformed_target_file_names_the_file_and_the_field(tmp_path):
     bad.write_text("[1, 2")
     with pytest.raises(fxopt.TargetError, match="target.json: not JSON"):
         load_target(bad)
-
-
-@pytest.mark.parametrize("module", ["fxopt.engine_cost", "fxopt.target_calibration", "fxopt.targets", "fxopt.cost_model"])
-def test_latency_model_doctests(module):
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

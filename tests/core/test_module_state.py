@@ -322,12 +322,3 @@ def test_staged_compile_starts_from_the_models_state():
     for _ in range(2):  # the eager counter starts at the model's 0, not at the calibration runs' count
         torch.testing.assert_close(compiled(x.clone()), reference(x.clone()))
     assert float(model.calls) == 0.0
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    import fxopt.module_state
-
-    result = doctest.testmod(fxopt.module_state, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 3 and result.failed == 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 import torch
 
@@ -42,11 +40,6 @@ def test_bad_counts_are_refused():
     model = export_onnx(torch.nn.Linear(4, 2), (torch.randn(1, 4),)).model
     with pytest.raises(ValueError, match="runs and threads must be >= 1"):
         ort_timing.ort_latencies_ms([model], (torch.randn(1, 4),), runs=0)
-
-
-def test_doctest():
-    result = doctest.testmod(ort_timing)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_the_pruning_bench_times_with_the_shared_function():

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
-
 import pytest
 import torch
 from torch import nn
@@ -33,10 +30,6 @@ def _pruned(teacher, prune=None):
 
 def _data(seed=0):
     return TensorBatches(SPLIT.x_train, SPLIT.y_train, batch_size=64, seed=seed)
-
-
-def test_docstring_examples_run():
-    assert doctest.testmod(importlib.import_module("fxopt.distill.loop")).failed == 0
 
 
 def test_fxopt_finetune_is_the_lazy_attribute():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import math
 import types
 import warnings
@@ -17,10 +15,6 @@ from fxopt.distill import LR_CANDIDATES, TensorBatches, choose_lr, range_test
 from fxopt.distill.lr_range import trial_steps
 from fxopt.models.digits import DigitsCNN, accuracy, fit, load_digits_split
 from fxopt.passes import PruneChannels
-
-
-def test_docstring_examples_run():
-    assert doctest.testmod(importlib.import_module("fxopt.distill.lr_range")).failed == 0
 
 
 def _data() -> tuple[nn.Module, list, list]:

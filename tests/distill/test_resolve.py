@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
-
 import pytest
 import torch
 from torch import nn
@@ -38,10 +35,6 @@ class _Heads(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f = torch.relu(self.trunk(x))
         return {"heatmap": self.heatmap(f), "box": self.box(f), "seg": self.seg(f)}
-
-
-def test_docstring_examples_run():
-    assert doctest.testmod(importlib.import_module("fxopt.distill.resolve")).failed == 0
 
 
 def test_kd_and_ickd_on_a_pruned_classifier_train_end_to_end():

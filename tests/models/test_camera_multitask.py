@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import math
 
 import pytest
@@ -15,12 +13,6 @@ from fxopt.models import camera_multitask as cm
 from fxopt.models.camera_eval import box_iou, image_box_ap
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.mark.parametrize("module", ("camera_data", "camera_eval", "camera_multitask"))
-def test_doctests(module):
-    result = doctest.testmod(importlib.import_module(f"fxopt.models.{module}"))
-    assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.fixture(scope="module")

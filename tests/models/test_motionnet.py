@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import math
 
 import pytest
@@ -15,12 +13,6 @@ from fxopt.models import motionnet as mn
 from fxopt.models.bev_sequence_data import generate_bev_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.mark.parametrize("module", ("bev_sequence_data", "motionnet"))
-def test_doctests(module):
-    result = doctest.testmod(importlib.import_module(f"fxopt.models.{module}"))
-    assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
@@ -13,14 +12,6 @@ from model_checks import training_losses
 import fxopt
 from fxopt.models import pointpillars as pp
 from fxopt.models.lidar_data import generate_scene, make_anchors, make_batch
-
-
-@pytest.mark.parametrize("module", ["metrics", "lidar_data", "pointpillars"])
-def test_doctests(module):
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(f"fxopt.models.{module}"))
-    assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.fixture(scope="module")

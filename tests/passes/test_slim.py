@@ -727,15 +727,6 @@ def test_rerank_never_passes_over_a_less_compressed_better_proxy_trial_untried_a
     assert all("less compressed" in p and "after the same short fine-tune its metric is" in p for p in passed)
 
 
-def test_the_docstring_examples_run():
-    import doctest
-
-    import fxopt.passes.slim
-
-    result = doctest.testmod(fxopt.passes.slim, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
-
-
 def test_options_are_one_validated_settings_record():
     from fxopt.passes.slim import SlimSettings
 

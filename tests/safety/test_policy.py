@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import doctest
 
 import numpy as np
 import onnx
@@ -41,12 +40,6 @@ def supervisor():
     torch.manual_seed(0)
     model = models.create("safety_supervisor").eval()
     return model, compile_supervisor(model)
-
-
-@pytest.mark.parametrize("module", [policy, properties])
-def test_doctests(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_the_supervisor_spec_asks_for_the_strict_policy():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
@@ -12,8 +11,6 @@ import torch
 
 import fxopt
 import fxopt.safety.scenarios as scenarios
-import fxopt.safety.supervisor as supervisor
-import fxopt.safety.verify as verify
 from fxopt.errors import InputError
 from fxopt.safety.supervisor import (
     INTERVENTION_BITS,
@@ -45,12 +42,6 @@ def run(model, sectors, command, speed, health=None):
 
 def empty(num_sectors: int = 32) -> torch.Tensor:
     return torch.full((num_sectors,), R)
-
-
-@pytest.mark.parametrize("module", [supervisor, scenarios, verify])
-def test_doctests(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # --- sector_distances -------------------------------------------------------------------------
