@@ -13,6 +13,7 @@ every block fits its input; sizes stay small so a model runs in milliseconds.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from hypothesis import strategies as st
@@ -255,47 +256,66 @@ def _finish(draw: Any, family: str, inputs: list[tuple[int, ...]], blocks: list[
     return ModelSpec(family, batch, tuple(inputs), tuple(blocks), head, seed=draw(st.integers(0, 2**16)))
 
 
-@st.composite
-def convnet_specs(draw: Any, *, max_blocks: int = 4, multi_input: bool = True) -> ModelSpec:
-    """Specs of small convnets: a conv stem, then up to `max_blocks` blocks, then a head."""
+def _convnet_stem(draw: Any) -> tuple[tuple[int, ...], BlockSpec, State]:
     c_in, h, w = draw(st.integers(1, 4)), draw(st.integers(4, 12)), draw(st.integers(4, 12))
     stem, state = draw(_conv(c_in, h, w))
-    inputs, blocks = [(c_in, h, w)], [stem]
-    if multi_input:
-        merge, shape, state = draw(_second_input(state, "conv"))
-        blocks += merge
-        inputs += [shape] if shape else []
-    body, state = _body(draw, CONV_BLOCKS, state, max_blocks)
-    return _finish(draw, "convnet", inputs, blocks + body, state)
+    return (c_in, h, w), stem, state
 
 
-@st.composite
-def mlp_specs(draw: Any, *, max_blocks: int = 4, multi_input: bool = True) -> ModelSpec:
-    """Specs of small MLPs on ``(N, F)`` inputs."""
+def _mlp_stem(draw: Any) -> tuple[tuple[int, ...], BlockSpec, State]:
     f = draw(st.integers(1, 16))
     stem, state = draw(_linear(f))
-    inputs, blocks = [(f,)], [stem]
-    if multi_input:
-        merge, shape, state = draw(_second_input(state, "linear"))
-        blocks += merge
-        inputs += [shape] if shape else []
-    body, state = _body(draw, MLP_BLOCKS, state, max_blocks)
-    return _finish(draw, "mlp", inputs, blocks + body, state)
+    return (f,), stem, state
+
+
+def _attention_stem(draw: Any) -> tuple[tuple[int, ...], BlockSpec, State]:
+    length, d_in, d = draw(st.integers(2, 8)), draw(st.integers(1, 8)), draw(st.sampled_from([4, 8, 12, 16]))
+    return (length, d_in), BlockSpec.of("linear", f_in=d_in, f_out=d, bias=True, bn=False, act="none"), (length, d)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a family of drawn models starts and grows: (first input shape, stem, state), merge layer, blocks."""
+
+    stem: Callable[[Any], tuple[tuple[int, ...], BlockSpec, State]]
+    layer: str  # the layer kind a second input is projected with
+    blocks: dict[str, tuple[Callable[[State], bool], Drawer]]
+
+
+# family -> its stem, second-input layer and block table; one driver (`_specs`) draws them all
+FAMILIES: dict[str, Family] = {
+    "convnet": Family(_convnet_stem, "conv", CONV_BLOCKS),
+    "mlp": Family(_mlp_stem, "linear", MLP_BLOCKS),
+    "attention": Family(_attention_stem, "linear", ATTENTION_BLOCKS),
+}
 
 
 @st.composite
-def attention_specs(draw: Any, *, max_blocks: int = 3, multi_input: bool = True) -> ModelSpec:
-    """Specs of small transformer-style models on ``(N, L, D)`` token inputs."""
-    length, d_in, d = draw(st.integers(2, 8)), draw(st.integers(1, 8)), draw(st.sampled_from([4, 8, 12, 16]))
-    stem = BlockSpec.of("linear", f_in=d_in, f_out=d, bias=True, bn=False, act="none")
-    state: State = (length, d)
-    inputs, blocks = [(length, d_in)], [stem]
+def _specs(draw: Any, family: str, max_blocks: int, multi_input: bool) -> ModelSpec:
+    kind = FAMILIES[family]
+    first_input, stem, state = kind.stem(draw)
+    inputs, blocks = [first_input], [stem]
     if multi_input:
-        merge, shape, state = draw(_second_input(state, "linear"))
+        merge, shape, state = draw(_second_input(state, kind.layer))
         blocks += merge
         inputs += [shape] if shape else []
-    body, state = _body(draw, ATTENTION_BLOCKS, state, max_blocks)
-    return _finish(draw, "attention", inputs, blocks + body, state)
+    body, state = _body(draw, kind.blocks, state, max_blocks)
+    return _finish(draw, family, inputs, blocks + body, state)
+
+
+def convnet_specs(*, max_blocks: int = 4, multi_input: bool = True) -> st.SearchStrategy[ModelSpec]:
+    """Specs of small convnets: a conv stem, then up to `max_blocks` blocks, then a head."""
+    return _specs("convnet", max_blocks, multi_input)
+
+
+def mlp_specs(*, max_blocks: int = 4, multi_input: bool = True) -> st.SearchStrategy[ModelSpec]:
+    """Specs of small MLPs on ``(N, F)`` inputs."""
+    return _specs("mlp", max_blocks, multi_input)
+
+
+def attention_specs(*, max_blocks: int = 3, multi_input: bool = True) -> st.SearchStrategy[ModelSpec]:
+    """Specs of small transformer-style models on ``(N, L, D)`` token inputs."""
+    return _specs("attention", max_blocks, multi_input)
 
 
 @st.composite
