@@ -185,9 +185,8 @@ def _model_inputs_precision(args: argparse.Namespace) -> tuple[torch.nn.Module, 
 
 def _cmd_compile(args: argparse.Namespace, first: Sequence[Any] = (), calib_from_recipe: int = 0) -> int:
     import fxopt
-    from fxopt.output_folder import check_output_folder
 
-    check_output_folder(args.output)  # before minutes of work, not after
+    _check_output(args)  # before minutes of work, not after
     passes: list[Any] | None = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
     if args.pass_specs:
         passes = (passes or []) + [parse_pass(text) for text in args.pass_specs]
@@ -209,6 +208,24 @@ def _cmd_compile(args: argparse.Namespace, first: Sequence[Any] = (), calib_from
     for r in failed:
         print(f"fxopt: error: requested pass '{r.name}' was rolled back: {r.reason}", file=sys.stderr)
     return 3 if failed else 0
+
+
+DEFAULT_OUTPUT = "out"
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    # without -o the folder is ./out: a refusal says so, not only what ./out holds
+    from fxopt.output_folder import check_output_folder
+
+    if args.output is not None:
+        check_output_folder(args.output)
+        return
+    args.output = DEFAULT_OUTPUT
+    try:
+        check_output_folder(args.output)
+    except InputError as exc:
+        raise InputError(f"{exc}. No -o/--output was given, so the default ./{DEFAULT_OUTPUT} was used: "
+                         "give each compile its own folder with -o DIR") from exc
 
 
 def _recipe_calibration(model: str, batches: int, preset: str | None = None) -> list[tuple[Any, ...]]:
@@ -253,8 +270,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"{args.folder}: {problem}", file=sys.stderr)
     if problems:
+        print(f"fxopt: error: {args.folder} does not verify ({len(problems)} problem(s) above)", file=sys.stderr)
         return 2
-    print(f"{args.folder}: every file matches manifest.json")
+    print(f"{args.folder}: every file matches manifest.json, and manifest.json its own SHA-256")
     return 0
 
 
@@ -306,19 +324,19 @@ def _cmd_calibrate_target(args: argparse.Namespace) -> int:
 COMPILE_EXAMPLES = """examples:
   fxopt compile torchvision.models:resnet18 --input-shape 1x3x224x224 -o out/resnet18
   fxopt compile pointpillars --preset kitti --target xavier -o out/pp
-  fxopt compile my_models:net --input-shape 1x3x64x64 --pass prune:amount=0.5,by=flops --pass fold_batchnorm
-  fxopt compile my_models:net --input-shape 1x3x64x64 --pass prune:importance=taylor --calib-data calib.pt
-  fxopt compile my_models:net --input-shape 1x3x64x64 --leaf backbone.custom_block
+  fxopt compile my_models:net --input-shape 1x3x64x64 --pass prune:amount=0.5,by=flops --pass fold_batchnorm -o out/net_pruned
+  fxopt compile my_models:net --input-shape 1x3x64x64 --pass prune:importance=taylor --calib-data calib.pt -o out/net_taylor
+  fxopt compile my_models:net --input-shape 1x3x64x64 --leaf backbone.custom_block -o out/net_leaf
   fxopt verify out/resnet18
 """
 
 
 SLIM_EXAMPLES = """examples:
-  fxopt slim camera_multitask --latency-ratio 0.6 --trials 30 -o out/cam_slim
-  fxopt slim my_models:net --input-shape 1x3x128x128 --calib-data calib.pt --latency-ms 2.5 --resolution 96x96
+  fxopt slim camera_multitask --latency-ratio 0.8 --trials 30 -o out/cam_slim
+  fxopt slim my_models:net --input-shape 1x3x128x128 --calib-data calib.pt --latency-ratio 0.6 --resolution 96x96 -o out/net_slim
   # one study, many machines: start the same command on each (a different --search-seed per worker)
   fxopt slim my_models:net --input-shape 1x3x128x128 --calib-data calib.pt --latency-ratio 0.5 \\
-      --storage postgresql://user@db/fxopt --study net-xavier --search-seed 1
+      --storage postgresql://user@db/fxopt --study net-xavier --search-seed 1 -o out/net_slim_1   # pip install psycopg2-binary
 """
 
 
@@ -339,7 +357,8 @@ def _add_compile_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--safety", choices=("strict", "off"), default=None,
                    help="safety policy (default: the model's; strict for safety_supervisor): no lossy pass, required precision, audited ops, determinism and property checks")
     c.add_argument("--seed", type=int, default=0, help="seed of the random example inputs")
-    c.add_argument("-o", "--output", default="out", help="output folder")
+    c.add_argument("-o", "--output", default=None, metavar="DIR",
+                   help=f"output folder, one per compile: it is replaced whole (default: ./{DEFAULT_OUTPUT})")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -373,8 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--study", default=None, help="study name in --storage (the same on every worker)")
     sl.add_argument("--search-seed", type=int, default=0, help="seed of the sampler (give each worker its own)")
     sl.set_defaults(func=_cmd_slim)
-    v = sub.add_parser("verify", help="check a saved folder against its manifest (SHA-256 of every file, onnx.checker)")
-    v.add_argument("folder")
+    v = sub.add_parser("verify", help="check a saved folder against its manifest (SHA-256 of every file, manifest.json's "
+                       "own, onnx.checker); exit 2 on any problem")
+    v.add_argument("folder", help="a folder written by `fxopt compile -o` or CompiledModel.save")
     v.set_defaults(func=_cmd_verify)
     sub.add_parser("targets", help="list targets").set_defaults(func=_cmd_targets)
     k = sub.add_parser("calibrate-target", help="fit a TensorRT target's latency model to a `trtexec --exportProfile` JSON")
