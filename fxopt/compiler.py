@@ -219,6 +219,7 @@ def compile(  # noqa: A001 - the public name the design asks for
     finetune_steps: int = 0,
     finetune_lr: float | None = None,
     finetune_seed: int = 0,
+    qat_steps: int = 0,
     distill: Any = None,
     recipe: Any = None,
     eval_fn: Any = None,
@@ -260,6 +261,11 @@ def compile(  # noqa: A001 - the public name the design asks for
             data: top-1 agreement with the input model on held-back batches), and a result far below
             the input model (5 points, or agreement under 90%) is a `fxopt.FxoptWarning` and a
             WARNING line naming what to try.
+        qat_steps: quantisation-aware training: with ``precision="int8"``, optimiser steps of
+            `fxopt.finetune` on the calibrated fake-quantised graph (straight-through estimator, the
+            scales kept from calibration) before it is lowered, with the same data, loss,
+            distillation (the float model before int8 teaching), learning-rate choice and seed as
+            the fine-tune; the report's summary gets an "after QAT" row beside "after int8" (0: PTQ only).
         finetune_seed: seeds that fine-tune (torch's generators and a recipe's batches): the same
             seed repeats it exactly; other seeds show how much of a result is the fine-tune's luck.
         distill: ``"kd"``, ``"ickd"``, ``["kd", "ickd"]`` (see `fxopt.distill.resolve`: the
@@ -327,24 +333,27 @@ def compile(  # noqa: A001 - the public name the design asks for
     if finetune_steps and options.get("resolutions") is not None:
         raise InputError("fine-tuning after slim's resolution choice is not supported: its training data and targets "
                          "have the example's size; leave out resolutions= or finetune_steps=")
-    if finetune_steps and recipe is None and (train_data is None or (loss is None and distill is None)):
-        raise InputError("finetune_steps needs train_data= ((inputs, target) batches) and loss= and/or distill=, "
-                         "or recipe= (a bundled model's)")
-    if finetune_steps and (split is not None or policy.strict):
-        raise InputError("fine-tuning is not available for a staged compile (stages=) or under safety='strict'")
-    if finetune_steps and train_data is not None:
+    _check_qat(qat_steps, precision or profile.default_precision)
+    tuning = finetune_steps or qat_steps
+    if tuning and recipe is None and (train_data is None or (loss is None and distill is None)):
+        raise InputError(f"{'finetune_steps' if finetune_steps else 'qat_steps'} needs train_data= ((inputs, target) batches) "
+                         "and loss= and/or distill=, or recipe= (a bundled model's)")
+    if tuning and (split is not None or policy.strict):
+        raise InputError("fine-tuning and QAT are not available for a staged compile (stages=) or under safety='strict'")
+    if tuning and train_data is not None:
         check_train_batches(train_data)
     check_inputs = verification_inputs(inputs, options.get("calib_data"))
     input_sha = state_dict_sha256(model)
     original_inputs = inputs
     context = CompileContext.create(profile, inputs, precision, check_inputs=check_inputs, **options)
-    phases = Phases(["trace", "passes", *(["finetune"] if finetune_steps else []), "export"], enabled=progress)
+    phases = Phases(["trace", "passes", *(["finetune"] if finetune_steps else []), *(["qat"] if qat_steps else []), "export"],
+                    enabled=progress)
     try:
         with phases("trace"):
             gm = trace(model if split is None else split.root, inputs, leaf_modules=leaf_modules)
             if export:  # before the passes: the exporter would fail on them, or silently drop them
                 check_tensor_outputs(run_model(gm, inputs))
-            if finetune_steps and loss is not None:
+            if tuning and loss is not None:
                 _check_loss(gm, train_data, loss)
         traced_s = time.perf_counter() - start
         cost_before = estimate_costs(gm, profile, context.precision)
@@ -375,6 +384,7 @@ def compile(  # noqa: A001 - the public name the design asks for
                 tuned_notes = _finetune(final, gm, ordered, inputs, finetune_steps, finetune_lr, progress, finetune_seed, summary=summary,
                                         recipe=recipe, data=train_data, loss=loss, distill=distill,
                                         eval_fn=eval_fn if summary.scalar else None)
+        float_final = final  # the pass manager works on copies: this stays the float graph (QAT's teacher)
         if cut < len(ordered):
             rest = PassManager(ordered[cut:], strict=strict, progress=progress).run(final, context)
             result.records += rest.records
@@ -388,6 +398,13 @@ def compile(  # noqa: A001 - the public name the design asks for
             context = replace(context, precision=shipped)
         if context.precision == "int8":
             summary.add("after int8", final)
+        if qat_steps and context.precision == "int8":
+            with phases("qat"):  # the float model before int8 teaches its fake-quantised self
+                tuned_notes += _finetune(final, float_final, ordered, inputs, qat_steps, finetune_lr,
+                                         progress, finetune_seed, summary=summary, label="QAT", recipe=recipe,
+                                         data=train_data, loss=loss, distill=distill, eval_fn=eval_fn if summary.scalar else None)
+        elif qat_steps:
+            tuned_notes.append("QAT skipped: the quantize pass kept the float graph (nothing to train through)")
         passes_s = time.perf_counter() - start - traced_s
         cost_after = estimate_costs(final, profile, context.precision)
         onnx_info, onnx_model, notes, extras, placement = None, None, list(input_notes) + tuned_notes + precision_notes, {}, None
@@ -515,8 +532,16 @@ def _safety_policy(model: nn.Module, safety: str | None, export: bool) -> _Safet
     return _SafetyPolicy(chosen == "strict", spec)
 
 
+def _check_qat(qat_steps: Any, precision: str) -> None:
+    if isinstance(qat_steps, bool) or not isinstance(qat_steps, int) or qat_steps < 0:
+        raise InputError(f"qat_steps must be an integer >= 0, got {qat_steps!r}")
+    if qat_steps and precision != "int8":
+        raise InputError(f"qat_steps trains through int8 fake quantisation; it needs precision='int8' (got '{precision}')")
+
+
 def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], inputs: tuple[Any, ...], steps: int,
-              lr: float | None, progress: bool, seed: int = 0, *, summary: _Summary, **requests: Any) -> list[str]:
+              lr: float | None, progress: bool, seed: int = 0, *, summary: _Summary, label: str = "fine-tune",
+              **requests: Any) -> list[str]:
     """Fine-tune the transformed graph in place, the traced original teaching, add the summary's
     "after fine-tune" row and judge the result; report lines.
 
@@ -546,16 +571,16 @@ def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], inp
     kwargs = setup.kwargs() | ({} if split is None else {"data": split.train})
     tuned = finetune(final, **kwargs, teacher=teacher if distilled else None, steps=steps, lr=chosen.lr, progress=progress, seed=seed)
     first, last = (tuned.history[0]["loss"], tuned.history[-1]["loss"]) if tuned.history else (float("nan"),) * 2
-    notes = [f"fine-tune: {tuned.steps_run} steps in {time.perf_counter() - start:.1f} s, {tuned.stopped_reason}; "
-             f"loss {first:.4g} -> {last:.4g}", f"fine-tune: {chosen.note()}",
-             *[f"fine-tune: {n}" for n in (*setup.notes, *tuned.notes)]]
+    notes = [f"{label}: {tuned.steps_run} steps in {time.perf_counter() - start:.1f} s, {tuned.stopped_reason}; "
+             f"loss {first:.4g} -> {last:.4g}", f"{label}: {chosen.note()}",
+             *[f"{label}: {n}" for n in (*setup.notes, *tuned.notes)]]
     if split is not None and not split.overlaps:
-        notes.append(f"fine-tune: trained without {split.describe()}, kept to judge it (give eval_fn= to train on all)")
-    summary.add("after fine-tune", final)
+        notes.append(f"{label}: trained without {split.describe()}, kept to judge it (give eval_fn= to train on all)")
+    summary.add(f"after {label}", final)
     what_to_try = advice(steps, chosen.lr, chosen.how, distilled, getattr(recipe, "finetune_steps", None))
     if judge is None:
         return notes + judge_metrics(summary.metrics, what_to_try)
-    judge.measure("after fine-tune", final)
+    judge.measure(f"after {label}", final)
     return notes + judge.lines(what_to_try)
 
 
