@@ -66,7 +66,8 @@ bench-quant: venv
 bench-quant-models: venv
 	$(PY) bench/quantize_models.py
 
-# labels only vs logit KD vs ICKD after pruning the digits CNN to 20% of its FLOPs (a few minutes)
+# labels only vs logit KD vs ICKD after pruning the digits CNN to 20% of its FLOPs, the sweep that explains it, and
+# camera_multitask (every part: 30-55 min on 2 cores; `python bench/distill.py --parts main` alone: about 3 min)
 bench-distill: venv
 	$(PY) bench/distill.py
 
