@@ -32,7 +32,8 @@ class PipelineResult:
     Attributes:
         out: the run folder.
         rows: one dict per variant (estimated latency, size, the deployed file's metrics, folder).
-        events: per node, ``{"status": "ran" | "cache" | "stored", "seconds": s, "reason": why}``.
+        events: per node, ``{"status": "ran" | "cache" | "stored", "seconds": s (this run),
+            "computed_seconds": s (when its artefact was made), "reason": why}``.
         report_md, report_html: the report files.
     """
 
@@ -81,6 +82,7 @@ def run(task: str | Task, out: str | os.PathLike[str], config: PipelineConfig | 
         >>> again.ran
         []
     """
+    from fxopt.automation.artefacts import ArtefactStore
     from fxopt.automation.engine import execute, variant_nodes
     from fxopt.automation.report import variant_rows, write_report
 
@@ -96,9 +98,10 @@ def run(task: str | Task, out: str | os.PathLike[str], config: PipelineConfig | 
         raise PipelineConfigError(f"cannot run into '{out}': it is a file; give a folder")
     out_path.mkdir(parents=True, exist_ok=True)
     specs, records, log = execute(task, config, out_path, progress=progress)
-    from fxopt.automation.artefacts import ArtefactStore
-
-    rows = variant_rows(ArtefactStore(out_path / "artefacts"), records, config, variant_nodes)
-    events = {name: {"status": e.status, "seconds": e.seconds, "reason": e.reason} for name, e in log.events.items()}
-    md, html = write_report(out_path, task, config, rows, events)
+    store = ArtefactStore(out_path / "artefacts")
+    rows = variant_rows(store, records, config, variant_nodes)
+    events = {name: {"status": e.status, "seconds": e.seconds, "reason": e.reason,
+                     "computed_seconds": store.check(records[name]).get("seconds", 0.0)} for name, e in log.events.items()}
+    trained = store.check(records["train"])["summary"].get("metrics (torch)", {})
+    md, html = write_report(out_path, task, config, rows, events, trained=trained)
     return PipelineResult(out_path, rows, events, md, html)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,12 @@ class ArtefactStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=".staging-"))
         try:
+            start = time.perf_counter()
             extra = write(staging)
             summary = {**(summary or {}), **(extra or {})}
             files = _file_digests(staging)
-            meta = {"node": node, "fingerprint": fp, "sha256": tree_digest(files), "files": files, "summary": summary}
+            meta = {"node": node, "fingerprint": fp, "sha256": tree_digest(files), "files": files, "summary": summary,
+                    "seconds": time.perf_counter() - start}
             write_atomic(staging / ARTEFACT_META, json.dumps(meta, indent=1, sort_keys=True, default=str))
             if final.exists():
                 shutil.rmtree(final)

@@ -105,21 +105,30 @@ def _tables(rows: list[dict[str, Any]], events: dict[str, dict[str, Any]]) -> tu
     body = [[r["variant"], r["precision"], f"{r['latency_ms']:.4f}",
              "" if r["achieved_ratio"] is None else f"{r['achieved_ratio']:.3f}", f"{r['onnx_bytes'] / 1024:.1f}",
              *[f"{r['metrics'].get(m, float('nan')):.4f}" for m in metric_names]] for r in rows]
-    timing = [[name, e["status"], f"{e['seconds']:.2f}", e["reason"]] for name, e in events.items()]
+    timing = [[name, e["status"], f"{e['seconds']:.2f}", f"{e.get('computed_seconds', e['seconds']):.2f}", e["reason"]]
+              for name, e in events.items()]
     return header, body, timing
 
 
-def _markdown(title: str, header: list[str], body: list[list[str]], timing: list[list[str]], ran: int) -> str:
+TIMING = ["node", "status", "seconds (this run)", "seconds (when computed)", "why"]
+
+
+def _trained_line(trained: dict[str, float]) -> str:
+    return ("The trained model before compression (torch, fp32, the same metrics): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in trained.items()) + ".") if trained else ""
+
+
+def _markdown(title: str, header: list[str], body: list[list[str]], timing: list[list[str]], ran: int, trained: str) -> str:
     def table(h: list[str], rows: list[list[str]]) -> str:
         return "\n".join(["| " + " | ".join(h) + " |", "|" + "---|" * len(h)] + ["| " + " | ".join(r) + " |" for r in rows])
 
     return (f"# {title}\n\nMetrics are those of the deployed model.onnx in ONNX Runtime on held-out data; latency is "
-            f"fxopt's estimate for the target.\n\n## Variants\n\n{table(header, body)}\n\n## Nodes ({ran} ran, "
-            f"{len(timing) - ran} from the cache)\n\n{table(['node', 'status', 'seconds', 'why'], timing)}\n\n"
+            f"fxopt's estimate for the target.\n\n## Variants\n\n{table(header, body)}\n\n{trained}\n\n## Nodes ({ran} ran, "
+            f"{len(timing) - ran} from the cache)\n\n{table(TIMING, timing)}\n\n"
             "Plots: report.html.\n")
 
 
-def _html(title: str, header: list[str], body: list[list[str]], timing: list[list[str]], plots: dict[str, str]) -> str:
+def _html(title: str, header: list[str], body: list[list[str]], timing: list[list[str]], plots: dict[str, str], trained: str) -> str:
     def table(h: list[str], rows: list[list[str]]) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in h)
         cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -131,18 +140,19 @@ def _html(title: str, header: list[str], body: list[list[str]], timing: list[lis
              "td,th{border:1px solid #999;padding:4px 8px;font-size:13px}th{background:#dde}figure{display:inline-block;margin:1em}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
             f"</head><body><h1>{html.escape(title)}</h1><p>Metrics: the deployed model.onnx in ONNX Runtime on held-out "
-            f"data. Latency: fxopt's estimate for the target.</p><h2>Variants</h2>{table(header, body)}<h2>Plots</h2>"
-            f"{images}<h2>Nodes</h2>{table(['node', 'status', 'seconds', 'why'], timing)}</body></html>\n")
+            f"data. Latency: fxopt's estimate for the target.</p><h2>Variants</h2>{table(header, body)}<p>{html.escape(trained)}</p>"
+            f"<h2>Plots</h2>{images}<h2>Nodes</h2>{table(TIMING, timing)}</body></html>\n")
 
 
 def write_report(out: Path, task: Task, config: PipelineConfig, rows: list[dict[str, Any]],
-                 events: dict[str, dict[str, Any]]) -> tuple[Path, Path]:
+                 events: dict[str, dict[str, Any]], *, trained: dict[str, float] | None = None) -> tuple[Path, Path]:
     """Write ``out/report.md`` and ``out/report.html`` (atomically); returns their paths."""
     title = f"fxopt pipeline: {task.name}"
     header, body, timing = _tables(rows, events)
     ran = sum(1 for e in events.values() if e["status"] == "ran")
     md, page = out / "report.md", out / "report.html"
-    write_atomic(md, _markdown(title, header, body, timing, ran))
-    write_atomic(page, _html(title, header, body, timing, _plots(rows)))
+    line = _trained_line(trained or {})
+    write_atomic(md, _markdown(title, header, body, timing, ran, line))
+    write_atomic(page, _html(title, header, body, timing, _plots(rows), line))
     write_atomic(out / "report.json", json.dumps({"variants": rows, "nodes": events}, indent=1, default=str))
     return md, page

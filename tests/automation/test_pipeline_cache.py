@@ -44,11 +44,14 @@ def test_cold_run_runs_every_node_and_evaluates_the_deployed_onnx(cold):
     assert all(result.events[n]["seconds"] > 0 for n in ALL)
 
 
-def test_rerun_with_nothing_changed_does_no_work(copy):
+def test_rerun_with_nothing_changed_does_no_work(copy, cold):
     result = run(toy_task(), copy, **OPTIONS)
     assert result.ran == []
     assert {e["status"] for e in result.events.values()} == {"cache"}
     assert "0 ran, 10 from the cache" in result.report_md.read_text()
+    # the report still says what each node cost when it was computed
+    for name, event in result.events.items():
+        assert event["computed_seconds"] == pytest.approx(cold[1].events[name]["computed_seconds"])
 
 
 def test_fine_tune_option_reruns_that_branch_from_fine_tune_on(copy):
@@ -142,6 +145,7 @@ def test_report_gives_variants_plots_and_node_timings(cold):
     _, result = cold
     md = result.report_md.read_text()
     assert "| r060_xavier_int8 | int8 |" in md and "| train | ran |" in md
+    assert "The trained model before compression (torch, fp32, the same metrics): accuracy" in md
     page = result.report_html.read_text()
     assert page.count("data:image/png;base64,") == 3  # Pareto + one per-layer chart per variant
     report = json.loads((result.out / "report.json").read_text())
