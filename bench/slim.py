@@ -1,14 +1,16 @@
 """NAS-slimming vs uniform latency pruning on the bundled perception models, then int8 on top.
 
-    python bench/slim.py [--models camera_multitask pointpillars camera_multitask:md] [--trials 30] [--steps 200] [--seeds 3]
+    python bench/slim.py [--models camera_multitask pointpillars camera_multitask:md] [--trials 30] [--seeds 3] [--train-seed 0]
 
 A model is a registry name, or ``name:preset`` for a preset with its own recipe (`fxopt.models.recipe`):
 ``camera_multitask:md`` is the 192x320 mid-sized camera network, whose Xavier estimate is dominated by
 compute, where the default configs are dominated by per-inference and per-kernel overheads.
 
-For each model: train it with its recipe (`fxopt.models.train`, seed 0), then compile it for
-`xavier` twice with the same fine-tune (the recipe's loss + output distillation from the trained
-model, `--steps` Adam steps) and int8 on top (`precision="int8"`, calibrated on recipe batches):
+For each model: train it with its recipe (`fxopt.models.train`, seed `--train-seed`, 0 by default), then compile it for
+`xavier` twice with the same fine-tune and int8 on top (`precision="int8"`, calibrated on recipe
+batches). The fine-tune is what a user gets from the recipe: ``distill="kd"`` (the recipe's own
+output distillation from the trained model) at compile's default ``finetune_lr`` (the recipe's
+``finetune_lr``) for the recipe's ``finetune_steps``; ``--steps`` / ``--lr`` override them:
 
 - **slim**: ``passes=[Slim(trials=..), "quantize"]`` at ``latency_ratio=0.5`` of the int8 estimate (the
   compile precision), or, where slim's space or uniform pruning cannot reach it, the nearest ratio both reach
@@ -42,7 +44,6 @@ import torch
 
 import fxopt
 from fxopt.cost_model import estimate_costs
-from fxopt.distill import Distill, FeatureMSE, LogitKD, OutputKD, SigmoidKD
 from fxopt.files import write_atomic
 from fxopt.passes import PruneChannels, Slim
 from fxopt.passes.slim import DIMENSIONS, OPT_IN_DIMENSIONS, WIDTH_CHOICES, latency_range
@@ -70,10 +71,16 @@ def _split(key: str) -> tuple[str, dict[str, Any]]:
 
 def _metric(key: str) -> str:
     return PRIMARY[_split(key)[0]]
-DISTILL = {
-    "camera_multitask": lambda: Distill(logits=OutputKD({"heatmap": SigmoidKD(), "seg": LogitKD(2.0), "box": FeatureMSE()})),
-    "pointpillars": lambda: Distill(logits=OutputKD({0: SigmoidKD(), 1: FeatureMSE()})),
-}
+
+
+def _recipe(key: str) -> Any:
+    name, cfg = _split(key)
+    return fxopt.models.recipe(name, **cfg)
+
+
+def _finetune_steps(key: str, args: argparse.Namespace) -> int:
+    """``--steps``, else the recipe's ``finetune_steps``."""
+    return args.steps if args.steps is not None else _recipe(key).finetune_steps
 
 
 def _calib(recipe: Any, n: int) -> list[tuple[Any, ...]]:
@@ -86,8 +93,8 @@ def _compile(model: torch.nn.Module, key: str, first: Any, args: argparse.Namesp
     start = time.perf_counter()
     compiled = fxopt.compile(
         model, "xavier", example_inputs=fxopt.models.example_inputs(name, **cfg), passes=[*([first] if first else []), "quantize"],
-        precision="int8", calib_data=calib, recipe=fxopt.models.recipe(name, **cfg), finetune_steps=args.steps, finetune_lr=args.lr,
-        distill=DISTILL[name](), export=False, progress=args.progress, **extra,
+        precision="int8", calib_data=calib, recipe=fxopt.models.recipe(name, **cfg), finetune_steps=_finetune_steps(key, args),
+        finetune_lr=args.lr, distill="kd", export=False, progress=args.progress, **extra,
     )
     return compiled, time.perf_counter() - start
 
@@ -121,9 +128,9 @@ def _uniform_reach(model: torch.nn.Module, key: str, ratio: float, calib: list[A
 def run_model(key: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]], float]:
     """Rows, notes and the seed-spread rows of one model, and its recipe's chance level of the primary metric."""
     name, cfg = _split(key)
-    torch.manual_seed(0)
+    torch.manual_seed(args.train_seed)
     start = time.perf_counter()
-    trained = fxopt.models.train(name, args.train_steps, seed=0, progress=args.progress, **cfg)
+    trained = fxopt.models.train(name, args.train_steps, seed=args.train_seed, progress=args.progress, **cfg)
     train_s = time.perf_counter() - start
     metric = _metric(key)
     trained_to = ", ".join(f"{k} {v:.3f}" for k, v in trained.metrics.items())
@@ -230,20 +237,31 @@ def _make_target(out: Path) -> str:
     return f" (`make {target}`)" if target else ""
 
 
+def _settings(args: argparse.Namespace) -> str:
+    """The fine-tune's steps and rate, as the run chose them."""
+    steps = f"{args.steps} Adam steps" if args.steps is not None else "the recipe's finetune_steps (" + ", ".join(
+        f"{key}: {_finetune_steps(key, args)}" for key in args.models) + ")"
+    lr = f"lr {args.lr:g}" if args.lr is not None else "compile's default finetune_lr (the recipe's: " + ", ".join(
+        f"{key}: {_recipe(key).finetune_lr:g}" for key in args.models) + ")"
+    return f"{steps} at {lr}"
+
+
 def _markdown(rows: list[dict[str, Any]], notes: list[str], args: argparse.Namespace, total_s: float,
               spread: list[dict[str, Any]] = ()) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     lines = [
         "# NAS-slimming vs uniform latency pruning (then int8) on the bundled perception models", "",
-        f"Generated by `python bench/slim.py --models {' '.join(args.models)} --trials {args.trials} --steps {args.steps} "
+        f"Generated by `python bench/slim.py --models {' '.join(args.models)} --trials {args.trials}"
+        f"{'' if args.steps is None else f' --steps {args.steps}'}{'' if args.lr is None else f' --lr {args.lr:g}'} "
         f"--ratio {args.ratio} --finetune-top {args.finetune_top} --calib {args.calib} --threads {args.threads} --seeds {args.seeds}"
         f"{'' if args.train_steps is None else f' --train-steps {args.train_steps}'}{'' if args.hd else ' --no-hd'}"
+        f"{'' if args.train_seed == 0 else f' --train-seed {args.train_seed}'}"
         f"{'' if tuple(args.space) == DIMENSIONS else ' --space ' + ' '.join(args.space)}"
         f"{'' if tuple(args.widths) == WIDTH_CHOICES else ' --widths ' + ' '.join(f'{w:g}' for w in args.widths)}"
         f"{' --keep-at-chance' if args.keep_at_chance else ''}`{_make_target(args.out)} at fxopt {code_version()}, torch {torch.__version__}, CPU, "
         f"{torch.get_num_threads()} thread(s); whole run {total_s:.0f} s.", "",
-        "Each model is trained with its recipe (seed 0); both arms get the same fine-tune (recipe loss + output "
-        f"distillation from the trained model, {args.steps} Adam steps at lr {args.lr}) and int8 on top. Latencies are "
+        f"Each model is trained with its recipe (seed {args.train_seed}); both arms get the same fine-tune (recipe loss + `distill=\"kd\"`, the "
+        f"recipe's output distillation from the trained model, {_settings(args)}) and int8 on top. Latencies are "
         "fxopt's Xavier estimates (not device measurements); metrics are the recipe's held-out metrics in torch.", "",
         "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
     ]
@@ -320,13 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", nargs="+", type=float, default=list(WIDTH_CHOICES),
                         help="Slim(width_choices=): the keep ratios a stage may take")
     parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--steps", type=int, default=None, help="fine-tune steps (default: the recipe's finetune_steps)")
+    parser.add_argument("--lr", type=float, default=None, help="finetune_lr (default: compile's, the recipe's finetune_lr)")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--calib", type=int, default=6)
     parser.add_argument("--finetune-top", type=int, default=3, help="Slim(finetune_top=): re-rank the best few after a short fine-tune (the compile's own)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-steps", type=int, default=None, help="training steps of each model (default: its recipe's)")
+    parser.add_argument("--train-seed", type=int, default=0, help="seed of each model's training (the goal on unseen seeds)")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tune seeds per arm (the table shows seed 0; the spread table all)")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--keep-at-chance", action="store_true",
