@@ -41,6 +41,7 @@ def add_pipeline_parser(sub: Any) -> None:
     p.add_argument("--finetune-steps", type=int, default=100, help="distillation fine-tune steps (default 100)")
     p.add_argument("--finetune-lr", type=float, default=None, help="its learning rate (default: the recipe's)")
     p.add_argument("--distill", default="kd", help="kd, ickd, mse or none (default kd)")
+    p.add_argument("--qat-steps", type=int, default=0, help="int8 by quantisation-aware training for this many steps (default 0: PTQ)")
     p.add_argument("--calib-batches", type=int, default=8, help="int8 calibration batches (default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pipeline)
@@ -54,7 +55,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         precisions=args.precision, targets=args.target, data_seed=args.data_seed, train_steps=args.train_steps,
         compress=args.compress, slim_trials=args.slim_trials, finetune_steps=args.finetune_steps,
         finetune_lr=args.finetune_lr, distill=None if args.distill == "none" else args.distill,
-        calib_batches=args.calib_batches)
+        calib_batches=args.calib_batches, qat_steps=args.qat_steps)
     for row in result.rows:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items())
         print(f"{row['variant']}: {row['latency_ms']:.4f} ms est., {row['onnx_bytes'] / 1024:.1f} KiB; onnx: {metrics}")

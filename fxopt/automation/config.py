@@ -52,7 +52,10 @@ class PipelineConfig:
         finetune_lr: its learning rate (None: the recipe's, else a short range test).
         distill: what to distil (``"kd"``, ``"ickd"``, ``None`` for labels only); see
             `fxopt.distill.resolve`.
-        finetune_seed: seeds the fine-tune.
+        finetune_seed: seeds the fine-tune (and QAT).
+        qat_steps: int8 by quantisation-aware training: steps through the calibrated fake-quantised
+            graph (`fxopt.compile`'s ``qat_steps``, the float model teaching with `distill`) before
+            lowering; 0: post-training calibration only (PTQ).
 
     Example:
         >>> [v.tag for v in PipelineConfig(latency_ratios=(1.0, 0.7)).variants()]
@@ -71,6 +74,7 @@ class PipelineConfig:
     finetune_lr: float | None = None
     distill: str | None = "kd"
     finetune_seed: int = 0
+    qat_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("latency_ratios", "precisions", "targets"):
@@ -95,7 +99,7 @@ class PipelineConfig:
         for name in ("calib_batches", "slim_trials"):
             if getattr(self, name) < 1:
                 raise PipelineConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("finetune_steps", "train_steps"):
+        for name in ("finetune_steps", "train_steps", "qat_steps"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise PipelineConfigError(f"{name} must be >= 0, got {value}")

@@ -108,7 +108,9 @@ def plan_nodes(task: Task, config: PipelineConfig) -> list[NodeSpec]:
                 "distill": config.distill, "seed": config.finetune_seed}))
         lower, evaluate = f"lower__{variant.tag}", f"evaluate__{variant.tag}"
         specs.append(NodeSpec(lower, "lower", {"data": "data", "finetune": finetune},
-                              {**base, "precision": variant.precision, "target": variant.target}))
+                              {**base, "precision": variant.precision, "target": variant.target,
+                               **({"qat_steps": config.qat_steps, "distill": config.distill, "lr": config.finetune_lr,
+                                   "seed": config.finetune_seed} if variant.precision == "int8" and config.qat_steps else {})}))
         specs.append(NodeSpec(evaluate, "evaluate", {"data": "data", "lower": lower}, {**base, "lower_node": lower}))
     return specs
 

@@ -108,7 +108,13 @@ def finetune_step(task: Task, cfg: dict[str, Any], inputs: dict[str, Path], out:
 def lower_step(task: Task, cfg: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     model = load_model(inputs["finetune"])
     data = _load_data(inputs["data"])
-    options = {"calib_data": data["calib"]} if cfg["precision"] == "int8" else {}
+    options: dict[str, Any] = {"calib_data": data["calib"]} if cfg["precision"] == "int8" else {}
+    if cfg.get("qat_steps"):  # int8 by QAT: compile trains through the fake-quantised graph
+        source = task.finetune_source(data)
+        options.update(qat_steps=cfg["qat_steps"], distill=cfg["distill"], finetune_seed=cfg["seed"],
+                       finetune_lr=cfg["lr"] if cfg["lr"] is not None else task.finetune_lr(),
+                       **({"recipe": source["recipe"]} if "recipe" in source else
+                          {"train_data": source["data"], "loss": source["loss"]}))
     compiled = fxopt.compile(model, cfg["target"], example_inputs=task.example_inputs(), precision=cfg["precision"],
                              **options)
     compiled.save(out / DEPLOY)
@@ -117,7 +123,8 @@ def lower_step(task: Task, cfg: dict[str, Any], inputs: dict[str, Path], out: Pa
     structure = {"dict": list(outputs)} if isinstance(outputs, dict) else {
         "tuple": len(outputs)} if isinstance(outputs, (tuple, list)) else {"tensor": 1}
     (out / "outputs.json").write_text(json.dumps(structure))
-    return {"precision": compiled.manifest["precision"], "latency ms (est.)": _latency_ms(compiled),
+    return {"precision": compiled.manifest["precision"], "qat steps": cfg.get("qat_steps", 0),
+            "latency ms (est.)": _latency_ms(compiled),
             "onnx bytes": (out / DEPLOY / "model.onnx").stat().st_size}
 
 

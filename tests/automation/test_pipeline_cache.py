@@ -67,6 +67,15 @@ def test_precision_reruns_only_lowering_and_evaluation(copy):
     assert {r["precision"] for r in result.rows} == {"fp16"}
 
 
+def test_qat_reruns_only_the_int8_lowering_and_evaluation(copy):
+    result = run(toy_task(), copy, **{**OPTIONS, "qat_steps": 3})
+    assert sorted(result.ran) == ["evaluate__r060_xavier_int8", "evaluate__r100_xavier_int8",
+                                  "lower__r060_xavier_int8", "lower__r100_xavier_int8"]
+    assert {r["precision"] for r in result.rows} == {"int8"}
+    report = (Path(result.rows[0]["deployed"]) / "report.md").read_text()
+    assert "QAT: 3 steps" in report and "after QAT" in report
+
+
 def test_data_seed_reruns_from_data(copy):
     result = run(toy_task(), copy, **{**OPTIONS, "data_seed": 1})
     assert sorted(result.ran) == sorted(ALL)
