@@ -549,7 +549,15 @@ def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], inp
     eval_fn (or the recipe's first metric) picks the best state, else the last is kept. `lr` None:
     the recipe's fine-tune rate, else a range test. The judgement is on the summary's metrics
     where there is eval data, else on batches held back from training."""
-    from fxopt.distill import HeldOutJudge, advice, choose_lr, finetune, hold_back, judge_metrics, resolve
+    from fxopt.distill import (
+        HeldOutJudge,
+        advice,
+        choose_lr,
+        finetune,
+        hold_back,
+        judge_metrics,
+        resolve,
+    )
 
     prunes = [p for p in pipeline if pass_name(p) == "prune" and getattr(p, "plan", None) is not None]
     kept = None

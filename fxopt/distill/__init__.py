@@ -9,6 +9,14 @@
 `judge` tells whether a fine-tune left the model far below the input model.
 """
 
+from fxopt.distill.judge import (
+    HeldBack,
+    HeldOutJudge,
+    advice,
+    agreement,
+    hold_back,
+    judge_metrics,
+)
 from fxopt.distill.loop import (
     Distill,
     FinetuneResult,
@@ -17,14 +25,6 @@ from fxopt.distill.loop import (
     finetune,
     recipe_metric,
     trial_loss,
-)
-from fxopt.distill.judge import (
-    HeldBack,
-    HeldOutJudge,
-    advice,
-    agreement,
-    hold_back,
-    judge_metrics,
 )
 from fxopt.distill.losses import ICKD, FeatureMSE, LogitKD, OutputKD, SigmoidKD, channel_correlation
 from fxopt.distill.lr_range import LR_CANDIDATES, LrChoice, choose_lr, range_test

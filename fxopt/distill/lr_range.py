@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from fxopt.distill.judge import HeldBack, hold_back
@@ -104,6 +103,7 @@ def choose_lr(lr: float | None, *, recipe: Any, student: nn.Module, data: Iterab
     ``hold_back(data, seed)``).
 
     Example:
+        >>> import torch
         >>> choose_lr(None, recipe=None, student=nn.Linear(2, 1), data=[(torch.randn(8, 2), torch.randn(8, 1))] * 5,
         ...           loss=nn.MSELoss(), teacher=None, distill=None, steps=50).how
         'range test'
