@@ -46,6 +46,32 @@ def test_published_figures_follow_the_schema():
     assert len(keys) == len(set(keys))
 
 
+ENGINE_DATA = DATA.with_name("xavier_engine_time.json")
+TIMINGS = ("engine", "c++ end-to-end", "python", "unstated")
+
+
+def test_engine_time_figures_say_how_they_were_timed_and_where_they_were_read(monkeypatch):
+    old = json.loads(DATA.read_text())
+    data = json.loads(ENGINE_DATA.read_text())
+    fields = set(old["fields"]) | {"build_kwargs"}
+    monkeypatch.syspath_prepend(str(DATA.parents[1]))  # bench/xavier_networks.py builds what torchvision does not
+    for r in data["records"]:
+        assert set(r) == fields, r["network"]
+        assert r["timing"] in TIMINGS and r["timing"] != "python", r["network"]  # Python-timed figures stay in the old file
+        assert r["batch"] == 1 and r["input_shape"][0] == 1 and r["device"] == "gpu"
+        assert r["source"].startswith("https://") and r["note"] and r["value"] > 0
+        if r["build"] is None:  # kept, not modelled: the file says why
+            assert r["family"] in data["not_modelled"], r["network"]
+            continue
+        module_name, _, factory = r["build"].partition(":")
+        assert callable(getattr(importlib.import_module(module_name), factory)), r["build"]
+    # the old file says how each of its figures was timed
+    assert {r["timing"] for r in old["records"]} <= set(TIMINGS)
+    assert all(r["timing"] == "python" for r in old["records"] if "torch2trt" in r["source"])
+    keys = [(r["network"], tuple(r["input_shape"]), r["precision"], r["source"]) for r in data["records"]]
+    assert len(keys) == len(set(keys))
+
+
 def _synthetic_onnx(path: Path) -> None:
     rng = np.random.default_rng(0)
 
