@@ -50,7 +50,7 @@ class PipelineResult:
 
 
 def run(task: str | Task, out: str | os.PathLike[str], config: PipelineConfig | None = None, *,
-        progress: bool = False, **options: Any) -> PipelineResult:
+        progress: bool = False, client: Any = None, **options: Any) -> PipelineResult:
     """Run (or resume, or re-use) the pipeline for `task` into the folder `out`.
 
     Args:
@@ -59,6 +59,9 @@ def run(task: str | Task, out: str | os.PathLike[str], config: PipelineConfig | 
             into it recomputes only what a change reaches.
         config: a `PipelineConfig`; or give its fields as keyword `options`.
         progress: a progress bar over the nodes on stderr.
+        client: a ``dask.distributed.Client`` (``pip install 'fxopt[dask]'``): data and training run
+            here, then each compression branch runs on a worker (``out`` must be on a file system
+            the workers share); the artefacts are the same as in-process.
 
     Returns:
         A `PipelineResult`.
@@ -97,7 +100,7 @@ def run(task: str | Task, out: str | os.PathLike[str], config: PipelineConfig | 
     if out_path.exists() and not out_path.is_dir():
         raise PipelineConfigError(f"cannot run into '{out}': it is a file; give a folder")
     out_path.mkdir(parents=True, exist_ok=True)
-    specs, records, log = execute(task, config, out_path, progress=progress)
+    specs, records, log = execute(task, config, out_path, progress=progress, client=client)
     store = ArtefactStore(out_path / "artefacts")
     rows = variant_rows(store, records, config, variant_nodes)
     events = {name: {"status": e.status, "seconds": e.seconds, "reason": e.reason,

@@ -43,19 +43,32 @@ def add_pipeline_parser(sub: Any) -> None:
     p.add_argument("--distill", default="kd", help="kd, ickd, mse or none (default kd)")
     p.add_argument("--qat-steps", type=int, default=0, help="int8 by quantisation-aware training for this many steps (default 0: PTQ)")
     p.add_argument("--calib-batches", type=int, default=8, help="int8 calibration batches (default 8)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="fan the compression branches out on a local Dask cluster of this many workers (needs fxopt[dask])")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pipeline)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from fxopt.automation import run
+    from fxopt.automation import PipelineConfigError, run
 
-    result = run(
-        args.model, args.out, progress=not args.no_progress, latency_ratios=args.latency_ratio,
-        precisions=args.precision, targets=args.target, data_seed=args.data_seed, train_steps=args.train_steps,
-        compress=args.compress, slim_trials=args.slim_trials, finetune_steps=args.finetune_steps,
-        finetune_lr=args.finetune_lr, distill=None if args.distill == "none" else args.distill,
-        calib_batches=args.calib_batches, qat_steps=args.qat_steps)
+    client = None
+    if args.workers:
+        try:
+            from dask.distributed import Client, LocalCluster
+        except ImportError:
+            raise PipelineConfigError("--workers needs dask: pip install 'fxopt[dask]'") from None
+        client = Client(LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True))
+    try:
+        result = run(
+            args.model, args.out, progress=not args.no_progress, client=client, latency_ratios=args.latency_ratio,
+            precisions=args.precision, targets=args.target, data_seed=args.data_seed, train_steps=args.train_steps,
+            compress=args.compress, slim_trials=args.slim_trials, finetune_steps=args.finetune_steps,
+            finetune_lr=args.finetune_lr, distill=None if args.distill == "none" else args.distill,
+            calib_batches=args.calib_batches, qat_steps=args.qat_steps)
+    finally:
+        if client is not None:
+            client.close()
     for row in result.rows:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items())
         print(f"{row['variant']}: {row['latency_ms']:.4f} ms est., {row['onnx_bytes'] / 1024:.1f} KiB; onnx: {metrics}")

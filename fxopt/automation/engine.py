@@ -29,7 +29,7 @@ from fxopt.automation.config import PipelineConfig, Variant
 from fxopt.automation.errors import CorruptArtefactError, PipelineError, PipelineInterrupted
 from fxopt.automation.tasks import Task, source_digest
 
-__all__ = ["NodeEvent", "NodeSpec", "RunLog", "execute", "plan_nodes"]
+__all__ = ["NodeEvent", "NodeSpec", "RunLog", "execute", "plan_nodes", "run_branch"]
 
 # dependency names each kind of node reads (the hamilton parameters of its function)
 DEPENDS = {
@@ -205,8 +205,14 @@ def _result_store(path: Path) -> Any:
     return CheckedResultStore(path=str(path))
 
 
-def execute(task: Task, config: PipelineConfig, out: Path, *, progress: bool = False) -> tuple[list[NodeSpec], dict[str, Any], RunLog]:
+def execute(task: Task, config: PipelineConfig, out: Path, *, progress: bool = False,
+            client: Any = None) -> tuple[list[NodeSpec], dict[str, Any], RunLog]:
     """Run the DAG into ``out`` (``out/artefacts``, hamilton's cache in ``out/.cache``).
+
+    With a ``dask.distributed.Client``, the shared nodes (data, train) run here, then each
+    compression branch (its fine-tune, lowerings, evaluations) runs as one task on the cluster's
+    workers, all on the one cache and artefact folder (a file system the workers share); a last
+    pass here, all cache hits, collects the records.
 
     Returns:
         The node specs, each node's artefact record, and the run's `RunLog`.
@@ -214,20 +220,52 @@ def execute(task: Task, config: PipelineConfig, out: Path, *, progress: bool = F
     Raises:
         PipelineError: a corrupted entry could not be repaired in `MAX_REPAIRS` attempts.
     """
+    specs = plan_nodes(task, config)
+    log = RunLog()
+    if client is not None:
+        _execute_nodes(task, specs, out, ["data", "train"], log, progress)
+        branches: dict[str, list[str]] = {}
+        for spec in specs:
+            if spec.kind not in ("data", "train"):
+                branches.setdefault(_branch(spec, specs), []).append(spec.name)
+        futures = [client.submit(run_branch, task, specs, str(out), names, pure=False) for names in branches.values()]
+        for events in client.gather(futures):
+            for event in events:
+                log.add(NodeEvent(**event))
+    records = _execute_nodes(task, specs, out, [s.name for s in specs], log, progress)
+    return specs, records, log
+
+
+def _branch(spec: NodeSpec, specs: list[NodeSpec]) -> str:
+    # the compress node a node descends from: one fan-out task per compression branch
+    by_name = {s.name: s for s in specs}
+    while spec.kind != "compress":
+        spec = by_name[spec.deps[{"finetune": "compress", "lower": "finetune", "evaluate": "lower"}[spec.kind]]]
+    return spec.name
+
+
+def run_branch(task: Task, specs: list[NodeSpec], out: str, names: list[str]) -> list[dict[str, Any]]:
+    """A fan-out worker's job: run these nodes (and, from the cache, what they need); their events."""
+    log = RunLog()
+    _execute_nodes(task, specs, Path(out), names, log, progress=False)
+    return [vars(e) for e in log.events.values() if e.status != "cache"]
+
+
+def _execute_nodes(task: Task, specs: list[NodeSpec], out: Path, final: list[str], log: RunLog,
+                   progress: bool) -> dict[str, Any]:
     os.environ.setdefault("HAMILTON_TELEMETRY_ENABLED", "false")  # older hamilton releases phoned home
     from hamilton import driver
 
     for name in ("hamilton.driver", "hamilton.execution.graph_functions"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # its help banners; our errors say what failed
-    specs = plan_nodes(task, config)
-    store, log = ArtefactStore(out / "artefacts"), RunLog()
+    store = ArtefactStore(out / "artefacts")
     inputs = {f"{s.name}__config": json.dumps({**s.config, "node": s.name}, sort_keys=True, default=str) for s in specs}
     reasons: dict[str, str] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(specs), desc="fxopt pipeline", unit="node", leave=False)
+        bar = tqdm(total=len(final), desc="fxopt pipeline", unit="node", leave=False)
     try:
         for _ in range(MAX_REPAIRS):
             runner = _Runner(task, store, log, reasons, bar)
@@ -236,7 +274,7 @@ def execute(task: Task, config: PipelineConfig, out: Path, *, progress: bool = F
                               recompute=sorted(reasons) or None)
                   .build())
             try:
-                records = dr.execute([s.name for s in specs], inputs=inputs)
+                records = dr.execute(final, inputs=inputs)
             except CorruptArtefactError as error:
                 reasons = {error.node: f"its cache entry was corrupt: {error}"}
                 continue
@@ -245,8 +283,8 @@ def execute(task: Task, config: PipelineConfig, out: Path, *, progress: bool = F
             bad = {name: str(_problem(store, record)) for name, record in records.items() if not store.intact(record)}
             if not bad:
                 log.events = {s.name: log.events.get(s.name, NodeEvent(s.name, "cache", 0.0, "hamilton cache hit"))
-                              for s in specs}
-                return specs, records, log
+                              for s in specs if s.name in final or s.name in log.events}
+                return records
             reasons = {name: f"its cache entry was corrupt: {why}" for name, why in bad.items()}
         raise PipelineError(f"corrupted cache entries kept coming back after {MAX_REPAIRS} repairs: {', '.join(reasons)}; "
                             f"delete {out} and run again")
