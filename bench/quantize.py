@@ -127,9 +127,9 @@ def input_name(model: onnx.ModelProto) -> str:
     return next(i.name for i in model.graph.input if i.name not in initializers)
 
 
-def fxopt_int8(target: str, keep_faster: bool = True) -> Callable[[Case, onnx.ModelProto], onnx.ModelProto]:
+def fxopt_int8(target: str, keep_faster: bool = True, int8_weights: str | None = None) -> Callable[[Case, onnx.ModelProto], onnx.ModelProto]:
     def run(case: Case, fp32: onnx.ModelProto) -> onnx.ModelProto:
-        passes = None if keep_faster else ["fold_batchnorm", QuantizeInt8(keep_faster=False)]
+        passes = None if keep_faster and int8_weights is None else ["fold_batchnorm", QuantizeInt8(keep_faster=keep_faster, int8_weights=int8_weights)]
         compiled = fxopt.compile(case.model, target, example_inputs=case.calib[0], precision="int8",
                                  calib_data=case.calib, passes=passes)
         run.compiled = compiled  # type: ignore[attr-defined]  # the xavier graph is costed later
@@ -220,6 +220,7 @@ def modelopt_onnx(case: Case, fp32: onnx.ModelProto) -> onnx.ModelProto:
 TOOLS: dict[str, Callable[[Case, onnx.ModelProto], onnx.ModelProto]] = {
     "fxopt cpu": fxopt_int8("cpu"),
     "fxopt cpu, int8 forced": fxopt_int8("cpu", keep_faster=False),
+    "fxopt cpu, portable weights, int8 forced": fxopt_int8("cpu", keep_faster=False, int8_weights="portable"),
     "fxopt xavier": fxopt_int8("xavier"),
     "ORT quantize_static": ort_static,
     "NNCF": nncf_onnx,
@@ -494,6 +495,92 @@ def run_case(case: Case, tools: Sequence[str], runs: int) -> ModelResult:
     return ModelResult(case, rows, fp32.latency_ms, fp32_torch_ms, estimates, gaps)
 
 
+# --- the AVX2-only host, emulated -------------------------------------------------------------------------
+
+AVX2_HOST = ("avx2",)  # what fxopt's host detection sees on an AVX2-only x86 CPU
+
+
+@dataclass
+class EmulatedRow:
+    tool: str
+    accuracy: float = float("nan")
+    max_error: float = float("nan")
+    max_q: int | None = None
+    note: str = ""
+
+
+def weight_max_q(model: onnx.ModelProto) -> int | None:
+    """The largest |q| of the file's int8 weights (constant inputs of a per-channel Q or an int8 DQ)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    worst = None
+    for node in model.graph.node:
+        axis = [a.i for a in node.attribute if a.name == "axis"]
+        if node.op_type == "QuantizeLinear" and node.input[0] in inits and node.input[1] in inits:
+            w, scale = inits[node.input[0]], inits[node.input[1]]
+            shape = [1] * w.ndim
+            if scale.ndim and axis:
+                shape[axis[0]] = -1
+            q = np.abs(np.round(w / scale.reshape(shape if scale.ndim else ())))
+        elif node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].dtype == np.int8:
+            q = np.abs(inits[node.input[0]].astype(np.int64))
+        else:
+            continue
+        worst = max(worst or 0, int(q.max()))
+    return worst
+
+
+def run_case_emulated(case: Case, tools: Sequence[str], cpu: str = "Haswell") -> list[EmulatedRow]:
+    """Every tool's file run in ONNX Runtime on an emulated AVX2-only CPU (QEMU `cpu`): the outputs such a
+    host computes, exact, though not its speed; fxopt compiles as it would on that host."""
+    from fxopt.host import simulated_host
+    from fxopt.testing.emulated_cpu import run_onnx_emulated_sets
+
+    sets = [(x.unsqueeze(0).numpy(),) for x in case.eval_inputs]
+    with warnings.catch_warnings(), simulated_host(AVX2_HOST, name=f"emulated {cpu}"):
+        warnings.simplefilter("ignore")
+        fp32 = fxopt.compile(case.model, "cpu", example_inputs=case.calib[0], precision="fp32").onnx_model
+        files = {"fp32 (fxopt cpu, BN folded)": fp32}
+        rows = {}
+        for tool in tools:
+            print(f"  {tool} (for an AVX2-only host) ...", flush=True)
+            try:
+                files[tool] = TOOLS[tool](case, fp32)
+            except Exception as exc:  # noqa: BLE001 - a failing tool is reported, the bench goes on
+                rows[tool] = EmulatedRow(tool, note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:140] if str(exc) else ''}")
+    reference = None
+    for tool, model in files.items():
+        got = np.stack([out[0].reshape(-1) for out in run_onnx_emulated_sets(model, sets, cpu)])
+        reference = got if reference is None else reference
+        truth = case.labels.numpy() if case.labels is not None else reference.argmax(1)
+        rows[tool] = EmulatedRow(tool, float((got.argmax(1) == truth).mean()), float(np.abs(got - reference).max()), weight_max_q(model),
+                                 getattr(TOOLS.get(tool), "note", ""))
+    return [rows[t] for t in ["fp32 (fxopt cpu, BN folded)", *tools] if t in rows]
+
+
+def render_emulated(case: Case, rows: Sequence[EmulatedRow], cpu: str) -> list[str]:
+    metric = "accuracy" if case.labels is not None else "top-1 agreement"
+    lines = [f"### {case.name}, on an emulated {cpu} (AVX2, no VNNI)", "",
+             f"| tool | {metric} | max abs output error vs fp32 | int8 weights max abs q |", "|---|---|---|---|"]
+    for r in rows:
+        if r.accuracy != r.accuracy:  # nan: the tool failed
+            lines.append(f"| {r.tool} | - | - | - |")
+        else:
+            lines.append(f"| {r.tool} | {r.accuracy:.4f} | {r.max_error:.4g} | {'-' if r.max_q is None else r.max_q} |")
+    notes = [r for r in rows if r.note]
+    return lines + [""] + [f"- {r.tool}: {r.note}" for r in notes] + ([""] if notes else [])
+
+
+def qemu_version() -> str:
+    from fxopt.testing.emulated_cpu import emulator
+
+    qemu = emulator()
+    if qemu is None:
+        return "not installed"
+    return subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[0]
+
+
 # --- the report ------------------------------------------------------------------------------------------
 
 def _kinds(stats: QdqStats | None) -> str:
@@ -557,14 +644,24 @@ def versions() -> str:
     return ", ".join(found)
 
 
-def render(results: Sequence[ModelResult], args: argparse.Namespace, wall_s: float) -> str:
+def host_line() -> str:
+    from fxopt.host import host_cpu
+
+    cpu = host_cpu()
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu.name} ({cpu.architecture}; int8 features {', '.join(cpu.features) or 'none'}; ONNX Runtime int8 kernels: "
+            f"{cpu.int8_kernels}; load average at the end {load}: other work on the 2 cores widens the latency noise)")
+
+
+def render(results: Sequence[ModelResult], args: argparse.Namespace, wall_s: float,
+           emulated: Sequence[tuple[Case, list[EmulatedRow]]] = ()) -> str:
     lines = [
         "# Int8 post-training quantisation: fxopt vs ONNX Runtime, NNCF, torch.ao, ModelOpt",
         "",
         f"`python bench/quantize.py --runs {args.runs} --size {args.size}` (`make bench-quant`) at {code_version()}; "
         f"{versions()}; {wall_s:.0f} s wall.",
         "",
-        f"Machine: the 2-core shared development host (x86-64, no GPU). Latency: ONNX Runtime CPU execution "
+        f"Machine: the 2-core shared development host (x86-64, no GPU): {host_line()}. Latency: ONNX Runtime CPU execution "
         f"provider, **one thread**, default graph optimisations, batch 1, every file of a model interleaved run "
         f"by run, median of {args.runs} runs after 5 warm-ups; ratio vs the fp32 file of the same model. "
         "All tools quantise the same fp32 model with the same calibration batches; the ONNX-level tools "
@@ -581,6 +678,19 @@ def render(results: Sequence[ModelResult], args: argparse.Namespace, wall_s: flo
     ]
     for result in results:
         lines += render_model(result)
+    if emulated:
+        lines += [
+            f"## The same tools for an AVX2-only host (emulated {args.emulate})", "",
+            f"Every file run in ONNX Runtime (1 thread) under `qemu-x86_64 -cpu {args.emulate}` ({qemu_version()}): "
+            "ONNX Runtime's kernel dispatch sees AVX2 without AVX-512 or VNNI and runs its AVX2 int8 kernels, whose "
+            "`vpmaddubsw` sums pairs of u8 x s8 products in saturating int16. Outputs are exact; latency under "
+            "emulation means nothing, so none is given (the speed of int8 on such a host is not measured here). "
+            "fxopt compiles as it would on that host (`fxopt.host.simulated_host(('avx2',))`: weights at |q| <= 64), except "
+            "that `fxopt cpu`'s keep-int8-if-faster timing runs natively on this host. "
+            "Errors are against the fp32 file run the same way.", "",
+        ]
+        for case, rows in emulated:
+            lines += render_emulated(case, rows, args.emulate)
     return "\n".join(lines) + "\n"
 
 
@@ -590,18 +700,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["digits", "resnet18"], choices=["digits", "resnet18"])
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--size", type=int, default=64, help="resnet18 input size")
+    parser.add_argument("--emulate", default="Haswell", help="also run every file on this QEMU CPU model (AVX2-only); '' to skip")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
     tools = [t for t in TOOLS if re.search(args.filter, t)]
     builders = {"digits": digits_case, "resnet18": lambda: resnet18_case(args.size)}
-    results = []
+    results: list[ModelResult] = []
+    emulated: list[tuple[Case, list[EmulatedRow]]] = []
+    if args.emulate:
+        from fxopt.testing.emulated_cpu import emulator
+
+        if emulator() is None:
+            print("qemu-x86_64 is not installed (make host-tools): no AVX2-only table", flush=True)
+            args.emulate = ""
     for name in args.models:
         print(f"{name}: building", flush=True)
         case = builders[name]()
         results.append(run_case(case, tools, args.runs))
         print("\n".join(render_model(results[-1])), flush=True)
-    text = render(results, args, time.perf_counter() - start)
+        if args.emulate:
+            emulated.append((case, run_case_emulated(case, tools, args.emulate)))
+            print("\n".join(render_emulated(case, emulated[-1][1], args.emulate)), flush=True)
+    text = render(results, args, time.perf_counter() - start, emulated)
     if not args.filter and args.models == ["digits", "resnet18"]:
         write_atomic(RESULTS_MD, text)
         print(f"wrote {RESULTS_MD}")

@@ -21,7 +21,7 @@ import numpy as np
 
 from fxopt.errors import FxoptError
 
-__all__ = ["EmulationError", "emulator", "run_onnx_emulated"]
+__all__ = ["EmulationError", "emulator", "run_onnx_emulated", "run_onnx_emulated_sets"]
 
 _CHILD = """
 import sys, numpy as np, onnxruntime as ort
@@ -31,8 +31,12 @@ options.intra_op_num_threads = 1
 options.log_severity_level = 3
 session = ort.InferenceSession(folder + "/model.onnx", options, providers=["CPUExecutionProvider"])
 data = np.load(folder + "/inputs.npz")
-feeds = {i.name: data[f"x{k}"] for k, i in enumerate(session.get_inputs())}
-np.savez(folder + "/outputs.npz", *session.run(None, feeds))
+names = [i.name for i in session.get_inputs()]
+outputs = {}
+for s in range(int(data["sets"])):
+    for k, y in enumerate(session.run(None, {n: data[f"s{s}_x{j}"] for j, n in enumerate(names)})):
+        outputs[f"s{s}_y{k}"] = y
+np.savez(folder + "/outputs.npz", **outputs)
 """
 
 
@@ -58,13 +62,27 @@ def run_onnx_emulated(model: Any, inputs: Sequence[Any], cpu: str = "Haswell", t
         The outputs, as numpy arrays.
 
     Raises:
+        EmulationError: see `run_onnx_emulated_sets`.
+    """
+    return run_onnx_emulated_sets(model, [inputs], cpu, timeout_s)[0]
+
+
+def run_onnx_emulated_sets(model: Any, input_sets: Sequence[Sequence[Any]], cpu: str = "Haswell", timeout_s: float = 600.0) -> list[list[np.ndarray]]:
+    """`run_onnx_emulated` over several input sets in one emulated process (one session).
+
+    Returns:
+        Per input set, the outputs as numpy arrays.
+
+    Raises:
         EmulationError: no ``qemu-x86_64`` on this host (``apt-get install qemu-user``), not an
             x86-64 host, or the emulated run failed (its stderr's tail in the message).
     """
     qemu = emulator()
     if qemu is None:
         raise EmulationError("qemu-x86_64 is not installed: `apt-get install qemu-user` (Debian) runs ONNX Runtime on an emulated CPU")
-    arrays = {f"x{k}": x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x) for k, x in enumerate(inputs)}
+    arrays: dict[str, Any] = {"sets": np.asarray(len(input_sets))}
+    for s, inputs in enumerate(input_sets):
+        arrays |= {f"s{s}_x{k}": x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x) for k, x in enumerate(inputs)}
     with tempfile.TemporaryDirectory(prefix="fxopt-emulated-") as folder:
         with open(os.path.join(folder, "model.onnx"), "wb") as f:
             f.write(model.SerializeToString())
@@ -75,4 +93,5 @@ def run_onnx_emulated(model: Any, inputs: Sequence[Any], cpu: str = "Haswell", t
         if run.returncode != 0:
             raise EmulationError(f"ONNX Runtime on an emulated {cpu} failed (exit {run.returncode}): {run.stderr.strip()[-800:]}")
         with np.load(os.path.join(folder, "outputs.npz")) as out:
-            return [out[f"arr_{k}"] for k in range(len(out.files))]
+            count = len(out.files) // max(len(input_sets), 1)
+            return [[out[f"s{s}_y{k}"] for k in range(count)] for s in range(len(input_sets))]
