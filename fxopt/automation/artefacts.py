@@ -90,7 +90,7 @@ class ArtefactStore:
         try:
             start = time.perf_counter()
             extra = write(staging)
-            summary = {**(summary or {}), **(extra or {})}
+            summary = {**(summary or {}), **(extra if isinstance(extra, dict) else {})}
             files = _file_digests(staging)
             meta = {"node": node, "fingerprint": fp, "sha256": tree_digest(files), "files": files, "summary": summary,
                     "seconds": time.perf_counter() - start}

@@ -88,7 +88,7 @@ def plan_nodes(task: Task, config: PipelineConfig) -> list[NodeSpec]:
         >>> from fxopt.automation.tasks import RecipeTask
         >>> specs = plan_nodes(RecipeTask("motionnet"), PipelineConfig(latency_ratios=(1.0, 0.7), precisions=("int8", "fp16")))
         >>> len(specs), specs[2].name
-        (12, 'compress__r100_xavier')
+        (14, 'compress__r100_xavier')
     """
     base = {"fxopt": fxopt.__version__, "code": _code_digest(), "task": task.identity()}
     specs = [
