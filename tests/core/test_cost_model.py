@@ -275,6 +275,27 @@ def test_each_inference_pays_a_fixed_overhead_and_the_roofline_stays_below():
     assert as_dict["overhead_ms"] == pytest.approx(summary.overhead_s * 1e3)
 
 
+def test_the_estimate_is_engine_time_and_a_host_call_is_beside_it():
+    xavier = fxopt.get_target("xavier")
+    assert xavier.engine.host_overhead_s > 0
+    x = torch.randn(1, 8, 16, 16)
+    summary = engine_costs(nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU()), x)
+    # the host term is not in the engine time, only beside it
+    assert summary.host_overhead_s == xavier.engine.host_overhead_s
+    assert summary.latency_s == pytest.approx(sum(c.latency_s for c in summary.per_node.values()) + summary.overhead_s)
+    assert summary.host_latency_s == pytest.approx(summary.latency_s + xavier.engine.host_overhead_s)
+    as_dict = summary.to_dict()
+    assert as_dict["host_overhead_ms"] == pytest.approx(xavier.engine.host_overhead_s * 1e3)
+    assert as_dict["latency_is"].startswith("engine time")
+    # a target whose host call costs more reports the same engine time
+    slow_host = xavier.replace(name="xavier_slow_host", engine=xavier.engine.replace(host_overhead_s=1e-3))
+    gm = fxopt.trace(nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU()), (x,))
+    other = estimate_costs(gm, slow_host, "fp16")
+    assert other.latency_s == pytest.approx(summary.latency_s) and other.host_overhead_s == 1e-3
+    # the per-node model (cpu) has no host term
+    assert estimate_costs(gm, "cpu").host_overhead_s == 0.0
+
+
 def test_small_layers_reach_less_of_the_peak_and_misaligned_channels_cost_padding():
     xavier = fxopt.get_target("xavier")
     big = kernel_latency_s(xavier, "fp16", "conv", 4e9, 0, 4e6, 1152) - xavier.launch_overhead_s
