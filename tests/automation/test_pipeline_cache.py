@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from pipeline_toy import OPTIONS, toy_task
 
 import fxopt
@@ -96,6 +97,21 @@ def test_new_fxopt_version_reruns_everything(copy, monkeypatch):
     monkeypatch.setattr(fxopt, "__version__", fxopt.__version__ + ".post1")
     result = run(toy_task(), copy, **OPTIONS)
     assert sorted(result.ran) == sorted(ALL)
+
+
+def test_changed_checkpoint_file_reruns_from_data(tmp_path):
+    from pipeline_toy import build
+
+    checkpoint = tmp_path / "weights.pt"
+    torch.manual_seed(0)
+    torch.save(build().state_dict(), checkpoint)
+    options = {**OPTIONS, "latency_ratios": (1.0,)}
+    first = run(toy_task(checkpoint=checkpoint), tmp_path / "run", **options)
+    assert run(toy_task(checkpoint=checkpoint), tmp_path / "run", **options).ran == []
+    torch.manual_seed(1)
+    torch.save(build().state_dict(), checkpoint)
+    again = run(toy_task(checkpoint=checkpoint), tmp_path / "run", **options)
+    assert sorted(again.ran) == sorted(first.ran) and len(again.ran) == 6
 
 
 def _artefact(out: Path, node: str) -> Path:
