@@ -6,7 +6,6 @@ import hashlib
 import os
 import platform
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -16,7 +15,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxopt.cost_model import estimate_costs
-from fxopt.errors import FxoptWarning, InputError
+from fxopt.errors import InputError, warn
+from fxopt.host import host_cpu
 from fxopt.inputs import (
     calibration_batches,
     check_tensor_outputs,
@@ -31,8 +31,14 @@ from fxopt.inputs import (
 from fxopt.numerics import run_model
 from fxopt.output_folder import MANIFEST, check_output_folder, write_output_folder
 from fxopt.pass_base import CompileContext, pass_attr, pass_name
-from fxopt.host import host_cpu
-from fxopt.pass_manager import FILES_META, MANIFEST_META, PRECISION_META, PassManager, order_passes, resolve_passes
+from fxopt.pass_manager import (
+    FILES_META,
+    MANIFEST_META,
+    PRECISION_META,
+    PassManager,
+    order_passes,
+    resolve_passes,
+)
 from fxopt.progress import Phases
 from fxopt.registry import create_pass
 from fxopt.report import CompileReport, layer_rows, report_tables
@@ -680,7 +686,7 @@ def _pass_warnings(records: list[Any], requested: Sequence[Any] | None) -> list[
         for r in records if r.name in asked and r.status in ("rolled_back", "unchanged")
     ]
     for line in lines:
-        warnings.warn(line.removeprefix("WARNING: "), FxoptWarning, stacklevel=3)  # at the caller of compile
+        warn(line.removeprefix("WARNING: "))  # at the caller of compile
     return lines
 
 

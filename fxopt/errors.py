@@ -83,3 +83,25 @@ class SafetyPolicyError(FxoptError):
 
 class FxoptWarning(UserWarning):
     """Something fxopt accepted but a user should look at (constant example inputs, a pass that changed nothing)."""
+
+
+def warn(message: str) -> None:
+    """Issue `message` as an `FxoptWarning` at the user's line: the first caller outside fxopt
+    (however deep inside compile the problem was found), so a warning filter or a traceback of
+    ``-W error`` points at their call, not at fxopt's internals.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn("constant example input")
+        >>> caught[0].category.__name__, str(caught[0].message)
+        ('FxoptWarning', 'constant example input')
+    """
+    import sys
+    import warnings
+
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] == "fxopt":
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, FxoptWarning, stacklevel=level + 1)

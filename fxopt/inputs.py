@@ -9,7 +9,6 @@ gets fresh copies (`copy_inputs`).
 from __future__ import annotations
 
 import difflib
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fxopt.errors import FxoptWarning, InputError
+from fxopt.errors import InputError, warn
 
 __all__ = [
     "VARIANT_KINDS",
@@ -84,7 +83,7 @@ def validate_inputs(inputs: tuple[Any, ...], *, what: str = "example_inputs") ->
         if t.numel() > 1 and bool((t == t.reshape(-1)[0]).all()):
             notes.append(f"{name} is constant (every element is {t.reshape(-1)[0].item():g}): checks on it alone would be weak; fxopt also checks seeded variants")
     for note in notes:
-        warnings.warn(note, FxoptWarning, stacklevel=3)
+        warn(note)
     return notes
 
 

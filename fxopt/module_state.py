@@ -17,7 +17,6 @@ import contextlib
 import operator
 import os
 import traceback
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,7 +27,7 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxopt.errors import FxoptWarning, InputError, StateWriteError
+from fxopt.errors import InputError, StateWriteError, warn
 
 __all__ = [
     "StateSnapshot",
@@ -384,7 +383,7 @@ def check_state_writes(writes: list[StateWrite], model_type: str) -> list[StateW
             source_line=first.line,
         )
     for w in writes:
-        warnings.warn(_dropped_line(w), FxoptWarning, stacklevel=3)
+        warn(_dropped_line(w))
     return writes
 
 

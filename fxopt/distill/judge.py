@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fxopt.distill.loop import RecipeBatches, TensorBatches, _unpack
-from fxopt.errors import FxoptWarning, InputError
+from fxopt.errors import InputError, warn
 
 __all__ = ["MAX_DROP_POINTS", "MIN_AGREEMENT", "HeldBack", "HeldOutJudge", "advice", "agreement", "held_loss", "hold_back", "judge_agreement",
            "judge_held_loss", "judge_metrics", "points"]
@@ -146,7 +145,7 @@ def advice(steps: int, lr: float, lr_how: str, distilled: bool, recipe_steps: in
 
 
 def _warn(text: str) -> str:
-    warnings.warn(text, FxoptWarning, stacklevel=3)
+    warn(text)
     return f"WARNING: {text}"
 
 

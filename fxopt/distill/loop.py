@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxopt.errors import FxoptWarning, InputError
+from fxopt.errors import FxoptWarning, InputError, warn
 
 __all__ = ["Distill", "FinetuneResult", "RecipeBatches", "TensorBatches", "finetune", "recipe_metric", "trial_loss"]
 
@@ -491,4 +491,4 @@ class _Loop:
             r.best_step = r.steps_run - r.steps_run % self.every
             r.notes.append(f"restored the last finite checkpoint (step {r.best_step})")
         if stopped:
-            warnings.warn(f"fine-tune stopped: {r.stopped_reason}; {r.notes[-1]}", FxoptWarning, stacklevel=3)
+            warn(f"fine-tune stopped: {r.stopped_reason}; {r.notes[-1]}")

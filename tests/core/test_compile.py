@@ -125,3 +125,14 @@ def test_pass_tables_reach_the_report_and_rollback_drops_them():
     assert list(compiled.report.tables) == ["groups (False)"]
     markdown = compiled.report.to_markdown()
     assert "## groups (False)" in markdown and "| 0 | 8 | 4 |" in markdown
+
+
+def test_fxopt_warnings_point_at_the_users_call_not_at_fxopt():
+    import warnings
+
+    model = nn.Sequential(nn.Linear(4, 2)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxopt.compile(model, "cpu", example_inputs=(torch.ones(1, 4),), export=False)  # a constant input: warned
+    ours = [w for w in caught if issubclass(w.category, fxopt.FxoptWarning)]
+    assert ours and all(w.filename == __file__ for w in ours), [(w.filename, str(w.message)) for w in ours]
