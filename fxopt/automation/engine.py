@@ -77,7 +77,9 @@ class RunLog:
 
 def _code_digest() -> str:
     # a change to what a node does invalidates its artefacts, as a new fxopt version does
-    return source_digest(nodes_module)
+    from fxopt.automation import tasks
+
+    return source_digest(nodes_module) + source_digest(tasks)
 
 
 def plan_nodes(task: Task, config: PipelineConfig) -> list[NodeSpec]:

@@ -20,7 +20,7 @@ from fxopt.automation.config import PipelineConfig, Variant
 from fxopt.automation.tasks import Task
 from fxopt.files import write_atomic
 
-__all__ = ["pareto_front", "variant_rows", "write_report"]
+__all__ = ["budget_warnings", "pareto_front", "variant_rows", "write_report"]
 
 TOP_LAYERS = 12
 
@@ -118,6 +118,19 @@ def _trained_line(trained: dict[str, float]) -> str:
             + ", ".join(f"{k} {v:.4f}" for k, v in trained.items()) + ".") if trained else ""
 
 
+def budget_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """One WARNING per variant whose compression stopped above its latency budget.
+
+    Example:
+        >>> budget_warnings([{"variant": "r050_xavier_int8", "latency_ratio": 0.5, "achieved_ratio": 0.8}])[0][:44]
+        'WARNING: r050_xavier_int8 asked for 0.50x of'
+    """
+    return [f"WARNING: {r['variant']} asked for {r['latency_ratio']:.2f}x of the trained model's estimated latency and got "
+            f"{r['achieved_ratio']:.3f}x (the compression's floor on this target: fixed per-inference and per-layer costs "
+            "dominate a small model's estimate); try compress='slim', a larger ratio, or a larger model config"
+            for r in rows if r.get("achieved_ratio") is not None and r["achieved_ratio"] > r["latency_ratio"] + 0.01]
+
+
 def _markdown(title: str, header: list[str], body: list[list[str]], timing: list[list[str]], ran: int, trained: str) -> str:
     def table(h: list[str], rows: list[list[str]]) -> str:
         return "\n".join(["| " + " | ".join(h) + " |", "|" + "---|" * len(h)] + ["| " + " | ".join(r) + " |" for r in rows])
@@ -151,7 +164,7 @@ def write_report(out: Path, task: Task, config: PipelineConfig, rows: list[dict[
     header, body, timing = _tables(rows, events)
     ran = sum(1 for e in events.values() if e["status"] == "ran")
     md, page = out / "report.md", out / "report.html"
-    line = _trained_line(trained or {})
+    line = " ".join([_trained_line(trained or {}), *budget_warnings(rows)]).strip()
     write_atomic(md, _markdown(title, header, body, timing, ran, line))
     write_atomic(page, _html(title, header, body, timing, _plots(rows), line))
     write_atomic(out / "report.json", json.dumps({"variants": rows, "nodes": events}, indent=1, default=str))

@@ -127,7 +127,11 @@ class RecipeTask(Task):
             raise PipelineConfigError(str(error)) from None
 
     def identity(self) -> dict[str, Any]:
-        return {"model": self.name, "config": sorted(self.cfg.items())}
+        recipe = self.recipe  # its code and settings: a changed generator, loss or metric reruns from data
+        return {"model": self.name, "config": sorted(self.cfg.items()),
+                "recipe": {"batch": source_digest(recipe.batch), "loss": source_digest(recipe.loss),
+                           "evaluate": source_digest(recipe.evaluate), "steps": recipe.steps, "lr": recipe.lr,
+                           "bn_batches": recipe.bn_batches, "finetune_lr": recipe.finetune_lr}}
 
     def example_inputs(self) -> tuple[Any, ...]:
         return fxopt.models.example_inputs(self.name, **self.cfg)

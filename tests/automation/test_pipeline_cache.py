@@ -171,6 +171,8 @@ def test_report_gives_variants_plots_and_node_timings(cold):
     md = result.report_md.read_text()
     assert "| r060_xavier_int8 | int8 |" in md and "| train | ran |" in md
     assert "The trained model before compression (torch, fp32, the same metrics): accuracy" in md
+    # a tiny MLP's estimate is fixed costs: pruning cannot reach 0.6x, and the report says so
+    assert "WARNING: r060_xavier_int8 asked for 0.60x" in md and "WARNING: r100" not in md
     page = result.report_html.read_text()
     assert page.count("data:image/png;base64,") == 3  # Pareto + one per-layer chart per variant
     report = json.loads((result.out / "report.json").read_text())
@@ -198,3 +200,12 @@ def test_bad_task_inputs_are_config_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(PipelineConfigError, match="is a file"):
         run(toy_task(), tmp_path / "file", **OPTIONS)
+
+
+def test_recipe_identity_reaches_every_fingerprint():
+    from fxopt.automation import PipelineConfig, RecipeTask
+    from fxopt.automation.engine import plan_nodes
+
+    small, md = (plan_nodes(RecipeTask("camera_multitask", cfg), PipelineConfig()) for cfg in ((), (("preset", "md"),)))
+    assert all(a.config != b.config for a, b in zip(small, md))  # another recipe config: every node reruns
+    assert RecipeTask("motionnet").identity()["recipe"]["batch"] != RecipeTask("camera_multitask").identity()["recipe"]["batch"]
