@@ -126,8 +126,8 @@ def budget_warnings(rows: list[dict[str, Any]]) -> list[str]:
         'WARNING: r050_xavier_int8 asked for 0.50x of'
     """
     return [f"WARNING: {r['variant']} asked for {r['latency_ratio']:.2f}x of the trained model's estimated latency and got "
-            f"{r['achieved_ratio']:.3f}x (the compression's floor on this target: a small net's kernels stay launch- and "
-            "size-bound as they narrow); try compress='slim', a larger ratio, or a larger model config"
+            f"{r['achieved_ratio']:.3f}x (the compression's floor for this model on this target); try compress='slim', "
+            "a larger ratio, or a larger model config"
             for r in rows if r.get("achieved_ratio") is not None and r["achieved_ratio"] > r["latency_ratio"] + 0.01]
 
 
