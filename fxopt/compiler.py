@@ -7,7 +7,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -304,6 +304,81 @@ def compile(  # noqa: A001 - the public name the design asks for
         17
     """
     start = time.perf_counter()
+    request = _request(model, target, example_inputs, passes=passes, precision=precision, strict=strict, export=export,
+                       progress=progress, leaf_modules=leaf_modules, save_to=save_to, safety=safety, stages=stages,
+                       tuning=_Tuning(train_data, loss, finetune_steps, finetune_lr, finetune_seed, qat_steps, distill, recipe, eval_fn),
+                       dynamic_batch=dynamic_batch, options=options)
+    phases = Phases(request.phase_names(), enabled=progress)
+    try:
+        with phases("trace"):
+            traced = _trace(request, start)
+        ran = _run_pipeline(request, traced, phases)
+        with phases("export"):
+            lowered = _lower(request, ran)
+    finally:
+        phases.close()
+    compiled = _assemble(request, traced, ran, lowered, start)
+    if save_to is not None:
+        compiled.save(save_to)
+    return compiled
+
+
+@dataclass(frozen=True)
+class _Tuning:
+    """compile's fine-tune and QAT arguments, as given."""
+
+    train_data: Any
+    loss: Any
+    finetune_steps: int
+    finetune_lr: float | None
+    finetune_seed: int
+    qat_steps: int
+    distill: Any
+    recipe: Any
+    eval_fn: Any
+
+    @property
+    def any(self) -> bool:
+        return bool(self.finetune_steps or self.qat_steps)
+
+    def request(self, scalar_eval: bool) -> dict[str, Any]:
+        """The keywords `_finetune` passes to `fxopt.distill.resolve`."""
+        return {"recipe": self.recipe, "data": self.train_data, "loss": self.loss, "distill": self.distill,
+                "eval_fn": self.eval_fn if scalar_eval else None}
+
+
+@dataclass(frozen=True)
+class _Request:
+    """Everything one compile was asked, validated before any work (step 1)."""
+
+    model: nn.Module
+    profile: TargetProfile
+    precision: str | None  # as asked (None: the target's default); the policy may set it
+    inputs: tuple[Any, ...]  # the graph's example inputs (a staged compile's graph part's)
+    input_notes: list[str]
+    split: Any  # a staged compile's `StagedModel`, else None
+    leaf_modules: Sequence[str]
+    pipeline: list[Any]
+    policy: _SafetyPolicy
+    strict: bool
+    export: bool
+    progress: bool
+    passes: Sequence[Any] | None
+    tuning: _Tuning
+    summary_eval: Any  # eval_fn, else the recipe's evaluation
+    dynamic_batch: tuple[int, int, int] | None
+    options: dict[str, Any]
+    check_inputs: list[tuple[Any, ...]]
+    input_sha: str
+
+    def phase_names(self) -> list[str]:
+        return ["trace", "passes", *(["finetune"] if self.tuning.finetune_steps else []), *(["qat"] if self.tuning.qat_steps else []), "export"]
+
+
+def _request(model: Any, target: Any, example_inputs: Any, *, passes: Any, precision: str | None, strict: bool, export: bool,
+             progress: bool, leaf_modules: Any, save_to: Any, safety: str | None, stages: Any, tuning: _Tuning,
+             dynamic_batch: Any, options: dict[str, Any]) -> _Request:
+    """Step 1: validate every option and input, refusing what cannot work, before any work."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}"
                          + (" (wrap a function in an nn.Module whose forward calls it)" if callable(model) else ""))
@@ -335,156 +410,207 @@ def compile(  # noqa: A001 - the public name the design asks for
         policy.check_request(pipeline, precision or profile.default_precision)
         strict = True  # a safety model never ships with a pass silently rolled back
     _check_request(pipeline, options, precision or profile.default_precision, profile)
-    summary_eval = eval_fn if eval_fn is not None else getattr(recipe, "evaluate", None)  # every metric of the recipe
-    if finetune_steps and options.get("resolutions") is not None:
+    _check_tuning(tuning, options, precision or profile.default_precision, split is not None or policy.strict)
+    summary_eval = tuning.eval_fn if tuning.eval_fn is not None else getattr(tuning.recipe, "evaluate", None)  # every metric of the recipe
+    return _Request(model, profile, precision, inputs, input_notes, split, leaf_modules, pipeline, policy, strict, export, progress,
+                    passes, tuning, summary_eval, dynamic_batch, options, verification_inputs(inputs, options.get("calib_data")),
+                    state_dict_sha256(model))
+
+
+def _check_tuning(tuning: _Tuning, options: dict[str, Any], precision: str, staged_or_strict: bool) -> None:
+    if tuning.finetune_steps and options.get("resolutions") is not None:
         raise InputError("fine-tuning after slim's resolution choice is not supported: its training data and targets "
                          "have the example's size; leave out resolutions= or finetune_steps=")
-    _check_qat(qat_steps, precision or profile.default_precision)
-    tuning = finetune_steps or qat_steps
-    if tuning and recipe is None and (train_data is None or (loss is None and distill is None)):
-        raise InputError(f"{'finetune_steps' if finetune_steps else 'qat_steps'} needs train_data= ((inputs, target) batches) "
+    _check_qat(tuning.qat_steps, precision)
+    if tuning.any and tuning.recipe is None and (tuning.train_data is None or (tuning.loss is None and tuning.distill is None)):
+        raise InputError(f"{'finetune_steps' if tuning.finetune_steps else 'qat_steps'} needs train_data= ((inputs, target) batches) "
                          "and loss= and/or distill=, or recipe= (a bundled model's)")
-    if tuning and (split is not None or policy.strict):
+    if tuning.any and staged_or_strict:
         raise InputError("fine-tuning and QAT are not available for a staged compile (stages=) or under safety='strict'")
-    if tuning and train_data is not None:
-        check_train_batches(train_data)
-    check_inputs = verification_inputs(inputs, options.get("calib_data"))
-    input_sha = state_dict_sha256(model)
-    original_inputs = inputs
-    context = CompileContext.create(profile, inputs, precision, check_inputs=check_inputs, **options)
-    phases = Phases(["trace", "passes", *(["finetune"] if finetune_steps else []), *(["qat"] if qat_steps else []), "export"],
-                    enabled=progress)
-    try:
-        with phases("trace"):
-            gm = trace(model if split is None else split.root, inputs, leaf_modules=leaf_modules)
-            if export:  # before the passes: the exporter would fail on them, or silently drop them
-                check_tensor_outputs(run_model(gm, inputs))
-            if tuning and loss is not None:
-                _check_loss(gm, train_data, loss)
-        traced_s = time.perf_counter() - start
-        cost_before = estimate_costs(gm, profile, context.precision)
-        # the pipeline runs in two parts, the structural passes and then int8 (quantize onwards), so
-        # fine-tuning comes between them (int8 calibrates the tuned weights) and the summary sees both
-        ordered = order_passes(pipeline)
-        cut = next((i for i, p in enumerate(ordered) if pass_name(p) == "quantize"), len(ordered))
-        manager = PassManager(ordered[:cut], strict=strict, progress=progress)
-        # the summary table (input model, after each lossy step) only where there is more than one step
-        lossy_steps = finetune_steps or context.precision == "int8" or any(pass_attr(p, "lossy", False) for p in ordered)
-        summary = _Summary(profile, context.precision, summary_eval, enabled=bool(lossy_steps))
-        summary.add("input model", gm)
-        if finetune_steps:  # passes choosing between candidates may fine-tune them the same way (slim's re-rank)
-            from fxopt.distill import FinetuneRequest
+    if tuning.any and tuning.train_data is not None:
+        check_train_batches(tuning.train_data)
 
-            context = replace(context, finetune=FinetuneRequest(
-                distill, recipe, train_data, loss, eval_fn if summary.scalar else None, finetune_lr, finetune_seed))
-        with phases("passes"):
-            result = manager.run(gm, context)
-        context = result.context or context
-        final = result.graph_module
-        structural = [r.name for r in result.records if r.lossy and r.status == "applied" and r.name != "quantize"]
-        if structural:
-            summary.add("after " + " + ".join(structural), final)
-        tuned_notes: list[str] = []
-        if finetune_steps:
-            with phases("finetune"):
-                tuned_notes = _finetune(final, gm, ordered, inputs, finetune_steps, finetune_lr, progress, finetune_seed, summary=summary,
-                                        recipe=recipe, data=train_data, loss=loss, distill=distill,
-                                        eval_fn=eval_fn if summary.scalar else None)
-        float_final = final  # the pass manager works on copies: this stays the float graph (QAT's teacher)
-        if cut < len(ordered):
-            rest = PassManager(ordered[cut:], strict=strict, progress=progress).run(final, context)
-            result.records += rest.records
-            context, final = rest.context or context, rest.graph_module
-            result.graph_module = final
-        shipped = _shipped_precision(final, profile, context.precision)
-        precision_notes = []
-        if shipped != context.precision:  # int8 asked, but the quantize pass kept the float graph (slower here, nothing to quantise)
-            precision_notes.append(f"WARNING: precision {shipped}, not {context.precision}: the quantize pass kept the float graph "
-                                   "(its line in the passes table says why)")
-            context = replace(context, precision=shipped)
-        if context.precision == "int8":
-            summary.add("after int8", final)
-        if qat_steps and context.precision == "int8":
-            with phases("qat"):  # the float model before int8 teaches its fake-quantised self
-                tuned_notes += _finetune(final, float_final, ordered, inputs, qat_steps, finetune_lr,
-                                         progress, finetune_seed, summary=summary, label="QAT", recipe=recipe,
-                                         data=train_data, loss=loss, distill=distill, eval_fn=eval_fn if summary.scalar else None)
-        elif qat_steps:
-            tuned_notes.append("QAT skipped: the quantize pass kept the float graph (nothing to train through)")
-        passes_s = time.perf_counter() - start - traced_s
-        cost_after = estimate_costs(final, profile, context.precision)
-        onnx_info, onnx_model, notes, extras, placement = None, None, list(input_notes) + tuned_notes + precision_notes, {}, None
-        if final.meta.get(FILES_META):  # files a pass left for the output folder (slim's trials.csv, pareto.png)
-            extras["files"] = dict(final.meta[FILES_META])
-        safety_evidence: dict[str, Any] = {"policy": "off"}
-        requested = [*(passes or ()), *(["quantize"] if shipped == "int8" or precision_notes else [])]  # int8 asks for quantize
-        notes += _pass_warnings(result.records, requested) + (split.notes() if split is not None else [])
-        if context.example_inputs is not original_inputs:  # a pass (slim) chose another input size
-            notes.append(f"WARNING: the compiled model takes input shape(s) {describe_shapes(context.example_inputs)} instead of "
-                         f"{describe_shapes(inputs)} (slim's resolution choice): feed it inputs of the new size")
-            inputs, check_inputs = context.example_inputs, context.verification_inputs
-        with phases("export"):
-            if export:
-                from fxopt.backends.onnx import lower
 
-                exported = lower(final, inputs, profile, check_inputs=check_inputs, dynamic_batch=dynamic_batch, float_module=_float_twin(final))
-                onnx_info, onnx_model = exported.to_dict(), exported.model
-                notes += [f"ONNX export: {finding}" for finding in exported.findings]
-                if policy.strict:
-                    safety_evidence = policy.checks(model, final, onnx_model, inputs, profile)
-                    notes += policy.summary(safety_evidence)
-                if profile.backend == "tensorrt":
-                    from fxopt.backends.tensorrt import plan_deployment
-                    from fxopt.backends.tensorrt_compat import check_tensorrt_compat
+@dataclass(frozen=True)
+class _Traced:
+    """Step 2: the traced graph (the teacher of any fine-tune), its cost and the compile's context."""
 
-                    notes += [f"ONNX rewrite for TensorRT {profile.tensorrt_version}: {line}" for line in exported.rewrites]
-                    compat = check_tensorrt_compat(onnx_model, profile, graph_module=final)
-                    compat.raise_if_errors()  # a hard incompatibility: TensorRTCompatError naming each node
-                    notes += compat.notes()
+    gm: GraphModule
+    seconds: float  # from compile's start
+    cost_before: Any
+    context: CompileContext
 
-                    deployment = plan_deployment(onnx_model, profile, context.precision, dynamic_batch)
-                    extras["files"] = {**extras.get("files", {}), **deployment.files}
-                    placement = _conv_placement(final, deployment.conv_devices())
-                    notes += deployment.notes
-    finally:
-        phases.close()
-    export_s = time.perf_counter() - start - traced_s - passes_s
+
+def _trace(request: _Request, start: float) -> _Traced:
+    """Step 2: trace (a deep copy of) the model; check before the passes what would fail later."""
+    context = CompileContext.create(request.profile, request.inputs, request.precision, check_inputs=request.check_inputs, **request.options)
+    gm = trace(request.model if request.split is None else request.split.root, request.inputs, leaf_modules=request.leaf_modules)
+    if request.export:  # before the passes: the exporter would fail on them, or silently drop them
+        check_tensor_outputs(run_model(gm, request.inputs))
+    if request.tuning.any and request.tuning.loss is not None:
+        _check_loss(gm, request.tuning.train_data, request.tuning.loss)
+    return _Traced(gm, time.perf_counter() - start, estimate_costs(gm, request.profile, context.precision), context)
+
+
+@dataclass
+class _PipelineRun:
+    """Step 3: the pipeline's result: the final graph, the records, the summary and the report lines."""
+
+    final: GraphModule
+    result: Any  # the `PipelineResult`, with every pass record
+    context: CompileContext
+    ordered: list[Any]
+    summary: _Summary
+    notes: list[str]
+    shipped: str
+    seconds: float
+
+
+def _run_pipeline(request: _Request, traced: _Traced, phases: Phases) -> _PipelineRun:
+    """Step 3: the passes in order, fine-tune between the structural passes and int8 (int8 calibrates the
+    tuned weights), QAT after int8; the summary table sees the model after each lossy step."""
+    start, profile, tuning, gm = time.perf_counter(), request.profile, request.tuning, traced.gm
+    context = traced.context
+    ordered = order_passes(request.pipeline)
+    cut = next((i for i, p in enumerate(ordered) if pass_name(p) == "quantize"), len(ordered))
+    # the summary table (input model, after each lossy step) only where there is more than one step
+    lossy_steps = tuning.finetune_steps or context.precision == "int8" or any(pass_attr(p, "lossy", False) for p in ordered)
+    summary = _Summary(profile, context.precision, request.summary_eval, enabled=bool(lossy_steps))
+    summary.add("input model", gm)
+    if tuning.finetune_steps:  # passes choosing between candidates may fine-tune them the same way (slim's re-rank)
+        from fxopt.distill import FinetuneRequest
+
+        context = replace(context, finetune=FinetuneRequest(
+            tuning.distill, tuning.recipe, tuning.train_data, tuning.loss, tuning.eval_fn if summary.scalar else None,
+            tuning.finetune_lr, tuning.finetune_seed))
+    with phases("passes"):
+        result = PassManager(ordered[:cut], strict=request.strict, progress=request.progress).run(gm, context)
+    context, final = result.context or context, result.graph_module
+    structural = [r.name for r in result.records if r.lossy and r.status == "applied" and r.name != "quantize"]
+    if structural:
+        summary.add("after " + " + ".join(structural), final)
+    notes: list[str] = []
+    if tuning.finetune_steps:
+        with phases("finetune"):
+            notes += _finetune(final, gm, ordered, request.inputs, tuning.finetune_steps, tuning.finetune_lr, request.progress,
+                               tuning.finetune_seed, summary=summary, **tuning.request(summary.scalar))
+    float_final = final  # the pass manager works on copies: this stays the float graph (QAT's teacher)
+    if cut < len(ordered):
+        rest = PassManager(ordered[cut:], strict=request.strict, progress=request.progress).run(final, context)
+        result.records += rest.records
+        context, final = rest.context or context, rest.graph_module
+        result.graph_module = final
+    shipped = _shipped_precision(final, profile, context.precision)
+    if shipped != context.precision:  # int8 asked, but the quantize pass kept the float graph (slower here, nothing to quantise)
+        notes.append(f"WARNING: precision {shipped}, not {context.precision}: the quantize pass kept the float graph "
+                     "(its line in the passes table says why)")
+    context = replace(context, precision=shipped)
+    if context.precision == "int8":
+        summary.add("after int8", final)
+    if tuning.qat_steps and context.precision == "int8":
+        with phases("qat"):  # the float model before int8 teaches its fake-quantised self
+            notes += _finetune(final, float_final, ordered, request.inputs, tuning.qat_steps, tuning.finetune_lr, request.progress,
+                               tuning.finetune_seed, summary=summary, label="QAT", **tuning.request(summary.scalar))
+    elif tuning.qat_steps:
+        notes.append("QAT skipped: the quantize pass kept the float graph (nothing to train through)")
+    return _PipelineRun(final, result, context, ordered, summary, notes, shipped, time.perf_counter() - start)
+
+
+@dataclass
+class _Lowered:
+    """Step 4: the ONNX file and what lowering found (report lines, build-plan files, placement)."""
+
+    inputs: tuple[Any, ...]  # the compiled model's inputs (slim may have chosen another size)
+    check_inputs: list[tuple[Any, ...]]
+    onnx_info: dict[str, Any] | None = None
+    onnx_model: Any = None
+    notes: list[str] = field(default_factory=list)
+    files: dict[str, Any] = field(default_factory=dict)
+    placement: dict[str, str] | None = None
+    safety_evidence: dict[str, Any] = field(default_factory=lambda: {"policy": "off"})
+    seconds: float = 0.0
+
+
+def _lower(request: _Request, ran: _PipelineRun) -> _Lowered:
+    """Step 4: ONNX at the target's opset, verified in ONNX Runtime; for TensorRT the compatibility
+    check and the build plan; the safety policy's evidence."""
+    start, profile, context, final = time.perf_counter(), request.profile, ran.context, ran.final
+    lowered = _Lowered(request.inputs, request.check_inputs, files=dict(final.meta.get(FILES_META, {})))  # slim's trials.csv, pareto.png
+    requested = [*(request.passes or ()), *(["quantize"] if (request.precision or profile.default_precision) == "int8" else [])]
+    lowered.notes += _pass_warnings(ran.result.records, requested) + (request.split.notes() if request.split is not None else [])
+    if context.example_inputs is not request.inputs:  # a pass (slim) chose another input size
+        lowered.notes.append(f"WARNING: the compiled model takes input shape(s) {describe_shapes(context.example_inputs)} instead of "
+                             f"{describe_shapes(request.inputs)} (slim's resolution choice): feed it inputs of the new size")
+        lowered.inputs, lowered.check_inputs = context.example_inputs, context.verification_inputs
+    if request.export:
+        from fxopt.backends.onnx import lower
+
+        exported = lower(final, lowered.inputs, profile, check_inputs=lowered.check_inputs, dynamic_batch=request.dynamic_batch,
+                         float_module=_float_twin(final))
+        lowered.onnx_info, lowered.onnx_model = exported.to_dict(), exported.model
+        lowered.notes += [f"ONNX export: {finding}" for finding in exported.findings]
+        if request.policy.strict:
+            lowered.safety_evidence = request.policy.checks(request.model, final, exported.model, lowered.inputs, profile)
+            lowered.notes += request.policy.summary(lowered.safety_evidence)
+        if profile.backend == "tensorrt":
+            _plan_tensorrt(request, ran, exported, lowered)
+    lowered.seconds = time.perf_counter() - start
+    return lowered
+
+
+def _plan_tensorrt(request: _Request, ran: _PipelineRun, exported: Any, lowered: _Lowered) -> None:
+    from fxopt.backends.tensorrt import plan_deployment
+    from fxopt.backends.tensorrt_compat import check_tensorrt_compat
+
+    profile = request.profile
+    lowered.notes += [f"ONNX rewrite for TensorRT {profile.tensorrt_version}: {line}" for line in exported.rewrites]
+    compat = check_tensorrt_compat(exported.model, profile, graph_module=ran.final)
+    compat.raise_if_errors()  # a hard incompatibility: TensorRTCompatError naming each node
+    lowered.notes += compat.notes()
+    deployment = plan_deployment(exported.model, profile, ran.context.precision, request.dynamic_batch)
+    lowered.files.update(deployment.files)
+    lowered.placement = _conv_placement(ran.final, deployment.conv_devices())
+    lowered.notes += deployment.notes
+
+
+def _assemble(request: _Request, traced: _Traced, ran: _PipelineRun, lowered: _Lowered, start: float) -> CompiledModel:
+    """Step 5: the report, the manifest and the `CompiledModel`."""
+    profile, context, final = request.profile, ran.context, ran.final
+    cost_after = estimate_costs(final, profile, context.precision)
     report = CompileReport(
-        model=type(model).__name__,
+        model=type(request.model).__name__,
         target=profile.name,
         precision=context.precision,
-        pipeline=[pass_name(p) for p in ordered],
-        passes=result.records,
-        leaves=list(leaves_of(gm)),
-        cost_before=cost_before,
+        pipeline=[pass_name(p) for p in ran.ordered],
+        passes=ran.result.records,
+        leaves=list(leaves_of(traced.gm)),
+        cost_before=traced.cost_before,
         cost_after=cost_after,
-        layers=layer_rows(final, cost_after, placement),
-        onnx=onnx_info,
-        timings_s={"trace": traced_s, "passes": passes_s, "export": export_s, "total": time.perf_counter() - start},
-        notes=notes,
-        extras=extras,
-        tables={**report_tables(final), **summary.table()},
+        layers=layer_rows(final, cost_after, lowered.placement),
+        onnx=lowered.onnx_info,
+        timings_s={"trace": traced.seconds, "passes": ran.seconds, "export": lowered.seconds, "total": time.perf_counter() - start},
+        notes=[*request.input_notes, *ran.notes, *lowered.notes],
+        extras={"files": lowered.files} if lowered.files else {},
+        tables={**report_tables(final), **ran.summary.table()},
     )
     manifest = {
         "versions": _versions(),
         "target": profile.to_dict(),
         "precision": context.precision,
-        "passes": [{"name": r.name, "status": r.status, "options": r.options} for r in result.records],
-        "input_state_dict_sha256": input_sha,
-        "example_inputs": [list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs],
-        "input_shapes_changed": context.example_inputs is not original_inputs,
-        "dynamic_batch": list(dynamic_batch) if dynamic_batch else None,
-        "verification_inputs": len(check_inputs),
-        "safety": safety_evidence,
+        "passes": [{"name": r.name, "status": r.status, "options": r.options} for r in ran.result.records],
+        "input_state_dict_sha256": request.input_sha,
+        "example_inputs": [list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in lowered.inputs],
+        "input_shapes_changed": context.example_inputs is not request.inputs,
+        "dynamic_batch": list(request.dynamic_batch) if request.dynamic_batch else None,
+        "verification_inputs": len(lowered.check_inputs),
+        "safety": lowered.safety_evidence,
         "host": host_cpu().to_dict(),
         **final.meta.get(MANIFEST_META, {}),
-    } | ({"stages": split.cut()} if split is not None else {})
-    if state_dict_sha256(model) != input_sha:  # pragma: no cover - an internal invariant
+    } | ({"stages": request.split.cut()} if request.split is not None else {})
+    if state_dict_sha256(request.model) != request.input_sha:  # pragma: no cover - an internal invariant
         raise AssertionError("fxopt modified the user's model")
-    compiled = CompiledModel(final, report, context, onnx_model, manifest, split.runner(final) if split is not None else None)
-    if save_to is not None:
-        compiled.save(save_to)
-    return compiled
+    staged = request.split.runner(final) if request.split is not None else None
+    return CompiledModel(final, report, context, lowered.onnx_model, manifest, staged)
 
 
 @dataclass(frozen=True)
