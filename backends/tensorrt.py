@@ -718,3 +718,37 @@ def _dla_build(
     dla = build_plan(profile, precision, onnx_file=DLA_ONNX, engine_file="engine_dla0.plan", dla_core=0,
                      calibration_cache=CALIBRATION_CACHE, shapes=shapes)
     return implicit, dla, " (implicit int8: no Q/DQ on DLA)"
+
+
+@dataclass(frozen=True)
+class TensorRTDeployment:
+    """What compile's lowering adds for a TensorRT target: report lines, build-plan files, and the
+    GPU/DLA device of each torch conv (node name -> device) for the report's layer table."""
+
+    notes: list[str]
+    files: dict[str, Any]
+    placement: dict[str, str]
+
+
+def conv_placement(gm: Any, devices: list[str]) -> dict[str, str]:
+    """Pair the graph's convs with `devices`, the placement of the ONNX file's Conv nodes in order: the
+    exporter emits one Conv per torch conv, in graph order, so the two sequences pair up ({} otherwise)."""
+    from torch import nn
+
+    convs = [n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.modules.conv._ConvNd)]
+    return dict(zip(convs, devices)) if len(convs) == len(devices) else {}
+
+
+def deploy(exported: Any, target: TargetProfile, precision: str, dynamic_batch: tuple[int, int, int] | None,
+           graph_module: Any) -> TensorRTDeployment:
+    """compile's TensorRT step (the `deployment` extension for ``"tensorrt"``): the release's
+    compatibility check (a hard incompatibility raises `TensorRTCompatError` naming each node), the
+    build plan and the placement report."""
+    from fxopt.backends.tensorrt_compat import check_tensorrt_compat
+
+    notes = [f"ONNX rewrite for TensorRT {target.tensorrt_version}: {line}" for line in exported.rewrites]
+    compat = check_tensorrt_compat(exported.model, target, graph_module=graph_module)
+    compat.raise_if_errors()
+    notes += compat.notes()
+    plan = plan_deployment(exported.model, target, precision, dynamic_batch)
+    return TensorRTDeployment(notes + list(plan.notes), dict(plan.files), conv_placement(graph_module, plan.conv_devices()))

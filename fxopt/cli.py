@@ -247,11 +247,11 @@ def _recipe_calibration(model: str, batches: int, preset: str | None = None) -> 
 
 
 def _cmd_slim(args: argparse.Namespace) -> int:
-    from fxopt.passes import Slim
+    from fxopt.registry import create_pass
 
     space = tuple(d.strip() for d in args.space.split(",") if d.strip())
     resolutions = [parse_shape(text)[0] for text in args.resolution] or None
-    slim = Slim(latency_ms=args.latency_ms, latency_ratio=args.latency_ratio, trials=args.trials, space=space,
+    slim = create_pass("slim", latency_ms=args.latency_ms, latency_ratio=args.latency_ratio, trials=args.trials, space=space,
                 resolutions=resolutions, seed=args.search_seed, storage=args.storage, study_name=args.study,
                 progress=not args.quiet)
     return _cmd_compile(args, first=[slim], calib_from_recipe=4)

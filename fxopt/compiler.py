@@ -16,6 +16,7 @@ from torch.fx import GraphModule
 
 from fxopt.cost_model import estimate_costs
 from fxopt.errors import InputError, warn
+from fxopt.extensions import extension
 from fxopt.host import host_cpu
 from fxopt.inputs import (
     calibration_batches,
@@ -200,12 +201,6 @@ def _pipeline(target: TargetProfile, passes: Sequence[Any] | None) -> list[Any]:
     return [name for name in CANONICAL_PASSES if name not in names] + chosen
 
 
-def _conv_placement(gm: GraphModule, devices: list[str]) -> dict[str, str]:
-    # the exporter emits one Conv per torch conv, in graph order, so the two sequences pair up
-    convs = [n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.modules.conv._ConvNd)]
-    return dict(zip(convs, devices)) if len(convs) == len(devices) else {}
-
-
 def compile(  # noqa: A001 - the public name the design asks for
     model: nn.Module,
     target: str | TargetProfile = "xavier",
@@ -359,7 +354,7 @@ class _Request:
     split: Any  # a staged compile's `StagedModel`, else None
     leaf_modules: Sequence[str]
     pipeline: list[Any]
-    policy: _SafetyPolicy
+    policy: Any  # the strict policy (`fxopt.safety.policy.StrictPolicy`) or `_NoPolicy`
     strict: bool
     export: bool
     progress: bool
@@ -543,9 +538,7 @@ def _lower(request: _Request, ran: _PipelineRun) -> _Lowered:
                              f"{describe_shapes(request.inputs)} (slim's resolution choice): feed it inputs of the new size")
         lowered.inputs, lowered.check_inputs = context.example_inputs, context.verification_inputs
     if request.export:
-        from fxopt.backends.onnx import lower
-
-        exported = lower(final, lowered.inputs, profile, check_inputs=lowered.check_inputs, dynamic_batch=request.dynamic_batch,
+        exported = extension("lower", "onnx")(final, lowered.inputs, profile, check_inputs=lowered.check_inputs, dynamic_batch=request.dynamic_batch,
                          float_module=_float_twin(final))
         lowered.onnx_info, lowered.onnx_model = exported.to_dict(), exported.model
         lowered.notes += [f"ONNX export: {finding}" for finding in exported.findings]
@@ -559,18 +552,10 @@ def _lower(request: _Request, ran: _PipelineRun) -> _Lowered:
 
 
 def _plan_tensorrt(request: _Request, ran: _PipelineRun, exported: Any, lowered: _Lowered) -> None:
-    from fxopt.backends.tensorrt import plan_deployment
-    from fxopt.backends.tensorrt_compat import check_tensorrt_compat
-
-    profile = request.profile
-    lowered.notes += [f"ONNX rewrite for TensorRT {profile.tensorrt_version}: {line}" for line in exported.rewrites]
-    compat = check_tensorrt_compat(exported.model, profile, graph_module=ran.final)
-    compat.raise_if_errors()  # a hard incompatibility: TensorRTCompatError naming each node
-    lowered.notes += compat.notes()
-    deployment = plan_deployment(exported.model, profile, ran.context.precision, request.dynamic_batch)
-    lowered.files.update(deployment.files)
-    lowered.placement = _conv_placement(ran.final, deployment.conv_devices())
+    deployment = extension("deployment", "tensorrt")(exported, request.profile, ran.context.precision, request.dynamic_batch, ran.final)
     lowered.notes += deployment.notes
+    lowered.files.update(deployment.files)
+    lowered.placement = deployment.placement
 
 
 def _assemble(request: _Request, traced: _Traced, ran: _PipelineRun, lowered: _Lowered, start: float) -> CompiledModel:
@@ -614,54 +599,24 @@ def _assemble(request: _Request, traced: _Traced, ran: _PipelineRun, lowered: _L
 
 
 @dataclass(frozen=True)
-class _SafetyPolicy:
-    """The safety policy one compile runs under, and the model spec it comes from."""
+class _NoPolicy:
+    """safety='off': no policy (a strict one comes from the ``safety_policy`` extension, `fxopt.safety.policy`)."""
 
-    strict: bool
-    spec: Any = None
-
-    @property
-    def required_precision(self) -> str | None:
-        return getattr(self.spec, "precision", None)
-
-    def check_request(self, pipeline: list[Any], precision: str) -> None:
-        from fxopt.safety.policy import check_strict_request
-
-        name = self.spec.name if self.spec is not None else "this model"
-        check_strict_request([(pass_name(p), bool(pass_attr(p, "lossy", False))) for p in pipeline], precision, self.required_precision, name)
-
-    def checks(self, model: nn.Module, gm: GraphModule, onnx_model: Any, inputs: tuple[Any, ...], profile: TargetProfile) -> dict[str, Any]:
-        from fxopt.safety.policy import strict_checks
-
-        return strict_checks(model, self.spec, gm, onnx_model, inputs, profile)
-
-    @staticmethod
-    def summary(evidence: dict[str, Any]) -> list[str]:
-        lines = [
-            f"safety='strict': {evidence['ops']['ops_checked']} ONNX nodes on the audited op list ({evidence['ops']['allow_list']}); "
-            f"outputs bit-identical over {evidence['determinism']['runs']} ONNX Runtime runs at {evidence['determinism']['threads']} threads"
-        ]
-        for where, counts in evidence.get("properties", {}).items():
-            lines.append(f"safety='strict': property suite on the {where}: {counts['properties']} properties, {counts['cases']} cases, {counts['failures']} failures")
-        if "equivalence" in evidence:
-            e = evidence["equivalence"]
-            lines.append(f"safety='strict': ONNX vs eager over {e['rows']} rows, {e['rule_mismatches']} rule mismatches, max abs error {max(e['max_abs_error'].values()):.3g}")
-        return lines
+    strict: bool = False
+    required_precision: str | None = None
 
 
 SAFETY_POLICIES = ("strict", "off")
 
 
-def _safety_policy(model: nn.Module, safety: str | None, export: bool) -> _SafetyPolicy:
-    from fxopt.models.registry import spec_of_model
-
-    spec = spec_of_model(model)
+def _safety_policy(model: nn.Module, safety: str | None, export: bool) -> Any:
+    spec = extension("model_spec", "of_model")(model)
     if safety is not None and safety not in SAFETY_POLICIES:
         raise InputError(f"safety must be one of {SAFETY_POLICIES} or None (the model spec's default), got {safety!r}")
     chosen = safety if safety is not None else getattr(spec, "safety", None) or "off"
     if chosen == "strict" and not export:
         raise InputError("safety='strict' checks the ONNX file it deploys: it needs export=True")
-    return _SafetyPolicy(chosen == "strict", spec)
+    return extension("safety_policy", "strict")(spec) if chosen == "strict" else _NoPolicy()
 
 
 def _check_qat(qat_steps: Any, precision: str) -> None:
@@ -694,9 +649,7 @@ def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], inp
     prunes = [p for p in pipeline if pass_name(p) == "prune" and getattr(p, "plan", None) is not None]
     kept = None
     if prunes:
-        from fxopt.passes.distill import kept_channels
-
-        kept = kept_channels(prunes[0])
+        kept = extension("kept_channels", "prune")(prunes[0])
     recipe = requests.get("recipe")
     setup = resolve(requests.pop("distill"), teacher=teacher, example_inputs=inputs, kept=kept, seed=seed, **requests)
     by_metric = summary.eval_fn is not None
@@ -843,9 +796,4 @@ def _check_loss(gm: GraphModule, train_data: Any, loss: Any) -> None:
 def _float_twin(gm: GraphModule) -> GraphModule | None:
     """`gm` without its fake quantisation when it has any (the int8 file's verification measures the
     quantisation error against it), else ``None``."""
-    from fxopt.passes.quant_observers import FakeQuantize
-    from fxopt.passes.quantize import float_graph
-
-    if not any(isinstance(m, FakeQuantize) for m in gm.modules()):
-        return None
-    return float_graph(gm)
+    return extension("float_twin", "int8")(gm)

@@ -5,6 +5,7 @@
     result = fxopt.models.train("pointpillars", steps=200)
 """
 
+from fxopt.extensions import register_extension
 from fxopt.models.registry import (
     ModelSpec,
     TrainingRecipe,
@@ -13,8 +14,11 @@ from fxopt.models.registry import (
     names,
     register_model,
     spec,
+    spec_of_model,
 )
 from fxopt.models.training import TrainResult, recipe, train
+
+register_extension("model_spec", "of_model", spec_of_model)  # the core asks which spec (safety policy, precision) a model has
 
 __all__ = [
     "ModelSpec", "TrainResult", "TrainingRecipe", "create", "example_inputs", "names",

@@ -414,6 +414,12 @@ def float_graph(gm: GraphModule) -> GraphModule:
     return twin
 
 
+def float_twin(gm: GraphModule) -> GraphModule | None:
+    """`float_graph(gm)` when `gm` holds fake quantisation, else ``None`` (the core's ``float_twin``
+    extension: an int8 file's verification measures the quantisation error against it)."""
+    return float_graph(gm) if any(isinstance(m, FakeQuantize) for m in gm.modules()) else None
+
+
 def qdq_pairs(gm: GraphModule) -> dict[str, int]:
     """Q/DQ pairs the ONNX export of a `quantize`d graph holds: activations and weights (enabled ones)."""
     modules = list(gm.modules())

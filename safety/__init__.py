@@ -25,3 +25,8 @@ __all__ = [
     "INTERVENTION_BITS", "SafetySupervisor", "SectorDistances", "SupervisorConfig", "decode_intervention",
     "sector_distances", "stopping_distance",
 ]
+
+from fxopt.extensions import register_extension  # noqa: E402 - after the public names it registers
+from fxopt.safety.policy import StrictPolicy  # noqa: E402
+
+register_extension("safety_policy", "strict", StrictPolicy)

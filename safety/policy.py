@@ -29,6 +29,7 @@ from fxopt.errors import InputError, SafetyPolicyError
 from fxopt.targets import TargetProfile, get_target
 
 __all__ = [
+    "StrictPolicy",
     "ALLOWED_OPS", "STRICT", "allowed_ops", "check_determinism", "check_ops", "check_strict_request",
     "equivalence_evidence", "run_property_suite", "strict_checks",
 ]
@@ -348,3 +349,45 @@ def strict_checks(
     if getattr(model_spec, "equivalence", None) is not None:
         evidence["equivalence"] = dict(model_spec.equivalence(model, onnx_model))
     return evidence
+
+
+class StrictPolicy:
+    """safety='strict' for one compile (the core's ``safety_policy`` extension ``"strict"``): the
+    model spec's required precision, the request check before any work, the checks of the deployed
+    file and their report lines.
+
+    Example:
+        >>> StrictPolicy(None).strict, StrictPolicy(None).required_precision
+        (True, None)
+    """
+
+    strict = True
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+    @property
+    def required_precision(self) -> str | None:
+        return getattr(self.spec, "precision", None)
+
+    def check_request(self, pipeline: list[Any], precision: str) -> None:
+        from fxopt.pass_base import pass_attr, pass_name
+
+        name = self.spec.name if self.spec is not None else "this model"
+        check_strict_request([(pass_name(p), bool(pass_attr(p, "lossy", False))) for p in pipeline], precision, self.required_precision, name)
+
+    def checks(self, model: nn.Module, gm: Any, onnx_model: Any, inputs: tuple[Any, ...], profile: TargetProfile) -> dict[str, Any]:
+        return strict_checks(model, self.spec, gm, onnx_model, inputs, profile)
+
+    @staticmethod
+    def summary(evidence: dict[str, Any]) -> list[str]:
+        lines = [
+            f"safety='strict': {evidence['ops']['ops_checked']} ONNX nodes on the audited op list ({evidence['ops']['allow_list']}); "
+            f"outputs bit-identical over {evidence['determinism']['runs']} ONNX Runtime runs at {evidence['determinism']['threads']} threads"
+        ]
+        for where, counts in evidence.get("properties", {}).items():
+            lines.append(f"safety='strict': property suite on the {where}: {counts['properties']} properties, {counts['cases']} cases, {counts['failures']} failures")
+        if "equivalence" in evidence:
+            e = evidence["equivalence"]
+            lines.append(f"safety='strict': ONNX vs eager over {e['rows']} rows, {e['rule_mismatches']} rule mismatches, max abs error {max(e['max_abs_error'].values()):.3g}")
+        return lines

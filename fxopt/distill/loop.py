@@ -266,8 +266,10 @@ def _prepare(student: nn.Module, teacher: nn.Module | None, distill: Distill | N
         if features or distill.feature_loss is not None:
             raise InputError("feature distillation needs both Distill.features and Distill.feature_loss")
         return _Models(student, teacher, None)
-    from fxopt.passes.distill import hooked_copy, match_features
+    from fxopt.extensions import extension
     from fxopt.tracing import trace
+
+    match_features, hooked_copy = extension("feature_hooks", "distill")
 
     if not isinstance(student, GraphModule):
         raise InputError("feature distillation needs the student as a GraphModule: fxopt.trace(model, x) or fxopt.compile(...).graph_module")

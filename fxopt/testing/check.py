@@ -133,8 +133,9 @@ def _output_problems(outputs: Any, reference: Any, deviation: Deviation, lossy: 
 
 def _onnx_problems(final: GraphModule, before: GraphModule, inputs: tuple[Any, ...], context: CompileContext) -> tuple[list[str], Any]:
     """Problems of the result's ONNX lowering, and the export (or, as a str, why it was skipped)."""
-    from fxopt.backends.onnx import lower
+    from fxopt.extensions import extension
 
+    lower = extension("lower", "onnx")
     try:
         return [], lower(final, inputs, context.target)
     except FxoptError as exc:
