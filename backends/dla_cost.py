@@ -2,7 +2,7 @@
 
 `placement_times` groups the ONNX nodes into the layers TensorRT would run (a conv with its
 BatchNorm, activation and one add; consecutive pointwise ops; copies; free views), costs each on
-the GPU (`fxopt.engine_cost.kernel_latency_s`) or on one DLA core (`dla_kernel_latency_s`), and adds
+the GPU (`fxopt.costs.engine_cost.kernel_latency_s`) or on one DLA core (`dla_kernel_latency_s`), and adds
 a reformat and a hand-over at every DLA<->GPU switch. It compares three placements: the GPU alone,
 DLA core 0 with GPU fallback for what DLA cannot run, and the best split (DLA runs the graph up to a
 point, the GPU the rest).
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import numpy_helper
 
-from fxopt.engine_cost import dla_kernel_latency_s, kernel_latency_s
+from fxopt.costs.engine_cost import dla_kernel_latency_s, kernel_latency_s
 from fxopt.targets import BYTES_PER_ELEMENT, TargetProfile
 
 __all__ = ["Layer", "PlacementTimes", "onnx_layers", "placement_times"]

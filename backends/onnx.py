@@ -21,9 +21,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import ExportError, VerificationError
-from fxopt.inputs import check_tensor_outputs, copy_inputs
-from fxopt.numerics import TOLERANCES, compare_outputs, flatten_outputs, run_model
+from fxopt.frontend.inputs import check_tensor_outputs, copy_inputs
 from fxopt.targets import TargetProfile, get_target
+from fxopt.verification.numerics import TOLERANCES, compare_outputs, flatten_outputs, run_model
 
 __all__ = ["OnnxExport", "Parity", "batch_inputs", "export_onnx", "onnx_parity", "verify_onnx", "lower", "opset_of"]
 
@@ -209,7 +209,7 @@ def _code_spans(cls: type) -> list[tuple[str, int, int]]:
 
 def _leaf_at(module: torch.nn.Module, filename: str, lineno: int) -> str:
     """The leaf (or a submodule of it) whose class code holds ``filename:lineno`` ('' if none)."""
-    from fxopt.tracing import leaves_of
+    from fxopt.frontend.tracing import leaves_of
 
     if not isinstance(module, torch.fx.GraphModule):
         return ""
@@ -454,8 +454,8 @@ def error_in_steps(outputs: Sequence[Any], reference: Sequence[torch.Tensor], st
 
 
 def _isolated_outputs(exported: OnnxExport, sets: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
-    """ONNX Runtime's outputs on each input set, from a child process (`fxopt.ort_timing.isolated_outputs`)."""
-    from fxopt.ort_timing import OrtCrashed, OrtFailed, isolated_outputs
+    """ONNX Runtime's outputs on each input set, from a child process (`fxopt.verification.ort_timing.isolated_outputs`)."""
+    from fxopt.verification.ort_timing import OrtCrashed, OrtFailed, isolated_outputs
 
     try:
         return isolated_outputs(exported.model, sets)

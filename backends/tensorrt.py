@@ -562,7 +562,7 @@ def build_engine(
         raise TargetError("building an engine needs the `tensorrt` package and a CUDA GPU; run the build plan on the device")
     import tensorrt as trt
 
-    from fxopt.files import write_atomic
+    from fxopt.output.files import write_atomic
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

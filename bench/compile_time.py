@@ -36,7 +36,7 @@ import zoo_cases as zc  # noqa: E402
 
 import fxopt  # noqa: E402
 from fxopt.backends.onnx import lower  # noqa: E402
-from fxopt.pass_base import CompileContext, use_context  # noqa: E402
+from fxopt.passinfra.pass_base import CompileContext, use_context  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compile_time.md"
 ZOO_MODELS = (
@@ -166,7 +166,7 @@ def main() -> None:
     print()
     print(text)
     if not args.no_write and not args.filter:
-        from fxopt.files import write_atomic
+        from fxopt.output.files import write_atomic
 
         write_atomic(str(RESULTS), text)
         print(f"wrote {RESULTS}")

@@ -8,7 +8,7 @@ and the original to ONNX, and time them all in ONNX Runtime on one thread, inter
 (median of `--runs`). Writes bench/results/cpu_alignment.md: per model the latency of each pruned
 variant relative to the original, and per alignment the median ratio, how often the pruned model
 is slower than the original, and the FLOPs actually removed. The `cpu` target's fp32 alignment
-(fxopt/targets.py) is the alignment with the lowest median ratio here.
+(fxopt/targets/__init__.py) is the alignment with the lowest median ratio here.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prune as prune_bench  # noqa: E402  (the bench's models, pruning call, counter and ORT timing)
 
 from fxopt.backends.onnx import export_onnx  # noqa: E402
-from fxopt.files import write_atomic  # noqa: E402
+from fxopt.output.files import write_atomic  # noqa: E402
 
 RESULTS_MD = Path(__file__).resolve().parent / "results" / "cpu_alignment.md"
 

@@ -46,8 +46,8 @@ from torch import Tensor, nn
 
 import fxopt
 from fxopt.distill import ICKD, Distill, LogitKD, TensorBatches, finetune
-from fxopt.files import write_atomic
 from fxopt.models.digits import DigitsCNN, accuracy, fit, load_digits_split
+from fxopt.output.files import write_atomic
 from fxopt.passes import PruneChannels
 from fxopt.passes.distill import kept_channels
 

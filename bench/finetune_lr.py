@@ -41,10 +41,10 @@ from provenance import code_version  # noqa: E402
 
 import fxopt  # noqa: E402
 from fxopt.distill import TensorBatches  # noqa: E402
-from fxopt.files import write_atomic  # noqa: E402
 from fxopt.models.bev_sequence_data import BEV_CATEGORIES, BevSequenceConfig, generate_bev_batch  # noqa: E402
 from fxopt.models.digits import DigitsCNN, accuracy, fit, load_digits_split  # noqa: E402
 from fxopt.models.metrics import segmentation_miou  # noqa: E402
+from fxopt.output.files import write_atomic  # noqa: E402
 from fxopt.passes import PruneChannels  # noqa: E402
 
 RESULTS_MD = Path(__file__).resolve().parent / "results" / "finetune_lr.md"

@@ -33,8 +33,8 @@ import torch
 from torch.fx import GraphModule, Interpreter
 
 import fxopt
-from fxopt.cost_model import estimate_costs
-from fxopt.files import write_atomic
+from fxopt.costs.cost_model import estimate_costs
+from fxopt.output.files import write_atomic
 from fxopt.targets import TargetProfile, get_target
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

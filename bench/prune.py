@@ -33,9 +33,9 @@ import zoo_cases as zc  # noqa: E402
 
 import fxopt  # noqa: E402
 from fxopt.backends.onnx import export_onnx, verify_onnx  # noqa: E402
-from fxopt.files import write_atomic  # noqa: E402
-from fxopt.numerics import output_signature, run_model  # noqa: E402
-from fxopt.ort_timing import ort_latencies_ms  # noqa: E402 - one thread, interleaved, median (bench/cpu_alignment.py too)
+from fxopt.output.files import write_atomic  # noqa: E402
+from fxopt.verification.numerics import output_signature, run_model  # noqa: E402
+from fxopt.verification.ort_timing import ort_latencies_ms  # noqa: E402 - one thread, interleaved, median (bench/cpu_alignment.py too)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/provenance.py, also when loaded by path
 from provenance import code_version  # noqa: E402

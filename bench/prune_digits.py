@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prune as prune_bench  # noqa: E402  (bench/prune.py: Torch-Pruning side and the shared counter)
 
 import fxopt  # noqa: E402
-from fxopt.files import write_atomic  # noqa: E402
 from fxopt.models.digits import DigitsCNN, DigitsSplit, accuracy, fit, load_digits_split  # noqa: E402
+from fxopt.output.files import write_atomic  # noqa: E402
 from fxopt.passes import PruneChannels  # noqa: E402
 
 RESULTS_MD = Path(__file__).resolve().parent / "results" / "prune_digits.md"

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.files import write_atomic
+from fxopt.output.files import write_atomic
 from fxopt.passes import QuantizeInt8
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/provenance.py, also when loaded by path
@@ -534,7 +534,7 @@ def weight_max_q(model: onnx.ModelProto) -> int | None:
 def run_case_emulated(case: Case, tools: Sequence[str], cpu: str = "Haswell") -> list[EmulatedRow]:
     """Every tool's file run in ONNX Runtime on an emulated AVX2-only CPU (QEMU `cpu`): the outputs such a
     host computes, exact, though not its speed; fxopt compiles as it would on that host."""
-    from fxopt.host import simulated_host
+    from fxopt.targets.host import simulated_host
     from fxopt.testing.emulated_cpu import run_onnx_emulated_sets
 
     sets = [(x.unsqueeze(0).numpy(),) for x in case.eval_inputs]
@@ -645,7 +645,7 @@ def versions() -> str:
 
 
 def host_line() -> str:
-    from fxopt.host import host_cpu
+    from fxopt.targets.host import host_cpu
 
     cpu = host_cpu()
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -685,7 +685,7 @@ def render(results: Sequence[ModelResult], args: argparse.Namespace, wall_s: flo
             "ONNX Runtime's kernel dispatch sees AVX2 without AVX-512 or VNNI and runs its AVX2 int8 kernels, whose "
             "`vpmaddubsw` sums pairs of u8 x s8 products in saturating int16. Outputs are exact; latency under "
             "emulation means nothing, so none is given (the speed of int8 on such a host is not measured here). "
-            "fxopt compiles as it would on that host (`fxopt.host.simulated_host(('avx2',))`: weights at |q| <= 64), except "
+            "fxopt compiles as it would on that host (`fxopt.targets.host.simulated_host(('avx2',))`: weights at |q| <= 64), except "
             "that `fxopt cpu`'s keep-int8-if-faster timing runs natively on this host. "
             "Errors are against the fp32 file run the same way.", "",
         ]

@@ -30,8 +30,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import fxopt
-from fxopt.files import write_atomic
 from fxopt.models.registry import spec
+from fxopt.output.files import write_atomic
 from fxopt.passes import QuantizeInt8
 from fxopt.passes.quantize import sensitivity
 

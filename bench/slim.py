@@ -43,8 +43,8 @@ from typing import Any
 import torch
 
 import fxopt
-from fxopt.cost_model import estimate_costs
-from fxopt.files import write_atomic
+from fxopt.costs.cost_model import estimate_costs
+from fxopt.output.files import write_atomic
 from fxopt.passes import PruneChannels, Slim
 from fxopt.passes.slim import DIMENSIONS, OPT_IN_DIMENSIONS, WIDTH_CHOICES, latency_range
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import fxopt
-from fxopt.files import write_atomic
+from fxopt.output.files import write_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/provenance.py, also when loaded by path
 from provenance import code_version  # noqa: E402

@@ -2,7 +2,7 @@
 
 Reads bench/data/xavier_engine_time.json (figures timed as engine work: GPU compute, C++ end-to-end)
 and bench/data/xavier_published.json (figures timed from Python around the engine: engine + host
-call), batch-1, each with its source and settings; builds each network here with random weights, groups it into TensorRT kernels (`fxopt.engine_cost`), fits the
+call), batch-1, each with its source and settings; builds each network here with random weights, groups it into TensorRT kernels (`fxopt.costs.engine_cost`), fits the
 few per-op-kind parameters of the xavier `EngineModel` by least squares on log(estimate /
 published), validates them on network families left out of the fit, and writes
 bench/results/xavier_latency.md. Run: `make bench-latency` (a few minutes: tracing ~25 networks).
@@ -26,8 +26,8 @@ import torch
 from scipy.optimize import least_squares
 
 import fxopt
-from fxopt.cost_model import _count, estimate_costs
-from fxopt.engine_cost import NodeFacts, engine_kernels, kernel_latency_s
+from fxopt.costs.cost_model import _count, estimate_costs
+from fxopt.costs.engine_cost import NodeFacts, engine_kernels, kernel_latency_s
 from fxopt.targets import BYTES_PER_ELEMENT, EngineModel, TargetProfile, get_target
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -276,8 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fit_s = time.perf_counter() - t0
     final = profile_from(fitted_all, base, "bench/xavier_latency.py")
     shipped = [c for c in cases if not math.isclose(estimate_ms(c, base), estimate_ms(c, final), rel_tol=0.01)]
-    shipped_note = ("the xavier profile in fxopt/targets.py gives these estimates (within 1% on every figure)" if not shipped
-                    else f"the xavier profile in fxopt/targets.py DIFFERS from this fit on {len(shipped)} figures: copy the values there")
+    shipped_note = ("the xavier profile in fxopt/targets/__init__.py gives these estimates (within 1% on every figure)" if not shipped
+                    else f"the xavier profile in fxopt/targets/__init__.py DIFFERS from this fit on {len(shipped)} figures: copy the values there")
     rows = []
     for i, c in enumerate(cases):
         rows.append((c, c.before_ms, estimate_ms(c, final), held_out[i]))
@@ -355,7 +355,7 @@ def report(rows, fitted: dict[str, float], folds: dict[str, dict[str, float]], l
         "+ host, JetPack/TensorRT/power mode not stated. **Paddle Lite's TensorRT guide** (`unstated`, JetPack 4.4.1, "
         "TensorRT 7.1.3, MAXN).",
         "",
-        "Columns: **fitted** = parameters fitted on all figures (the numbers in `fxopt/targets.py`); **held out** = "
+        "Columns: **fitted** = parameters fitted on all figures (the numbers in `fxopt/targets/__init__.py`); **held out** = "
         f"fitted with the network's whole family left out (leave-one-family-out over {len(folds)} families), then "
         "estimated: the figures outside the fit. ratio = estimate / published (engine + host for `python` rows); "
         "within = inside ×/÷ 1.25. **before** = fxopt's estimate before issue 14 (one kernel per node, flat efficiencies, "
@@ -447,7 +447,7 @@ def dla_report(efficiency: dict[str, float], rows: list[tuple], base: TargetProf
         lines.append(f"| {r['network']} | {r['precision']} | {gpu_ms:.3g} | {r['value']:.3g} | {r['value'] / gpu_ms:.2f} | {est_gpu:.3g} | "
                      f"{est_dla:.3g} | {est_dla / est_gpu:.2f} | {switches} | {r['source'].split('/')[2]} (JetPack {r['jetpack']}, TensorRT {r['tensorrt']}, {r['power_mode']}) |")
     lines += ["", f"Fitted DLA efficiency: {_fmt_params(efficiency)}; "
-              + ("fxopt/targets.py's `_XAVIER_DLA` holds these (within 1%)." if shipped else "fxopt/targets.py's `_XAVIER_DLA` DIFFERS: copy these there."), ""]
+              + ("fxopt/targets/__init__.py's `_XAVIER_DLA` holds these (within 1%)." if shipped else "fxopt/targets/__init__.py's `_XAVIER_DLA` DIFFERS: copy these there."), ""]
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from fxopt.compiler import CompiledModel, compile, default_pipeline
-from fxopt.cost_model import CostSummary, NodeCost, estimate_costs
+from fxopt.costs.cost_model import CostSummary, NodeCost, estimate_costs
 from fxopt.errors import (
     ExportError,
     FxoptError,
@@ -24,13 +24,13 @@ from fxopt.errors import (
     TraceError,
     VerificationError,
 )
-from fxopt.pass_base import CompileContext, FxoptPass, PassResult, current_context
-from fxopt.pass_manager import PassManager, PassRecord
-from fxopt.registry import create_pass, pass_names, register_pass
-from fxopt.report import CompileReport
-from fxopt.stages import Stages
+from fxopt.frontend.stages import Stages
+from fxopt.frontend.tracing import Leaf, leaves_of, trace
+from fxopt.output.report import CompileReport
+from fxopt.passinfra.pass_base import CompileContext, FxoptPass, PassResult, current_context
+from fxopt.passinfra.pass_manager import PassManager, PassRecord
+from fxopt.passinfra.registry import create_pass, pass_names, register_pass
 from fxopt.targets import TargetProfile, get_target, register_target, target_names
-from fxopt.tracing import Leaf, leaves_of, trace
 
 __all__ = [
     "CompileContext", "CompileReport", "CompiledModel", "CostSummary", "ExportError", "FxoptError", "FxoptWarning",

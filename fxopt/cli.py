@@ -82,7 +82,7 @@ def parse_pass(text: str) -> Any:
         >>> parse_pass("prune:amount=0.3,by=flops").options()["amount"]
         0.3
     """
-    from fxopt.registry import create_pass, pass_class
+    from fxopt.passinfra.registry import create_pass, pass_class
 
     name, _, rest = text.partition(":")
     cls = pass_class(name.strip())
@@ -215,7 +215,7 @@ DEFAULT_OUTPUT = "out"
 
 def _check_output(args: argparse.Namespace) -> None:
     # without -o the folder is ./out: a refusal says so, not only what ./out holds
-    from fxopt.output_folder import check_output_folder
+    from fxopt.output.output_folder import check_output_folder
 
     if args.output is not None:
         check_output_folder(args.output)
@@ -247,7 +247,7 @@ def _recipe_calibration(model: str, batches: int, preset: str | None = None) -> 
 
 
 def _cmd_slim(args: argparse.Namespace) -> int:
-    from fxopt.registry import create_pass
+    from fxopt.passinfra.registry import create_pass
 
     space = tuple(d.strip() for d in args.space.split(",") if d.strip())
     resolutions = [parse_shape(text)[0] for text in args.resolution] or None
@@ -258,13 +258,13 @@ def _cmd_slim(args: argparse.Namespace) -> int:
 
 
 def _name(p: Any) -> str:
-    from fxopt.pass_base import pass_name
+    from fxopt.passinfra.pass_base import pass_name
 
     return p if isinstance(p, str) else pass_name(p)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from fxopt.output_folder import verify_output_folder
+    from fxopt.output.output_folder import verify_output_folder
 
     problems = verify_output_folder(args.folder)
     for problem in problems:
@@ -287,7 +287,7 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
 
 def _cmd_passes(args: argparse.Namespace) -> int:
-    from fxopt.registry import registered_passes
+    from fxopt.passinfra.registry import registered_passes
 
     for name, cls in sorted(registered_passes().items()):
         doc = (cls.__doc__ or "").strip().splitlines()
@@ -308,7 +308,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate_target(args: argparse.Namespace) -> int:
-    from fxopt.target_calibration import calibrate_target, write_profile
+    from fxopt.costs.target_calibration import calibrate_target, write_profile
 
     profile = calibrate_target(args.profile, args.target, onnx_path=args.onnx, precision=args.precision, name=args.name)
     write_profile(profile, args.out)

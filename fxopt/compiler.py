@@ -14,11 +14,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxopt.cost_model import estimate_costs
+from fxopt.costs.cost_model import estimate_costs
 from fxopt.errors import InputError, warn
 from fxopt.extensions import extension
-from fxopt.host import host_cpu
-from fxopt.inputs import (
+from fxopt.frontend.inputs import (
     calibration_batches,
     check_tensor_outputs,
     check_train_batches,
@@ -29,10 +28,13 @@ from fxopt.inputs import (
     validate_inputs,
     verification_inputs,
 )
-from fxopt.numerics import run_model
-from fxopt.output_folder import MANIFEST, check_output_folder, write_output_folder
-from fxopt.pass_base import CompileContext, pass_attr, pass_name
-from fxopt.pass_manager import (
+from fxopt.frontend.stages import Stages, split_stages
+from fxopt.frontend.tracing import leaves_of, normalize_inputs, trace
+from fxopt.output.output_folder import MANIFEST, check_output_folder, write_output_folder
+from fxopt.output.progress import Phases
+from fxopt.output.report import CompileReport, layer_rows, report_tables
+from fxopt.passinfra.pass_base import CompileContext, pass_attr, pass_name
+from fxopt.passinfra.pass_manager import (
     FILES_META,
     MANIFEST_META,
     PRECISION_META,
@@ -40,12 +42,10 @@ from fxopt.pass_manager import (
     order_passes,
     resolve_passes,
 )
-from fxopt.progress import Phases
-from fxopt.registry import create_pass
-from fxopt.report import CompileReport, layer_rows, report_tables
-from fxopt.stages import Stages, split_stages
+from fxopt.passinfra.registry import create_pass
 from fxopt.targets import TargetProfile, get_target
-from fxopt.tracing import leaves_of, normalize_inputs, trace
+from fxopt.targets.host import host_cpu
+from fxopt.verification.numerics import run_model
 
 __all__ = ["compile", "CompiledModel", "default_pipeline", "state_dict_sha256"]
 
@@ -118,7 +118,7 @@ class CompiledModel(nn.Module):
         return self.graph_module(*args) if self.staged is None else self.staged(*args)
 
     def _check_call(self, args: tuple[Any, ...]) -> None:
-        # consistent with a staged compile's check (fxopt.stages._GraphCall): expected vs got, in one line
+        # consistent with a staged compile's check (fxopt.frontend.stages._GraphCall): expected vs got, in one line
         expected, low_high = self.manifest["example_inputs"], self.manifest.get("dynamic_batch")
         if len(args) != len(expected):
             raise InputError(f"the compiled model takes {len(expected)} input(s) (shapes {expected}), this call gives {len(args)}")
@@ -248,7 +248,7 @@ def compile(  # noqa: A001 - the public name the design asks for
         stages: compile only the tensor part of a model whose pre/post-processing cannot be a
             graph: the submodule path(s) whose calls form the graph (``("backbone", "head")``)
             or a `fxopt.Stages`; ``None`` uses the preset for torchvision detectors, else the
-            whole model. The rest runs eagerly around the compiled graph (`fxopt.stages`).
+            whole model. The rest runs eagerly around the compiled graph (`fxopt.frontend.stages`).
         train_data: ``(inputs, target)`` batches for fine-tuning after the lossy passes (a list
             or DataLoader, cycled as needed).
         loss: the task loss ``(output, target) -> scalar`` of that fine-tune.

@@ -12,7 +12,7 @@ from torch import nn
 
 from fxopt.errors import InputError
 from fxopt.models.registry import TrainingRecipe, spec
-from fxopt.numerics import recalibrate_batchnorm
+from fxopt.verification.numerics import recalibrate_batchnorm
 
 __all__ = ["TrainResult", "recipe", "train"]
 

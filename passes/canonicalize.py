@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxopt.pass_base import FxoptPass, PassResult
-from fxopt.registry import register_pass
+from fxopt.passinfra.pass_base import FxoptPass, PassResult
+from fxopt.passinfra.registry import register_pass
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout}

@@ -22,8 +22,8 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxopt.errors import InputError
-from fxopt.pass_base import FxoptPass, PassResult
-from fxopt.registry import register_pass
+from fxopt.passinfra.pass_base import FxoptPass, PassResult
+from fxopt.passinfra.registry import register_pass
 
 __all__ = [
     "DistillHooks",

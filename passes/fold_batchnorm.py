@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxopt.pass_base import FxoptPass, PassResult
-from fxopt.registry import register_pass
+from fxopt.passinfra.pass_base import FxoptPass, PassResult
+from fxopt.passinfra.registry import register_pass
 
 __all__ = ["FoldBatchNorm", "fold_bn_into"]
 

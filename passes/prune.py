@@ -11,7 +11,7 @@ The pass goes annotate -> score -> select -> transform:
 3. The budget (`amount` of channels, params, FLOPs or estimated latency) is met by bisection
    on one knob: the fraction removed from every group (``allocation="uniform"``) or a global
    threshold on scores normalised per group (``"global"``). Each candidate is costed with
-   `fxopt.cost_model.estimate_costs` on a shape-only (meta-device) build of the plan, so the
+   `fxopt.costs.cost_model.estimate_costs` on a shape-only (meta-device) build of the plan, so the
    search never copies weights. Kept channel counts are rounded to the target's alignment
    and capped by `max_ratio`; a group never loses all its channels.
 4. `apply_plan` builds a new GraphModule: parameters and buffers sliced, modules rebuilt with
@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxopt.cost_model import CostSummary, estimate_costs
+from fxopt.costs.cost_model import CostSummary, estimate_costs
 from fxopt.errors import InputError, PassError
-from fxopt.pass_base import FxoptPass, PassResult, current_context
 from fxopt.passes.channel_importance import CRITERIA, Criterion, atom_scores
 from fxopt.passes.dependency_groups import (
     DependencyAnalysis,
@@ -45,7 +44,8 @@ from fxopt.passes.dependency_groups import (
     analyze_dependencies,
     output_shapes,
 )
-from fxopt.registry import register_pass
+from fxopt.passinfra.pass_base import FxoptPass, PassResult, current_context
+from fxopt.passinfra.registry import register_pass
 
 __all__ = ["PruneChannels", "PrunePlan", "apply_plan", "budget_note", "empty_tensors", "plan_keep_ratios", "plan_pruning", "shape_only"]
 
@@ -493,7 +493,7 @@ def apply_plan(gm: GraphModule, analysis: DependencyAnalysis, removed: np.ndarra
 class ShapeOnlyModule(nn.Module):
     """A plan's module tree on the meta device plus its graph with updated ``tensor_meta``.
 
-    It has what `fxopt.cost_model.estimate_costs` reads (``graph``, submodules, parameters)
+    It has what `fxopt.costs.cost_model.estimate_costs` reads (``graph``, submodules, parameters)
     without generating code, so costing a candidate plan is cheap; it cannot run.
     """
 

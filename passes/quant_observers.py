@@ -249,7 +249,7 @@ class _WeightFakeQuant(nn.Module):
 
     ``levels=64`` keeps every |q| <= 64 while the quantiser's range stays int8's ``[-128, 127]``
     (what the ONNX exporter writes as int8 Q/DQ): |w| <= max |w| puts ``round(w / scale)`` within
-    ±64 (see `fxopt.host` for the hosts that need it)."""
+    ±64 (see `fxopt.targets.host` for the hosts that need it)."""
 
     AXIS = 0  # the weight's output-channel dim
 

@@ -31,10 +31,6 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxopt.errors import ExportError, InputError
-from fxopt.host import INT8_WEIGHT_CHOICES, int8_weights_for
-from fxopt.ort_timing import OrtCrashed, isolated_latencies_ms
-from fxopt.pass_base import FxoptPass, PassResult, current_context
-from fxopt.pass_manager import MANIFEST_META, PRECISION_META
 from fxopt.passes.quant_observers import (
     CALIBRATORS,
     WEIGHT_FAKE_QUANT,
@@ -43,7 +39,11 @@ from fxopt.passes.quant_observers import (
     WeightFakeQuant,
     observing,
 )
-from fxopt.registry import register_pass
+from fxopt.passinfra.pass_base import FxoptPass, PassResult, current_context
+from fxopt.passinfra.pass_manager import MANIFEST_META, PRECISION_META
+from fxopt.passinfra.registry import register_pass
+from fxopt.targets.host import INT8_WEIGHT_CHOICES, int8_weights_for
+from fxopt.verification.ort_timing import OrtCrashed, isolated_latencies_ms
 
 __all__ = [
     "LayerSensitivity", "QuantAnnotation", "QuantizeInt8", "annotate_int8", "float_graph", "input_views", "int8_tables",
@@ -292,7 +292,7 @@ def _enable(layers: Mapping[str, list[nn.Module]], on: set[str]) -> None:
 
 
 def _outputs(gm: GraphModule, calib: Sequence[tuple[Any, ...]]) -> list[list[torch.Tensor]]:
-    from fxopt.numerics import flatten_outputs, run_model
+    from fxopt.verification.numerics import flatten_outputs, run_model
 
     return [[t.double() for t in flatten_outputs(run_model(gm, batch))] for batch in calib]
 
@@ -348,7 +348,7 @@ def sensitivity(gm: GraphModule, calib_data: Sequence[tuple[Any, ...]], metric: 
 
 def _ort_latencies_ms(graphs: Mapping[str, nn.Module], inputs: tuple[Any, ...], opset: int, runs: int, threads: int) -> dict[str, float]:
     """Median ONNX Runtime (CPU) latency of each graph on `inputs`: exported, then timed by
-    `fxopt.ort_timing.isolated_latencies_ms` (fixed thread count, runs interleaved, in a child process)."""
+    `fxopt.verification.ort_timing.isolated_latencies_ms` (fixed thread count, runs interleaved, in a child process)."""
     from fxopt.backends.onnx import export_onnx
 
     models = [export_onnx(gm, inputs, opset=opset).model for gm in graphs.values()]
@@ -432,7 +432,7 @@ def qdq_pairs(gm: GraphModule) -> dict[str, int]:
 def int8_tables(gm: GraphModule, target: Any, higher: str, reasons: Mapping[str, str]) -> dict[str, list[dict[str, Any]]]:
     """The report's int8 tables: estimated latency per layer at `higher` and int8 side by side, the
     Q/DQ count and totals, and the weighted layers left in `higher` with the reason."""
-    from fxopt.report import precision_comparison, precision_layers
+    from fxopt.output.report import precision_comparison, precision_layers
 
     layers = quantized_layers(gm)
     precisions = {name: "int8" for name, parts in layers.items() if parts and all(m.enabled for m in parts)}
@@ -491,7 +491,7 @@ class QuantizeInt8(FxoptPass):
             (``cpu``): ``"host"`` (default) uses ±127 where this CPU's ONNX Runtime int8 kernels are
             exact (VNNI/AMX) and |q| <= 64 where they would saturate (x86 without VNNI);
             ``"portable"``: |q| <= 64, a file exact on every x86 CPU; ``"full"``: ±127. The compile
-            option ``int8_weights=`` sets it too (see `fxopt.host`). TensorRT targets always use ±127.
+            option ``int8_weights=`` sets it too (see `fxopt.targets.host`). TensorRT targets always use ±127.
 
     Example:
         >>> import torch, fxopt
@@ -554,7 +554,7 @@ class QuantizeInt8(FxoptPass):
         }
 
     def check_options(self, options: Mapping[str, Any], target: Any = None) -> None:
-        """The int8 weight range must suit the target and this host (`fxopt.host.int8_weights_for`)."""
+        """The int8 weight range must suit the target and this host (`fxopt.targets.host.int8_weights_for`)."""
         scheme = getattr(target, "quant_scheme", None)
         if scheme is not None:
             int8_weights_for(scheme.weight_range, options.get("int8_weights") or self.int8_weights)

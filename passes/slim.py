@@ -5,7 +5,7 @@ remove (depth; in a net without any, same-shape conv layers when ``"layers"`` is
 a keep ratio per stage over the pruning dependency groups (width; a stage is the groups whose
 producers output one spatial size) and the input shapes the user allows (resolution). Each Optuna trial builds one candidate and measures
 
-- its **latency**: the target's estimate (`fxopt.cost_model`) at the compile precision, costed
+- its **latency**: the target's estimate (`fxopt.costs.cost_model`) at the compile precision, costed
   on a shape-only build, which is the constraint ``latency <= budget``;
 - its **accuracy proxy**: BatchNorm statistics re-estimated on ``calib_data``, then the
   divergence of its outputs from the original model's on those batches (KL at temperature 1
@@ -46,12 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
 
-from fxopt.cost_model import estimate_costs
+from fxopt.costs.cost_model import estimate_costs
 from fxopt.errors import InputError, PassError
-from fxopt.inputs import describe_shapes, resize_inputs, resize_spatial
-from fxopt.numerics import flatten_outputs, recalibrate_batchnorm, run_model
-from fxopt.pass_base import FxoptPass, PassResult, current_context
-from fxopt.pass_manager import FILES_META, INPUT_SHAPES_META
+from fxopt.frontend.inputs import describe_shapes, resize_inputs, resize_spatial
+from fxopt.frontend.tracing import propagate_shapes
 from fxopt.passes.channel_importance import atom_scores
 from fxopt.passes.dependency_groups import analyze_dependencies
 from fxopt.passes.prune import apply_plan, plan_keep_ratios, shape_only
@@ -63,8 +61,10 @@ from fxopt.passes.slim_space import (
     remove_blocks,
     stage_of_groups,
 )
-from fxopt.registry import register_pass
-from fxopt.tracing import propagate_shapes
+from fxopt.passinfra.pass_base import FxoptPass, PassResult, current_context
+from fxopt.passinfra.pass_manager import FILES_META, INPUT_SHAPES_META
+from fxopt.passinfra.registry import register_pass
+from fxopt.verification.numerics import flatten_outputs, recalibrate_batchnorm, run_model
 
 __all__ = ["OutputMatch", "Slim", "SlimCandidate", "SlimSettings", "latency_range", "output_divergence", "recalibrate_batchnorm"]
 
@@ -283,7 +283,7 @@ class _Space:
         """The candidate's latency: estimated on a shape-only build, or measured in ONNX Runtime."""
         if self.measure == "onnxruntime":
             from fxopt.backends.onnx import export_onnx
-            from fxopt.ort_timing import ort_latencies_ms
+            from fxopt.verification.ort_timing import ort_latencies_ms
 
             gm, inputs = self.build(c)
             return ort_latencies_ms([export_onnx(gm, inputs).model], inputs, runs=ORT_RUNS)[0] / 1e3

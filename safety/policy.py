@@ -371,7 +371,7 @@ class StrictPolicy:
         return getattr(self.spec, "precision", None)
 
     def check_request(self, pipeline: list[Any], precision: str) -> None:
-        from fxopt.pass_base import pass_attr, pass_name
+        from fxopt.passinfra.pass_base import pass_attr, pass_name
 
         name = self.spec.name if self.spec is not None else "this model"
         check_strict_request([(pass_name(p), bool(pass_attr(p, "lossy", False))) for p in pipeline], precision, self.required_precision, name)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from fxopt.compiler import state_dict_sha256
 from fxopt.errors import InputError
-from fxopt.files import write_atomic
+from fxopt.output.files import write_atomic
 from fxopt.safety.supervisor import (
     INTERVENTION_BITS,
     SafetySupervisor,

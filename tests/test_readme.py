@@ -13,7 +13,7 @@ def python_blocks() -> list[str]:
 
 
 def test_readme_examples_run(tmp_path, monkeypatch):
-    from fxopt import registry
+    from fxopt.passinfra import registry
 
     registry.pass_names()  # load the built-ins, then register the example's pass in a scratch copy
     monkeypatch.setattr(registry, "_PASSES", dict(registry._PASSES))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fxopt.output_folder import verify_output_folder
+from fxopt.output.output_folder import verify_output_folder
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 QUICK_OUTPUTS = {"resnet18", "pointpillars", "net_pruned", "net_taylor", "net_leaf", "net_slim", "net_slim_1"}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fxopt.automation.errors import CorruptArtefactError
-from fxopt.files import write_atomic
+from fxopt.output.files import write_atomic
 
 __all__ = ["ARTEFACT_META", "ArtefactStore", "fingerprint", "tree_digest"]
 

@@ -164,7 +164,7 @@ class OnnxRunner(nn.Module):
 
 
 def evaluate_step(task: Task, cfg: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
-    from fxopt.output_folder import verify_output_folder
+    from fxopt.output.output_folder import verify_output_folder
 
     folder = inputs["lower"] / DEPLOY
     problems = verify_output_folder(str(folder))

@@ -18,7 +18,7 @@ from typing import Any
 from fxopt.automation.artefacts import ArtefactStore
 from fxopt.automation.config import PipelineConfig, Variant
 from fxopt.automation.tasks import Task
-from fxopt.files import write_atomic
+from fxopt.output.files import write_atomic
 
 __all__ = ["budget_warnings", "pareto_front", "variant_rows", "write_report"]
 

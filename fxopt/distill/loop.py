@@ -267,7 +267,7 @@ def _prepare(student: nn.Module, teacher: nn.Module | None, distill: Distill | N
             raise InputError("feature distillation needs both Distill.features and Distill.feature_loss")
         return _Models(student, teacher, None)
     from fxopt.extensions import extension
-    from fxopt.tracing import trace
+    from fxopt.frontend.tracing import trace
 
     match_features, hooked_copy = extension("feature_hooks", "distill")
 

@@ -19,12 +19,18 @@ from torch.utils import _pytree as pytree
 
 from fxopt.compiler import state_dict_sha256
 from fxopt.errors import ExportError, FxoptError
-from fxopt.numerics import TOLERANCES, Deviation, compare_outputs, output_signature, run_model
-from fxopt.pass_base import CompileContext, pass_attr, pass_name
-from fxopt.pass_manager import PassManager, PassRecord
-from fxopt.registry import create_pass
+from fxopt.frontend.tracing import normalize_inputs, propagate_shapes, trace
+from fxopt.passinfra.pass_base import CompileContext, pass_attr, pass_name
+from fxopt.passinfra.pass_manager import PassManager, PassRecord
+from fxopt.passinfra.registry import create_pass
 from fxopt.testing.reproducer import reproducer, spec_of
-from fxopt.tracing import normalize_inputs, propagate_shapes, trace
+from fxopt.verification.numerics import (
+    TOLERANCES,
+    Deviation,
+    compare_outputs,
+    output_signature,
+    run_model,
+)
 
 __all__ = ["PassCheck", "check_pass"]
 

@@ -40,7 +40,7 @@ def test_cold_run_runs_every_node_and_evaluates_the_deployed_onnx(cold):
         assert row["precision"] == "int8" and row["onnx_bytes"] > 0
         assert 0.5 <= row["metrics"]["accuracy"] <= 1.0  # trained on a linearly separable rule
         assert (Path(row["deployed"]) / "model.onnx").is_file()
-        assert fxopt.output_folder.verify_output_folder(row["deployed"]) == []
+        assert fxopt.output.output_folder.verify_output_folder(row["deployed"]) == []
     # both variants read the one trained model: data and train ran once
     assert all(result.events[n]["seconds"] > 0 for n in ALL)
 
@@ -136,7 +136,7 @@ def test_corrupted_deployed_file_is_recomputed(copy):
     onnx_file.write_bytes(onnx_file.read_bytes()[:-10])
     result = run(toy_task(), copy, **OPTIONS)
     assert "lower__r060_xavier_int8" in result.ran
-    assert fxopt.output_folder.verify_output_folder(str(onnx_file.parent)) == []
+    assert fxopt.output.output_folder.verify_output_folder(str(onnx_file.parent)) == []
 
 
 def test_corrupted_engine_cache_entry_is_a_miss_not_a_crash(copy):

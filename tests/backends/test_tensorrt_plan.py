@@ -259,7 +259,7 @@ def _times(model, x, precision="fp16", target="xavier", devices=None):
 
 
 def test_dla_layers_cost_more_than_gpu_layers_and_int8_less_than_fp16():
-    from fxopt.engine_cost import dla_kernel_latency_s, kernel_latency_s
+    from fxopt.costs.engine_cost import dla_kernel_latency_s, kernel_latency_s
 
     xavier = fxopt.get_target("xavier")
     big_conv = (4e9, 8e6)  # FLOPs, bytes

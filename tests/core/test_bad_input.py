@@ -16,7 +16,7 @@ from torch import nn
 import fxopt
 import fxopt.compiler
 from fxopt.cli import main as cli_main
-from fxopt.cost_model import estimate_costs
+from fxopt.costs.cost_model import estimate_costs
 
 X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 

@@ -10,10 +10,10 @@ from torch import nn
 
 import fxopt
 import fxopt.testing
-from fxopt.cost_model import estimate_costs
-from fxopt.engine_cost import kernel_latency_s
-from fxopt.leaf_cost import flop_counter
-from fxopt.report import layer_rows
+from fxopt.costs.cost_model import estimate_costs
+from fxopt.costs.engine_cost import kernel_latency_s
+from fxopt.costs.leaf_cost import flop_counter
+from fxopt.output.report import layer_rows
 
 
 def costs_by_kind(model, *inputs, target="xavier", precision=None):
@@ -153,7 +153,7 @@ def test_flops_agree_with_torch_flop_counter_on_drawn_models(drawn):
     comparison is on `matmul_flops`, the part both count. Stock FlopCounterMode misses the
     attention products of F.scaled_dot_product_attention and nn.MultiheadAttention on CPU (no
     formula for the CPU flash kernel nor the fused MHA inference op), so the reference is
-    `fxopt.leaf_cost.flop_counter`: FlopCounterMode with those two formulas added.
+    `fxopt.costs.leaf_cost.flop_counter`: FlopCounterMode with those two formulas added.
     """
     model, inputs = drawn
     model.eval()

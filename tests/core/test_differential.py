@@ -12,7 +12,7 @@ from hypothesis import event, given, settings
 
 import fxopt
 import fxopt.testing as ft
-from fxopt.numerics import compare_outputs, flatten_outputs
+from fxopt.verification.numerics import compare_outputs, flatten_outputs
 
 
 def fresh_inputs(inputs: tuple, seed: int) -> tuple:

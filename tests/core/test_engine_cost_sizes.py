@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.cost_model import estimate_costs
+from fxopt.costs.cost_model import estimate_costs
 
 
 class Broadcast(nn.Module):

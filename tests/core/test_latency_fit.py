@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import fxopt
 from fxopt.cli import main
-from fxopt.engine_cost import kernel_latency_s
-from fxopt.target_calibration import (
+from fxopt.costs.engine_cost import kernel_latency_s
+from fxopt.costs.target_calibration import (
     ProfileFormatError,
     _match,
     calibrate_target,

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
-from fxopt.module_state import StateSnapshot, find_state_writes, state_writes_of
-from fxopt.stages import split_stages
+from fxopt.frontend.module_state import StateSnapshot, find_state_writes, state_writes_of
+from fxopt.frontend.stages import split_stages
 
 
 class Counter(nn.Module):

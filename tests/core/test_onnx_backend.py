@@ -12,7 +12,7 @@ from torch import nn
 
 import fxopt
 from fxopt.backends.onnx import export_onnx, lower, opset_of, run_onnx, verify_onnx
-from fxopt.files import write_atomic
+from fxopt.output.files import write_atomic
 
 
 class TwoHeads(nn.Module):

@@ -1,11 +1,11 @@
-"""fxopt.ort_timing: the one ONNX Runtime timing loop the quantize pass and the benchmarks share."""
+"""fxopt.verification.ort_timing: the one ONNX Runtime timing loop the quantize pass and the benchmarks share."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import fxopt.ort_timing as ort_timing
+import fxopt.verification.ort_timing as ort_timing
 from fxopt.backends.onnx import export_onnx
 
 
@@ -47,7 +47,7 @@ def test_the_pruning_bench_times_with_the_shared_function():
 
     path = Path(__file__).resolve().parents[2] / "bench" / "prune.py"
     source = path.read_text()
-    assert "from fxopt.ort_timing import ort_latencies_ms" in source and "def ort_latencies_ms" not in source
+    assert "from fxopt.verification.ort_timing import ort_latencies_ms" in source and "def ort_latencies_ms" not in source
 
 
 def test_isolated_timing_runs_in_a_child_and_a_crash_there_is_an_error_not_an_abort(monkeypatch):

@@ -12,7 +12,7 @@ import torch
 import fxopt
 from fxopt import models
 from fxopt.cli import main
-from fxopt.output_folder import (
+from fxopt.output.output_folder import (
     MANIFEST_DIGEST,
     manifest_digest,
     verify_output_folder,

@@ -8,8 +8,8 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 import fxopt
-from fxopt.pass_base import FxoptPass
-from fxopt.pass_manager import order_passes
+from fxopt.passinfra.pass_base import FxoptPass
+from fxopt.passinfra.pass_manager import order_passes
 
 
 def make_pass(pass_name, *, after=(), before=(), lossy=False, action=None):

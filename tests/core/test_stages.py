@@ -1,4 +1,4 @@
-"""Staged compiles (`fxopt.stages`): a detector's backbone and heads are the graph, its transform
+"""Staged compiles (`fxopt.frontend.stages`): a detector's backbone and heads are the graph, its transform
 and post-processing stay eager, and ``compiled(images)`` gives the original detections.
 
 The default tier uses the torchvision detector classes with tiny backbones (a few seconds per
@@ -21,7 +21,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBo
 from torchvision.ops import MultiScaleRoIAlign
 
 import fxopt
-from fxopt.stages import Stages, preset_for, split_stages
+from fxopt.frontend.stages import Stages, preset_for, split_stages
 
 C = 32  # feature channels of the tiny backbone (FCOS heads use GroupNorm(32))
 SMALL = {"min_size": 128, "max_size": 128}

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.tracing import leaves_of
+from fxopt.frontend.tracing import leaves_of
 
 
 class DataDependent(nn.Module):

@@ -18,9 +18,9 @@ from torch import nn
 from verification_models import Branchy, InPlaceInput, UnscriptableBranch, WithLeaf
 
 import fxopt
-from fxopt.output_folder import verify_output_folder
-from fxopt.pass_base import FxoptPass, PassResult
+from fxopt.output.output_folder import verify_output_folder
 from fxopt.passes import FoldBatchNorm
+from fxopt.passinfra.pass_base import FxoptPass, PassResult
 
 X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -133,7 +133,7 @@ def test_in_place_write_to_an_input_changes_nothing_of_the_callers():
 def test_user_pass_cannot_shadow_a_builtin_even_before_any_lookup():
     code = (
         "import fxopt\n"
-        "from fxopt.pass_base import FxoptPass, PassResult\n"
+        "from fxopt.passinfra.pass_base import FxoptPass, PassResult\n"
         "try:\n"
         "    @fxopt.register_pass\n"
         "    class FoldBatchNorm(FxoptPass):\n"
@@ -142,7 +142,7 @@ def test_user_pass_cannot_shadow_a_builtin_even_before_any_lookup():
         "            return PassResult(gm, False)\n"
         "except fxopt.PassRegistryError as exc:\n"
         "    print('refused:', exc)\n"
-        "print('prune' in fxopt.pass_names(), fxopt.registry.pass_class('fold_batchnorm').__module__)\n"
+        "print('prune' in fxopt.pass_names(), fxopt.passinfra.registry.pass_class('fold_batchnorm').__module__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert "refused: pass name 'fold_batchnorm' of __main__.FoldBatchNorm is already taken by fxopt.passes.fold_batchnorm.FoldBatchNorm" in out
@@ -166,8 +166,8 @@ def test_interrupted_overwrite_keeps_the_old_consistent_set(tmp_path, monkeypatc
     fxopt.compile(convnet(), "xavier", example_inputs=(X,)).save(folder)
     before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
     compiled = fxopt.compile(convnet(), "cpu", example_inputs=(X,))
-    import fxopt.output_folder as of
-    from fxopt.files import write_atomic as real_write
+    import fxopt.output.output_folder as of
+    from fxopt.output.files import write_atomic as real_write
 
     calls = []
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.numerics import compare_outputs
 from fxopt.passes.canonicalize import Canonicalize
+from fxopt.verification.numerics import compare_outputs
 
 
 class ChannelShuffle(nn.Module):
@@ -79,7 +79,7 @@ def test_shape_only_control_flow_is_specialised_and_recorded():
     gm = fxopt.trace(model, x)
     assert not fxopt.leaves_of(gm)
     assert "interpolate" in str(gm.graph)
-    specialised = fxopt.tracing.specialisations_of(gm)
+    specialised = fxopt.frontend.tracing.specialisations_of(gm)
     assert any("x.shape[-1] != 8" in s and s.endswith("True") for s in specialised)
     torch.testing.assert_close(gm(x), model(x))
 
@@ -106,13 +106,13 @@ class HoldsValueShaped(nn.Module):
 def test_branch_on_value_dependent_shape_becomes_a_leaf():
     gm = fxopt.trace(HoldsValueShaped(), torch.randn(2, 4))
     assert [leaf.path for leaf in fxopt.leaves_of(gm)] == ["inner"]
-    assert not fxopt.tracing.specialisations_of(gm)
+    assert not fxopt.frontend.tracing.specialisations_of(gm)
 
 
 def test_torchvision_frames_count_as_user_code_in_trace_errors():
     import os
 
-    from fxopt.tracing import _is_internal
+    from fxopt.frontend.tracing import _is_internal
 
     torch_dir = os.path.dirname(torch.__file__)
     assert _is_internal(os.path.join(torch_dir, "fx", "proxy.py"))

@@ -114,7 +114,7 @@ def test_registered_with_the_registry():
 def test_trace_and_compile_for_xavier_with_scatternd(small):
     model, inputs = small
     gm = fxopt.trace(model, inputs)
-    assert not fxopt.tracing.leaves_of(gm)  # the whole network is traced, scatter included
+    assert not fxopt.frontend.tracing.leaves_of(gm)  # the whole network is traced, scatter included
     assert any(n.target == "index_put" for n in gm.graph.nodes)
     with torch.no_grad():
         for a, b in zip(gm(*inputs), model(*inputs)):

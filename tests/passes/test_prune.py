@@ -19,11 +19,11 @@ from torch import nn
 
 import fxopt
 import fxopt.testing as ft
-from fxopt.pass_base import use_context
 from fxopt.passes import PruneChannels
 from fxopt.passes import prune as prune_module
 from fxopt.passes.dependency_groups import analyze_dependencies, output_shapes
 from fxopt.passes.prune import BUDGET_TABLE, TABLE, PrunePlan, apply_plan, empty_tensors, shape_only
+from fxopt.passinfra.pass_base import use_context
 
 
 def _leaves(out):
@@ -162,7 +162,7 @@ def _run(p: PruneChannels, model: nn.Module = None, target: str = "xavier", **op
 
 
 def _ratio(gm, pruned, by: str, target: str = "xavier") -> float:
-    from fxopt.tracing import propagate_shapes
+    from fxopt.frontend.tracing import propagate_shapes
 
     propagate_shapes(pruned, (X,))
     a, b = fxopt.estimate_costs(gm, target), fxopt.estimate_costs(pruned, target)

@@ -623,7 +623,7 @@ def test_cpu_report_gives_measured_latencies_even_when_int8_is_forced(monkeypatc
     assert [row["median ms"] for row in compiled.report.tables["int8 vs fp32 in ONNX Runtime (this host)"]] == ["2.0000", "3.0000"]
 
 
-# --- the host's int8 kernels (fxopt/host.py): tested under both kinds of x86 host ------------------
+# --- the host's int8 kernels (fxopt/targets/host.py): tested under both kinds of x86 host ------------------
 
 VNNI_HOSTS = [("avx2", "avx512_bw", "avx512_vnni"), ("avx2", "avx_vnni"), ("avx2", "avx512_bw", "avx512_vnni", "amx_int8")]
 SATURATING_HOSTS = [("avx2",), ("avx2", "avx512_bw")]
@@ -648,7 +648,7 @@ def onnx_weight_q(model: onnx.ModelProto) -> np.ndarray:
 
 @pytest.mark.parametrize("features", VNNI_HOSTS + SATURATING_HOSTS)
 def test_cpu_int8_weight_range_follows_the_simulated_host(features):
-    from fxopt.host import simulated_host
+    from fxopt.targets.host import simulated_host
 
     with simulated_host(features) as cpu:
         torch.manual_seed(0)
@@ -664,7 +664,7 @@ def quantize_graph_modules(target, **kw):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
     x = torch.randn(1, 3, 8, 8)
     gm = fxopt.trace(model, (x,))
-    from fxopt.pass_base import CompileContext, use_context
+    from fxopt.passinfra.pass_base import CompileContext, use_context
 
     ctx = CompileContext.create(get_target(target), (x,), "int8", calib_data=[(torch.randn(1, 3, 8, 8),)], **kw)
     with use_context(ctx):
@@ -673,7 +673,7 @@ def quantize_graph_modules(target, **kw):
 
 
 def test_xavier_weights_use_the_full_range_on_any_host():
-    from fxopt.host import simulated_host
+    from fxopt.targets.host import simulated_host
 
     with simulated_host(("avx2",)):
         torch.manual_seed(0)
@@ -687,7 +687,7 @@ def test_cpu_int8_file_is_exact_where_its_weight_range_says_and_the_manifest_rec
     """Simulated host (the decision) x this machine's real ONNX Runtime kernels (the check): the
     |q| <= 64 file verifies on every x86 host; the full-range one only where the real host has VNNI."""
     from fxopt.errors import VerificationError
-    from fxopt.host import host_cpu, simulated_host
+    from fxopt.targets.host import host_cpu, simulated_host
 
     real_exact = host_cpu().exact_int8
     torch.manual_seed(0)
@@ -708,7 +708,7 @@ def test_cpu_int8_file_is_exact_where_its_weight_range_says_and_the_manifest_rec
 
 
 def test_portable_int8_weights_are_exact_everywhere_and_full_is_refused_where_it_would_saturate():
-    from fxopt.host import simulated_host
+    from fxopt.targets.host import simulated_host
 
     torch.manual_seed(0)
     x = (torch.randn(1, 3, 16, 16),)
@@ -723,7 +723,7 @@ def test_portable_int8_weights_are_exact_everywhere_and_full_is_refused_where_it
 
 
 def test_host_isa_is_read_from_proc_cpuinfo_when_torch_cannot_say(tmp_path):
-    from fxopt.host import _from_cpuinfo
+    from fxopt.targets.host import _from_cpuinfo
 
     avx2 = tmp_path / "avx2"
     avx2.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse sse2 avx avx2 fma\n")
@@ -765,7 +765,7 @@ def saturation_probe(levels: int) -> int:
 def test_onnx_runtime_int8_kernels_on_this_host_behave_as_fxopt_detects():
     """The detection against the real kernels of whichever host runs the suite: full-range weights are
     exact with VNNI/AMX and saturate without; |q| <= 64 is exact on both."""
-    from fxopt.host import host_cpu
+    from fxopt.targets.host import host_cpu
 
     if host_cpu().x86:
         full = saturation_probe(127)
@@ -782,7 +782,7 @@ def test_cpu_int8_file_is_exact_on_an_emulated_avx2_host():
     Haswell. The file fxopt writes for such a host matches the torch graph it verified; a full-range
     file (what a VNNI host writes) does not, which is why the range follows the host."""
     from fxopt.backends.onnx import error_in_steps
-    from fxopt.host import simulated_host
+    from fxopt.targets.host import simulated_host
     from fxopt.testing.emulated_cpu import run_onnx_emulated
 
     torch.manual_seed(0)

@@ -15,10 +15,8 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.cost_model import estimate_costs
+from fxopt.costs.cost_model import estimate_costs
 from fxopt.errors import InputError
-from fxopt.numerics import flatten_outputs
-from fxopt.pass_base import CompileContext, use_context
 from fxopt.passes import Slim
 from fxopt.passes.slim import (
     SlimCandidate,
@@ -33,6 +31,8 @@ from fxopt.passes.slim_space import (
     parse_resolutions,
     remove_blocks,
 )
+from fxopt.passinfra.pass_base import CompileContext, use_context
+from fxopt.verification.numerics import flatten_outputs
 
 optuna = pytest.importorskip("optuna")  # a dev dependency: the import error would name it
 
@@ -428,7 +428,7 @@ def test_one_call_slim_finetune_int8_pipeline_reports_each_step():
 
 
 def test_on_cpu_the_constraint_is_measured_in_onnxruntime(monkeypatch):
-    import fxopt.ort_timing
+    import fxopt.verification.ort_timing
 
     gm = fxopt.trace(_model(), X)
     # a budget every candidate meets: measured latencies of so small a model are mostly fixed
@@ -438,13 +438,13 @@ def test_on_cpu_the_constraint_is_measured_in_onnxruntime(monkeypatch):
     assert not res.modified and "measured in ONNX Runtime" in p.unchanged_reason  # the input graph meets it as it is
     # the input graph's measurement stalls past the budget, so the search runs and measures each candidate
     timings: list[list[float]] = []
-    measure = fxopt.ort_timing.ort_latencies_ms
+    measure = fxopt.verification.ort_timing.ort_latencies_ms
 
     def first_stalled(*args, **kwargs):
         timings.append(measure(*args, **kwargs))
         return [2e6] if len(timings) == 1 else timings[-1]
 
-    monkeypatch.setattr(fxopt.ort_timing, "ort_latencies_ms", first_stalled)
+    monkeypatch.setattr(fxopt.verification.ort_timing, "ort_latencies_ms", first_stalled)
     p = Slim(latency_ms=1000.0, trials=3, space=("width",), seed=0)
     out = _run(p, gm, target="cpu").graph_module
     chosen = out.meta["fxopt_tables"]["slim: chosen architecture"][0]["choice"]

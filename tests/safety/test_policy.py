@@ -16,7 +16,7 @@ import fxopt.safety.policy as policy
 import fxopt.safety.properties as properties
 from fxopt import models
 from fxopt.errors import InputError, SafetyPolicyError
-from fxopt.registry import pass_class
+from fxopt.passinfra.registry import pass_class
 from fxopt.safety.supervisor import SafetySupervisor
 from fxopt.targets import get_target
 

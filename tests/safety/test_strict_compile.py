@@ -12,7 +12,7 @@ from torch import nn
 import fxopt
 import fxopt.safety
 from fxopt import models
-from fxopt.output_folder import verify_output_folder
+from fxopt.output.output_folder import verify_output_folder
 from fxopt.passes import PruneChannels
 
 

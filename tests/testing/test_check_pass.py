@@ -13,9 +13,9 @@ from torch.fx import GraphModule
 from torch.fx.node import map_arg
 
 import fxopt
-from fxopt.pass_base import FxoptPass, PassResult
 from fxopt.passes import FoldBatchNorm
 from fxopt.passes.canonicalize import Canonicalize
+from fxopt.passinfra.pass_base import FxoptPass, PassResult
 from fxopt.testing import PassCheck, check_pass, reproducer
 from fxopt.testing.strategies import convnets, models
 

@@ -16,7 +16,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import fxopt
-from fxopt.registry import registered_passes
+from fxopt.passinfra.registry import registered_passes
 from fxopt.testing import check_pass
 from fxopt.testing.strategies import models
 

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 import fxopt
-from fxopt.numerics import compare_outputs
 from fxopt.testing import build_model, reproducer, spec_of
 from fxopt.testing.strategies import model_specs, models
+from fxopt.verification.numerics import compare_outputs
 
 
 def _exec(source: str) -> dict:

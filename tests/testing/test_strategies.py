@@ -13,11 +13,11 @@ from torch import nn
 from torch.fx import GraphModule
 
 import fxopt
-from fxopt.numerics import compare_outputs
 from fxopt.passes.canonicalize import Canonicalize
 from fxopt.testing import ModelSpec, build_model
 from fxopt.testing.coverage import op_kinds
 from fxopt.testing.strategies import FEATURES, attention_blocks, convnets, mlps, model_specs, models
+from fxopt.verification.numerics import compare_outputs
 
 FIND_SETTINGS = settings(
     max_examples=2000, database=None, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck)

@@ -17,9 +17,9 @@ import zoo_cases as zc
 
 import fxopt
 from fxopt.backends.onnx import lower
-from fxopt.cost_model import tensor_numels
-from fxopt.numerics import output_signature, run_model
+from fxopt.costs.cost_model import tensor_numels
 from fxopt.passes import PruneChannels
+from fxopt.verification.numerics import output_signature, run_model
 
 AMOUNT = 0.5
 TOLERANCE = 0.05

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.numerics import compare_outputs, run_model
-from fxopt.stages import preset_for, split_stages
+from fxopt.frontend.stages import preset_for, split_stages
+from fxopt.verification.numerics import compare_outputs, run_model
 
 ZOO_DIR = Path(__file__).resolve().parent
 ROOT = ZOO_DIR.parent.parent
@@ -221,7 +221,7 @@ def _compile_one(model: nn.Module, inputs: tuple[Any, ...], reference: Any, targ
 
 
 def _classify_trace(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[str, list[str], str]:
-    """How `fxopt.compile` traces the model: whole, or (a detector) its graph part (`fxopt.stages`)."""
+    """How `fxopt.compile` traces the model: whole, or (a detector) its graph part (`fxopt.frontend.stages`)."""
     try:
         split = split_stages(model, inputs, None)
         gm = fxopt.trace(model, inputs) if split is None else fxopt.trace(split.root, split.graph_inputs)
@@ -344,7 +344,7 @@ def render_markdown(results: Sequence[ZooResult], command: str) -> str:
         f"`fxopt.compile` with the default pipeline for {' and '.join(TARGETS)} including ONNX export",
         f"(opset 17) and ONNX Runtime parity; compiled graph vs the original within {ATOL:g} + {RTOL:g} x max|ref|.",
         "Errors are max abs errors over both targets (torch: compiled vs original; ORT: ONNX vs compiled).",
-        "Detectors compile as stages (`fxopt.stages` presets): \"fxopt trace\" is their graph part (backbone, FPN,",
+        "Detectors compile as stages (`fxopt.frontend.stages` presets): \"fxopt trace\" is their graph part (backbone, FPN,",
         "heads), the transform and post-processing run eagerly; torch err compares the final detections.",
         "",
         "## Summary",

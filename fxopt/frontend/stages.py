@@ -24,8 +24,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import InputError
-from fxopt.inputs import copy_inputs
-from fxopt.module_state import preserved_state
+from fxopt.frontend.inputs import copy_inputs
+from fxopt.frontend.module_state import preserved_state
 
 __all__ = ["Stages", "StagedGraph", "StagedModel", "StageSplit", "preset_for", "split_stages"]
 

@@ -6,7 +6,7 @@ import importlib
 from typing import Any, TypeVar
 
 from fxopt.errors import PassRegistryError
-from fxopt.pass_base import FxoptPass
+from fxopt.passinfra.pass_base import FxoptPass
 
 _PASSES: dict[str, type[FxoptPass]] = {}
 _BUILTINS_LOADED = False
@@ -17,7 +17,7 @@ def register_pass(cls: P) -> P:
     """Class decorator that registers an `FxoptPass` subclass under its ``name``.
 
     Example:
-        >>> from fxopt.pass_base import FxoptPass, PassResult
+        >>> from fxopt.passinfra.pass_base import FxoptPass, PassResult
         >>> @register_pass
         ... class MyNoOp(FxoptPass):
         ...     name = "doc_example_noop"

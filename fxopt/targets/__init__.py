@@ -39,7 +39,7 @@ class QuantScheme:
         unsigned_after_relu: quantise a ReLU's output as uint8 with zero point 0 (its range is
             never negative), which lets ONNX Runtime fold the ReLU into the conv.
         weight_range: ``"full"``: weights use |q| <= 127 (the runtime sums int8 products in int32);
-            ``"host"``: decided from the compiling host's CPU (`fxopt.host.int8_weights_for`: ONNX
+            ``"host"``: decided from the compiling host's CPU (`fxopt.targets.host.int8_weights_for`: ONNX
             Runtime's x86 kernels without VNNI saturate on full-range weights, so they get |q| <= 64).
         source: where the rules come from.
     """
@@ -64,7 +64,7 @@ TENSORRT_QDQ = QuantScheme(source="TensorRT 8.5 developer guide, explicit quanti
 # ONNX Runtime on x86: QDQ with signed int8 activations and weights ("S8S8 with QDQ is the default
 # and should be the first choice", ONNX Runtime quantization docs, data type selection); its QDQ
 # fusions need no Q/DQ on a residual add. Its x86 int8 kernels are exact only with VNNI/AMX, so the
-# weight range follows the compiling host (fxopt/host.py).
+# weight range follows the compiling host (fxopt/targets/host.py).
 ORT_QDQ = QuantScheme(
     residual_add=False, quantize_outputs=True, unsigned_after_relu=True, weight_range="host",
     source="ONNX Runtime quantization docs (QDQ format: DQ -> op -> Q fuses into QLinear ops); measured in bench/results/quantize.md",
@@ -73,7 +73,7 @@ ORT_QDQ = QuantScheme(
 
 @dataclass(frozen=True)
 class EngineModel:
-    """What a TensorRT engine does that a per-node roofline does not: data `fxopt.engine_cost` reads.
+    """What a TensorRT engine does that a per-node roofline does not: data `fxopt.costs.engine_cost` reads.
 
     A kernel's compute efficiency is ``op_efficiency[kind] * precision_efficiency[precision] *
     m / (m + half_size[kind]) * k / (k + half_depth[kind])``, with ``m`` its output elements (the
@@ -135,7 +135,7 @@ class EngineModel:
 
 @dataclass(frozen=True)
 class DlaModel:
-    """How one DLA core runs the layers TensorRT places on it: data `fxopt.engine_cost.dla_kernel_latency_s` reads.
+    """How one DLA core runs the layers TensorRT places on it: data `fxopt.costs.engine_cost.dla_kernel_latency_s` reads.
 
     A DLA layer takes the slower of its FLOPs at ``efficiency[precision]`` of the core's peak
     (`TargetProfile.dla_peak_ops_per_s`) and its bytes at ``bandwidth_efficiency`` of the DRAM

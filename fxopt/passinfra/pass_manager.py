@@ -24,13 +24,13 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxopt.cost_model import estimate_costs
+from fxopt.costs.cost_model import estimate_costs
 from fxopt.errors import InputError, PassError, PassOrderError
-from fxopt.inputs import resize_inputs
-from fxopt.numerics import TOLERANCES, compare_outputs, output_signature, run_model
-from fxopt.pass_base import CompileContext, pass_attr, pass_name, use_context
-from fxopt.registry import create_pass
-from fxopt.tracing import propagate_shapes
+from fxopt.frontend.inputs import resize_inputs
+from fxopt.frontend.tracing import propagate_shapes
+from fxopt.passinfra.pass_base import CompileContext, pass_attr, pass_name, use_context
+from fxopt.passinfra.registry import create_pass
+from fxopt.verification.numerics import TOLERANCES, compare_outputs, output_signature, run_model
 
 __all__ = ["FILES_META", "INPUT_SHAPES_META", "MANIFEST_META", "PRECISION_META", "PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
 
@@ -280,7 +280,7 @@ class _ContractBroken(Exception):
 
 def with_input_shapes(context: CompileContext, shapes: Sequence[Any]) -> CompileContext:
     """`context` with its example inputs, verification sets and ``calib_data`` resized to
-    `shapes` (one full shape per positional input; see `fxopt.inputs.resize_inputs`)."""
+    `shapes` (one full shape per positional input; see `fxopt.frontend.inputs.resize_inputs`)."""
     options = dict(context.options)
     if options.get("calib_data"):
         options["calib_data"] = [resize_inputs(b, shapes) for b in options["calib_data"]]

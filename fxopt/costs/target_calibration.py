@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fxopt.engine_cost import kernel_latency_s
+from fxopt.costs.engine_cost import kernel_latency_s
 from fxopt.errors import InputError
 from fxopt.targets import BYTES_PER_ELEMENT, TargetProfile, get_target
 

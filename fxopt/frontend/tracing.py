@@ -30,8 +30,8 @@ from torch.fx.proxy import Attribute
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import InputError, TraceError
-from fxopt.inputs import copy_inputs, leaf_module_paths
-from fxopt.module_state import (
+from fxopt.frontend.inputs import copy_inputs, leaf_module_paths
+from fxopt.frontend.module_state import (
     StateSnapshot,
     check_state_writes,
     drop_state_writes,
@@ -365,7 +365,7 @@ def trace(
 
     A forward that writes the model's own buffers or parameters is refused where the written value
     reaches an output; where it cannot, the write is left out of the graph with an `FxoptWarning`
-    (see `fxopt.module_state.state_writes_of`). The graph's state is the model's, whatever
+    (see `fxopt.frontend.module_state.state_writes_of`). The graph's state is the model's, whatever
     fxopt's own runs of the forward wrote.
 
     Args:

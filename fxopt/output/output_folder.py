@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fxopt.errors import InputError
-from fxopt.files import current_umask, write_atomic
+from fxopt.output.files import current_umask, write_atomic
 
 __all__ = ["FXOPT_FILES", "MANIFEST", "MANIFEST_DIGEST", "manifest_digest", "verify_output_folder", "write_output_folder"]
 

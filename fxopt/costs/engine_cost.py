@@ -1,6 +1,6 @@
 """How a TensorRT engine runs a graph: fused kernels, copy kernels, padded channels, size-dependent efficiency.
 
-`fxopt.cost_model.estimate_costs` calls `engine_kernels` for a target with an `EngineModel`
+`fxopt.costs.cost_model.estimate_costs` calls `engine_kernels` for a target with an `EngineModel`
 (`fxopt.targets`): nodes are grouped into the kernels TensorRT would launch, and each kernel is
 costed by `kernel_latency_s`. The grouping rules are tables below; the numbers are the target's.
 """
@@ -197,7 +197,7 @@ def engine_kernels(gm: GraphModule, facts: Mapping[str, NodeFacts], profile: Tar
 
     Args:
         gm: a graph module with propagated shapes.
-        facts: per node name, its kind, FLOPs and parameters (from `fxopt.cost_model`).
+        facts: per node name, its kind, FLOPs and parameters (from `fxopt.costs.cost_model`).
         profile: a target with an `EngineModel`.
         precision: the precision the engine runs.
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fxopt.inputs import copy_inputs
+from fxopt.frontend.inputs import copy_inputs
 
 __all__ = ["Deviation", "TOLERANCES", "flatten_outputs", "compare_outputs", "recalibrate_batchnorm", "run_model"]
 

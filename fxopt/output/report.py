@@ -9,9 +9,9 @@ from typing import Any
 
 from torch.fx import GraphModule
 
-from fxopt.cost_model import CostSummary, NodeCost, estimate_costs
-from fxopt.pass_manager import PassRecord
-from fxopt.tracing import Leaf
+from fxopt.costs.cost_model import CostSummary, NodeCost, estimate_costs
+from fxopt.frontend.tracing import Leaf
+from fxopt.passinfra.pass_manager import PassRecord
 
 __all__ = ["CompileReport", "LayerRow", "PrecisionColumn", "PrecisionLayer", "layer_rows", "precision_comparison"]
 
@@ -304,7 +304,7 @@ def precision_comparison(
     """The per-layer table (one dict per layer, then a total row) for `CompileReport.tables`.
 
     Example:
-        >>> from fxopt.cost_model import NodeCost
+        >>> from fxopt.costs.cost_model import NodeCost
         >>> fast, slow = NodeCost("conv", 0, 10, 4, 1e-3), NodeCost("conv", 0, 10, 8, 2e-3)
         >>> table = precision_comparison([PrecisionLayer("c", "Conv2d", slow, fast, "int8")], "fp16")
         >>> table[-1]["est. ms fp16"], table[-1]["est. ms int8"], table[-1]["est. ms as compiled"]

@@ -17,9 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxopt.engine_cost import NodeFacts, engine_kernels, kernel_latency_s, roofline_s, tensor_metas
+from fxopt.costs.engine_cost import (
+    NodeFacts,
+    engine_kernels,
+    kernel_latency_s,
+    roofline_s,
+    tensor_metas,
+)
+from fxopt.costs.leaf_cost import measure_module, measure_on_values
 from fxopt.errors import InputError
-from fxopt.leaf_cost import measure_module, measure_on_values
 from fxopt.targets import BYTES_PER_ELEMENT, TargetProfile, get_target
 
 __all__ = ["NodeCost", "CostSummary", "estimate_costs", "node_op_counts", "tensor_numels"]
@@ -33,7 +39,7 @@ class NodeCost:
         kind: op family used for the efficiency table (``conv``, ``linear``, ``elementwise``...);
             ``view`` costs nothing; ``leaf`` is a module fxopt has no formula for (an opaque
             leaf, an unknown layer), costed by running it under a FLOP counter (see
-            `fxopt.leaf_cost.measure_module`); ``unknown`` means it could not be costed.
+            `fxopt.costs.leaf_cost.measure_module`); ``unknown`` means it could not be costed.
         params: parameters the node owns (a module's, or a `get_attr` tensor's).
         flops: floating-point operations, counted as 2 x multiply-accumulates for conv,
             linear and matmul (plus one per bias add), and one per output element for
@@ -355,7 +361,7 @@ def estimate_costs(
     control flow, or an unknown layer) is run under `torch.utils.flop_counter.FlopCounterMode`
     on inputs of its recorded shapes: fake tensors where it allows, else the costliest of a few
     real probe inputs, i.e. the worst branch the probes reach (see
-    `fxopt.leaf_cost.measure_module`). With `example_inputs`, such modules are instead costed on
+    `fxopt.costs.leaf_cost.measure_module`). With `example_inputs`, such modules are instead costed on
     the values they receive when `gm` runs on those inputs: the branches the example takes. A
     node that still cannot be costed is listed in `CostSummary.uncosted` with the reason.
 
@@ -434,7 +440,7 @@ def _node_costs(gm: GraphModule, counts: _Counts, profile: TargetProfile, precis
 
 
 def _engine_costs(gm: GraphModule, counts: _Counts, profile: TargetProfile, precision: str) -> dict[str, NodeCost]:
-    # nodes grouped into the engine's kernels (`fxopt.engine_cost`); the head of a kernel carries its cost
+    # nodes grouped into the engine's kernels (`fxopt.costs.engine_cost`); the head of a kernel carries its cost
     width = BYTES_PER_ELEMENT[precision]
     facts = {name: NodeFacts(c.kind, c.flops, params) for name, (c, params) in counts.items()}
     heads = {}

@@ -1,0 +1,1 @@
+"""fxopt.costs: the cost, engine and leaf latency models and target calibration."""

@@ -1,0 +1,1 @@
+"""fxopt.frontend: tracing, example inputs, staged compiles, module-state checks."""

@@ -1,0 +1,1 @@
+"""fxopt.output: the report, the output folder and its manifest, atomic files, progress bars."""

@@ -1,0 +1,1 @@
+"""fxopt.passinfra: the pass base, the pass registry and the pass manager."""

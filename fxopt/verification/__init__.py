@@ -1,0 +1,1 @@
+"""fxopt.verification: numerics (output comparison, tolerances) and ONNX Runtime runs in a child process."""
