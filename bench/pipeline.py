@@ -10,25 +10,15 @@ Writes a markdown table (bench/results/pipeline.md by default) with the commit a
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/provenance.py, also when loaded by path
-from provenance import code_version  # noqa: E402
+from provenance import code_version, cpu_model  # noqa: E402
 
 import fxopt  # noqa: E402
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# fxopt pipeline cache: {args.model}", "",
         f"`python bench/pipeline.py {' '.join(argv if argv is not None else sys.argv[1:])}`; {code_version()}; "
-        f"CPU: {_cpu()} ({len(__import__('os').sched_getaffinity(0))} cores visible); wall times on a shared machine.", "",
+        f"CPU: {cpu_model()} ({len(__import__('os').sched_getaffinity(0))} cores visible); wall times on a shared machine.", "",
         f"Options: {options}", "",
         "The rest came from hamilton's cache, or (\"stored\") from an intact artefact of the same fingerprint: a node whose "
         "inputs reran but kept their SHA-256.", "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 from pathlib import Path
 
@@ -32,3 +33,12 @@ def _version_now() -> str:
 
 
 _AT_START = _version_now()
+
+
+def cpu_model() -> str:
+    """The CPU a figure was measured on, as `lscpu` names it (a figure names its CPU)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"

@@ -36,7 +36,8 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -46,7 +47,7 @@ def _file_digest(path: Path) -> str:
 
 def _file_digests(folder: Path) -> dict[str, str]:
     return {
-        p.relative_to(folder).as_posix(): _file_digest(p)
+        p.relative_to(folder).as_posix(): file_sha256(p)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != ARTEFACT_META
     }

@@ -21,6 +21,7 @@ from torch import nn
 
 import fxopt
 import fxopt.models
+from fxopt.automation.artefacts import file_sha256
 from fxopt.automation.errors import PipelineConfigError
 
 __all__ = ["RecipeTask", "Task", "UserTask", "source_digest"]
@@ -38,14 +39,6 @@ def source_digest(fn: Any) -> str:
     except (OSError, TypeError):
         text = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _single_samples(batches: Sequence[tuple[torch.Tensor, ...]], like: tuple[Any, ...], count: int) -> list[tuple[Any, ...]]:
@@ -221,7 +214,7 @@ class UserTask(Task):
             "name": self.name, "build": source_digest(self.build_fn), "data": source_digest(self.data),
             "loss": source_digest(self.loss), "metrics": source_digest(self.metrics),
             "example_inputs": [list(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in self.example],
-            "checkpoint": None if self.checkpoint is None else _file_sha256(self.checkpoint),
+            "checkpoint": None if self.checkpoint is None else file_sha256(self.checkpoint),
             "train_steps": self.train_steps, "lr": self.lr,
         }
 
