@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Sequence
 
 
@@ -98,9 +100,6 @@ def warn(message: str) -> None:
         >>> caught[0].category.__name__, str(caught[0].message)
         ('FxoptWarning', 'constant example input')
     """
-    import sys
-    import warnings
-
     level, frame = 1, sys._getframe(1)
     while frame is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] == "fxopt":
         frame, level = frame.f_back, level + 1

@@ -29,8 +29,9 @@ __all__ = [
 # the int8 features ONNX Runtime's kernel dispatch looks at, as torch.cpu.get_capabilities() names them
 _INT8_FEATURES = ("avx2", "avx512_bw", "avx512_vnni", "avx_vnni", "amx_int8")
 # /proc/cpuinfo spells a few of them differently
-_CPUINFO_NAMES = {"avx512bw": "avx512_bw", "avx512_vnni": "avx512_vnni", "avx_vnni": "avx_vnni", "amx_int8": "amx_int8", "avx2": "avx2"}
-_EXACT_INT8 = ("avx512_vnni", "avx_vnni", "amx_int8")  # int32 accumulation of u8 x s8 products
+_CPUINFO_NAMES = {"avx512bw": "avx512_bw"}
+# int32 accumulation of u8 x s8 products, in the order ONNX Runtime prefers its kernels
+_EXACT_INT8 = ("amx_int8", "avx512_vnni", "avx_vnni")
 
 FULL_LEVELS = 127  # |q| <= 127: symmetric int8
 REDUCED_LEVELS = 64  # |q| <= 64: no int16 pair sum of u8 x s8 products saturates (255 * 64 * 2 = 32640)
@@ -71,7 +72,7 @@ class HostCpu:
     @property
     def int8_kernels(self) -> str:
         """The instruction ONNX Runtime's U8S8 kernels multiply with here, in words."""
-        exact = [f for f in ("amx_int8", "avx512_vnni", "avx_vnni") if f in self.features]  # what ONNX Runtime prefers
+        exact = [f for f in _EXACT_INT8 if f in self.features]
         if not self.x86:
             return f"{self.architecture} (not checked by fxopt)"
         if exact:
@@ -109,7 +110,7 @@ def _from_cpuinfo(arch: str, path: str = "/proc/cpuinfo") -> HostCpu:
                     flags = set(value.split())
     except OSError:
         return HostCpu(name, arch, (), "unknown (no /proc/cpuinfo)")
-    found = {_CPUINFO_NAMES[f] for f in flags if f in _CPUINFO_NAMES}
+    found = {_CPUINFO_NAMES.get(f, f) for f in flags}
     return HostCpu(name, arch, tuple(f for f in _INT8_FEATURES if f in found), path)
 
 
