@@ -79,8 +79,8 @@ def profile_from(values: dict[str, float], base: TargetProfile, source: str) -> 
         host_overhead_s=values["host_overhead_s"],
         bandwidth_efficiency=values["bandwidth_efficiency"],
         precision_efficiency={"fp32": values["fp32_efficiency"], "fp16": 1.0, "int8": values["int8_efficiency"]},
-        half_size={k: values["half_size"] for k in (*PRODUCTS, "conv_depthwise")},
-        half_depth={k: values["half_depth"] for k in PRODUCTS},
+        half_size={**{k: values["half_size"] for k in (*PRODUCTS, "conv_depthwise")}, **{k: 0.0 for k in MEMORY_KINDS}},
+        half_depth={**{k: values["half_depth"] for k in PRODUCTS}, **{k: 0.0 for k in MEMORY_KINDS}},  # memory-bound: no size term
         source=source,
     )
     return base.replace(op_efficiency=efficiency, launch_overhead_s=values["launch_overhead_s"], engine=engine)

@@ -104,6 +104,7 @@ _SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.narrow, torch.unbind}
 _SPLIT_METHODS = {"chunk", "split", "narrow", "unbind", "repeat"}
 _CONCAT_FUNCTIONS = {torch.cat, torch.stack, torch.concat}
 _MATMULS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
+_CONV_FUNCTIONS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d}
 
 
 def _is_qdq(mod: nn.Module) -> bool:
@@ -174,6 +175,9 @@ def _shape_facts(gm: GraphModule, node: Node, align: int, pad: bool, winograd: b
     if node.target is torch.nn.functional.linear and len(node.args) > 1:
         w = _single_tensor(node.args[1])
         return 1.0, (w[-1] if w else 1)
+    if node.target in _CONV_FUNCTIONS and len(node.args) > 1:
+        w = _single_tensor(node.args[1])  # (out, in / groups, *kernel): the depth is all but the first
+        return 1.0, (math.prod(w[1:]) if w else 1)
     return 1.0, 1
 
 

@@ -341,18 +341,21 @@ _GPU_EFFICIENCY = {
 # (bench/results/xavier_latency.md). Products (conv, linear, matmul) share one peak efficiency; fp32 above 1 is
 # Winograd-like algorithms the direct FLOP count does not see.
 _XAVIER_PRODUCTS = ("conv", "conv_transpose", "linear", "matmul", "leaf", "unknown", "default")
+_XAVIER_MEMORY_KINDS = ("pool", "elementwise", "norm", "copy")
 _XAVIER_EFFICIENCY = {
     **{kind: 0.7981 for kind in _XAVIER_PRODUCTS},
     "conv_depthwise": 0.0989,
-    **{kind: 1.0 for kind in ("pool", "elementwise", "norm", "copy")},  # memory bound: bandwidth_efficiency applies
+    **{kind: 1.0 for kind in _XAVIER_MEMORY_KINDS},  # memory bound: bandwidth_efficiency applies
 }
 _XAVIER_ENGINE = EngineModel(
     inference_overhead_s=50.08e-6,  # the engine's own per-inference cost (was 202 us when host calls were counted in it)
     host_overhead_s=102.4e-6,       # a Python call around the engine: beside the estimate, not in it
     bandwidth_efficiency=0.672,
     precision_efficiency={"fp32": 1.313, "fp16": 1.0, "int8": 0.8073},
-    half_size={kind: 5.134e4 for kind in (*_XAVIER_PRODUCTS, "conv_depthwise")},  # output elements at half efficiency
-    half_depth={kind: 62.87 for kind in _XAVIER_PRODUCTS},  # reduction depth at half efficiency
+    # output elements and reduction depth at half efficiency; memory-bound kinds have no size dependence (0), else
+    # "default" would price a global pool (64 outputs, depth 1) as a product at 2e-5 of the peak (issue 26)
+    half_size={**{kind: 5.134e4 for kind in (*_XAVIER_PRODUCTS, "conv_depthwise")}, **{kind: 0.0 for kind in _XAVIER_MEMORY_KINDS}},
+    half_depth={**{kind: 62.87 for kind in _XAVIER_PRODUCTS}, **{kind: 0.0 for kind in _XAVIER_MEMORY_KINDS}},
     source="bench/xavier_latency.py, issue 26 (bench/results/xavier_latency.md)",
 )
 
