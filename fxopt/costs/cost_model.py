@@ -277,6 +277,21 @@ def _conv_fn_flops(node: Node) -> _Count:
     return _products("conv", math.prod(w[1:]) * math.prod(out), _has_bias(node) * math.prod(out))
 
 
+def _reduce_flops(node: Node) -> _Count:
+    # an adaptive pool or a reduction over dims (TensorRT runs an average Reduce as a Pooling layer): one op per input
+    x = _shape(node.args[0]) if node.args else None
+    return _Count("pool", math.prod(x)) if x is not None else _Count("unknown", 0, uncosted=_NO_SHAPES)
+
+
+def _window_pool_flops(node: Node) -> _Count:
+    out = _shape(node)
+    window = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
+    if out is None or window is None:
+        return _Count("unknown", 0, uncosted=_NO_SHAPES)
+    sizes = tuple(window) if isinstance(window, (tuple, list)) else (window,) * max(len(out) - 2, 1)
+    return _Count("pool", math.prod(out) * math.prod(sizes))
+
+
 _VIEW_FUNCTIONS: set[object] = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
     torch.unsqueeze, torch.chunk, torch.split, torch.narrow, getattr, operator.getitem,
@@ -298,7 +313,11 @@ _FN_COUNTERS: dict[object, Callable[[Node], _Count]] = {
     F.conv2d: _conv_fn_flops,
     F.conv3d: _conv_fn_flops,
     F.scaled_dot_product_attention: _sdpa_flops,
+    **{fn: _reduce_flops for fn in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+                                    F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.mean, torch.sum, torch.amax, torch.amin)},
+    **{fn: _window_pool_flops for fn in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d)},
 }
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 
 
 def _count(gm: nn.Module, node: Node) -> tuple[_Count, int]:
@@ -329,6 +348,8 @@ def _count(gm: nn.Module, node: Node) -> tuple[_Count, int]:
             return _Count("view", 0), 0
         if node.target in ("matmul", "bmm", "mm"):
             return _matmul_flops(node), 0
+        if node.target in _REDUCE_METHODS:
+            return _reduce_flops(node), 0
         return _Count("elementwise", out_numel), 0
     return _Count("unknown", 0, uncosted=f"unsupported node op {node.op!r}"), 0
 

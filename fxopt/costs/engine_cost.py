@@ -82,18 +82,31 @@ def _single_tensor(node: object) -> tuple[int, ...] | None:
     return tuple(metas[0].shape) if len(metas) == 1 and node.meta.get("tensor_meta") is metas[0] else None
 
 
-# op kinds whose kernel can take fused epilogue nodes, and which epilogues each takes:
-#   "bn": a BatchNorm folded into the weights, "act": a unary pointwise op, "residual": one
-#   same-shape add of another tensor, "pointwise": any further pointwise op (TensorRT's PointWise fusion)
+# TensorRT's layer fusions (TensorRT 8.5 Developer Guide, "Types of Fusions"; today's "Layer Fusion Catalog",
+# docs.nvidia.com/deeplearning/tensorrt/latest/performance/fusion-catalog.html), the rows this model follows:
+#   Convolution and ReLU/GELU/Clip Activation; Scale and Activation              -> "act": a unary pointwise op
+#   Convolution and Scale (a BatchNorm folded into the weights)                  -> "bn"
+#   Convolution and ElementWise Operation (a sum without broadcasting)           -> "residual"
+#   PointWise Fusion (adjacent Activation, ElementWise, Unary, uniform Scale)    -> "pointwise": any pointwise op
+#   Convolution and Generic Activation (after PointWise Fusion: a pointwise
+#     subgraph with one input and one output, e.g. x * sigmoid(x) as two nodes)  -> "generic"
+# No row fuses Pooling, Reduce, Resize or SoftMax into a conv or a pointwise kernel: they run as their own kernels.
+# Per op kind whose kernel takes fused nodes, the epilogues it takes:
 _EPILOGUES: Mapping[str, frozenset[str]] = {
-    "conv": frozenset({"bn", "act", "residual"}),       # conv + BN + bias + ReLU + add -> one kernel
-    "conv_depthwise": frozenset({"bn", "act", "residual"}),
-    "conv_transpose": frozenset({"bn", "act", "residual"}),
-    "linear": frozenset({"bn", "act", "residual"}),     # FC + bias + activation -> one kernel
+    "conv": frozenset({"bn", "act", "residual", "generic"}),  # conv + BN + bias + ReLU + add -> one kernel
+    "conv_depthwise": frozenset({"bn", "act", "residual", "generic"}),
+    "conv_transpose": frozenset({"bn", "act", "residual", "generic"}),
+    "linear": frozenset({"bn", "act", "residual", "generic"}),  # FC + bias + activation -> one kernel (a 1x1 conv)
     "matmul": frozenset({"act"}),                        # matmul + scale/activation
-    "elementwise": frozenset({"bn", "act", "residual", "pointwise"}),  # a -> b -> c pointwise -> one kernel
+    "elementwise": frozenset({"bn", "act", "residual", "pointwise", "generic"}),  # a -> b -> c pointwise -> one kernel
     "norm": frozenset({"act"}),                          # scale + activation
 }
+_GENERIC_LIMIT = 8  # nodes in one generic activation: a fused PointWise layer's size is limited (the guide)
+# shape-keeping ops that are no Activation/ElementWise/Unary layer (SoftMax is its own layer)
+_NOT_POINTWISE_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d, nn.Upsample, nn.Embedding)
+_NOT_POINTWISE = {torch.softmax, torch.log_softmax, torch.nn.functional.softmax, torch.nn.functional.log_softmax,
+                  torch.nn.functional.interpolate, torch.nn.functional.normalize, torch.cumsum, torch.roll, torch.flip,
+                  "softmax", "log_softmax", "cumsum", "roll", "flip"}
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -181,12 +194,31 @@ def _shape_facts(gm: GraphModule, node: Node, align: int, pad: bool, winograd: b
     return 1.0, 1
 
 
+def _pointwise(gm: GraphModule, node: Node, facts: NodeFacts) -> bool:
+    """An Activation, ElementWise or Unary layer: an elementwise node whose output has its inputs' broadcast shape."""
+    if facts.kind != "elementwise" or node.op not in ("call_module", "call_function", "call_method"):
+        return False
+    mod = _module(gm, node)
+    if mod is not None and (isinstance(mod, _NOT_POINTWISE_MODULES) or _is_qdq(mod) or any(True for _ in mod.parameters())):
+        return False
+    if mod is None and node.target in _NOT_POINTWISE:
+        return False
+    out = _single_tensor(node)
+    shapes = [_single_tensor(a) for a in node.all_input_nodes]
+    if out is None or not shapes or any(s is None for s in shapes):
+        return False
+    try:
+        return tuple(torch.broadcast_shapes(*shapes)) == out  # a pool, resize or reduction changes the shape
+    except RuntimeError:
+        return False
+
+
 def _epilogue(gm: GraphModule, node: Node, facts: NodeFacts, producer: Node) -> str | None:
     """Which epilogue `node` would be when fused after `producer`; None if it cannot fuse."""
     mod = _module(gm, node)
     if isinstance(mod, _BATCHNORMS):
         return "bn"
-    if facts.kind != "elementwise" or node.op not in ("call_module", "call_function", "call_method"):
+    if not _pointwise(gm, node, facts):
         return None
     others = [a for a in node.all_input_nodes if a is not producer and a.op != "get_attr"]
     if not others:
@@ -213,6 +245,7 @@ def engine_kernels(gm: GraphModule, facts: Mapping[str, NodeFacts], profile: Tar
     assert engine is not None, "engine_kernels needs a target with an EngineModel"
     align = profile.alignment(precision)
     open_kernels: dict[str, dict] = {}  # tail node name -> the kernel it ends
+    planned: dict[str, tuple[dict, str]] = {}  # node of a generic activation -> (its kernel, the kernel's tail before it)
     kernels: list[dict] = []
     for node in gm.graph.nodes:
         f = facts[node.name]
@@ -225,7 +258,7 @@ def engine_kernels(gm: GraphModule, facts: Mapping[str, NodeFacts], profile: Tar
             continue
         if f.kind == "view" or node.op in ("placeholder", "output", "get_attr"):
             continue
-        if engine.fuse_epilogues and _fuse(gm, node, f, open_kernels):
+        if engine.fuse_epilogues and _fuse(gm, node, f, facts, open_kernels, planned):
             continue
         factor, depth = _shape_facts(gm, node, align, engine.pad_channels, precision in engine.winograd_precisions)
         inputs = sum(_numel(a) for a in node.all_input_nodes if a.op != "get_attr")
@@ -236,8 +269,63 @@ def engine_kernels(gm: GraphModule, facts: Mapping[str, NodeFacts], profile: Tar
     return [Kernel(k["head"], k["kind"], tuple(k["fused"]), k["flops"], k["elements"], k["size"], k["depth"]) for k in kernels]
 
 
-def _fuse(gm: GraphModule, node: Node, f: NodeFacts, open_kernels: dict[str, dict]) -> bool:
+def _generic_activation(gm: GraphModule, facts: Mapping[str, NodeFacts], tail: Node) -> list[Node] | None:
+    """The pointwise nodes after `tail` (a tensor with several users) that read only `tail` and constants and end
+    in one node of `tail`'s shape: one generic activation (``x * sigmoid(x)``, ``x * relu6(x + 3) / 6``); else None."""
+    region: list[Node] = []
+    inside = {tail}
+    best = None
+    node = tail.next
+    for _ in range(8 * _GENERIC_LIMIT):  # the nodes that follow, in graph order
+        if node.op == "root" or len(region) == _GENERIC_LIMIT:
+            break
+        reads = node.all_input_nodes
+        if any(a in inside for a in reads):
+            if not (_pointwise(gm, node, facts[node.name]) and all(a in inside or a.op == "get_attr" for a in reads)):
+                break  # a reader that cannot join: the activation, if any, has ended
+            region.append(node)
+            inside.add(node)
+            leaving = [n for n in (tail, *region) if any(u not in inside for u in n.users)]
+            if len(region) > 1 and leaving == [node] and _single_tensor(node) == _single_tensor(tail):
+                best = list(region)  # one input, one output: complete here (it may grow further)
+        node = node.next
+    return best
+
+
+def _absorb(kernel: dict, node: Node, f: NodeFacts, producer: Node | None, ends: bool) -> None:
+    """Account `node` inside `kernel`: its other inputs and weights are read; if it `ends` the kernel, its output is written."""
+    inside = {kernel["head"], *kernel["fused"]}  # tensors the kernel computes: not read from memory
+    others = sum(_numel(a) for a in node.all_input_nodes if a is not producer and a.op != "get_attr" and a.name not in inside)
+    kernel["elements"] += others + f.params
+    if ends:
+        kernel["elements"] += _numel(node) - kernel["out"]
+        kernel["out"] = _numel(node)
+        kernel["size"] = max(kernel["size"], _numel(node))  # the parallel work is the widest tensor the kernel writes
+    kernel["flops"] += f.flops if kernel["kind"] == "elementwise" else 0  # epilogues ride free on a product
+    kernel["fused"].append(node.name)
+
+
+def _fuse(gm: GraphModule, node: Node, f: NodeFacts, facts: Mapping[str, NodeFacts], open_kernels: dict[str, dict],
+          planned: dict[str, tuple[dict, str]]) -> bool:
     """Fuse `node` into the open kernel of one of its inputs if the rules allow; True if it did."""
+    if node.name in planned:  # a node of a generic activation found at its first node
+        kernel, tail = planned.pop(node.name)
+        sink = kernel["generic_sink"]
+        _absorb(kernel, node, f, None, ends=node.name == sink)
+        if node.name == sink:
+            del open_kernels[tail]
+            open_kernels[node.name] = kernel
+        return True
+    for producer in [a for a in node.all_input_nodes if a.name in open_kernels and len(a.users) > 1]:
+        kernel = open_kernels[producer.name]
+        if "generic" not in _EPILOGUES.get(kernel["kind"], frozenset()):
+            continue
+        region = _generic_activation(gm, facts, producer)
+        if region is None or node not in region:
+            continue
+        kernel["generic_sink"] = region[-1].name
+        planned.update({n.name: (kernel, producer.name) for n in region})
+        return _fuse(gm, node, f, facts, open_kernels, planned)
     candidates = [a for a in node.all_input_nodes if a.name in open_kernels and len(a.users) == 1]
     for producer in reversed(candidates):  # the most recent producer takes the residual
         kernel = open_kernels[producer.name]
@@ -247,13 +335,8 @@ def _fuse(gm: GraphModule, node: Node, f: NodeFacts, open_kernels: dict[str, dic
             continue
         if epilogue == "bn" and kernel["fused"] and kernel["kind"] != "elementwise":
             continue  # a BatchNorm folds into the weights only right after the conv
-        others = sum(_numel(a) for a in node.all_input_nodes if a is not producer and a.op != "get_attr")
-        kernel["elements"] += others + f.params + _numel(node) - kernel["out"]
-        kernel["out"] = _numel(node)
-        kernel["size"] = max(kernel["size"], _numel(node))  # the parallel work is the widest tensor the kernel writes
-        kernel["flops"] += f.flops if kernel["kind"] == "elementwise" else 0  # epilogues ride free on a product
+        _absorb(kernel, node, f, producer, ends=True)
         kernel["residual"] = kernel["residual"] or epilogue == "residual"
-        kernel["fused"].append(node.name)
         del open_kernels[producer.name]
         open_kernels[node.name] = kernel
         return True
