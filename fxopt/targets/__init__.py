@@ -337,25 +337,25 @@ _GPU_EFFICIENCY = {
 # published batch-1 TensorRT figures of AGX Xavier: 23 timed as engine work (bench/data/xavier_engine_time.json:
 # MLPerf SingleStream, NetsPresso's computation-only latencies, jetson-inference) and 50 timed from Python
 # (bench/data/xavier_published.json), compared with engine + host_overhead_s. Held out by network family:
-# 70% (51/73) within ±25%, median |log ratio| 0.14; engine-time fp16 76% / 0.14, int8 33% / 0.26
+# 70% (51/73) within ±25%, median |log ratio| 0.14; engine-time fp16 76% / 0.14, int8 33% / 0.25
 # (bench/results/xavier_latency.md). Products (conv, linear, matmul) share one peak efficiency; fp32 above 1 is
 # Winograd-like algorithms the direct FLOP count does not see.
 _XAVIER_PRODUCTS = ("conv", "conv_transpose", "linear", "matmul", "leaf", "unknown", "default")
 _XAVIER_MEMORY_KINDS = ("pool", "elementwise", "norm", "copy")
 _XAVIER_EFFICIENCY = {
-    **{kind: 0.7981 for kind in _XAVIER_PRODUCTS},
-    "conv_depthwise": 0.0989,
+    **{kind: 0.7979 for kind in _XAVIER_PRODUCTS},
+    "conv_depthwise": 0.0996,
     **{kind: 1.0 for kind in _XAVIER_MEMORY_KINDS},  # memory bound: bandwidth_efficiency applies
 }
 _XAVIER_ENGINE = EngineModel(
-    inference_overhead_s=50.08e-6,  # the engine's own per-inference cost (was 202 us when host calls were counted in it)
-    host_overhead_s=102.4e-6,       # a Python call around the engine: beside the estimate, not in it
-    bandwidth_efficiency=0.672,
-    precision_efficiency={"fp32": 1.313, "fp16": 1.0, "int8": 0.8073},
+    inference_overhead_s=50.11e-6,  # the engine's own per-inference cost (was 202 us when host calls were counted in it)
+    host_overhead_s=102.9e-6,       # a Python call around the engine: beside the estimate, not in it
+    bandwidth_efficiency=0.671,
+    precision_efficiency={"fp32": 1.292, "fp16": 1.0, "int8": 0.8025},
     # output elements and reduction depth at half efficiency; memory-bound kinds have no size dependence (0), else
     # "default" would price a global pool (64 outputs, depth 1) as a product at 2e-5 of the peak (issue 26)
-    half_size={**{kind: 5.134e4 for kind in (*_XAVIER_PRODUCTS, "conv_depthwise")}, **{kind: 0.0 for kind in _XAVIER_MEMORY_KINDS}},
-    half_depth={**{kind: 62.87 for kind in _XAVIER_PRODUCTS}, **{kind: 0.0 for kind in _XAVIER_MEMORY_KINDS}},
+    half_size={**{kind: 5.253e4 for kind in (*_XAVIER_PRODUCTS, "conv_depthwise")}, **{kind: 0.0 for kind in _XAVIER_MEMORY_KINDS}},
+    half_depth={**{kind: 63.24 for kind in _XAVIER_PRODUCTS}, **{kind: 0.0 for kind in _XAVIER_MEMORY_KINDS}},
     source="bench/xavier_latency.py, issue 26 (bench/results/xavier_latency.md)",
 )
 
@@ -393,7 +393,7 @@ XAVIER = TargetProfile(
     # Tensor-core kernels want channels in multiples of 8 (fp16) and 32 (int8 IMMA).
     channel_alignment={"fp32": 1, "fp16": 8, "int8": 32},
     op_efficiency=_XAVIER_EFFICIENCY,
-    launch_overhead_s=15.0e-6,
+    launch_overhead_s=14.62e-6,
     quant_scheme=TENSORRT_QDQ,
     engine=_XAVIER_ENGINE,
     dla=_XAVIER_DLA,
