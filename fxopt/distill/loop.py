@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule
-from torch.fx.passes.shape_prop import ShapeProp
 
 from fxopt.errors import FxoptWarning, InputError, warn
+from fxopt.frontend.tracing import propagate_shapes
 
 __all__ = ["Distill", "FinetuneResult", "RecipeBatches", "TensorBatches", "finetune", "recipe_metric", "trial_loss"]
 
@@ -186,7 +186,7 @@ def _with_shapes(gm: GraphModule, args: tuple[Any, ...]) -> None:
         training = gm.training
         gm.eval()
         with torch.no_grad():
-            ShapeProp(gm).propagate(*args)
+            propagate_shapes(gm, args)
         gm.train(training)
 
 

@@ -109,9 +109,12 @@ class StateSnapshot:
         {}
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, original: nn.Module | None = None) -> None:
+        """`original`: a module of which `module` is a fresh deep copy, which nothing writes into
+        (the user's model): its tensors serve as the saved values, instead of copies of them."""
         self.kinds: dict[str, str] = {}
         self.saved: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        kept = {name: t for name, _, t in _named_state(original)} if original is not None else {}
         for name, kind, t in _named_state(module):
             if isinstance(t, nn.parameter.UninitializedTensorMixin):
                 raise InputError(
@@ -119,7 +122,10 @@ class StateSnapshot:
                     "draws it, so fxopt would compile weights of its own making; run the model once on an input before compiling"
                 )
             self.kinds[name] = kind
-            self.saved[name] = (t, t._version, t.detach().clone())
+            value = kept.get(name)
+            if value is None or value.shape != t.shape or value.dtype != t.dtype or value.device != t.device:
+                value = t.detach().clone()
+            self.saved[name] = (t, t._version, value.detach())
 
     def changed(self, module: nn.Module) -> dict[str, str]:
         """Names whose tensor was replaced, written in place, or holds another value, and how."""
@@ -161,8 +167,9 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def preserved_state(module: nn.Module) -> Iterator[StateSnapshot]:
-    """Run code on `module`, then put its parameters and buffers back as they were.
+def preserved_state(module: nn.Module, original: nn.Module | None = None) -> Iterator[StateSnapshot]:
+    """Run code on `module`, then put its parameters and buffers back as they were (from
+    `original`'s tensors where it is given: see `StateSnapshot`).
 
     Example:
         >>> m = torch.nn.BatchNorm1d(2).train()
@@ -171,7 +178,7 @@ def preserved_state(module: nn.Module) -> Iterator[StateSnapshot]:
         >>> int(m.num_batches_tracked)
         0
     """
-    snapshot = StateSnapshot(module)
+    snapshot = StateSnapshot(module, original)
     try:
         yield snapshot
     finally:
@@ -300,12 +307,13 @@ def _watching(module: nn.Module, seeds: Iterable[str] = ()) -> Iterator[_StateWa
             h.remove()
 
 
-def find_state_writes(module: nn.Module, run: Callable[[], Any]) -> list[StateWrite]:
+def find_state_writes(module: nn.Module, run: Callable[[], Any], original: nn.Module | None = None) -> list[StateWrite]:
     """The buffers and parameters of `module` that `run()` (one forward) writes, in name order.
 
     A plain run compared with a snapshot finds them (at no cost to a model that writes nothing);
     when it does, a second run under a dispatch mode finds the line of each write. `module`'s
-    state is put back afterwards. Exceptions of `run` propagate unchanged.
+    state is put back afterwards (from `original`'s tensors where `module` is its fresh copy, so
+    no copy of the weights is made). Exceptions of `run` propagate unchanged.
 
     Example:
         >>> class Counter(torch.nn.Module):
@@ -320,12 +328,12 @@ def find_state_writes(module: nn.Module, run: Callable[[], Any]) -> list[StateWr
         >>> float(m.calls)
         0.0
     """
-    with preserved_state(module) as snapshot:
+    with preserved_state(module, original) as snapshot:
         run()
         changed = snapshot.changed(module)
     if not changed:
         return []
-    with preserved_state(module) as snapshot:
+    with preserved_state(module, original) as snapshot:
         with _watching(module) as watch:
             run()
         changed |= snapshot.changed(module)

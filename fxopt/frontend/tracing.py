@@ -12,7 +12,6 @@ import contextlib
 import copy
 import functools
 import inspect
-import io
 import operator
 import os
 import traceback
@@ -25,7 +24,7 @@ from torch import nn
 from torch.fx import GraphModule, Node, Proxy, Tracer
 from torch.fx import _symbolic_trace as fx_trace
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import TensorMetadata
 from torch.fx.proxy import Attribute
 from torch.utils import _pytree as pytree
 
@@ -133,6 +132,7 @@ class _LeafTracer(Tracer):
         self._values: dict[Node, Any] = {}
         self._static: set[Node] = set()
         self._value_shaped: set[Node] = set()
+        self._eager_depth = 0  # > 0 while `_evaluate` runs real code on the example values
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaf_paths or super().is_leaf_module(
@@ -140,6 +140,8 @@ class _LeafTracer(Tracer):
         )
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if self._eager_depth:  # a real run inside `_evaluate`: the module as in eager mode, hooks and all
+            return forward(*args, **kwargs)
         path = self.path_of_module(m)
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -147,6 +149,11 @@ class _LeafTracer(Tracer):
             if self.failed_path is None:  # the innermost module is the culprit
                 self.failed_path = path
             raise
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._eager_depth:  # a real run reads the real parameter, not a get_attr proxy of it
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> tuple[Any, list[Any]]:
         fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
@@ -186,10 +193,27 @@ class _LeafTracer(Tracer):
 
     def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
         try:
-            with _eager():
+            with self._eager():
                 return self._run(kind, target, args, kwargs)
         except Exception:  # noqa: BLE001 - an unknown value only disables specialisation
             return _UNKNOWN
+
+    @contextlib.contextmanager
+    def _eager(self) -> Iterator[None]:
+        """Step out of symbolic tracing for a moment, to run real code on the example values.
+
+        torch.fx's patches of ``nn.Module.__call__`` / ``__getattr__`` stay in place (reverting and
+        re-applying them re-types every module class, the larger part of tracing's time): they call
+        this tracer's `call_module` and `getattr`, which run the real module and return the real
+        attribute while `_eager_depth` is set; wrapped functions call the original on real values."""
+        flag = fx_trace._get_is_fx_tracing()
+        fx_trace._set_is_fx_tracing(False)
+        self._eager_depth += 1
+        try:
+            yield
+        finally:
+            self._eager_depth -= 1
+            fx_trace._set_is_fx_tracing(flag)
 
     def _run(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
         if kind == "call_function":
@@ -255,18 +279,6 @@ class _LeafTracer(Tracer):
         return convert(value)
 
 
-@contextlib.contextmanager
-def _eager() -> Iterator[None]:
-    """Step out of symbolic tracing for a moment, to run real code on the example values."""
-    flag = fx_trace._get_is_fx_tracing()
-    fx_trace._set_is_fx_tracing(False)
-    try:
-        with fx_trace._maybe_revert_all_patches():
-            yield
-    finally:
-        fx_trace._set_is_fx_tracing(flag)
-
-
 def _clone(x: Any) -> Any:
     # the tracer evaluates in-place ops too: keep the caller's example inputs intact
     return x.clone() if isinstance(x, torch.Tensor) else x
@@ -318,17 +330,66 @@ def _reason(exc: BaseException) -> str:
 def propagate_shapes(gm: GraphModule, example_inputs: tuple[Any, ...]) -> None:
     """Record `tensor_meta` (shape, dtype) on every node by running `gm` on the inputs.
 
+    The same record as torch.fx's ``ShapeProp`` (`tensor_metadata`), in a fraction of its time.
+
     Raises:
         RuntimeError: a node fails; the message names it and the cause, in one line.
     """
-    # ShapeProp prints a traceback before it raises, and its message dumps all node meta
-    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+    with torch.no_grad():
+        _ShapeRecorder(gm).run(*copy_inputs(example_inputs))
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """An interpreter that leaves ``meta["tensor_meta"]`` and ``meta["type"]`` on every node it runs."""
+
+    def run_node(self, n: Node) -> Any:
         try:
-            ShapeProp(gm).propagate(*copy_inputs(example_inputs))
-        except RuntimeError as exc:
-            cause = exc.__cause__ or exc
-            node = str(exc).split(" with meta=")[0].removeprefix("ShapeProp error for: ")
-            raise RuntimeError(f"shape propagation failed at {node[:200]}: {_reason(cause)}") from cause
+            result = super().run_node(n)
+        except Exception as exc:
+            raise RuntimeError(f"shape propagation failed at {n.format_node()[:200]}: {_reason(exc)}") from exc
+        found = False
+
+        def record(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, record)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+_MEMORY_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """torch.fx's `TensorMetadata` of `t` (what ``ShapeProp`` records), read from the tensor's own
+    contiguity flags instead of torch's Python reference implementation of them.
+
+    Example:
+        >>> tensor_metadata(torch.zeros(1, 3, 4, 4).to(memory_format=torch.channels_last)).memory_format
+        torch.channels_last
+    """
+    sparse = t.layout != torch.strided
+    memory_format = None
+    if not sparse:
+        if t.is_contiguous():
+            memory_format = torch.contiguous_format
+        elif t.dim() in _MEMORY_FORMATS and t.is_contiguous(memory_format=_MEMORY_FORMATS[t.dim()]):
+            memory_format = _MEMORY_FORMATS[t.dim()]
+    qparams: dict[str, Any] = {}
+    if t.is_quantized:
+        qparams["qscheme"] = scheme = t.qscheme()
+        if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            qparams["scale"], qparams["zero_point"] = t.q_scale(), t.q_zero_point()
+        else:
+            qparams["scale"], qparams["zero_point"] = t.q_per_channel_scales().tolist(), t.q_per_channel_zero_points().tolist()
+            qparams["axis"] = t.q_per_channel_axis()
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, () if sparse else t.stride(), memory_format, t.is_quantized, qparams)
 
 
 def _run_failure_module(gm: GraphModule, example_inputs: tuple[Any, ...]) -> tuple[str | None, Exception | None]:
@@ -391,14 +452,14 @@ def trace(
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
     root = copy.deepcopy(model).eval()
-    state = StateSnapshot(root)  # the model's own state: every run below is undone before the graph takes it
+    state = StateSnapshot(root, original=model)  # the model's own state: every run below is undone before the graph takes it
 
     def run() -> Any:
         with torch.no_grad():
             return root(*copy_inputs(inputs))
 
     try:
-        writes = find_state_writes(root, run)
+        writes = find_state_writes(root, run, original=model)
     except Exception as exc:
         raise InputError(
             f"the model does not run on the example inputs "

@@ -291,6 +291,22 @@ def test_snapshot_puts_back_a_reassigned_buffer_and_values_written_in_place():
     assert snapshot.changed(model) == {}
 
 
+def test_snapshot_of_a_copy_keeps_the_originals_tensors_not_clones():
+    import copy
+
+    model = Reassigned()
+    twin = copy.deepcopy(model)
+    snapshot = StateSnapshot(twin, original=model)
+    assert snapshot.saved["lin.weight"][2].data_ptr() == model.lin.weight.data_ptr()  # the original's storage, not a clone
+    twin(torch.randn(2, 8))
+    with torch.no_grad():
+        twin.lin.weight.mul_(3)
+    snapshot.restore(twin)
+    assert torch.equal(twin.lin.weight, model.lin.weight) and float(twin.calls) == 0.0
+    assert snapshot.changed(twin) == {}
+    assert float(model.calls) == 0.0  # the original is only read
+
+
 def test_lazy_module_not_yet_run_is_an_input_error():
     model = nn.Sequential(nn.LazyLinear(4), nn.ReLU())
     with pytest.raises(fxopt.InputError, match=r"not initialised yet .* run the model once"):
