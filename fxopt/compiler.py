@@ -15,6 +15,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxopt.costs.cost_model import estimate_costs
+from fxopt.distill.resolve import FinetuneRequest, check_distill
 from fxopt.errors import InputError, warn
 from fxopt.extensions import extension
 from fxopt.frontend.inputs import (
@@ -37,6 +38,7 @@ from fxopt.passinfra.pass_base import CompileContext, pass_attr, pass_name
 from fxopt.passinfra.pass_manager import (
     FILES_META,
     MANIFEST_META,
+    NOTES_META,
     PRECISION_META,
     PassManager,
     order_passes,
@@ -68,7 +70,7 @@ def state_dict_sha256(model: nn.Module) -> str:
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous()
             digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")  # no copy of the bytes
     return digest.hexdigest()
 
 
@@ -336,10 +338,6 @@ class _Tuning:
     def any(self) -> bool:
         return bool(self.finetune_steps or self.qat_steps)
 
-    def request(self, scalar_eval: bool) -> dict[str, Any]:
-        """The keywords `_finetune` passes to `fxopt.distill.resolve`."""
-        return {"recipe": self.recipe, "data": self.train_data, "loss": self.loss, "distill": self.distill,
-                "eval_fn": self.eval_fn if scalar_eval else None}
 
 
 @dataclass(frozen=True)
@@ -367,7 +365,7 @@ class _Request:
     input_sha: str
 
     def phase_names(self) -> list[str]:
-        return ["trace", "passes", *(["finetune"] if self.tuning.finetune_steps else []), *(["qat"] if self.tuning.qat_steps else []), "export"]
+        return ["trace", "passes", "export"]  # fine-tune and QAT are passes
 
 
 def _request(model: Any, target: Any, example_inputs: Any, *, passes: Any, precision: str | None, strict: bool, export: bool,
@@ -424,6 +422,8 @@ def _check_tuning(tuning: _Tuning, options: dict[str, Any], precision: str, stag
         raise InputError("fine-tuning and QAT are not available for a staged compile (stages=) or under safety='strict'")
     if tuning.any and tuning.train_data is not None:
         check_train_batches(tuning.train_data)
+    if tuning.any and tuning.distill is not None:
+        check_distill(tuning.distill)
 
 
 @dataclass(frozen=True)
@@ -459,56 +459,44 @@ class _PipelineRun:
     notes: list[str]
     shipped: str
     seconds: float
+    known_outputs: list[tuple[tuple[Any, ...], Any]] = field(default_factory=list)  # the final graph's outputs, checked
 
 
 def _run_pipeline(request: _Request, traced: _Traced, phases: Phases) -> _PipelineRun:
-    """Step 3: the passes in order, fine-tune between the structural passes and int8 (int8 calibrates the
-    tuned weights), QAT after int8; the summary table sees the model after each lossy step."""
+    """Step 3: one verified pass-manager run over the requested passes and compile's tuning steps
+    (``finetune`` after the structural passes, so int8 calibrates the tuned weights; ``qat`` after
+    int8), each placed by its after/before constraints; the summary table sees the model after
+    each lossy step."""
     start, profile, tuning, gm = time.perf_counter(), request.profile, request.tuning, traced.gm
-    context = traced.context
-    ordered = order_passes(request.pipeline)
-    cut = next((i for i, p in enumerate(ordered) if pass_name(p) == "quantize"), len(ordered))
-    # the summary table (input model, after each lossy step) only where there is more than one step
-    lossy_steps = tuning.finetune_steps or context.precision == "int8" or any(pass_attr(p, "lossy", False) for p in ordered)
+    context, requested = traced.context, order_passes(request.pipeline)
+    lossy_steps = tuning.any or context.precision == "int8" or any(pass_attr(p, "lossy", False) for p in requested)
     summary = _Summary(profile, context.precision, request.summary_eval, enabled=bool(lossy_steps))
     summary.add("input model", gm)
-    if tuning.finetune_steps:  # passes choosing between candidates may fine-tune them the same way (slim's re-rank)
-        from fxopt.distill import FinetuneRequest
-
-        context = replace(context, finetune=FinetuneRequest(
-            tuning.distill, tuning.recipe, tuning.train_data, tuning.loss, tuning.eval_fn if summary.scalar else None,
-            tuning.finetune_lr, tuning.finetune_seed))
+    pipeline = list(requested)
+    if tuning.any:
+        tune = FinetuneRequest(tuning.distill, tuning.recipe, tuning.train_data, tuning.loss, tuning.eval_fn if summary.scalar else None,
+                               tuning.finetune_lr, tuning.finetune_seed, teacher=gm, stages=summary, passes=tuple(requested))
+        if tuning.finetune_steps:  # passes choosing between candidates fine-tune them the same way (slim's re-rank)
+            context = replace(context, finetune=tune)
+            pipeline.append(create_pass("finetune", steps=tuning.finetune_steps, progress=request.progress, **_fields(tune)))
+        if tuning.qat_steps:
+            pipeline.append(create_pass("qat", steps=tuning.qat_steps, progress=request.progress, **_fields(tune)))
     with phases("passes"):
-        result = PassManager(ordered[:cut], strict=request.strict, progress=request.progress).run(gm, context)
+        result = PassManager(pipeline, strict=request.strict, progress=request.progress, on_applied=summary.after_pass).run(gm, context)
+    summary.flush()
     context, final = result.context or context, result.graph_module
-    structural = [r.name for r in result.records if r.lossy and r.status == "applied" and r.name != "quantize"]
-    if structural:
-        summary.add("after " + " + ".join(structural), final)
-    notes: list[str] = []
-    if tuning.finetune_steps:
-        with phases("finetune"):
-            notes += _finetune(final, gm, ordered, request.inputs, tuning.finetune_steps, tuning.finetune_lr, request.progress,
-                               tuning.finetune_seed, summary=summary, **tuning.request(summary.scalar))
-    float_final = final  # the pass manager works on copies: this stays the float graph (QAT's teacher)
-    if cut < len(ordered):
-        rest = PassManager(ordered[cut:], strict=request.strict, progress=request.progress).run(final, context)
-        result.records += rest.records
-        context, final = rest.context or context, rest.graph_module
-        result.graph_module = final
+    notes: list[str] = list(final.meta.get(NOTES_META, ()))
     shipped = _shipped_precision(final, profile, context.precision)
     if shipped != context.precision:  # int8 asked, but the quantize pass kept the float graph (slower here, nothing to quantise)
         notes.append(f"WARNING: precision {shipped}, not {context.precision}: the quantize pass kept the float graph "
                      "(its line in the passes table says why)")
     context = replace(context, precision=shipped)
-    if context.precision == "int8":
-        summary.add("after int8", final)
-    if tuning.qat_steps and context.precision == "int8":
-        with phases("qat"):  # the float model before int8 teaches its fake-quantised self
-            notes += _finetune(final, float_final, ordered, request.inputs, tuning.qat_steps, tuning.finetune_lr, request.progress,
-                               tuning.finetune_seed, summary=summary, label="QAT", **tuning.request(summary.scalar))
-    elif tuning.qat_steps:
-        notes.append("QAT skipped: the quantize pass kept the float graph (nothing to train through)")
-    return _PipelineRun(final, result, context, ordered, summary, notes, shipped, time.perf_counter() - start)
+    return _PipelineRun(final, result, context, order_passes(pipeline), summary, notes, shipped, time.perf_counter() - start,
+                        result.known_outputs())
+
+
+def _fields(request: Any) -> dict[str, Any]:
+    return {f: getattr(request, f) for f in request.__dataclass_fields__}
 
 
 @dataclass
@@ -531,7 +519,9 @@ def _lower(request: _Request, ran: _PipelineRun) -> _Lowered:
     check and the build plan; the safety policy's evidence."""
     start, profile, context, final = time.perf_counter(), request.profile, ran.context, ran.final
     lowered = _Lowered(request.inputs, request.check_inputs, files=dict(final.meta.get(FILES_META, {})))  # slim's trials.csv, pareto.png
-    requested = [*(request.passes or ()), *(["quantize"] if (request.precision or profile.default_precision) == "int8" else [])]
+    tuning = request.tuning
+    requested = [*(request.passes or ()), *(["quantize"] if (request.precision or profile.default_precision) == "int8" else []),
+                 *(["finetune"] if tuning.finetune_steps else []), *(["qat"] if tuning.qat_steps else [])]
     lowered.notes += _pass_warnings(ran.result.records, requested) + (request.split.notes() if request.split is not None else [])
     if context.example_inputs is not request.inputs:  # a pass (slim) chose another input size
         lowered.notes.append(f"WARNING: the compiled model takes input shape(s) {describe_shapes(context.example_inputs)} instead of "
@@ -539,7 +529,7 @@ def _lower(request: _Request, ran: _PipelineRun) -> _Lowered:
         lowered.inputs, lowered.check_inputs = context.example_inputs, context.verification_inputs
     if request.export:
         exported = extension("lower", "onnx")(final, lowered.inputs, profile, check_inputs=lowered.check_inputs, dynamic_batch=request.dynamic_batch,
-                         float_module=_float_twin(final))
+                         float_module=_float_twin(final), known_outputs=ran.known_outputs)
         lowered.onnx_info, lowered.onnx_model = exported.to_dict(), exported.model
         lowered.notes += [f"ONNX export: {finding}" for finding in exported.findings]
         if request.policy.strict:
@@ -626,57 +616,6 @@ def _check_qat(qat_steps: Any, precision: str) -> None:
         raise InputError(f"qat_steps trains through int8 fake quantisation; it needs precision='int8' (got '{precision}')")
 
 
-def _finetune(final: GraphModule, teacher: GraphModule, pipeline: list[Any], inputs: tuple[Any, ...], steps: int,
-              lr: float | None, progress: bool, seed: int = 0, *, summary: _Summary, label: str = "fine-tune",
-              **requests: Any) -> list[str]:
-    """Fine-tune the transformed graph in place, the traced original teaching, add the summary's
-    "after fine-tune" row and judge the result; report lines.
-
-    `requests` are `fxopt.distill.resolve`'s (recipe, data, loss, distill, eval_fn): a scalar
-    eval_fn (or the recipe's first metric) picks the best state, else the last is kept. `lr` None:
-    the recipe's fine-tune rate, else a range test. The judgement is on the summary's metrics
-    where there is eval data, else on batches held back from training."""
-    from fxopt.distill import (
-        HeldOutJudge,
-        advice,
-        choose_lr,
-        finetune,
-        hold_back,
-        judge_metrics,
-        resolve,
-    )
-
-    prunes = [p for p in pipeline if pass_name(p) == "prune" and getattr(p, "plan", None) is not None]
-    kept = None
-    if prunes:
-        kept = extension("kept_channels", "prune")(prunes[0])
-    recipe = requests.get("recipe")
-    setup = resolve(requests.pop("distill"), teacher=teacher, example_inputs=inputs, kept=kept, seed=seed, **requests)
-    by_metric = summary.eval_fn is not None
-    split = None if by_metric else hold_back(setup.data, seed)  # judged on held-back batches: never train on them
-    judge = None if split is None else HeldOutJudge(teacher, split, setup.loss)
-    if judge is not None:
-        judge.measure(summary.rows[-1]["stage"] if len(summary.rows) > 1 else "after the passes", final)
-    start = time.perf_counter()
-    distilled = setup.distill is not None
-    chosen = choose_lr(lr, recipe=recipe, student=final, data=setup.data, loss=setup.loss, teacher=teacher if distilled else None,
-                       distill=setup.distill, steps=steps, seed=seed, split=split)
-    kwargs = setup.kwargs() | ({} if split is None else {"data": split.train})
-    tuned = finetune(final, **kwargs, teacher=teacher if distilled else None, steps=steps, lr=chosen.lr, progress=progress, seed=seed)
-    first, last = (tuned.history[0]["loss"], tuned.history[-1]["loss"]) if tuned.history else (float("nan"),) * 2
-    notes = [f"{label}: {tuned.steps_run} steps in {time.perf_counter() - start:.1f} s, {tuned.stopped_reason}; "
-             f"loss {first:.4g} -> {last:.4g}", f"{label}: {chosen.note()}",
-             *[f"{label}: {n}" for n in (*setup.notes, *tuned.notes)]]
-    if split is not None and not split.overlaps:
-        notes.append(f"{label}: trained without {split.describe()}, kept to judge it (give eval_fn= to train on all)")
-    summary.add(f"after {label}", final)
-    what_to_try = advice(steps, chosen.lr, chosen.how, distilled, getattr(recipe, "finetune_steps", None))
-    if judge is None:
-        return notes + judge_metrics(summary.metrics, what_to_try)
-    judge.measure(f"after {label}", final)
-    return notes + judge.lines(what_to_try)
-
-
 class _Summary:
     """The report's one summary table: estimated latency (and the metric, given `eval_fn`) of
     the input model and after each lossy step."""
@@ -686,13 +625,46 @@ class _Summary:
     def __init__(self, profile: TargetProfile, precision: str, eval_fn: Any, enabled: bool = True) -> None:
         self.profile, self.eval_fn, self.enabled = profile, eval_fn, enabled
         self.precisions = list(dict.fromkeys([profile.default_precision, precision]))
-        self.rows: list[dict[str, Any]] = []
-        self.metrics: list[tuple[str, dict[str, float]]] = []  # (stage, {metric: value}) of the rows with one
+        self._rows: list[dict[str, Any]] = []
+        self._metrics: list[tuple[str, dict[str, float]]] = []  # (stage, {metric: value}) of the rows with one
         self.scalar = False  # eval_fn returns one number (fine-tuning can then keep its best state)
+        self._pending: tuple[list[str], GraphModule] | None = None  # structural steps not yet measured
+        self._last: GraphModule | None = None  # the graph of the last row
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        self.flush()
+        return self._rows
+
+    @property
+    def metrics(self) -> list[tuple[str, dict[str, float]]]:
+        self.flush()
+        return self._metrics
+
+    def after_pass(self, record: Any, gm: GraphModule, p: Any) -> None:
+        """The pass manager's word that `p` was applied: a row after each lossy step. Structural steps
+        in a row share one ("after slim + prune"); a step with a ``stage`` name gets "after <stage>",
+        unless it added its row itself (a fine-tune judging its result)."""
+        if not (self.enabled and record.lossy):
+            return
+        stage = pass_attr(p, "stage", None)
+        if stage is None:
+            self._pending = ([*(self._pending[0] if self._pending else ()), record.name], gm)
+        elif gm is not self._last:
+            self.add(f"after {stage}", gm)
+
+    def flush(self) -> None:
+        """Measure the structural steps waiting for their row."""
+        if self._pending is not None:
+            names, gm = self._pending
+            self._pending = None
+            self.add("after " + " + ".join(names), gm)
 
     def add(self, stage: str, gm: GraphModule) -> None:
         if not self.enabled:
             return
+        self.flush()
+        self._last = gm
         row: dict[str, Any] = {"stage": stage}
         for p in self.precisions:
             cost = estimate_costs(gm, self.profile, p)
@@ -706,9 +678,9 @@ class _Summary:
             gm.train(was_training)
             self.scalar = not isinstance(metric, dict)
             values = {k: float(v) for k, v in metric.items()} if isinstance(metric, dict) else {"metric": float(metric)}
-            self.metrics.append((stage, values))
+            self._metrics.append((stage, values))
             row.update({k: round(v, 4) for k, v in values.items()})
-        self.rows.append(row)
+        self._rows.append(row)
 
     def table(self) -> dict[str, list[dict[str, Any]]]:
         return {self.TITLE: self.rows} if len(self.rows) > 1 else {}

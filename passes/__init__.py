@@ -6,6 +6,7 @@ import fxopt.passes.distill  # noqa: F401 - registers distill and strip_distill
 from fxopt.extensions import register_extension
 from fxopt.passes.canonicalize import Canonicalize, EliminateDeadCode
 from fxopt.passes.distill import hooked_copy, kept_channels, match_features
+from fxopt.passes.finetune import Finetune, QuantAwareTraining
 from fxopt.passes.fold_batchnorm import FoldBatchNorm
 from fxopt.passes.prune import PruneChannels
 from fxopt.passes.quantize import QuantizeInt8, float_twin
@@ -15,4 +16,4 @@ register_extension("float_twin", "int8", float_twin)
 register_extension("kept_channels", "prune", kept_channels)
 register_extension("feature_hooks", "distill", (match_features, hooked_copy))
 
-__all__ = ["Canonicalize", "EliminateDeadCode", "FoldBatchNorm", "PruneChannels", "QuantizeInt8", "Slim"]
+__all__ = ["Canonicalize", "EliminateDeadCode", "Finetune", "FoldBatchNorm", "PruneChannels", "QuantAwareTraining", "QuantizeInt8", "Slim"]

@@ -163,6 +163,7 @@ class Canonicalize(FxoptPass):
 
     name = "canonicalize"
     lossy = False
+    shares_weights = True  # replaces what it changes, never writes into a weight
 
     def __init__(self) -> None:
         super().__init__()
@@ -180,6 +181,7 @@ class EliminateDeadCode(FxoptPass):
 
     name = "eliminate_dead_code"
     lossy = False
+    shares_weights = True  # replaces what it changes, never writes into a weight
 
     def call(self, graph_module: GraphModule) -> PassResult:
         return PassResult(graph_module, eliminate_dead_code(graph_module))

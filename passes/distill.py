@@ -233,6 +233,7 @@ class DistillHooks(FxoptPass):
 
     name = "distill"
     lossy = False  # output[0] is the original output
+    shares_weights = True  # replaces what it changes, never writes into a weight
 
     def __init__(self, features: Sequence[str] = ()) -> None:
         super().__init__()
@@ -275,6 +276,7 @@ class StripDistillHooks(FxoptPass):
 
     name = "strip_distill"
     lossy = False
+    shares_weights = True  # replaces what it changes, never writes into a weight
 
     def call(self, graph_module: GraphModule) -> PassResult:
         if _record(graph_module) is None:

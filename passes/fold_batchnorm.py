@@ -82,6 +82,7 @@ class FoldBatchNorm(FxoptPass):
 
     name = "fold_batchnorm"
     lossy = False
+    shares_weights = True  # replaces what it changes, never writes into a weight
     after = ("prune", "slim", "canonicalize")
     before = ("quantize",)
 

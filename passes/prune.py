@@ -818,6 +818,7 @@ class PruneChannels(FxoptPass):
 
     name = "prune"
     lossy = True
+    shares_weights = True  # replaces what it changes, never writes into a weight
     reads_options = ("calib_data", "calib_labels")  # Taylor importance
     after = ("canonicalize",)
     before = ("fold_batchnorm", "quantize")

@@ -505,6 +505,8 @@ class QuantizeInt8(FxoptPass):
 
     name = "quantize"
     lossy = True
+    stage = "int8"  # its row in compile's summary table: "after int8"
+    shares_weights = True  # replaces what it changes, never writes into a weight
     after = ("canonicalize", "prune", "slim", "distill", "fold_batchnorm")
     reads_options = ("calib_data", "int8_weights")
 

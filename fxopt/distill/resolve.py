@@ -20,7 +20,7 @@ from fxopt.distill.loop import Distill, with_recipe
 from fxopt.distill.losses import ICKD, FeatureMSE, LogitKD, OutputKD, SigmoidKD
 from fxopt.errors import InputError
 
-__all__ = ["DISTILL_PARTS", "OUTPUT_KD", "FinetuneRequest", "FinetuneSetup", "resolve"]
+__all__ = ["DISTILL_PARTS", "OUTPUT_KD", "FinetuneRequest", "FinetuneSetup", "check_distill", "resolve"]
 
 KD_TEMPERATURE = 4.0  # Hinton's T for class logits; bench/results/distill.md, "Temperature"
 DENSE_TEMPERATURE = 1.0  # per-pixel heads: the teacher's maps are already soft
@@ -62,6 +62,20 @@ class FinetuneSetup:
 
     def kwargs(self) -> dict[str, Any]:
         return {"data": self.data, "loss": self.loss, "distill": self.distill, "eval_fn": self.eval_fn}
+
+
+def check_distill(distill: Any) -> None:
+    """Refuse, before any work, a `distill` that names no known part (`DISTILL_PARTS`).
+
+    Example:
+        >>> check_distill(["kd", "ickd"])
+        >>> check_distill("kdd")
+        Traceback (most recent call last):
+        ...
+        fxopt.errors.InputError: distill must name some of ['kd', 'ickd', 'mse'] (or be a Distill), got 'kdd'
+    """
+    if distill is not None and not isinstance(distill, Distill):
+        _parts(distill)
 
 
 def _parts(distill: str | Sequence[str]) -> tuple[str, ...]:
@@ -190,7 +204,10 @@ class FinetuneRequest:
 
     Attributes: compile's ``distill``, ``recipe``, ``train_data`` (`data`), ``loss``, a scalar
     ``eval_fn`` (None where compile's returns a dict), ``finetune_lr`` (None: chosen as compile
-    chooses it, `fxopt.distill.choose_lr`) and ``finetune_seed``.
+    chooses it, `fxopt.distill.choose_lr`) and ``finetune_seed``; for the ``finetune`` pass, the
+    ``teacher`` (compile's traced model; None: the graph as it comes to the pass), compile's summary
+    table ``stages`` (see `fxopt.distill.step.tune_graph`) and the pipeline's ``passes`` (a prune
+    run among them gives the kept channels to feature distillation).
     """
 
     distill: Any = None
@@ -200,6 +217,9 @@ class FinetuneRequest:
     eval_fn: Callable[[nn.Module], float] | None = None
     lr: float | None = None
     seed: int = 0
+    teacher: nn.Module | None = None
+    stages: Any = None
+    passes: tuple[Any, ...] = ()
 
     @property
     def scores(self) -> bool:

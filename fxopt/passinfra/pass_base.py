@@ -112,8 +112,17 @@ class FxoptPass(PassBase):
         before: names of passes that must run after this one when both are in a pipeline.
         reads_options: the `compile(**options)` keys the pass reads from `current_context()`;
             a key no pass in the pipeline reads is refused as a likely typo.
+        raises_input_errors: True when an `InputError` the pass raises is the user's to fix at once (the
+            fine-tune's data or loss is wrong): it stops the run. False (the default): like any other
+            failure, the pass is rolled back and the run goes on (strict mode raises).
         unchanged_reason: set by `call` when it returns ``modified=False``, saying why (the
             report shows it; default "the pass found nothing to change").
+        shares_weights: True when the pass never writes into the graph's existing parameters or
+            buffers in place, only replaces those it changes (``module.weight = nn.Parameter(new)``):
+            the copy it works on then shares every weight with the graph before it instead of copying
+            them (time and memory), and the pass manager refuses, with a `PassError`, a pass that
+            writes into one all the same. False (the default, safe for any pass): its own copy of every
+            weight, so it may re-estimate BatchNorm statistics or train in place.
 
     Example:
         >>> import torch
@@ -132,6 +141,8 @@ class FxoptPass(PassBase):
     after: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()
     reads_options: ClassVar[tuple[str, ...]] = ()
+    shares_weights: ClassVar[bool] = False
+    raises_input_errors: ClassVar[bool] = False
     unchanged_reason: str = ""
 
     def options(self) -> dict[str, Any]:

@@ -28,16 +28,17 @@ from fxopt.costs.cost_model import estimate_costs
 from fxopt.errors import InputError, PassError, PassOrderError
 from fxopt.frontend.inputs import resize_inputs
 from fxopt.frontend.tracing import propagate_shapes
-from fxopt.passinfra.pass_base import CompileContext, pass_attr, pass_name, use_context
+from fxopt.passinfra.pass_base import CompileContext, FxoptPass, pass_attr, pass_name, use_context
 from fxopt.passinfra.registry import create_pass
 from fxopt.verification.numerics import TOLERANCES, compare_outputs, output_signature, run_model
 
-__all__ = ["FILES_META", "INPUT_SHAPES_META", "MANIFEST_META", "PRECISION_META", "PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
+__all__ = ["FILES_META", "INPUT_SHAPES_META", "MANIFEST_META", "NOTES_META", "PRECISION_META", "PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
 
 INPUT_SHAPES_META = "fxopt_input_shapes"
 FILES_META = "fxopt_files"  # files a pass leaves for the output folder: name -> bytes or text
 MANIFEST_META = "fxopt_manifest"  # facts a pass records for manifest.json (plain data): key -> value
 PRECISION_META = "fxopt_precision"  # the precision a pass made the graph run at ("int8": it holds Q/DQ)
+NOTES_META = "fxopt_notes"  # report lines a pass leaves (a fine-tune's judgement): a list of str
 
 PassLike = Any  # an FxoptPass, a torch.fx PassBase, or a callable gm -> PassResult | GraphModule
 
@@ -93,6 +94,14 @@ class PipelineResult:
     graph_module: GraphModule
     records: list[PassRecord] = field(default_factory=list)
     context: CompileContext | None = None
+    outputs: list[Any] | None = None  # the final graph's outputs on `context.verification_inputs`, when checked
+
+    def known_outputs(self) -> list[tuple[tuple[Any, ...], Any]]:
+        """(input set, the final graph's outputs on it) for every verification set, so a later check
+        (the ONNX file's parity) need not run the graph again; empty when numerics were not checked."""
+        if self.outputs is None or self.context is None:
+            return []
+        return list(zip(self.context.verification_inputs, self.outputs))
 
 
 def resolve_passes(passes: Sequence[PassLike | str]) -> list[PassLike]:
@@ -165,6 +174,8 @@ class PassManager:
         strict: raise `PassError` on the first failed pass instead of rolling back and going on.
         check_numerics: compare outputs after each pass (on by default; the contract needs it).
         progress: show a progress bar on stderr.
+        on_applied: called as ``on_applied(record, graph_module, pass)`` after each applied pass
+            (compile's summary table measures the model after each lossy step).
 
     Example:
         >>> import torch, fxopt
@@ -183,11 +194,13 @@ class PassManager:
         strict: bool = False,
         check_numerics: bool = True,
         progress: bool = False,
+        on_applied: Callable[[PassRecord, GraphModule, PassLike], None] | None = None,
     ) -> None:
         self.passes = order_passes(resolve_passes(passes))
         self.strict = strict
         self.check_numerics = check_numerics
         self.progress = progress
+        self.on_applied = on_applied
 
     @property
     def names(self) -> list[str]:
@@ -210,6 +223,8 @@ class PassManager:
                 iterator.set_postfix_str(pass_name(p))
             record, current, reference, stats = self._run_one(p, current, reference, stats, context, result)
             result.records.append(record)
+            if self.on_applied is not None and record.status == "applied":
+                self.on_applied(record, current, p)
             shapes = current.meta.pop(INPUT_SHAPES_META, None)
             if shapes is not None and record.status == "applied":
                 context = with_input_shapes(context, shapes)
@@ -217,6 +232,7 @@ class PassManager:
                 reference = _run_all(current, context) if context.verification_inputs else None
                 stats = GraphStats.of(current, context)
         result.graph_module, result.context = current, context
+        result.outputs = reference if self.check_numerics else None
         return result
 
     def _run_one(
@@ -232,10 +248,13 @@ class PassManager:
         options = p.options() if hasattr(p, "options") else {}
         base = {"name": name, "lossy": lossy, "options": options, "before": stats}
         start = time.perf_counter()
-        candidate = _copy_graph_module(gm)
+        shared = _SharedWeights.of(gm) if isinstance(p, FxoptPass) and p.shares_weights else None
+        candidate = _copy_graph_module(gm, shared)
         try:
             with use_context(context):
                 res = _as_result(p(candidate), candidate)
+            if shared is not None:
+                shared.check_untouched(name)
             new_gm = res.graph_module
             if not res.modified:
                 if str(new_gm.graph) != str(gm.graph):
@@ -255,7 +274,11 @@ class PassManager:
                 outputs = _run_all(new_gm, context)
                 deviation = _worst_deviation(outputs, reference, lossy)
             new_stats = GraphStats.of(new_gm, context)
+        except _WroteSharedWeight as exc:  # the graph before the pass is damaged: nothing to roll back to
+            raise PassError(name, str(exc), ran_before=[r.name for r in result.records if r.status == "applied"]) from None
         except Exception as exc:  # noqa: BLE001 - every pass failure is reported, then rolled back or raised
+            if isinstance(exc, InputError) and pass_attr(p, "raises_input_errors", False):
+                raise  # the user's data or loss is wrong: a rollback would hide it
             reason = str(exc) if isinstance(exc, _ContractBroken) else f"{type(exc).__name__}: {exc}"
             if self.strict:
                 ran = [r.name for r in result.records if r.status == "applied"]
@@ -324,8 +347,40 @@ def _check_deviation(deviation: Any, lossy: bool, outputs: Any, reference: Any) 
         )
 
 
-def _copy_graph_module(gm: GraphModule) -> GraphModule:
-    return copy.deepcopy(gm)  # copies gm.meta too, so a rolled-back pass leaves no trace
+class _WroteSharedWeight(Exception):
+    """A pass wrote into a weight it shares with the graph before it."""
+
+
+@dataclass(frozen=True)
+class _SharedWeights:
+    """The parameters and buffers a pass's copy shares with the graph before it (copy on write: a
+    pass replaces a tensor it changes), with what shows an in-place write: the version counter
+    (every in-place op bumps it) and the storage (``.data = ...`` swaps it)."""
+
+    tensors: dict[str, Any]
+    marks: dict[str, tuple[int, int]]
+
+    @classmethod
+    def of(cls, gm: GraphModule) -> _SharedWeights:
+        tensors = {name: t for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
+        return cls(tensors, {name: (t._version, t.data_ptr()) for name, t in tensors.items()})
+
+    def memo(self) -> dict[int, Any]:
+        return {id(t): t for t in self.tensors.values()}
+
+    def check_untouched(self, pass_label: str) -> None:
+        for name, t in self.tensors.items():
+            if (t._version, t.data_ptr()) != self.marks[name]:
+                raise _WroteSharedWeight(
+                    f"wrote into '{name}' in place, a tensor its copy shares with the graph before it (the graph it would roll "
+                    f"back to is changed too); replace the tensor instead (module.weight = nn.Parameter(new)), or leave "
+                    f"shares_weights False on the pass ({pass_label}) to get its own copy of every weight")
+
+
+def _copy_graph_module(gm: GraphModule, shared: _SharedWeights | None = None) -> GraphModule:
+    """A copy of `gm` for a pass to change (gm.meta too, so a rolled-back pass leaves no trace);
+    given `shared`, its parameters and buffers are `gm`'s own tensors, not copies."""
+    return copy.deepcopy(gm, shared.memo() if shared is not None else None)
 
 
 def _carry_meta(src: GraphModule, dst: GraphModule) -> None:

@@ -175,3 +175,82 @@ def test_pass_sees_the_compile_context():
     calib = [(torch.randn(1, 4),), (torch.randn(3, 4),)]
     fxopt.compile(model, "xavier", example_inputs=(torch.randn(1, 4),), passes=[make_pass("look", action=look)], calib_data=calib)
     assert seen["target"] == "xavier" and [b[0] for b in seen["calib"]] == [b[0] for b in calib]
+
+
+def _sharing(pass_name, action, *, lossy=True):
+    p = make_pass(pass_name, lossy=lossy, action=action)
+    type(p).shares_weights = True
+    return p
+
+
+def replace_weight(gm):
+    conv = gm.get_submodule("3")
+    conv.weight = nn.Parameter(conv.weight.detach() * 1.01)  # copy on write: a new tensor
+    return PassResult(gm, True)
+
+
+def test_a_sharing_pass_works_on_a_copy_that_shares_the_unchanged_weights():
+    _, x, gm, ctx = small()
+    reference = gm(*x)
+    result = fxopt.PassManager([_sharing("replacer", replace_weight)]).run(gm, ctx)
+    assert result.records[0].status == "applied"
+    out = result.graph_module
+    assert out.get_submodule("0").weight is gm.get_submodule("0").weight  # unchanged: shared, not copied
+    assert out.get_submodule("3").weight is not gm.get_submodule("3").weight
+    assert torch.equal(gm(*x), reference)  # the input graph is intact
+
+
+def test_a_pass_keeps_its_own_copy_of_the_weights_by_default():
+    _, x, gm, ctx = small()
+    reference = gm(*x)
+    result = fxopt.PassManager([make_pass("honest", lossy=True, action=perturb_weight)]).run(gm, ctx)
+    assert result.records[0].status == "applied"
+    assert result.graph_module.get_submodule("0").weight is not gm.get_submodule("0").weight
+    assert torch.equal(gm(*x), reference)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_sharing_pass_that_writes_into_a_weight_is_refused_by_name(strict):
+    _, _, gm, ctx = small()
+    with pytest.raises(fxopt.PassError, match=r"'3\.weight' in place.*shares_weights"):
+        fxopt.PassManager([_sharing("writer", perturb_weight)], strict=strict).run(gm, ctx)
+
+
+def test_a_sharing_pass_that_swaps_a_weights_data_is_refused():
+    def swap(gm):
+        conv = gm.get_submodule("0")
+        conv.weight.data = conv.weight.data * 2
+        return PassResult(gm, True)
+
+    _, _, gm, ctx = small()
+    with pytest.raises(fxopt.PassError, match=r"'0\.weight' in place"):
+        fxopt.PassManager([_sharing("swapper", swap)]).run(gm, ctx)
+
+
+def test_fxopts_own_structural_passes_share_weights():
+    from fxopt.passinfra.registry import create_pass
+
+    assert {n for n in ("canonicalize", "fold_batchnorm", "prune", "quantize") if create_pass(n).shares_weights} == {
+        "canonicalize", "fold_batchnorm", "prune", "quantize"}
+    assert not create_pass("slim").shares_weights  # it re-estimates BatchNorm statistics in place
+
+
+def _refusing(flag):
+    def refuse(gm):
+        raise fxopt.InputError("loss= must return a scalar tensor")
+
+    p = make_pass("refuser", lossy=True, action=refuse)
+    type(p).raises_input_errors = flag
+    return p
+
+
+def test_an_input_error_of_a_pass_that_raises_them_stops_the_run():
+    _, _, gm, ctx = small()
+    with pytest.raises(fxopt.InputError, match="must return a scalar"):
+        fxopt.PassManager([_refusing(True)]).run(gm, ctx)
+
+
+def test_an_input_error_of_any_other_pass_is_rolled_back():
+    _, _, gm, ctx = small()
+    record = fxopt.PassManager([_refusing(False)]).run(gm, ctx).records[0]
+    assert record.status == "rolled_back" and "must return a scalar" in record.reason

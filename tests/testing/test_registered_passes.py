@@ -6,12 +6,12 @@ with its default construction, or with an entry in `PASS_SETUPS` when it needs o
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -26,13 +26,13 @@ class PassSetup:
     """How to exercise one pass: a factory of fresh instances, context options, models to draw.
 
     Attributes:
-        factory: returns a fresh pass (None: ``fxopt.create_pass(name)``).
+        factory: example inputs -> a fresh pass (None: ``fxopt.create_pass(name)``).
         options: example inputs -> compile-context options (e.g. calibration data).
         strategy: the models to draw (default: every family).
         atol: for lossy passes, the largest deviation accepted (None: only reported).
     """
 
-    factory: Callable[[], Any] | None = None
+    factory: Callable[[tuple[Any, ...]], Any] | None = None
     options: Callable[[tuple[Any, ...]], dict[str, Any]] = field(default=lambda inputs: {})
     strategy: Callable[[], st.SearchStrategy[Any]] = models
     atol: float | None = None
@@ -40,12 +40,29 @@ class PassSetup:
 
 # Passes that need options or data; every other built-in pass is built with no arguments.
 PASS_SETUPS: dict[str, PassSetup] = {
-    "prune": PassSetup(factory=functools.partial(fxopt.create_pass, "prune", amount=0.3)),
+    "prune": PassSetup(factory=lambda inputs: fxopt.create_pass("prune", amount=0.3)),
     "quantize": PassSetup(options=lambda inputs: {"calib_data": [inputs]}),
     # a budget every drawn model meets (its contract, not the search, is under test), estimated (no ORT timing)
-    "slim": PassSetup(factory=lambda: fxopt.passes.Slim(latency_ms=1e6, trials=2, seed=0, measure="estimate"),
+    "slim": PassSetup(factory=lambda inputs: fxopt.passes.Slim(latency_ms=1e6, trials=2, seed=0, measure="estimate"),
                       options=lambda inputs: {"calib_data": [inputs]}),
+    # two steps distilling the drawn model's own outputs (no labels), on batches of two or more (BatchNorm trains
+    # on them); QAT on a float graph has nothing to train
+    "finetune": PassSetup(factory=lambda inputs: fxopt.passes.Finetune(steps=2, data=[(inputs, None)], lr=1e-4, distill=_output_match()),
+                          strategy=lambda: models().filter(_batched)),
+    "qat": PassSetup(factory=lambda inputs: fxopt.passes.QuantAwareTraining(steps=2, data=[(inputs, None)], lr=1e-4,
+                                                                          distill=_output_match())),
 }
+
+
+def _batched(drawn: tuple[Any, tuple[Any, ...]]) -> bool:
+    return all(x.shape[0] >= 2 for x in drawn[1] if isinstance(x, torch.Tensor) and x.dim() > 0)
+
+
+def _output_match() -> Any:
+    from fxopt.distill import Distill
+    from fxopt.passes.slim import OutputMatch
+
+    return Distill(logits=OutputMatch())
 
 
 def builtin_pass_names() -> list[str]:
@@ -53,9 +70,9 @@ def builtin_pass_names() -> list[str]:
     return sorted(name for name, cls in registered_passes().items() if cls.__module__.startswith("fxopt.passes."))
 
 
-def make_pass(name: str) -> Any:
+def make_pass(name: str, inputs: tuple[Any, ...] = (torch.randn(1, 3),)) -> Any:
     setup = PASS_SETUPS.get(name)
-    return setup.factory() if setup is not None and setup.factory is not None else fxopt.create_pass(name)
+    return setup.factory(inputs) if setup is not None and setup.factory is not None else fxopt.create_pass(name)
 
 
 def test_every_builtin_pass_is_registered_by_name():
@@ -83,7 +100,7 @@ def test_pass_keeps_its_contract_on_drawn_models(name):
     @given(setup.strategy())
     def contract(drawn):
         model, inputs = drawn
-        result = check_pass(lambda: make_pass(name), model, inputs, atol=setup.atol, **setup.options(inputs))
+        result = check_pass(lambda: make_pass(name, inputs), model, inputs, atol=setup.atol, **setup.options(inputs))
         event(f"{name}: {result.record.status}")
 
     contract()
