@@ -688,15 +688,16 @@ class Slim(FxoptPass):
         # Optuna 5 reads constraints the objective sets on the trial; older releases take a function
         constraints = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": search.constraints}
         sampler = optuna.samplers.TPESampler(seed=self.settings.seed, n_startup_trials=min(10, max(2, self.settings.trials // 3)), **constraints)
-        name = self.settings.study_name or f"fxopt-slim-{space.fingerprint()}"
+        fingerprint = search.fingerprint()
+        name = self.settings.study_name or f"fxopt-slim-{fingerprint}"
         study = optuna.create_study(storage=storage, sampler=sampler, study_name=name,
                                     direction="minimize", load_if_exists=True)
-        known = study.user_attrs.get("fxopt_space")
+        known = study.user_attrs.get("fxopt_search")
         if known is None:
-            study.set_user_attr("fxopt_space", space.fingerprint())
-        elif known != space.fingerprint():
-            raise InputError(f"slim: study '{name}' in {self.settings.storage} was made for another search space (model, "
-                             "target or options differ); use another study_name")
+            study.set_user_attr("fxopt_search", fingerprint)
+        elif known != fingerprint:
+            raise InputError(f"slim: study '{name}' in {self.settings.storage} was made for another search (model, weights, "
+                             "calibration data, target, precision, latency budget or options differ); use another study_name")
         return study
 
 
@@ -710,6 +711,20 @@ class _Search:
         self._bar: Any = None
         self.tuned: dict[int, float] = {}  # trial number -> proxy (or -metric) after the short fine-tune
         self.tuned_by = "proxy"  # or "metric": compile's fine-tune scored the re-rank
+
+    def fingerprint(self) -> str:
+        """What a trial's value and constraint depend on: the search space, the weights and calibration
+        batches (the proxy), the target, precision and latency budget (the constraint). Workers
+        sharing a storage share a study only where all of these agree."""
+        digest = hashlib.sha256(self.space.fingerprint().encode())
+        digest.update(f"{self.target.name}|{self.precision}|{self.budget_s * 1e3:.6g}".encode())
+        for t in [*self.space.gm.state_dict().values(), *(x for b in self.batches for x in b)]:
+            if isinstance(t, torch.Tensor):
+                t = t.detach().cpu().contiguous()
+                digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                if t.numel():
+                    digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return digest.hexdigest()[:16]
 
     # the search space as Optuna parameters
     def params_of(self, c: SlimCandidate) -> dict[str, Any]:

@@ -737,3 +737,18 @@ def test_options_are_one_validated_settings_record():
         Slim(latency_ratio=0.5, trails=3)
     with pytest.raises(fxopt.InputError, match="not both"):
         Slim(SlimSettings(latency_ms=2.0), trials=3)
+
+
+def test_a_shared_storage_keeps_one_study_per_budget_and_refuses_a_named_study_of_another(tmp_path):
+    storage = str(tmp_path / "studies.journal")
+    runs = {}
+    for ratio in (0.8, 0.8, 0.7):
+        p = Slim(latency_ratio=ratio, trials=2, seed=0, storage=storage, measure="estimate")
+        _run(p, fxopt.trace(_model(), X))
+        runs.setdefault(ratio, []).append(p.study)
+    assert runs[0.8][0].study_name == runs[0.8][1].study_name  # the same search: one study, its trials accumulate
+    assert len(runs[0.8][1].trials) == 4
+    assert runs[0.7][0].study_name != runs[0.8][0].study_name  # another budget: its constraint values are not this one's
+    p = Slim(latency_ratio=0.7, trials=2, seed=0, storage=storage, study_name=runs[0.8][0].study_name, measure="estimate")
+    with pytest.raises(fxopt.InputError, match="made for another search .*latency budget"):
+        _run(p, fxopt.trace(_model(), X))
