@@ -15,6 +15,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxopt.costs.cost_model import estimate_costs
+from fxopt.distill.device import training_device
 from fxopt.distill.resolve import FinetuneRequest, check_distill
 from fxopt.errors import InputError, warn
 from fxopt.extensions import extension
@@ -226,6 +227,7 @@ def compile(  # noqa: A001 - the public name the design asks for
     distill: Any = None,
     recipe: Any = None,
     eval_fn: Any = None,
+    device: str | torch.device | None = None,
     dynamic_batch: tuple[int, int, int] | None = None,
     **options: Any,
 ) -> CompiledModel:
@@ -271,6 +273,11 @@ def compile(  # noqa: A001 - the public name the design asks for
             the fine-tune; the report's summary gets an "after QAT" row beside "after int8" (0: PTQ only).
         finetune_seed: seeds that fine-tune (torch's generators and a recipe's batches): the same
             seed repeats it exactly; other seeds show how much of a result is the fine-tune's luck.
+        device: where the fine-tune, QAT and slim's trial fine-tunes run (``"cpu"``, ``"cuda"``,
+            ``"cuda:1"``); None: CUDA when available, else the CPU. The graph moves there for the
+            steps and back to the CPU after them (ONNX export and verification run there); int8
+            calibration, the passes' checks and the summary's metrics stay on the CPU. A device not
+            available here is an `InputError` before any work.
         distill: ``"kd"``, ``"ickd"``, ``["kd", "ickd"]`` (see `fxopt.distill.resolve`: the
             output KD form follows the model's outputs) or an `fxopt.distill.Distill`; the kept
             channels of a `prune` pass in the pipeline are filled in for it.
@@ -303,7 +310,8 @@ def compile(  # noqa: A001 - the public name the design asks for
     start = time.perf_counter()
     request = _request(model, target, example_inputs, passes=passes, precision=precision, strict=strict, export=export,
                        progress=progress, leaf_modules=leaf_modules, save_to=save_to, safety=safety, stages=stages,
-                       tuning=_Tuning(train_data, loss, finetune_steps, finetune_lr, finetune_seed, qat_steps, distill, recipe, eval_fn),
+                       tuning=_Tuning(train_data, loss, finetune_steps, finetune_lr, finetune_seed, qat_steps, distill, recipe, eval_fn,
+                                      device),
                        dynamic_batch=dynamic_batch, options=options)
     phases = Phases(request.phase_names(), enabled=progress)
     try:
@@ -333,6 +341,7 @@ class _Tuning:
     distill: Any
     recipe: Any
     eval_fn: Any
+    device: Any = None
 
     @property
     def any(self) -> bool:
@@ -411,6 +420,8 @@ def _request(model: Any, target: Any, example_inputs: Any, *, passes: Any, preci
 
 
 def _check_tuning(tuning: _Tuning, options: dict[str, Any], precision: str, staged_or_strict: bool) -> None:
+    if tuning.device is not None:
+        training_device(tuning.device)  # a device this host does not have, named with the ones it has
     if tuning.finetune_steps and options.get("resolutions") is not None:
         raise InputError("fine-tuning after slim's resolution choice is not supported: its training data and targets "
                          "have the example's size; leave out resolutions= or finetune_steps=")
@@ -475,7 +486,8 @@ def _run_pipeline(request: _Request, traced: _Traced, phases: Phases) -> _Pipeli
     pipeline = list(requested)
     if tuning.any:
         tune = FinetuneRequest(tuning.distill, tuning.recipe, tuning.train_data, tuning.loss, tuning.eval_fn if summary.scalar else None,
-                               tuning.finetune_lr, tuning.finetune_seed, teacher=gm, stages=summary, passes=tuple(requested))
+                               tuning.finetune_lr, tuning.finetune_seed, teacher=gm, stages=summary, passes=tuple(requested),
+                               device=tuning.device)
         if tuning.finetune_steps:  # passes choosing between candidates fine-tune them the same way (slim's re-rank)
             context = replace(context, finetune=tune)
             pipeline.append(create_pass("finetune", steps=tuning.finetune_steps, progress=request.progress, **_fields(tune)))

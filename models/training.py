@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxopt.distill.device import home_device, to_device, training_device
 from fxopt.errors import InputError
 from fxopt.models.registry import TrainingRecipe, spec
 from fxopt.verification.numerics import recalibrate_batchnorm
@@ -43,6 +44,7 @@ def train(
     seed: int = 0,
     progress: bool | None = None,
     model: nn.Module | None = None,
+    device: str | torch.device | None = None,
     **cfg: Any,
 ) -> TrainResult:
     """Train the model registered as `name` with its recipe and evaluate it.
@@ -54,6 +56,11 @@ def train(
         progress: show a progress bar (default: when stderr is a terminal).
         model: train this module (a deep copy is not taken: pass a copy to keep the original)
             instead of a fresh ``create(name, **cfg)``; used to fine-tune compressed models.
+        device: where the optimiser steps run (``"cpu"``, ``"cuda"``, ``"cuda:1"``; None: CUDA when
+            available, else the CPU; a device not available here is an `InputError`, before any
+            work). The model moves there for the steps, each batch at its step; it comes back to
+            the device it started on (a fresh one: the CPU) before the BatchNorm re-estimate and
+            the evaluation, which run there as the recipe wrote them.
         **cfg: the model config, as for ``create``.
 
     Returns:
@@ -63,30 +70,12 @@ def train(
     steps = recipe.steps if steps is None else steps
     if steps < 0:
         raise InputError(f"steps must be >= 0, got {steps}")
+    where = training_device(device)
     torch.manual_seed(seed)
     net = model if model is not None else spec(name).build(**cfg)
     generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=recipe.lr)
-    show = sys.stderr.isatty() if progress is None else progress
-    iterator: Any = range(steps)
-    if show:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc=f"train {name}", unit="step", leave=False)
-    losses: list[float] = []
     start = time.perf_counter()
-    net.train()
-    for step in iterator:
-        inputs, targets = recipe.batch(step, generator)
-        loss = recipe.loss(net(*inputs), targets)
-        if not torch.isfinite(loss):
-            raise InputError(f"training '{name}' diverged at step {step} (loss {float(loss.detach())})")
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss.detach()))
-        if show:
-            iterator.set_postfix(loss=f"{losses[-1]:.4f}")
+    losses = _optimise(net, name, recipe, steps, generator, where, sys.stderr.isatty() if progress is None else progress)
     if recipe.bn_batches:
         recalibrate_batchnorm(net, [tuple(recipe.batch(steps + i, generator)[0]) for i in range(recipe.bn_batches)])
     elapsed = time.perf_counter() - start
@@ -95,6 +84,38 @@ def train(
         metrics = recipe.evaluate(net)
     chance = recipe.chance() if callable(recipe.chance) else recipe.chance
     return TrainResult(net, metrics, dict(chance), losses, elapsed)
+
+
+def _optimise(net: nn.Module, name: str, recipe: TrainingRecipe, steps: int, generator: torch.Generator,
+              where: torch.device, show: bool) -> list[float]:
+    """`steps` Adam steps on the recipe's batches, on `where`; `net` ends on its own device again."""
+    home = home_device(net)
+    if home != where:
+        net.to(where)
+    optimiser = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=recipe.lr)
+    iterator: Any = range(steps)
+    if show:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=f"train {name}", unit="step", leave=False)
+    losses: list[float] = []
+    net.train()
+    try:
+        for step in iterator:
+            inputs, targets = to_device(recipe.batch(step, generator), where)
+            loss = recipe.loss(net(*inputs), targets)
+            if not torch.isfinite(loss):
+                raise InputError(f"training '{name}' diverged at step {step} (loss {float(loss.detach())})")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            if show:
+                iterator.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        if home != where:
+            net.to(home)
+    return losses
 
 
 def recipe(name: str, **cfg: Any) -> TrainingRecipe:

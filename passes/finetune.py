@@ -38,8 +38,10 @@ class Finetune(FxoptPass):
         steps: optimiser steps.
         progress: a progress bar over the steps.
         **request: `FinetuneRequest` fields (``data``, ``loss``, ``recipe``, ``distill``,
-            ``eval_fn``, ``lr``, ``seed``, ``teacher``) for a pass run outside `fxopt.compile`;
-            compile's own request (``CompileContext.finetune``) is used where none are given.
+            ``eval_fn``, ``lr``, ``seed``, ``teacher``, ``device``) for a pass run outside
+            `fxopt.compile`; compile's own request (``CompileContext.finetune``) is used where none
+            are given. The graph trains on ``device`` (None: CUDA when available, else the CPU) and
+            comes back to the device it came on before the pass returns.
 
     Example:
         >>> import torch, fxopt

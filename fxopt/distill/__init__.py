@@ -9,6 +9,7 @@
 `judge` tells whether a fine-tune left the model far below the input model.
 """
 
+from fxopt.distill.device import available_devices, describe_device, training_device
 from fxopt.distill.judge import (
     HeldBack,
     HeldOutJudge,
@@ -33,5 +34,6 @@ from fxopt.distill.resolve import FinetuneRequest, FinetuneSetup, resolve
 __all__ = [
     "ICKD", "LR_CANDIDATES", "Distill", "FeatureMSE", "FinetuneRequest", "FinetuneResult", "FinetuneSetup", "HeldBack", "HeldOutJudge",
     "LogitKD", "LrChoice", "OutputKD", "RecipeBatches", "SigmoidKD", "TensorBatches", "advice", "agreement", "channel_correlation",
-    "choose_lr", "finetune", "hold_back", "judge_metrics", "range_test", "recipe_metric", "resolve", "trial_loss",
+    "available_devices", "choose_lr", "describe_device", "finetune", "hold_back", "judge_metrics", "range_test", "recipe_metric",
+    "resolve", "training_device", "trial_loss",
 ]

@@ -9,10 +9,12 @@ the graph that shares the student's parameters; the student's own graph never ch
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
+from fxopt.distill.device import home_device, to_device, training_device
 from fxopt.errors import FxoptWarning, InputError, warn
 from fxopt.frontend.tracing import propagate_shapes
 
@@ -68,6 +71,7 @@ class FinetuneResult:
         best_step: the step whose state the student holds at the end (None: the last step).
         stopped_reason: ``"completed"`` or ``"non-finite loss (nan) at step k"``.
         notes: what happened that a user should know (a restored state, a stop).
+        device: where the steps ran (``"cpu"``, ``"cuda:0"``).
     """
 
     steps_run: int = 0
@@ -77,6 +81,7 @@ class FinetuneResult:
     best_step: int | None = None
     stopped_reason: str = "completed"
     notes: list[str] = field(default_factory=list)
+    device: str = "cpu"
 
     def summary(self) -> str:
         """One line per fact: steps, stop reason, best metric, notes."""
@@ -254,12 +259,12 @@ class _Models:
         return out, t_out, pairs
 
 
-def _prepare(student: nn.Module, teacher: nn.Module | None, distill: Distill | None, first: tuple[Any, ...]) -> _Models:
+def _prepare(student: nn.Module, teacher: nn.Module | None, distill: Distill | None, first: tuple[Any, ...],
+             device: torch.device) -> _Models:
     if distill is None:
         return _Models(student, None, None)
     if teacher is None:
         raise InputError("distill= needs a teacher=")
-    teacher = getattr(teacher, "graph_module", teacher)  # a CompiledModel
     teacher.eval()
     features = distill.features
     if not features or distill.feature_loss is None:
@@ -278,12 +283,58 @@ def _prepare(student: nn.Module, teacher: nn.Module | None, distill: Distill | N
     _with_shapes(student, first)
     _with_shapes(teacher, first)
     pairs = match_features(student, teacher, features, kept=distill.kept)
-    match = _FeatureMatch(pairs)
+    match = _FeatureMatch(pairs).to(device)
     return _Models(
         hooked_copy(student, list(dict.fromkeys(p.student for p in pairs))),
         hooked_copy(teacher, list(dict.fromkeys(p.teacher for p in pairs))),
         match,
     )
+
+
+class _Placement:
+    """The models of one run on the training device: the student moved there in place for the
+    steps (and back to where it started on leaving, or while `at_home`), the teacher as a copy
+    there (it may share weights with graphs that must stay where they are)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, device: torch.device) -> None:
+        self.student, self.device, self.home = student, device, home_device(student)
+        teacher = getattr(teacher, "graph_module", teacher)  # a CompiledModel
+        self.teacher = teacher if teacher is None or home_device(teacher) == device else _copy_on(teacher, device)
+
+    @property
+    def rng_devices(self) -> list[int]:
+        """The CUDA devices whose generators the run forks (seeded, restored afterwards)."""
+        return [self.device.index] if self.device.type == "cuda" else []
+
+    def __enter__(self) -> _Placement:
+        if self.home != self.device:  # at home: not touched at all
+            self.student.to(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.home != self.device:
+            self.student.to(self.home)
+
+    @contextmanager
+    def at_home(self) -> Iterator[None]:
+        """The student back on its own device meanwhile: an eval_fn written for it runs unchanged."""
+        if self.home == self.device:
+            yield
+            return
+        self.student.to(self.home)
+        try:
+            yield
+        finally:
+            self.student.to(self.device)
+
+
+def _copy_on(module: nn.Module, device: torch.device) -> nn.Module:
+    # each weight copied once, straight to the device (no second copy on the host)
+    memo: dict[int, Any] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        moved = t.detach().to(device)
+        memo[id(t)] = nn.Parameter(moved, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else moved
+    return copy.deepcopy(module, memo)
 
 
 def _state(model: nn.Module) -> dict[str, Tensor]:
@@ -310,6 +361,7 @@ def finetune(
     seed: int = 0,
     progress: bool | None = None,
     recipe: Any = None,
+    device: str | torch.device | None = None,
 ) -> FinetuneResult:
     """Fine-tune `student` in place for `steps` steps and leave it in eval mode.
 
@@ -338,6 +390,12 @@ def finetune(
         recipe: a bundled model's `fxopt.models.TrainingRecipe` (``fxopt.models.spec(name).recipe``)
             standing in for what is not given: `data` (its seeded batches, `RecipeBatches`), `loss`
             and `eval_fn` (its first metric, `recipe_metric`).
+        device: where the steps run: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a torch.device; None:
+            CUDA when available, else the CPU (`fxopt.distill.device.training_device`; a device not
+            available here is an `InputError`). The student moves there for the steps and comes back
+            to the device it started on; the teacher runs there as a copy; each batch moves there
+            at its step; `eval_fn` sees the student on its own device, so one written for the CPU
+            runs unchanged.
 
     Returns:
         A `FinetuneResult`. A NaN/Inf loss stops the run before its step is taken; the best
@@ -362,21 +420,24 @@ def finetune(
         raise InputError("nothing to train on: give loss= and/or distill=")
     student = getattr(student, "graph_module", student) if not isinstance(student, GraphModule) else student
     every = eval_every or max(1, steps // 10)
-    with torch.random.fork_rng(devices=[]):
+    place = _Placement(student, teacher, training_device(device))
+    with torch.random.fork_rng(devices=place.rng_devices), place:
         torch.manual_seed(seed)
-        return _Loop(student, data, loss, teacher, distill, steps, lr, optimizer, schedule, eval_fn, every, progress).run()
+        return _Loop(place, data, loss, distill, steps, lr, optimizer, schedule, eval_fn, every, progress).run()
 
 
 def trial_loss(student: nn.Module, data: Iterable[Any], held: Sequence[Any], *, loss: Callable[[Any, Any], Tensor] | None,
-               teacher: nn.Module | None, distill: Distill | None, steps: int, lr: float, seed: int = 0) -> float:
+               teacher: nn.Module | None, distill: Distill | None, steps: int, lr: float, seed: int = 0,
+               device: str | torch.device | None = None) -> float:
     """Train `student` in place for `steps` steps at the constant rate `lr` (no evaluation, no
-    restore), then return its mean loss on the `held` batches; inf where the loss diverged.
-    One arm of a learning-rate range test (`fxopt.distill.lr_range`)."""
+    restore) on `device` (as `finetune`'s), then return its mean loss on the `held` batches; inf
+    where the loss diverged. One arm of a learning-rate range test (`fxopt.distill.lr_range`)."""
     student = getattr(student, "graph_module", student) if not isinstance(student, GraphModule) else student
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    place = _Placement(student, teacher, training_device(device))
+    with torch.random.fork_rng(devices=place.rng_devices), place, warnings.catch_warnings():
         warnings.simplefilter("ignore", FxoptWarning)  # a diverging arm is a result here, not news
         torch.manual_seed(seed)
-        run = _Loop(student, data, loss, teacher, distill, steps, lr, None, "constant", None, max(1, steps), False)
+        run = _Loop(place, data, loss, distill, steps, lr, None, "constant", None, max(1, steps), False)
         result = run.run()
         if result.stopped_reason != "completed":
             return math.inf
@@ -387,14 +448,15 @@ def trial_loss(student: nn.Module, data: Iterable[Any], held: Sequence[Any], *, 
 class _Loop:
     """One fine-tune run: the state `finetune` threads through its steps."""
 
-    def __init__(self, student: nn.Module, data: Iterable[Any], loss: Any, teacher: Any, distill: Distill | None,
+    def __init__(self, place: _Placement, data: Iterable[Any], loss: Any, distill: Distill | None,
                  steps: int, lr: float, optimizer: Any, schedule: str, eval_fn: Any, every: int, progress: bool | None) -> None:
-        self.student, self.loss, self.distill, self.steps = student, loss, distill, steps
+        student = place.student
+        self.place, self.student, self.loss, self.distill, self.steps = place, student, loss, distill, steps
         self.eval_fn, self.every = eval_fn, every
         self.batches = _cycle(data)
         first = next(self.batches)
         self.pending = [first]
-        self.models = _prepare(student, teacher, distill, _unpack(first)[0])
+        self.models = _prepare(student, place.teacher, distill, to_device(_unpack(first)[0], place.device), place.device)
         params = [p for p in student.parameters() if p.requires_grad]
         if self.models.match is not None:
             params += list(self.models.match.parameters())
@@ -403,7 +465,7 @@ class _Loop:
         self.optimizer = (optimizer or (lambda ps: torch.optim.Adam(ps, lr=lr)))(params)
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, steps))
                           if schedule == "cosine" else None)
-        self.result = FinetuneResult()
+        self.result = FinetuneResult(device=str(place.device))
         self.best_state: dict[str, Tensor] = _state(student)
         self.show = _show_progress(progress)
 
@@ -414,7 +476,8 @@ class _Loop:
         return self.terms(*self.next_batch())
 
     def terms(self, args: tuple[Any, ...], target: Any) -> tuple[Tensor, dict[str, float]]:
-        """The step's loss on one batch: the total and its parts."""
+        """The step's loss on one batch (moved to the training device): the total and its parts."""
+        args, target = to_device(args, self.place.device), to_device(target, self.place.device)
         out, t_out, pairs = self.models.run(args)
         d = self.distill or Distill()
         terms: dict[str, Tensor] = {}
@@ -441,13 +504,14 @@ class _Loop:
                 self.best_state = _state(self.student)  # the last finite checkpoint
             return
         self.student.eval()
-        with torch.no_grad():
-            metric = float(self.eval_fn(self.student))
+        with self.place.at_home():
+            with torch.no_grad():
+                metric = float(self.eval_fn(self.student))
+            if self.result.best_metric is None or metric > self.result.best_metric:
+                self.result.best_metric, self.result.best_step = metric, step
+                self.best_state = _state(self.student)  # kept on the student's own device
         self.student.train()
         self.result.evals.append((step, metric))
-        if self.result.best_metric is None or metric > self.result.best_metric:
-            self.result.best_metric, self.result.best_step = metric, step
-            self.best_state = _state(self.student)
 
     def run(self) -> FinetuneResult:
         from tqdm.auto import tqdm

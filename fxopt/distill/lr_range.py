@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from fxopt.distill.judge import HeldBack, hold_back
@@ -56,10 +57,11 @@ class LrChoice:
 
 def range_test(student: nn.Module, data: Iterable[Any], held: Sequence[Any], *, loss: Callable[[Any, Any], Tensor] | None,
                teacher: nn.Module | None, distill: Distill | None, steps: int, seed: int = 0,
-               candidates: Sequence[float] = LR_CANDIDATES) -> LrChoice:
+               candidates: Sequence[float] = LR_CANDIDATES, device: str | torch.device | None = None) -> LrChoice:
     """Train `student` for `trial_steps(steps)` steps at each candidate rate, from the same state
     and on the same seeded batches, and pick the rate with the lowest loss on `held` (never
-    trained on); `student` ends as it started. Ties go to the lower rate.
+    trained on); `student` ends as it started. Ties go to the lower rate. The arms run on
+    `device` (`finetune`'s ``device=``; None: CUDA when available, else the CPU).
 
     Example:
         >>> import torch
@@ -78,7 +80,8 @@ def range_test(student: nn.Module, data: Iterable[Any], held: Sequence[Any], *, 
     scores = []
     try:
         for lr in candidates:
-            scores.append((lr, trial_loss(student, _replay(data), held, loss=loss, teacher=teacher, distill=distill, steps=k, lr=lr, seed=seed)))
+            scores.append((lr, trial_loss(student, _replay(data), held, loss=loss, teacher=teacher, distill=distill, steps=k, lr=lr, seed=seed,
+                                      device=device)))
             student.load_state_dict(start)
     finally:
         student.load_state_dict(start)
@@ -97,10 +100,10 @@ def _replay(data: Iterable[Any]) -> Iterable[Any]:
 
 def choose_lr(lr: float | None, *, recipe: Any, student: nn.Module, data: Iterable[Any],
               loss: Callable[[Any, Any], Tensor] | None, teacher: nn.Module | None, distill: Distill | None, steps: int,
-              seed: int = 0, split: HeldBack | None = None) -> LrChoice:
+              seed: int = 0, split: HeldBack | None = None, device: str | torch.device | None = None) -> LrChoice:
     """`lr` when given; else the recipe's ``finetune_lr`` (a bundled model's measured setting);
-    else `range_test`, training on ``split.train`` and scoring on ``split.held`` (default:
-    ``hold_back(data, seed)``).
+    else `range_test` on `device`, training on ``split.train`` and scoring on ``split.held``
+    (default: ``hold_back(data, seed)``).
 
     Example:
         >>> import torch
@@ -114,4 +117,5 @@ def choose_lr(lr: float | None, *, recipe: Any, student: nn.Module, data: Iterab
     if recipe_lr is not None:
         return LrChoice(float(recipe_lr), "the recipe's")
     split = split if split is not None else hold_back(data, seed)
-    return range_test(student, split.train, split.held, loss=loss, teacher=teacher, distill=distill, steps=steps, seed=seed)
+    return range_test(student, split.train, split.held, loss=loss, teacher=teacher, distill=distill, steps=steps, seed=seed,
+                      device=device)

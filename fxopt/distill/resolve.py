@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fxopt.distill.device import training_device
 from fxopt.distill.loop import Distill, with_recipe
 from fxopt.distill.losses import ICKD, FeatureMSE, LogitKD, OutputKD, SigmoidKD
 from fxopt.errors import InputError
@@ -207,7 +208,9 @@ class FinetuneRequest:
     chooses it, `fxopt.distill.choose_lr`) and ``finetune_seed``; for the ``finetune`` pass, the
     ``teacher`` (compile's traced model; None: the graph as it comes to the pass), compile's summary
     table ``stages`` (see `fxopt.distill.step.tune_graph`) and the pipeline's ``passes`` (a prune
-    run among them gives the kept channels to feature distillation).
+    run among them gives the kept channels to feature distillation); compile's ``device`` (where
+    the steps run, `fxopt.distill.device.training_device`; None: CUDA when available, else the
+    CPU), checked when the request is made.
     """
 
     distill: Any = None
@@ -220,6 +223,11 @@ class FinetuneRequest:
     teacher: nn.Module | None = None
     stages: Any = None
     passes: tuple[Any, ...] = ()
+    device: str | torch.device | None = None
+
+    def __post_init__(self) -> None:
+        if self.device is not None:
+            training_device(self.device)  # a device not available here is refused before any work
 
     @property
     def scores(self) -> bool:
@@ -239,9 +247,9 @@ class FinetuneRequest:
             raise InputError("a fine-tune request scores candidates with a scalar eval_fn or a recipe's metric; it has neither")
         by = teacher if setup.distill is not None else None
         lr = choose_lr(self.lr, recipe=self.recipe, student=student, data=setup.data, loss=setup.loss, teacher=by,
-                       distill=setup.distill, steps=steps, seed=self.seed).lr
+                       distill=setup.distill, steps=steps, seed=self.seed, device=self.device).lr
         finetune(student, data=setup.data, loss=setup.loss, distill=setup.distill, teacher=by, steps=steps, lr=lr, seed=self.seed,
-                 progress=progress)
+                 progress=progress, device=self.device)
         student.eval()
         with torch.no_grad():
             return float(setup.eval_fn(student))

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from fxopt.distill.device import training_device
 from fxopt.distill.judge import HeldOutJudge, advice, hold_back, judge_metrics
 from fxopt.distill.loop import finetune
 from fxopt.distill.lr_range import choose_lr
@@ -27,13 +28,15 @@ def tune_graph(student: nn.Module, teacher: nn.Module, request: FinetuneRequest,
 
     Args:
         request: what to train on and how (`FinetuneRequest`: distill, recipe, data, loss, eval_fn,
-            lr, seed).
+            lr, seed, device). The graph trains on the request's device and comes back to its own
+            (the CPU in compile: ONNX export and verification run there); the judge runs it there.
         label: the step's name in the report (``"fine-tune"``, ``"QAT"``).
         stages: compile's summary table (``rows``, ``eval_fn``, ``metrics``, ``add(stage, gm)``), or
             None. With an eval_fn it judges the result on the metric of every stage; the step adds
             its own row ("after <label>").
         kept: ``{student node: kept teacher channels}`` of a prune run, for feature distillation.
     """
+    device = training_device(request.device)
     by_metric = stages is not None and stages.eval_fn is not None
     scalar = by_metric and getattr(stages, "scalar", False)
     setup = resolve(request.distill, teacher=teacher, example_inputs=example_inputs, recipe=request.recipe, data=request.data,
@@ -46,12 +49,13 @@ def tune_graph(student: nn.Module, teacher: nn.Module, request: FinetuneRequest,
     start = time.perf_counter()
     distilled = setup.distill is not None
     chosen = choose_lr(request.lr, recipe=request.recipe, student=student, data=setup.data, loss=setup.loss,
-                       teacher=teacher if distilled else None, distill=setup.distill, steps=steps, seed=request.seed, split=split)
+                       teacher=teacher if distilled else None, distill=setup.distill, steps=steps, seed=request.seed, split=split,
+                       device=device)
     kwargs = setup.kwargs() | ({} if split is None else {"data": split.train})
     tuned = finetune(student, **kwargs, teacher=teacher if distilled else None, steps=steps, lr=chosen.lr, progress=progress,
-                     seed=request.seed)
+                     seed=request.seed, device=device)
     first, last = (tuned.history[0]["loss"], tuned.history[-1]["loss"]) if tuned.history else (float("nan"),) * 2
-    notes = [f"{label}: {tuned.steps_run} steps in {time.perf_counter() - start:.1f} s, {tuned.stopped_reason}; "
+    notes = [f"{label}: {tuned.steps_run} steps in {time.perf_counter() - start:.1f} s on {tuned.device}, {tuned.stopped_reason}; "
              f"loss {first:.4g} -> {last:.4g}", f"{label}: {chosen.note()}",
              *[f"{label}: {n}" for n in (*setup.notes, *tuned.notes)]]
     if split is not None and not split.overlaps:
