@@ -825,7 +825,7 @@ class _Search:
         held = max(1, len(batches) // 4) if len(batches) > 1 else 0
         train, score = (batches[:-held], list(range(len(batches) - held, len(batches)))) if held else (batches, [0])
         finetune(gm, [(b, None) for b in train], loss=None, teacher=teacher, distill=Distill(logits=OutputMatch()),
-                 steps=steps, lr=1e-3, progress=progress)
+                 steps=steps, lr=1e-3, progress=progress, device=None if request is None else request.device)
         self.tuned[t.number] = float(np.mean([output_divergence(run_model(gm, batches[i]), self.references[i]) for i in score]))
 
     def passed_over(self, study: Any, best: Any) -> list[Any]:

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.distill import Distill, FinetuneRequest, LogitKD, TensorBatches, finetune, training_device
+from fxopt.distill import (
+    Distill,
+    FinetuneRequest,
+    LogitKD,
+    TensorBatches,
+    finetune,
+    training_device,
+)
 from fxopt.distill.device import available_devices, to_device
 
 CUDA = torch.cuda.is_available()
@@ -212,6 +219,39 @@ def test_the_pass_and_the_request_refuse_a_device_when_built():
     with pytest.raises(fxopt.InputError, match="device='cuda:9'"):
         fxopt.create_pass("finetune", steps=2, data=[(X, Y)], loss=nn.CrossEntropyLoss(), device="cuda:9")
     assert FinetuneRequest(device="cpu").device == "cpu"
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+@pytest.mark.parametrize("scored", [False, True], ids=["proxy re-rank", "metric re-rank"])
+def test_compiles_device_reaches_every_training_run_slims_trial_fine_tunes_too(scored, monkeypatch):
+    pytest.importorskip("optuna")
+    from fxopt.distill import loop
+
+    asked, real = [], loop.training_device
+    monkeypatch.setattr(loop, "training_device", lambda device=None: asked.append(device) or real(device))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _Block(8), _Block(8), nn.Conv2d(8, 4, 1)).eval()
+    xs = [torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        data = [((x,), model(x)) for x in xs]
+    slim = fxopt.passes.Slim(trials=4, space=("depth", "width"), seed=0, measure="estimate", finetune_top=2, finetune_steps=2)
+    eval_fn = (lambda graph: -float(sum(torch.mean((graph(x) - y) ** 2) for (x,), y in data))) if scored else None
+    compiled = fxopt.compile(model, "cpu", example_inputs=(xs[0][:1],), passes=[slim], latency_ratio=0.7,
+                             calib_data=[(x[:1],) for x in xs], train_data=data, loss=nn.functional.mse_loss, finetune_steps=2,
+                             finetune_lr=1e-3, eval_fn=eval_fn, device="cpu", export=False)
+    column = "metric after fine-tune" if scored else "proxy after fine-tune"
+    tuned = [r for r in compiled.report.tables["slim: search (every trial)"] if r[column] is not None]
+    assert tuned and len(asked) >= len(tuned) + 1  # each re-ranked candidate and compile's fine-tune
+    assert {str(d) for d in asked} == {"cpu"}  # none fell back to the default
 
 
 # --- on a GPU ---------------------------------------------------------------------------------
