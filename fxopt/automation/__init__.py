@@ -59,9 +59,10 @@ def run(task: str | Task, out: str | os.PathLike[str], config: PipelineConfig | 
             into it recomputes only what a change reaches.
         config: a `PipelineConfig`; or give its fields as keyword `options`.
         progress: a progress bar over the nodes on stderr.
-        client: a ``dask.distributed.Client`` (``pip install 'fxopt[dask]'``): data and training run
-            here, then each compression branch runs on a worker (``out`` must be on a file system
-            the workers share); the artefacts are the same as in-process.
+        client: a ``dask.distributed.Client`` (``pip install 'fxopt[dask]'``), or the ``ray`` module
+            after ``ray.init()`` (``pip install 'fxopt[ray]'``): data and training run here, then each
+            compression branch runs on a worker (``out`` must be on a file system the workers share);
+            the artefacts are the same as in-process.
 
     Returns:
         A `PipelineResult`.

@@ -93,26 +93,28 @@ def plan_nodes(task: Task, config: PipelineConfig) -> list[NodeSpec]:
         (14, 'compress__r100_xavier')
     """
     base = {"fxopt": fxopt.__version__, "code": _code_digest(), "task": task.identity()}
+    device = config.training_device()  # in the configuration of each node that trains: a GPU's floats are not the CPU's
     specs = [
         NodeSpec("data", "data", {}, {**base, "seed": config.data_seed, "calib_batches": config.calib_batches}),
-        NodeSpec("train", "train", {"data": "data"}, {**base, "steps": config.train_steps, "seed": config.data_seed}),
+        NodeSpec("train", "train", {"data": "data"}, {**base, "steps": config.train_steps, "seed": config.data_seed, **device}),
     ]
     seen: set[str] = set()
     for variant in config.variants():
         compress, finetune = f"compress__{variant.compress_tag}", f"finetune__{variant.compress_tag}"
         if compress not in seen:
             seen.add(compress)
+            steps = config.finetune_steps if variant.latency_ratio < 1 else 0
             specs.append(NodeSpec(compress, "compress", {"data": "data", "train": "train"}, {
                 **base, "method": config.compress, "latency_ratio": variant.latency_ratio, "target": variant.target,
                 "slim_trials": config.slim_trials, "seed": config.finetune_seed}))
             specs.append(NodeSpec(finetune, "finetune", {"data": "data", "train": "train", "compress": compress}, {
-                **base, "steps": config.finetune_steps if variant.latency_ratio < 1 else 0, "lr": config.finetune_lr,
-                "distill": config.distill, "seed": config.finetune_seed}))
+                **base, "steps": steps, "lr": config.finetune_lr, "distill": config.distill, "seed": config.finetune_seed,
+                **(device if steps else {})}))
         lower, evaluate = f"lower__{variant.tag}", f"evaluate__{variant.tag}"
         specs.append(NodeSpec(lower, "lower", {"data": "data", "finetune": finetune},
                               {**base, "precision": variant.precision, "target": variant.target,
                                **({"qat_steps": config.qat_steps, "distill": config.distill, "lr": config.finetune_lr,
-                                   "seed": config.finetune_seed} if variant.precision == "int8" and config.qat_steps else {})}))
+                                   "seed": config.finetune_seed, **device} if variant.precision == "int8" and config.qat_steps else {})}))
         specs.append(NodeSpec(evaluate, "evaluate", {"data": "data", "lower": lower}, {**base, "lower_node": lower}))
     return specs
 
@@ -211,10 +213,10 @@ def execute(task: Task, config: PipelineConfig, out: Path, *, progress: bool = F
             client: Any = None) -> tuple[list[NodeSpec], dict[str, Any], RunLog]:
     """Run the DAG into ``out`` (``out/artefacts``, hamilton's cache in ``out/.cache``).
 
-    With a ``dask.distributed.Client``, the shared nodes (data, train) run here, then each
-    compression branch (its fine-tune, lowerings, evaluations) runs as one task on the cluster's
-    workers, all on the one cache and artefact folder (a file system the workers share); a last
-    pass here, all cache hits, collects the records.
+    With a `client` (a ``dask.distributed.Client``, or the ``ray`` module after ``ray.init()``), the
+    shared nodes (data, train) run here, then each compression branch (its fine-tune, lowerings,
+    evaluations) runs as one task on the cluster's workers, all on the one cache and artefact folder
+    (a file system the workers share); a last pass here, all cache hits, collects the records.
 
     Returns:
         The node specs, each node's artefact record, and the run's `RunLog`.
@@ -230,12 +232,25 @@ def execute(task: Task, config: PipelineConfig, out: Path, *, progress: bool = F
         for spec in specs:
             if spec.kind not in ("data", "train"):
                 branches.setdefault(_branch(spec, specs), []).append(spec.name)
-        futures = [client.submit(run_branch, task, specs, str(out), names, pure=False) for names in branches.values()]
-        for events in client.gather(futures):
+        for events in _fan_out(client, [(task, specs, str(out), names) for names in branches.values()]):
             for event in events:
                 log.add(NodeEvent(**event))
     records = _execute_nodes(task, specs, out, [s.name for s in specs], log, progress)
     return specs, records, log
+
+
+def _fan_out(client: Any, jobs: list[tuple[Any, ...]]) -> list[list[dict[str, Any]]]:
+    """`run_branch` of each job on the cluster's workers, in job order: Dask (``submit`` / ``gather``)
+    or Ray (``remote`` / ``get``)."""
+    if is_ray(client):
+        remote = client.remote(num_cpus=1)(run_branch)
+        return client.get([remote.remote(*job) for job in jobs])
+    return client.gather([client.submit(run_branch, *job, pure=False) for job in jobs])
+
+
+def is_ray(client: Any) -> bool:
+    """Whether `client` is the ``ray`` module (Ray's executor) rather than a Dask client."""
+    return getattr(client, "__name__", "") == "ray" and callable(getattr(client, "remote", None))
 
 
 def _branch(spec: NodeSpec, specs: list[NodeSpec]) -> str:
