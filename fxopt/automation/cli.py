@@ -42,6 +42,8 @@ def add_pipeline_parser(sub: Any) -> None:
     p.add_argument("--finetune-lr", type=float, default=None, help="its learning rate (default: the recipe's)")
     p.add_argument("--distill", default="kd", help="kd, ickd, mse or none (default kd)")
     p.add_argument("--qat-steps", type=int, default=0, help="int8 by quantisation-aware training for this many steps (default 0: PTQ)")
+    p.add_argument("--device", default=None,
+                   help="where training, fine-tune and QAT run: cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     p.add_argument("--calib-batches", type=int, default=8, help="int8 calibration batches (default 8)")
     p.add_argument("--workers", type=int, default=0,
                    help="fan the compression branches out on a local Dask cluster of this many workers (needs fxopt[dask])")
@@ -65,7 +67,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             precisions=args.precision, targets=args.target, data_seed=args.data_seed, train_steps=args.train_steps,
             compress=args.compress, slim_trials=args.slim_trials, finetune_steps=args.finetune_steps,
             finetune_lr=args.finetune_lr, distill=None if args.distill == "none" else args.distill,
-            calib_batches=args.calib_batches, qat_steps=args.qat_steps)
+            calib_batches=args.calib_batches, qat_steps=args.qat_steps, device=args.device)
     finally:
         if client is not None:
             client.close()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import fxopt
+import fxopt.distill
 from fxopt.automation.errors import PipelineConfigError
 
 __all__ = ["PipelineConfig", "Variant"]
@@ -56,6 +57,10 @@ class PipelineConfig:
         qat_steps: int8 by quantisation-aware training: steps through the calibrated fake-quantised
             graph (`fxopt.compile`'s ``qat_steps``, the float model teaching with `distill`) before
             lowering; 0: post-training calibration only (PTQ).
+        device: where training, the fine-tune and QAT run (``"cpu"``, ``"cuda"``, ``"cuda:1"``); None:
+            CUDA when available, else the CPU. Compression, int8 calibration, lowering and the
+            evaluation of the deployed file run on the CPU. The nodes that train fingerprint the
+            device they ran on (and the GPU's name): a CPU and a GPU give slightly different floats.
 
     Example:
         >>> [v.tag for v in PipelineConfig(latency_ratios=(1.0, 0.7)).variants()]
@@ -75,6 +80,7 @@ class PipelineConfig:
     distill: str | None = "kd"
     finetune_seed: int = 0
     qat_steps: int = 0
+    device: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("latency_ratios", "precisions", "targets"):
@@ -103,6 +109,21 @@ class PipelineConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise PipelineConfigError(f"{name} must be >= 0, got {value}")
+        self.training_device()  # a device this host does not have: refused before any work
+
+    def training_device(self) -> dict[str, str]:
+        """``{"device": name, "device_name": with the GPU's name}``: where the training nodes run,
+        resolved (None: CUDA when available, else the CPU), as their configuration records it.
+
+        Example:
+            >>> PipelineConfig(device="cpu").training_device()
+            {'device': 'cpu', 'device_name': 'cpu'}
+        """
+        try:
+            device = fxopt.distill.training_device(self.device)
+        except fxopt.InputError as error:
+            raise PipelineConfigError(str(error)) from None
+        return {"device": str(device), "device_name": fxopt.distill.describe_device(device)}
 
     @classmethod
     def from_options(cls, **options: Any) -> PipelineConfig:

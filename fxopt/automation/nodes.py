@@ -56,9 +56,9 @@ def data_step(task: Task, cfg: dict[str, Any], inputs: dict[str, Path], out: Pat
 
 
 def train_step(task: Task, cfg: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
-    model, metrics = task.train(_load_data(inputs["data"]), cfg["steps"], cfg["seed"])
+    model, metrics = task.train(_load_data(inputs["data"]), cfg["steps"], cfg["seed"], device=cfg["device"])
     _save_model(model, out)
-    return {"metrics (torch)": metrics}
+    return {"metrics (torch)": metrics, "device": cfg["device_name"]}
 
 
 def _latency_ms(compiled: Any) -> float:
@@ -97,12 +97,12 @@ def finetune_step(task: Task, cfg: dict[str, Any], inputs: dict[str, Path], out:
                     **task.finetune_source(data))
     lr = choose_lr(cfg["lr"] if cfg["lr"] is not None else task.finetune_lr(), recipe=None, student=student,
                    data=setup.data, loss=setup.loss, teacher=teacher if setup.distill else None,
-                   distill=setup.distill, steps=cfg["steps"], seed=cfg["seed"])
+                   distill=setup.distill, steps=cfg["steps"], seed=cfg["seed"], device=cfg["device"])
     result = fxopt.finetune(student, **setup.kwargs(), teacher=teacher if setup.distill else None,
-                            steps=cfg["steps"], lr=lr.lr, seed=cfg["seed"], progress=False)
+                            steps=cfg["steps"], lr=lr.lr, seed=cfg["seed"], progress=False, device=cfg["device"])
     _save_model(student, out)
     return {"steps": cfg["steps"], "lr": lr.lr, "lr chosen by": lr.how, "distill": list(setup.notes),
-            "summary": result.summary()}
+            "summary": result.summary(), "device": cfg["device_name"]}
 
 
 def lower_step(task: Task, cfg: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
@@ -111,7 +111,7 @@ def lower_step(task: Task, cfg: dict[str, Any], inputs: dict[str, Path], out: Pa
     options: dict[str, Any] = {"calib_data": data["calib"]} if cfg["precision"] == "int8" else {}
     if cfg.get("qat_steps"):  # int8 by QAT: compile trains through the fake-quantised graph
         source = task.finetune_source(data)
-        options.update(qat_steps=cfg["qat_steps"], distill=cfg["distill"], finetune_seed=cfg["seed"],
+        options.update(qat_steps=cfg["qat_steps"], distill=cfg["distill"], finetune_seed=cfg["seed"], device=cfg["device"],
                        finetune_lr=cfg["lr"] if cfg["lr"] is not None else task.finetune_lr(),
                        **({"recipe": source["recipe"]} if "recipe" in source else
                           {"train_data": source["data"], "loss": source["loss"]}))

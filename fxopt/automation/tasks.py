@@ -72,7 +72,9 @@ class Task:
     def make_data(self, seed: int, calib_batches: int) -> dict[str, Any]:
         raise NotImplementedError
 
-    def train(self, data: dict[str, Any], steps: int | None, seed: int) -> tuple[nn.Module, dict[str, float]]:
+    def train(self, data: dict[str, Any], steps: int | None, seed: int,
+              device: str | None = None) -> tuple[nn.Module, dict[str, float]]:
+        """The trained model (on the CPU, in eval mode) and its metrics; the steps run on `device`."""
         raise NotImplementedError
 
     def finetune_source(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -141,8 +143,9 @@ class RecipeTask(Task):
         probe = self.recipe.batch(0, torch.Generator().manual_seed(seed))[0]  # the training stream's first batch
         return {"calib": calib, "train_probe": tuple(probe), "train": None, "eval": None}
 
-    def train(self, data: dict[str, Any], steps: int | None, seed: int) -> tuple[nn.Module, dict[str, float]]:
-        result = fxopt.models.train(self.name, steps, seed=seed, progress=False, **self.cfg)
+    def train(self, data: dict[str, Any], steps: int | None, seed: int,
+              device: str | None = None) -> tuple[nn.Module, dict[str, float]]:
+        result = fxopt.models.train(self.name, steps, seed=seed, progress=False, device=device, **self.cfg)
         return result.model, dict(result.metrics)
 
     def finetune_source(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +241,8 @@ class UserTask(Task):
         return {"calib": _single_samples(calib, self.example, calib_batches) or list(calib)[:calib_batches],
                 "train": list(data["train"]), "eval": list(data["eval"])}
 
-    def train(self, data: dict[str, Any], steps: int | None, seed: int) -> tuple[nn.Module, dict[str, float]]:
+    def train(self, data: dict[str, Any], steps: int | None, seed: int,
+              device: str | None = None) -> tuple[nn.Module, dict[str, float]]:
         torch.manual_seed(seed)
         model = self.build()
         if self.checkpoint is not None:
@@ -247,7 +251,7 @@ class UserTask(Task):
             if not data["train"]:
                 raise PipelineConfigError(f"UserTask '{self.name}': no checkpoint and no training batches")
             fxopt.finetune(model, data["train"], loss=self.loss, steps=self.train_steps if steps is None else steps,
-                           lr=self.lr, seed=seed, progress=False)
+                           lr=self.lr, seed=seed, progress=False, device=device)
         model.eval()
         with torch.no_grad():
             return model, {k: float(v) for k, v in self.metrics(model, data["eval"]).items()}

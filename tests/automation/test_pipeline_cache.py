@@ -55,6 +55,12 @@ def test_rerun_with_nothing_changed_does_no_work(copy, cold):
         assert event["computed_seconds"] == pytest.approx(cold[1].events[name]["computed_seconds"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default device is CUDA on this host")
+def test_device_cpu_is_the_default_here_and_reruns_nothing(copy, cold):
+    result = run(toy_task(), copy, **OPTIONS, device="cpu")
+    assert result.ran == []  # the same fingerprints: the CPU is what trained the cached artefacts
+
+
 def test_fine_tune_option_reruns_that_branch_from_fine_tune_on(copy):
     result = run(toy_task(), copy, **{**OPTIONS, "finetune_steps": 4})
     # the 1.0 branch is not fine-tuned (0 steps whatever the option), so it stays cached

@@ -12,6 +12,7 @@ from fxopt.cli import main
     (["pipeline", "motionnet", "--latency-ratio", "1.0,1.5"], "latency ratio 1.5 must be a number in (0, 1]"),
     (["pipeline", "motionnet", "--precision", "int4"], "precision 'int4'"),
     (["pipeline", "safety_supervisor", "--finetune-steps", "-1"], "finetune_steps must be >= 0"),
+    (["pipeline", "safety_supervisor", "--device", "cuda:9"], "device='cuda:9'"),
 ])
 def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
