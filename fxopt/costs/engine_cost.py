@@ -7,10 +7,12 @@ costed by `kernel_latency_s`. The grouping rules are tables below; the numbers a
 
 from __future__ import annotations
 
+import contextvars
 import math
 import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,12 +71,22 @@ def tensor_metas(value: object) -> Iterable[object]:
             yield from tensor_metas(v)
 
 
+# Within one `engine_kernels` call the graph does not change: its submodules and node sizes are looked up once.
+_LOOKUPS: contextvars.ContextVar[dict[Any, Any] | None] = contextvars.ContextVar("fxopt_engine_lookups", default=None)
+
+
 def _metas(node: object) -> list[object]:
     return list(tensor_metas(node.meta.get("tensor_meta"))) if isinstance(node, Node) else []
 
 
 def _numel(node: object) -> int:
-    return sum(math.prod(m.shape) for m in _metas(node))
+    cache = _LOOKUPS.get()
+    if cache is None or not isinstance(node, Node):
+        return sum(math.prod(m.shape) for m in _metas(node))
+    key = ("numel", node)
+    if key not in cache:
+        cache[key] = sum(math.prod(m.shape) for m in _metas(node))
+    return cache[key]
 
 
 def _single_tensor(node: object) -> tuple[int, ...] | None:
@@ -146,7 +158,15 @@ def _copy_elements(node: Node) -> int | None:
 
 
 def _module(gm: GraphModule, node: Node) -> nn.Module | None:
-    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    if node.op != "call_module":
+        return None
+    cache = _LOOKUPS.get()
+    if cache is None:
+        return gm.get_submodule(str(node.target))
+    modules = cache.get(("modules", id(gm)))
+    if modules is None:
+        modules = cache[("modules", id(gm))] = dict(gm.named_modules(remove_duplicate=False))
+    return modules[str(node.target)]
 
 
 def _inner(mod: nn.Module | None) -> nn.Module | None:
@@ -241,6 +261,14 @@ def engine_kernels(gm: GraphModule, facts: Mapping[str, NodeFacts], profile: Tar
         The kernels in graph order; a node in no kernel (a view, a Q/DQ pair, a placeholder)
         costs nothing.
     """
+    token = _LOOKUPS.set({})
+    try:
+        return _engine_kernels(gm, facts, profile, precision)
+    finally:
+        _LOOKUPS.reset(token)
+
+
+def _engine_kernels(gm: GraphModule, facts: Mapping[str, NodeFacts], profile: TargetProfile, precision: str) -> list[Kernel]:
     engine = profile.engine
     assert engine is not None, "engine_kernels needs a target with an EngineModel"
     align = profile.alignment(precision)
