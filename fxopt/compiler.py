@@ -494,7 +494,8 @@ def _run_pipeline(request: _Request, traced: _Traced, phases: Phases) -> _Pipeli
         if tuning.qat_steps:
             pipeline.append(create_pass("qat", steps=tuning.qat_steps, progress=request.progress, **_fields(tune)))
     with phases("passes"):
-        result = PassManager(pipeline, strict=request.strict, progress=request.progress, on_applied=summary.after_pass).run(gm, context)
+        result = PassManager(pipeline, strict=request.strict, progress=request.progress, on_applied=summary.after_pass).run(
+            gm, context, cost=traced.cost_before)
     summary.flush()
     context, final = result.context or context, result.graph_module
     notes: list[str] = list(final.meta.get(NOTES_META, ()))
@@ -563,7 +564,8 @@ def _plan_tensorrt(request: _Request, ran: _PipelineRun, exported: Any, lowered:
 def _assemble(request: _Request, traced: _Traced, ran: _PipelineRun, lowered: _Lowered, start: float) -> CompiledModel:
     """Step 5: the report, the manifest and the `CompiledModel`."""
     profile, context, final = request.profile, ran.context, ran.final
-    cost_after = estimate_costs(final, profile, context.precision)
+    known = ran.result.cost  # the pass manager's estimate of the final graph, unless int8 fell back to float
+    cost_after = known if known is not None and known.precision == context.precision else estimate_costs(final, profile, context.precision)
     report = CompileReport(
         model=type(request.model).__name__,
         target=profile.name,

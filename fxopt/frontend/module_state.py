@@ -328,11 +328,16 @@ def find_state_writes(module: nn.Module, run: Callable[[], Any], original: nn.Mo
         >>> float(m.calls)
         0.0
     """
-    with preserved_state(module, original) as snapshot:
+    snapshot = StateSnapshot(module, original)
+    try:
         run()
         changed = snapshot.changed(module)
+    except BaseException:
+        snapshot.restore(module)
+        raise
     if not changed:
-        return []
+        return []  # nothing was written: nothing to put back (the usual case, at one compare of the state)
+    snapshot.restore(module)
     with preserved_state(module, original) as snapshot:
         with _watching(module) as watch:
             run()

@@ -53,8 +53,9 @@ class GraphStats:
     latency_ms: float
 
     @classmethod
-    def of(cls, gm: GraphModule, context: CompileContext) -> GraphStats:
-        cost = estimate_costs(gm, context.target, context.precision)
+    def of(cls, gm: GraphModule, context: CompileContext, cost: Any = None) -> GraphStats:
+        """`gm`'s size; `cost`: its `estimate_costs` at the context's target and precision, when known."""
+        cost = cost if cost is not None else estimate_costs(gm, context.target, context.precision)
         return cls(len(gm.graph.nodes), cost.params, cost.flops, cost.latency_s * 1e3)
 
 
@@ -95,6 +96,7 @@ class PipelineResult:
     records: list[PassRecord] = field(default_factory=list)
     context: CompileContext | None = None
     outputs: list[Any] | None = None  # the final graph's outputs on `context.verification_inputs`, when checked
+    cost: Any = None  # the final graph's `estimate_costs` at the context's target and precision
 
     def known_outputs(self) -> list[tuple[tuple[Any, ...], Any]]:
         """(input set, the final graph's outputs on it) for every verification set, so a later check
@@ -207,12 +209,14 @@ class PassManager:
         """Pass names in run order."""
         return [pass_name(p) for p in self.passes]
 
-    def run(self, gm: GraphModule, context: CompileContext) -> PipelineResult:
-        """Run the pipeline on a copy of `gm`; `gm` itself is left intact."""
+    def run(self, gm: GraphModule, context: CompileContext, *, cost: Any = None) -> PipelineResult:
+        """Run the pipeline on a copy of `gm`; `gm` itself is left intact. `cost`: `gm`'s
+        `estimate_costs` at the context's target and precision, when the caller has it."""
         current = gm
         reference = _run_all(current, context) if context.verification_inputs else None
-        stats = GraphStats.of(current, context)
         result = PipelineResult(current)
+        result.cost = cost if cost is not None else estimate_costs(current, context.target, context.precision)
+        stats = GraphStats.of(current, context, result.cost)
         iterator: Any = self.passes
         if self.progress:
             from tqdm.auto import tqdm
@@ -230,7 +234,8 @@ class PassManager:
                 context = with_input_shapes(context, shapes)
                 propagate_shapes(current, context.example_inputs)
                 reference = _run_all(current, context) if context.verification_inputs else None
-                stats = GraphStats.of(current, context)
+                result.cost = estimate_costs(current, context.target, context.precision)
+                stats = GraphStats.of(current, context, result.cost)
         result.graph_module, result.context = current, context
         result.outputs = reference if self.check_numerics else None
         return result
@@ -273,7 +278,8 @@ class PassManager:
             if self.check_numerics and reference is not None:
                 outputs = _run_all(new_gm, context)
                 deviation = _worst_deviation(outputs, reference, lossy)
-            new_stats = GraphStats.of(new_gm, context)
+            new_cost = estimate_costs(new_gm, context.target, context.precision)
+            new_stats = GraphStats.of(new_gm, context, new_cost)
         except _WroteSharedWeight as exc:  # the graph before the pass is damaged: nothing to roll back to
             raise PassError(name, str(exc), ran_before=[r.name for r in result.records if r.status == "applied"]) from None
         except Exception as exc:  # noqa: BLE001 - every pass failure is reported, then rolled back or raised
@@ -285,6 +291,7 @@ class PassManager:
                 raise PassError(name, reason, ran_before=ran) from exc
             record = PassRecord(**base, status="rolled_back", reason=reason, time_s=time.perf_counter() - start, after=stats)
             return record, gm, reference, stats
+        result.cost = new_cost
         record = PassRecord(
             **base,
             status="applied",
