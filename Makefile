@@ -81,6 +81,11 @@ bench-slim: venv
 bench-slim-pointpillars-md: venv
 	$(PY) bench/slim.py --models pointpillars:md --widths 0.125 0.1875 0.25 0.375 0.5 0.625 0.75 0.875 1 --no-hd --out bench/results/slim_pointpillars_md.md
 
+# QAT vs PTQ vs fp32 on the bundled perception models, 3 seeds, the deployed int8 file in ONNX Runtime (bench/results/qat_ptq.md; about 23 min on 2 cores)
+.PHONY: bench-qat
+bench-qat: venv
+	$(PY) bench/qat_ptq.py
+
 # fit the xavier latency model to published AGX Xavier TensorRT figures, checked on held-out families (bench/results/xavier_latency.md)
 .PHONY: bench-latency
 bench-latency: venv
