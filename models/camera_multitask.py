@@ -260,6 +260,7 @@ DATA = CameraDataConfig(stride=STRIDE)  # dense targets for the detection head's
 TRAIN_BATCH = 8
 EVAL_IMAGES = 48
 EVAL_SEED = 10_007  # the held-out set; training draws from the train() seed's generator
+VALIDATION_SEED = 30_011  # the validation set a fine-tune selects by, apart from the held-out one
 
 
 def data_config(config: CameraMultitaskConfig | None = None) -> CameraDataConfig:
@@ -272,9 +273,9 @@ def data_config(config: CameraMultitaskConfig | None = None) -> CameraDataConfig
 
 
 @functools.cache
-def eval_set(data: CameraDataConfig = DATA) -> CameraBatch:
-    """The fixed, seeded held-out images the recipe evaluates on."""
-    return generate_camera_batch(EVAL_IMAGES, data, seed=EVAL_SEED)
+def eval_set(data: CameraDataConfig = DATA, seed: int = EVAL_SEED) -> CameraBatch:
+    """The fixed, seeded held-out images the recipe evaluates on (`VALIDATION_SEED`: validates on)."""
+    return generate_camera_batch(EVAL_IMAGES, data, seed=seed)
 
 
 def _scores(seg_pred: torch.Tensor, detections: list[Detections], data: CameraBatch) -> dict[str, float]:
@@ -285,9 +286,9 @@ def _scores(seg_pred: torch.Tensor, detections: list[Detections], data: CameraBa
     return {"seg_miou": float(miou), "det_map50": ap50, "det_map75": ap75}
 
 
-def evaluate(model: nn.Module, data_config: CameraDataConfig = DATA) -> dict[str, float]:
+def evaluate(model: nn.Module, data_config: CameraDataConfig = DATA, seed: int = EVAL_SEED) -> dict[str, float]:
     """Segmentation mIoU and detection mAP at IoU 0.5 and 0.75 on `eval_set` (model in eval mode)."""
-    data = eval_set(data_config)
+    data = eval_set(data_config, seed)
     seg, detections = [], []
     for images in data.images.split(16):
         outputs = model(images)
@@ -331,6 +332,7 @@ def recipe(**cfg: Any) -> TrainingRecipe:
     if data == DATA:
         return RECIPE
     return replace(RECIPE, batch=_batcher(data), evaluate=functools.partial(evaluate, data_config=data),
+                   validate=functools.partial(evaluate, data_config=data, seed=VALIDATION_SEED),
                    chance=functools.partial(chance, data_config=data))
 
 
@@ -342,6 +344,7 @@ FINETUNE_DISTILL = Distill(logits=OutputKD({"heatmap": SigmoidKD(), "seg": Logit
 RECIPE = TrainingRecipe(
     batch=_batcher(DATA), loss=multitask_loss,
     evaluate=evaluate,
+    validate=functools.partial(evaluate, seed=VALIDATION_SEED),
     chance=chance,
     steps=300, lr=2e-3,
     finetune_lr=5e-4, finetune_steps=400, distill=FINETUNE_DISTILL,

@@ -472,6 +472,7 @@ def decode(
 TRAIN_BATCH = 2
 EVAL_FRAMES = 32
 EVAL_SEED = 2**31  # held-out scenes use seeds from here; training seeds are drawn below 2**31
+VALIDATION_SEED = 2**31 + 2_000_000  # the validation scenes a fine-tune selects by, apart from the held-out ones
 
 
 def _recipe_config(model: nn.Module | None = None) -> PointPillarsConfig:
@@ -499,20 +500,20 @@ def _ap_metrics(result: dict[str, Any], class_names: tuple[str, ...]) -> dict[st
     return {"mAP": float(result["mAP"]), **{f"{name}_ap": float(result["ap"][name]) for name in class_names}}
 
 
-def _held_out(cfg: PointPillarsConfig, frames: int) -> list[Scene]:
+def _held_out(cfg: PointPillarsConfig, frames: int, seed: int = EVAL_SEED) -> list[Scene]:
     scene_cfg = cfg.pillars.scene_config()
-    return [generate_scene(EVAL_SEED + i, scene_cfg) for i in range(frames)]
+    return [generate_scene(seed + i, scene_cfg) for i in range(frames)]
 
 
 def evaluate(model: nn.Module, frames: int = EVAL_FRAMES, batch_size: int = 4, score_threshold: float = 0.05,
-             config: PointPillarsConfig | None = None) -> dict[str, float]:
+             config: PointPillarsConfig | None = None, seed: int = EVAL_SEED) -> dict[str, float]:
     """``mAP`` and BEV AP at IoU 0.5 per class (``car_ap`` ...) on a fixed seeded held-out set.
 
     The scenes, pillars and anchors are `config`'s, else ``model.config`` when the model has one
     (a traced or compiled graph has not), else the small default config's.
     """
     cfg = config or _recipe_config(model)
-    scenes = _held_out(cfg, frames)
+    scenes = _held_out(cfg, frames, seed)
     preds: list[dict[str, torch.Tensor]] = []
     was_training = model.training
     model.eval()
@@ -579,6 +580,7 @@ RECIPE = TrainingRecipe(
     batch=_batch,
     loss=_loss,
     evaluate=evaluate,
+    validate=functools.partial(evaluate, seed=VALIDATION_SEED),
     chance=chance,
     steps=800,  # about 3.5 CPU-minutes on one core, data generation included
     lr=2e-3,
@@ -608,6 +610,7 @@ def recipe(preset: str | None = None, **overrides: Any) -> TrainingRecipe:
         return RECIPE
     return replace(RECIPE, batch=functools.partial(_batch, config=cfg), loss=functools.partial(_loss, config=cfg),
                    evaluate=functools.partial(evaluate, config=cfg), chance=functools.partial(chance, config=cfg),
+                   validate=functools.partial(evaluate, config=cfg, seed=VALIDATION_SEED),
                    bn_batches=PRECISE_BN_BATCHES)
 
 

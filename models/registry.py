@@ -84,7 +84,11 @@ class TrainingRecipe:
         batch: ``(step, generator) -> (inputs, targets)``: one training batch; ``inputs`` is the
             tuple of positional model inputs, ``targets`` whatever ``loss`` reads.
         loss: ``(outputs, targets) -> scalar tensor``.
-        evaluate: ``(model) -> {metric: value}`` on a fixed, seeded held-out set (model in eval mode).
+        evaluate: ``(model) -> {metric: value}`` on a fixed, seeded held-out set (model in eval mode):
+            the figures reported.
+        validate: the same metrics on a validation set drawn apart from `evaluate`'s: what a
+            fine-tune keeps its best state by and slim's re-rank scores on, so the reported figures
+            are not the ones chosen on; None: `evaluate` serves both.
         chance: the same metrics for an untrained / constant predictor, to judge "above chance";
             a mapping, or a function computing it (called by `train`, so listing models stays cheap).
         steps: default number of optimiser steps (a few CPU minutes at most).
@@ -112,6 +116,7 @@ class TrainingRecipe:
     finetune_lr: float | None = None
     finetune_steps: int | None = None
     distill: Any = None
+    validate: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 def register_model(model_spec: ModelSpec) -> ModelSpec:

@@ -48,6 +48,7 @@ while the (worst-case) speed is above ``degraded_speed``; ``risk`` is 1.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
@@ -551,11 +552,15 @@ def _recipe_loss(outputs: dict[str, Tensor], labels: Tensor) -> Tensor:
     return nn.functional.binary_cross_entropy(outputs["learned_risk"].clamp(1e-6, 1 - 1e-6), labels)
 
 
-def _recipe_evaluate(model: nn.Module) -> dict[str, float]:
+VALIDATION_SEED = 40_213  # the balanced validation scenes a fine-tune selects by, apart from the held-out ones
+
+
+def _recipe_evaluate(model: nn.Module, seed: int | None = None) -> dict[str, float]:
     from fxopt.safety.scenarios import balanced_holdout
 
     # a traced or compiled graph has no `config`: the recipe's own batches use the default one
-    inputs, labels = balanced_holdout(getattr(model, "config", None))
+    config = getattr(model, "config", None)
+    inputs, labels = balanced_holdout(config) if seed is None else balanced_holdout(config, seed=seed)
     risk = model(*inputs)["learned_risk"]
     return risk_metrics(risk, labels)
 
@@ -603,6 +608,7 @@ SPEC = register_model(ModelSpec(
         batch=_recipe_batch,
         loss=_recipe_loss,
         evaluate=_recipe_evaluate,
+        validate=functools.partial(_recipe_evaluate, seed=VALIDATION_SEED),
         chance={"accuracy": 0.5, "auc": 0.5},  # the held-out set is balanced
         steps=300,
         lr=3e-3,

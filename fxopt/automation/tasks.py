@@ -9,6 +9,7 @@ from the data node.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import os
@@ -34,6 +35,9 @@ def source_digest(fn: Any) -> str:
         >>> len(source_digest(source_digest))
         64
     """
+    if isinstance(fn, functools.partial):  # its function's source and the arguments it fixes (no memory address)
+        text = source_digest(fn.func) + repr(fn.args) + repr(sorted(fn.keywords.items()))
+        return hashlib.sha256(text.encode()).hexdigest()
     try:
         text = inspect.getsource(fn)
     except (OSError, TypeError):
@@ -126,6 +130,7 @@ class RecipeTask(Task):
         return {"model": self.name, "config": sorted(self.cfg.items()),
                 "recipe": {"batch": source_digest(recipe.batch), "loss": source_digest(recipe.loss),
                            "evaluate": source_digest(recipe.evaluate), "steps": recipe.steps, "lr": recipe.lr,
+                           "validate": source_digest(recipe.validate) if recipe.validate is not None else None,
                            "bn_batches": recipe.bn_batches, "finetune_lr": recipe.finetune_lr}}
 
     def example_inputs(self) -> tuple[Any, ...]:

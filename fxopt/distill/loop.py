@@ -149,13 +149,16 @@ def with_recipe(recipe: Any, data: Any, loss: Any, eval_fn: Any, seed: int = 0) 
 
 
 def recipe_metric(recipe: Any, metric: str | None = None) -> Callable[[nn.Module], float]:
-    """``model -> recipe.evaluate(model)[metric]`` (default: the recipe's first metric), an `eval_fn`.
+    """``model -> recipe.validate(model)[metric]`` (default: the recipe's first metric), an `eval_fn`
+    to select by: on the recipe's validation set, apart from the held-out set `recipe.evaluate`
+    reports on (a recipe without ``validate``: `recipe.evaluate`).
 
     Higher must be better: a metric named ``*error*`` or ``*loss*`` is refused.
     """
+    scorer = getattr(recipe, "validate", None) or recipe.evaluate
 
     def evaluate(model: nn.Module) -> float:
-        scores = recipe.evaluate(model)
+        scores = scorer(model)
         name = metric if metric is not None else next(iter(scores))
         if name not in scores:
             raise InputError(f"the recipe reports {sorted(scores)}, not '{name}'")

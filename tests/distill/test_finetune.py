@@ -158,3 +158,31 @@ def test_recipe_batches_repeat_from_the_seed_and_metrics_must_be_higher_better()
     assert recipe_metric(fake, "miou")(None) == 0.5
     with pytest.raises(fxopt.InputError, match="lower-better"):
         recipe_metric(fake)(None)
+
+
+def test_a_recipe_metric_selects_on_the_validation_set_not_the_reported_one():
+    from fxopt.distill import recipe_metric
+
+    fake = type("R", (), {"evaluate": staticmethod(lambda m: {"acc": 0.25}), "validate": staticmethod(lambda m: {"acc": 0.75})})()
+    assert recipe_metric(fake)(None) == 0.75  # chosen on validation; the held-out 0.25 is only reported
+    plain = type("R", (), {"evaluate": staticmethod(lambda m: {"acc": 0.25}), "validate": None})()
+    assert recipe_metric(plain)(None) == 0.25
+
+
+@pytest.mark.parametrize("name", ["camera_multitask", "motionnet", "pointpillars", "safety_supervisor"])
+def test_every_bundled_recipe_validates_on_other_data_than_it_reports_on(name):
+    recipe = fxopt.models.recipe(name)
+    assert recipe.validate is not None
+    torch.manual_seed(0)
+    model = fxopt.models.create(name).eval()
+    with torch.no_grad():
+        reported, validated = recipe.evaluate(model), recipe.validate(model)
+    assert reported.keys() == validated.keys()
+    if name == "pointpillars":  # an untrained detector scores 0 everywhere: compare the scenes themselves
+        from fxopt.models import pointpillars as pp
+
+        cfg = pp.make_config()
+        held, val = pp._held_out(cfg, 2), pp._held_out(cfg, 2, pp.VALIDATION_SEED)
+        assert not any(torch.equal(a.points, b.points) for a in held for b in val)
+    else:
+        assert reported != validated  # another draw of scenes: the same untrained model scores differently on it
