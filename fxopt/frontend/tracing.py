@@ -9,7 +9,6 @@ a leaf and tracing is retried, so the rest of the model is still optimised.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import operator
@@ -29,6 +28,7 @@ from torch.fx.proxy import Attribute
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import InputError, TraceError
+from fxopt.frontend.copying import copy_module
 from fxopt.frontend.inputs import copy_inputs, leaf_module_paths
 from fxopt.frontend.module_state import (
     StateSnapshot,
@@ -451,7 +451,7 @@ def trace(
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
-    root = copy.deepcopy(model).eval()
+    root = copy_module(model).eval()
     state = StateSnapshot(root, original=model)  # the model's own state: every run below is undone before the graph takes it
 
     def run() -> Any:

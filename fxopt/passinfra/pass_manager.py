@@ -26,6 +26,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxopt.costs.cost_model import estimate_costs
 from fxopt.errors import InputError, PassError, PassOrderError
+from fxopt.frontend.copying import copy_children
 from fxopt.frontend.inputs import resize_inputs
 from fxopt.frontend.tracing import propagate_shapes
 from fxopt.passinfra.pass_base import CompileContext, FxoptPass, pass_attr, pass_name, use_context
@@ -387,7 +388,9 @@ class _SharedWeights:
 def _copy_graph_module(gm: GraphModule, shared: _SharedWeights | None = None) -> GraphModule:
     """A copy of `gm` for a pass to change (gm.meta too, so a rolled-back pass leaves no trace);
     given `shared`, its parameters and buffers are `gm`'s own tensors, not copies."""
-    return copy.deepcopy(gm, shared.memo() if shared is not None else None)
+    memo = shared.memo() if shared is not None else {}
+    copy_children(gm, memo)  # the module tree attribute by attribute, then the GraphModule's own deepcopy reuses it
+    return copy.deepcopy(gm, memo)
 
 
 def _carry_meta(src: GraphModule, dst: GraphModule) -> None:

@@ -1,0 +1,90 @@
+"""`copy_module` gives what `copy.deepcopy` gives for module trees: equal values, no aliasing with the
+original, the aliasing inside the tree kept, and weights in the memo shared."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from fxopt import models
+from fxopt.frontend.copying import copy_children, copy_module
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 4)
+        self.head.weight = self.embed.weight  # tied weights
+        self.again = self.embed  # one module under two names
+        self.rnn = nn.LSTM(4, 4, batch_first=True)  # keeps its weights in a list too
+        self.register_buffer("steps", torch.zeros(()))
+        self.notes = {"kind": "tied", "sizes": [4, 4]}
+        self.seen: list[int] = []
+        self.embed.register_forward_hook(lambda m, i, o: o * 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(self.head(self.again(x)))
+        return y + self.steps
+
+
+def _cases() -> list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]]:
+    torch.manual_seed(0)
+    cases = [("tied", Tied().eval(), (torch.randn(2, 3, 4),)),
+             ("resnet18", torchvision.models.resnet18().eval(), (torch.randn(1, 3, 64, 64),)),
+             ("mobilenet_v3_small", torchvision.models.mobilenet_v3_small().eval(), (torch.randn(1, 3, 64, 64),))]
+    cases += [(n, models.create(n).eval(), models.example_inputs(n)) for n in ("camera_multitask", "motionnet", "pointpillars")]
+    return cases
+
+
+@pytest.mark.parametrize("name, model, inputs", _cases(), ids=lambda c: c if isinstance(c, str) else "")
+def test_a_copy_equals_deepcopys_and_shares_nothing_with_the_original(name, model, inputs):
+    fast, slow = copy_module(model), copy.deepcopy(model)
+    with torch.no_grad():
+        expected = model(*inputs)
+        for out in (fast(*inputs), slow(*inputs)):
+            assert all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(expected)))
+    assert list(fast.state_dict()) == list(slow.state_dict()) == list(model.state_dict())
+    originals = {id(t) for t in [*model.parameters(), *model.buffers(), *model.modules()]}
+    assert not originals & {id(t) for t in [*fast.parameters(), *fast.buffers(), *fast.modules()]}
+    assert [type(m) for m in fast.modules()] == [type(m) for m in model.modules()]
+
+
+def test_aliasing_inside_the_tree_is_kept_and_containers_are_new():
+    model = Tied()
+    c = copy_module(model)
+    assert c.head.weight is c.embed.weight and c.again is c.embed
+    assert c.rnn._flat_weights[0] is c.rnn.weight_ih_l0  # the LSTM's list points at the copy's own weights
+    assert c.notes == model.notes and c.notes is not model.notes and c.notes["sizes"] is not model.notes["sizes"]
+    c.seen.append(1)
+    c.steps.add_(1)
+    assert model.seen == [] and float(model.steps) == 0.0
+    assert len(c.embed._forward_hooks) == 1
+
+
+def test_weights_in_the_memo_are_shared_and_the_rest_copied():
+    model = Tied()
+    c = copy_module(model, {id(p): p for p in model.parameters()})
+    assert c.embed.weight is model.embed.weight and c.embed is not model.embed
+    assert c.steps is not model.steps  # a buffer not in the memo is copied
+
+
+def test_a_graph_module_copied_through_its_children():
+    model = models.create("motionnet").eval()
+    inputs = models.example_inputs("motionnet")
+    import fxopt
+
+    gm = fxopt.trace(model, inputs)
+    memo = {id(p): p for p in gm.parameters()}
+    copy_children(gm, memo)
+    c = copy.deepcopy(gm, memo)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(c(*inputs)),
+                                                      torch.utils._pytree.tree_leaves(gm(*inputs))))
+    assert next(c.parameters()) is next(gm.parameters())
+    assert not {id(m) for m in gm.modules()} & {id(m) for m in c.modules()}
+    assert str(c.graph) == str(gm.graph)
