@@ -38,6 +38,8 @@ def add_pipeline_parser(sub: Any) -> None:
     p.add_argument("--train-steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--compress", choices=("prune", "slim"), default="prune", help="how to meet the budget (default prune)")
     p.add_argument("--slim-trials", type=int, default=20, help="Optuna trials with --compress slim (default 20)")
+    p.add_argument("--slim-storage", default=None,
+                   help="an Optuna storage every worker reaches (sqlite:///studies.db or a .journal path): searches share studies")
     p.add_argument("--finetune-steps", type=int, default=100, help="distillation fine-tune steps (default 100)")
     p.add_argument("--finetune-lr", type=float, default=None, help="its learning rate (default: the recipe's)")
     p.add_argument("--distill", default="kd", help="kd, ickd, mse or none (default kd)")
@@ -65,7 +67,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         result = run(
             args.model, args.out, progress=not args.no_progress, client=client, latency_ratios=args.latency_ratio,
             precisions=args.precision, targets=args.target, data_seed=args.data_seed, train_steps=args.train_steps,
-            compress=args.compress, slim_trials=args.slim_trials, finetune_steps=args.finetune_steps,
+            compress=args.compress, slim_trials=args.slim_trials, slim_storage=args.slim_storage, finetune_steps=args.finetune_steps,
             finetune_lr=args.finetune_lr, distill=None if args.distill == "none" else args.distill,
             calib_batches=args.calib_batches, qat_steps=args.qat_steps, device=args.device)
     finally:

@@ -48,6 +48,10 @@ class PipelineConfig:
         compress: ``"prune"`` (uniform structured pruning to the latency budget) or ``"slim"``
             (Optuna NAS over depth/width under the budget; `slim_trials` trials).
         slim_trials: trials of a slim search.
+        slim_storage: an Optuna storage URL (``sqlite:///studies.db``, ``postgresql://...``) or a
+            ``.journal`` file path that every worker reaches: slim searches of the same model, data,
+            target and budget share one study there (a fan-out's workers, or reruns), each adding its
+            trials; None: each search keeps its own study in memory.
         finetune_steps: fine-tune steps after compression with distillation from the trained
             model (0: none).
         finetune_lr: its learning rate (None: the recipe's, else a short range test).
@@ -75,6 +79,7 @@ class PipelineConfig:
     train_steps: int | None = None
     compress: str = "prune"
     slim_trials: int = 20
+    slim_storage: str | None = None
     finetune_steps: int = 100
     finetune_lr: float | None = None
     distill: str | None = "kd"
@@ -110,6 +115,13 @@ class PipelineConfig:
             if value is not None and value < 0:
                 raise PipelineConfigError(f"{name} must be >= 0, got {value}")
         self.training_device()  # a device this host does not have: refused before any work
+        if self.slim_storage is not None:
+            if self.compress != "slim":
+                raise PipelineConfigError(f"slim_storage is for compress='slim' (got compress='{self.compress}')")
+            try:
+                fxopt.create_pass("slim", storage=self.slim_storage)  # the storage's form, driver and folder, checked now
+            except fxopt.FxoptError as error:
+                raise PipelineConfigError(str(error)) from None
 
     def training_device(self) -> dict[str, str]:
         """``{"device": name, "device_name": with the GPU's name}``: where the training nodes run,

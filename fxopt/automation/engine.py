@@ -106,7 +106,8 @@ def plan_nodes(task: Task, config: PipelineConfig) -> list[NodeSpec]:
             steps = config.finetune_steps if variant.latency_ratio < 1 else 0
             specs.append(NodeSpec(compress, "compress", {"data": "data", "train": "train"}, {
                 **base, "method": config.compress, "latency_ratio": variant.latency_ratio, "target": variant.target,
-                "slim_trials": config.slim_trials, "seed": config.finetune_seed}))
+                "slim_trials": config.slim_trials, "seed": config.finetune_seed,
+                **({"slim_storage": config.slim_storage} if config.slim_storage is not None else {})}))
             specs.append(NodeSpec(finetune, "finetune", {"data": "data", "train": "train", "compress": compress}, {
                 **base, "steps": steps, "lr": config.finetune_lr, "distill": config.distill, "seed": config.finetune_seed,
                 **(device if steps else {})}))

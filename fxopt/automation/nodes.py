@@ -74,7 +74,7 @@ def compress_step(task: Task, cfg: dict[str, Any], inputs: dict[str, Path], out:
     elif cfg["method"] == "prune":
         passes = [fxopt.create_pass("prune", amount=round(1.0 - ratio, 6), by="latency")]
     else:
-        passes = [fxopt.create_pass("slim", trials=cfg["slim_trials"], seed=cfg["seed"])]
+        passes = [fxopt.create_pass("slim", trials=cfg["slim_trials"], seed=cfg["seed"], storage=cfg.get("slim_storage"))]
         options = {"latency_ratio": ratio, "calib_data": data["calib"]}
     compiled = fxopt.compile(model, cfg["target"], example_inputs=task.example_inputs(), passes=passes,
                              export=False, **options)
