@@ -308,7 +308,7 @@ def magnitudes(setup: DigitsSetup, arm_after: Arm | None = None) -> dict[str, tu
         finetune(student, PartlyLabelled(setup.split.x_train, setup.split.y_train, None, seed=setup.seed),
                  loss=task_loss, steps=setup.steps(300), lr=LR, seed=setup.seed, progress=False)
     d = Distill(logits=LogitKD(4.0), features="stages", feature_loss=ICKD((1, 2)), kept=setup.kept)
-    models = _prepare(student, setup.teacher, d, (x,))
+    models = _prepare(student, setup.teacher, d, (x,), torch.device("cpu"))
     student.train()
     terms: dict[str, Callable[[], Tensor]] = {"cross-entropy": lambda: task_loss(models.run((x,))[0], y)}
     for t in (1.0, 4.0):
@@ -440,7 +440,7 @@ def _camera_magnitudes(pruned: torch.fx.GraphModule, teacher: nn.Module, kept: d
     student = copy.deepcopy(pruned)
     (x,), batch = recipe.batch(0, torch.Generator().manual_seed(1))
     models = _prepare(student, teacher, Distill(logits=LogitKD(1.0), features="stages", feature_loss=ICKD((1, 2)),
-                                                kept=kept), (x,))
+                                                kept=kept), (x,), torch.device("cpu"))
     student.train()
     terms: dict[str, Callable[[Any, Any, Any], Tensor]] = {
         "task (focal + L1 + pixel cross-entropy)": lambda o, t, p: recipe.loss(o, batch),

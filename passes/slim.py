@@ -639,6 +639,8 @@ class Slim(FxoptPass):
         batches = [tuple(b) for b in ctx.options["calib_data"][:PROXY_BATCHES]]
         references = [run_model(graph_module, b) for b in batches]
         search = _Search(space, batches, references, ctx.target, ctx.precision, budget_s, base_s)
+        latency_ms, ratio = self._budget_request(ctx.options)
+        search.budget_asked = f"latency_ms={latency_ms}" if latency_ms is not None else f"latency_ratio={ratio}"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = self._study(space, search, storage)
         if not study.trials:  # a new study starts from the smallest candidate and a few uniform widths
@@ -696,8 +698,8 @@ class Slim(FxoptPass):
         if known is None:
             study.set_user_attr("fxopt_search", fingerprint)
         elif known != fingerprint:
-            raise InputError(f"slim: study '{name}' in {self.settings.storage} was made for another search (model, weights, "
-                             "calibration data, target, precision, latency budget or options differ); use another study_name")
+            raise InputError(f"slim: study '{name}' in {self.settings.storage} was made for another search (model, target, "
+                             "precision, latency budget or options differ); use another study_name")
         return study
 
 
@@ -711,20 +713,15 @@ class _Search:
         self._bar: Any = None
         self.tuned: dict[int, float] = {}  # trial number -> proxy (or -metric) after the short fine-tune
         self.tuned_by = "proxy"  # or "metric": compile's fine-tune scored the re-rank
+        self.budget_asked = f"{budget_s * 1e3:.6g} ms"  # the budget as the user gave it (a ratio of a measured latency moves)
 
     def fingerprint(self) -> str:
-        """What a trial's value and constraint depend on: the search space, the weights and calibration
-        batches (the proxy), the target, precision and latency budget (the constraint). Workers
-        sharing a storage share a study only where all of these agree."""
-        digest = hashlib.sha256(self.space.fingerprint().encode())
-        digest.update(f"{self.target.name}|{self.precision}|{self.budget_s * 1e3:.6g}".encode())
-        for t in [*self.space.gm.state_dict().values(), *(x for b in self.batches for x in b)]:
-            if isinstance(t, torch.Tensor):
-                t = t.detach().cpu().contiguous()
-                digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-                if t.numel():
-                    digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        return digest.hexdigest()[:16]
+        """What a trial's constraint means: the search space, the target, the precision and the latency
+        budget as asked (``latency_ratio=0.8``: workers that each measure their base latency, a little
+        differently, still share a study; another budget gets its own). Workers sharing a storage share
+        a study only where these agree."""
+        text = f"{self.space.fingerprint()}|{self.target.name}|{self.precision}|{self.budget_asked}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     # the search space as Optuna parameters
     def params_of(self, c: SlimCandidate) -> dict[str, Any]:

@@ -25,14 +25,13 @@ def test_goal_needs_qat_at_least_ptq_and_near_fp32_only_where_ptq_is_not():
     assert not miss.holds and miss.why_not() == "PTQ -2.00 and QAT -1.00 vs fp32"
 
 
-def test_fresh_eval_set_is_another_draw_and_the_recipe_set_comes_back():
+def test_fresh_eval_set_is_another_draw_of_the_recipe_generator():
     bench = _bench_module()
     module = importlib.import_module("fxopt.models.motionnet")
-    before = module.eval_set().occupancy
-    with bench._fresh_eval_set("motionnet"):
-        fresh = module.eval_set().occupancy
-    assert fresh.shape == before.shape and not (fresh == before).all()
-    assert (module.eval_set().occupancy == before).all()
+    seed = bench.fresh_seed("motionnet")
+    assert seed not in (module.EVAL_SEED, module.VALIDATION_SEED)
+    held, fresh = module.eval_set().occupancy, module.eval_set(seed).occupancy
+    assert fresh.shape == held.shape and not (fresh == held).all()
 
 
 def test_render_reports_both_sets_the_median_and_where_the_goal_fails():
