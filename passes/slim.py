@@ -698,8 +698,8 @@ class Slim(FxoptPass):
         if known is None:
             study.set_user_attr("fxopt_search", fingerprint)
         elif known != fingerprint:
-            raise InputError(f"slim: study '{name}' in {self.settings.storage} was made for another search (model, target, "
-                             "precision, latency budget or options differ); use another study_name")
+            raise InputError(f"slim: study '{name}' in {self.settings.storage} was made for another search (model, weights, "
+                             "calibration data, target, precision, latency budget or options differ); use another study_name")
         return study
 
 
@@ -716,12 +716,19 @@ class _Search:
         self.budget_asked = f"{budget_s * 1e3:.6g} ms"  # the budget as the user gave it (a ratio of a measured latency moves)
 
     def fingerprint(self) -> str:
-        """What a trial's constraint means: the search space, the target, the precision and the latency
-        budget as asked (``latency_ratio=0.8``: workers that each measure their base latency, a little
-        differently, still share a study; another budget gets its own). Workers sharing a storage share
-        a study only where these agree."""
-        text = f"{self.space.fingerprint()}|{self.target.name}|{self.precision}|{self.budget_asked}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """What a trial's value and constraint depend on: the search space, the weights and calibration
+        batches (the proxy), the target, the precision and the latency budget as asked
+        (``latency_ratio=0.8``: workers that each measure their base latency, a little differently,
+        still share a study; another budget gets its own). Workers sharing a storage share a study only
+        where all of these agree."""
+        digest = hashlib.sha256(f"{self.space.fingerprint()}|{self.target.name}|{self.precision}|{self.budget_asked}".encode())
+        for t in [*self.space.gm.state_dict().values(), *(x for b in self.batches for x in b)]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                t = t.detach().cpu().contiguous()
+                digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                if t.numel():
+                    digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return digest.hexdigest()[:16]
 
     # the search space as Optuna parameters
     def params_of(self, c: SlimCandidate) -> dict[str, Any]:

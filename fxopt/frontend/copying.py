@@ -25,7 +25,7 @@ from torch import nn
 __all__ = ["copy_children", "copy_module"]
 
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, range, type, torch.dtype, torch.device, torch.layout,
-           torch.memory_format, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+           torch.memory_format, types.FunctionType, types.BuiltinFunctionType)
 
 
 def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
@@ -88,6 +88,8 @@ def _copy(value: Any, memo: dict[int, Any]) -> Any:
     if kind is tuple:
         items = tuple(_copy(v, memo) for v in value)
         return value if all(a is b for a, b in zip(items, value)) else items
+    if kind is types.MethodType:  # a bound method (a hook, `self.impl = self._fast`) binds to the copy, as deepcopy's does
+        return kind(value.__func__, _copy(value.__self__, memo))
     if kind is set and all(type(v) in _ATOMIC for v in value):
         return set(value)
     return copy.deepcopy(value, memo)

@@ -119,9 +119,9 @@ class FxoptPass(PassBase):
             report shows it; default "the pass found nothing to change").
         shares_weights: True when the pass never writes into the graph's existing parameters or
             buffers in place, only replaces those it changes (``module.weight = nn.Parameter(new)``):
-            the copy it works on then shares every weight with the graph before it instead of copying
-            them (time and memory), and the pass manager refuses, with a `PassError`, a pass that
-            writes into one all the same. False (the default, safe for any pass): its own copy of every
+            the copy it works on then shares every parameter with the graph before it instead of copying
+            them (time and memory; buffers are copied), and the pass manager refuses, with a
+            `PassError`, a pass that writes into one all the same (through ``.data`` it cannot see). False (the default, safe for any pass): its own copy of every
             weight, so it may re-estimate BatchNorm statistics or train in place.
 
     Example:

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 import networkx as nx
+import torch
 from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -284,6 +285,11 @@ class PassManager:
         except _WroteSharedWeight as exc:  # the graph before the pass is damaged: nothing to roll back to
             raise PassError(name, str(exc), ran_before=[r.name for r in result.records if r.status == "applied"]) from None
         except Exception as exc:  # noqa: BLE001 - every pass failure is reported, then rolled back or raised
+            if shared is not None:
+                try:
+                    shared.check_untouched(name)  # a failed pass rolls back onto the graph before it: that must be intact
+                except _WroteSharedWeight as wrote:
+                    raise PassError(name, str(wrote), ran_before=[r.name for r in result.records if r.status == "applied"]) from None
             if isinstance(exc, InputError) and pass_attr(p, "raises_input_errors", False):
                 raise  # the user's data or loss is wrong: a rollback would hide it
             reason = str(exc) if isinstance(exc, _ContractBroken) else f"{type(exc).__name__}: {exc}"
@@ -370,19 +376,28 @@ class _SharedWeights:
 
     @classmethod
     def of(cls, gm: GraphModule) -> _SharedWeights:
-        tensors = {name: t for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
-        return cls(tensors, {name: (t._version, t.data_ptr()) for name, t in tensors.items()})
+        # parameters only: buffers are small, and a leaf module may write its own buffer every run (calibration runs)
+        tensors = dict(gm.named_parameters(remove_duplicate=False))
+        return cls(tensors, {name: _mark(t) for name, t in tensors.items()})
 
     def memo(self) -> dict[int, Any]:
         return {id(t): t for t in self.tensors.values()}
 
     def check_untouched(self, pass_label: str) -> None:
+        """Raise where a shared tensor was written in place. Not seen: a write through ``.data``
+        (``p.data.mul_(2)``), which bumps no version counter of the parameter itself."""
         for name, t in self.tensors.items():
-            if (t._version, t.data_ptr()) != self.marks[name]:
+            if _mark(t) != self.marks[name]:
                 raise _WroteSharedWeight(
                     f"wrote into '{name}' in place, a tensor its copy shares with the graph before it (the graph it would roll "
                     f"back to is changed too); replace the tensor instead (module.weight = nn.Parameter(new)), or leave "
                     f"shares_weights False on the pass ({pass_label}) to get its own copy of every weight")
+
+
+def _mark(t: Any) -> tuple[int, int]:
+    # the version counter (every in-place op bumps it) and the storage (``.data = ...`` swaps it); a tensor without
+    # strided storage (sparse) by its identity
+    return t._version, t.data_ptr() if t.layout == torch.strided else id(t)
 
 
 def _copy_graph_module(gm: GraphModule, shared: _SharedWeights | None = None) -> GraphModule:

@@ -186,9 +186,11 @@ def test_safety_supervisor_refuses_fp16_and_records_its_evidence(tmp_path):
 
 def test_slim_command_with_a_shared_journal_study(tmp_path):
     (tmp_path / "wide.py").write_text(textwrap.dedent("""
+        import torch
         from torch import nn
 
         def net():  # compute-bound on the CPU, so a narrower candidate is measurably faster
+            torch.manual_seed(0)  # workers sharing a study search the same weights
             return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
                                  nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 2, 1))
     """))

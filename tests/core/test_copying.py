@@ -66,6 +66,32 @@ def test_aliasing_inside_the_tree_is_kept_and_containers_are_new():
     assert len(c.embed._forward_hooks) == 1
 
 
+class Hooked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.seen = []
+        self.lin.register_forward_hook(self._hook)  # a bound method of the parent
+        self.impl = self._fast
+
+    def _hook(self, module, inputs, output):
+        self.seen.append(1)
+
+    def _fast(self, x):
+        return self.lin(x)
+
+    def forward(self, x):
+        return self.impl(x)
+
+
+def test_bound_methods_bind_to_the_copy():
+    model = Hooked()
+    c = copy_module(model)
+    c(torch.randn(1, 2))
+    assert c.seen == [1] and model.seen == []  # the copy's hook and method run on the copy, not the user's module
+    assert c.impl.__self__ is c
+
+
 def test_weights_in_the_memo_are_shared_and_the_rest_copied():
     model = Tied()
     c = copy_module(model, {id(p): p for p in model.parameters()})

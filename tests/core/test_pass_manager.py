@@ -254,3 +254,37 @@ def test_an_input_error_of_any_other_pass_is_rolled_back():
     _, _, gm, ctx = small()
     record = fxopt.PassManager([_refusing(False)]).run(gm, ctx).records[0]
     assert record.status == "rolled_back" and "must return a scalar" in record.reason
+
+
+def test_a_sharing_pass_that_writes_in_place_and_then_fails_is_refused_not_rolled_back():
+    def write_then_fail(gm):
+        perturb_weight(gm)
+        raise RuntimeError("boom")
+
+    _, _, gm, ctx = small()
+    with pytest.raises(fxopt.PassError, match=r"'3\.weight' in place"):
+        fxopt.PassManager([_sharing("clumsy", write_then_fail)]).run(gm, ctx)
+
+
+class _CountingLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1  # its own buffer, read by nothing: a leaf keeps writing it on every run
+        return self.conv(x)
+
+
+def test_a_leaf_writing_its_own_buffer_still_compiles_to_int8():
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _CountingLeaf(), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = fxopt.compile(model, "cpu", example_inputs=(x,), leaf_modules=["1"], precision="int8",
+                                 calib_data=[(torch.randn(1, 3, 16, 16),) for _ in range(2)], export=False)
+    assert [r.status for r in compiled.report.passes if r.name == "quantize"] in (["applied"], ["unchanged"])
