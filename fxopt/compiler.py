@@ -41,6 +41,7 @@ from fxopt.passinfra.pass_manager import (
     MANIFEST_META,
     NOTES_META,
     PRECISION_META,
+    SUMMARY_ROW_META,
     PassManager,
     order_passes,
     resolve_passes,
@@ -657,14 +658,18 @@ class _Summary:
 
     def after_pass(self, record: Any, gm: GraphModule, p: Any) -> None:
         """The pass manager's word that `p` was applied: a row after each lossy step. Structural steps
-        in a row share one ("after slim + prune"); a step with a ``stage`` name gets "after <stage>",
-        unless it added its row itself (a fine-tune judging its result)."""
+        in a row share one ("after slim + prune"); a step with a ``stage`` name gets "after <stage>", the
+        row it measured itself where it did (a fine-tune judging its result); a step rolled back gets none."""
         if not (self.enabled and record.lossy):
             return
         stage = pass_attr(p, "stage", None)
+        measured = gm.meta.pop(SUMMARY_ROW_META, None)  # the step measured its result to judge it
         if stage is None:
             self._pending = ([*(self._pending[0] if self._pending else ()), record.name], gm)
-        elif gm is not self._last:
+        elif measured is not None:
+            self.flush()
+            self._append(*measured, gm)
+        else:
             self.add(f"after {stage}", gm)
 
     def flush(self) -> None:
@@ -678,22 +683,32 @@ class _Summary:
         if not self.enabled:
             return
         self.flush()
-        self._last = gm
+        self._append(*self.measure(stage, gm), gm)
+
+    def measure(self, stage: str, gm: GraphModule) -> tuple[dict[str, Any], dict[str, float] | None]:
+        """`gm`'s row (estimated latency, size, the metric) and its metric values, not yet in the table: a
+        step that judges itself measures its result, and the row goes in only when the step is applied."""
         row: dict[str, Any] = {"stage": stage}
         for p in self.precisions:
             cost = estimate_costs(gm, self.profile, p)
             row[f"est. {self.profile.name} latency ms ({p})"] = round(cost.latency_s * 1e3, 4)
         row["params"], row["FLOPs"] = cost.params, cost.flops
-        if self.eval_fn is not None:
-            was_training = gm.training
-            gm.eval()
-            with torch.no_grad():
-                metric = self.eval_fn(gm)
-            gm.train(was_training)
-            self.scalar = not isinstance(metric, dict)
-            values = {k: float(v) for k, v in metric.items()} if isinstance(metric, dict) else {"metric": float(metric)}
-            self._metrics.append((stage, values))
-            row.update({k: round(v, 4) for k, v in values.items()})
+        if self.eval_fn is None:
+            return row, None
+        was_training = gm.training
+        gm.eval()
+        with torch.no_grad():
+            metric = self.eval_fn(gm)
+        gm.train(was_training)
+        self.scalar = not isinstance(metric, dict)
+        values = {k: float(v) for k, v in metric.items()} if isinstance(metric, dict) else {"metric": float(metric)}
+        row.update({k: round(v, 4) for k, v in values.items()})
+        return row, values
+
+    def _append(self, row: dict[str, Any], values: dict[str, float] | None, gm: GraphModule) -> None:
+        self._last = gm
+        if values is not None:
+            self._metrics.append((row["stage"], values))
         self._rows.append(row)
 
     def table(self) -> dict[str, list[dict[str, Any]]]:

@@ -17,6 +17,7 @@ from fxopt.distill.judge import HeldOutJudge, advice, hold_back, judge_metrics
 from fxopt.distill.loop import finetune
 from fxopt.distill.lr_range import choose_lr
 from fxopt.distill.resolve import FinetuneRequest, resolve
+from fxopt.passinfra.pass_manager import SUMMARY_ROW_META
 
 __all__ = ["tune_graph"]
 
@@ -31,9 +32,10 @@ def tune_graph(student: nn.Module, teacher: nn.Module, request: FinetuneRequest,
             lr, seed, device). The graph trains on the request's device and comes back to its own
             (the CPU in compile: ONNX export and verification run there); the judge runs it there.
         label: the step's name in the report (``"fine-tune"``, ``"QAT"``).
-        stages: compile's summary table (``rows``, ``eval_fn``, ``metrics``, ``add(stage, gm)``), or
-            None. With an eval_fn it judges the result on the metric of every stage; the step adds
-            its own row ("after <label>").
+        stages: compile's summary table (``rows``, ``eval_fn``, ``metrics``, ``measure(stage, gm)``),
+            or None. With an eval_fn it judges the result on the metric of every stage; the step's
+            own row ("after <label>") is left in ``student.meta`` for the table, which takes it when
+            the step is applied.
         kept: ``{student node: kept teacher channels}`` of a prune run, for feature distillation.
     """
     device = training_device(request.device)
@@ -60,10 +62,13 @@ def tune_graph(student: nn.Module, teacher: nn.Module, request: FinetuneRequest,
              *[f"{label}: {n}" for n in (*setup.notes, *tuned.notes)]]
     if split is not None and not split.overlaps:
         notes.append(f"{label}: trained without {split.describe()}, kept to judge it (give eval_fn= to train on all)")
-    if stages is not None:
-        stages.add(f"after {label}", student)
+    stage_metrics: list[Any] = []
+    if stages is not None:  # the row goes into the table when the pass manager applies this step
+        row, values = stages.measure(f"after {label}", student)
+        student.meta[SUMMARY_ROW_META] = (row, values)
+        stage_metrics = [*stages.metrics, *([(row["stage"], values)] if values is not None else [])]
     what_to_try = advice(steps, chosen.lr, chosen.how, distilled, getattr(request.recipe, "finetune_steps", None))
     if judge is None:
-        return notes + judge_metrics(stages.metrics, what_to_try)
+        return notes + judge_metrics(stage_metrics, what_to_try)
     judge.measure(f"after {label}", student)
     return notes + judge.lines(what_to_try)

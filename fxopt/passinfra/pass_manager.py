@@ -34,13 +34,14 @@ from fxopt.passinfra.pass_base import CompileContext, FxoptPass, pass_attr, pass
 from fxopt.passinfra.registry import create_pass
 from fxopt.verification.numerics import TOLERANCES, compare_outputs, output_signature, run_model
 
-__all__ = ["FILES_META", "INPUT_SHAPES_META", "MANIFEST_META", "NOTES_META", "PRECISION_META", "PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
+__all__ = ["FILES_META", "INPUT_SHAPES_META", "MANIFEST_META", "NOTES_META", "PRECISION_META", "SUMMARY_ROW_META", "PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
 
 INPUT_SHAPES_META = "fxopt_input_shapes"
 FILES_META = "fxopt_files"  # files a pass leaves for the output folder: name -> bytes or text
 MANIFEST_META = "fxopt_manifest"  # facts a pass records for manifest.json (plain data): key -> value
 PRECISION_META = "fxopt_precision"  # the precision a pass made the graph run at ("int8": it holds Q/DQ)
 NOTES_META = "fxopt_notes"  # report lines a pass leaves (a fine-tune's judgement): a list of str
+SUMMARY_ROW_META = "fxopt_summary_row"  # a step's own measurement of its result for compile's summary table
 
 PassLike = Any  # an FxoptPass, a torch.fx PassBase, or a callable gm -> PassResult | GraphModule
 

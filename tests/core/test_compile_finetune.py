@@ -110,3 +110,29 @@ def test_a_fine_tune_left_far_below_the_input_model_warns_and_says_what_to_try()
     assert "distill='kd'" in warning and "milder compression budget" in warning
     # with eval data nothing is held back: the fine-tune trains on every batch
     assert not any("held-back" in n for n in tuned.report.notes)
+
+
+def test_a_fine_tune_rolled_back_after_measuring_itself_leaves_no_row():
+    from fxopt.compiler import _Summary
+    from fxopt.passes import Finetune
+
+    class FailsAfterTuning(Finetune):
+        def call(self, gm):
+            super().call(gm)
+            raise RuntimeError("a check after the fine-tune failed")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(16, 8)
+    data = [((x,), torch.randint(0, 4, (16,)))] * 4
+    summary = _Summary(fxopt.get_target("cpu"), "fp32", lambda m: 0.5)
+    gm = fxopt.trace(model, (x,))
+    summary.add("input model", gm)
+    tune = FailsAfterTuning(steps=2, data=data, loss=nn.CrossEntropyLoss(), lr=1e-3, stages=summary, teacher=gm)
+    good = Finetune(steps=2, data=data, loss=nn.CrossEntropyLoss(), lr=1e-3, stages=summary, teacher=gm)
+    ctx = fxopt.CompileContext.create("cpu", (x,))
+    result = fxopt.PassManager([tune], on_applied=summary.after_pass).run(gm, ctx)
+    assert result.records[0].status == "rolled_back"
+    assert [r["stage"] for r in summary.rows] == ["input model"]
+    fxopt.PassManager([good], on_applied=summary.after_pass).run(gm, ctx)
+    assert [r["stage"] for r in summary.rows] == ["input model", "after fine-tune"]
