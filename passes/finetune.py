@@ -72,7 +72,7 @@ class Finetune(FxoptPass):
         self.request = FinetuneRequest(**request) if request else None
 
     def options(self) -> dict[str, Any]:
-        request = self._request()
+        request = self.request  # read outside the run (no context): the pass's own request, compile's included
         return {"steps": self.steps, "lr": request.lr if request else None, "seed": request.seed if request else 0}
 
     def _request(self) -> FinetuneRequest | None:
