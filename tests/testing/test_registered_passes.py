@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import event, given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import fxopt
@@ -30,12 +30,14 @@ class PassSetup:
         options: example inputs -> compile-context options (e.g. calibration data).
         strategy: the models to draw (default: every family).
         atol: for lossy passes, the largest deviation accepted (None: only reported).
+        max_examples: at most this many drawn models, whatever the profile (a pass that trains on each).
     """
 
     factory: Callable[[tuple[Any, ...]], Any] | None = None
     options: Callable[[tuple[Any, ...]], dict[str, Any]] = field(default=lambda inputs: {})
     strategy: Callable[[], st.SearchStrategy[Any]] = models
     atol: float | None = None
+    max_examples: int | None = None
 
 
 # Passes that need options or data; every other built-in pass is built with no arguments.
@@ -48,10 +50,17 @@ PASS_SETUPS: dict[str, PassSetup] = {
     # two steps distilling the drawn model's own outputs (no labels), on batches of two or more (BatchNorm trains
     # on them); QAT on a float graph has nothing to train
     "finetune": PassSetup(factory=lambda inputs: fxopt.passes.Finetune(steps=2, data=[(inputs, None)], lr=1e-4, distill=_output_match()),
-                          strategy=lambda: models().filter(_batched)),
+                          strategy=lambda: models().filter(_batched), max_examples=60),
     "qat": PassSetup(factory=lambda inputs: fxopt.passes.QuantAwareTraining(steps=2, data=[(inputs, None)], lr=1e-4,
-                                                                          distill=_output_match())),
+                                                                          distill=_output_match()), max_examples=60),
 }
+
+
+def _at_most(count: int | None) -> Callable[[Any], Any]:
+    """The loaded profile's settings with at most `count` examples (None: as they are)."""
+    if count is None:
+        return lambda test: test
+    return settings(max_examples=min(count, settings.default.max_examples))
 
 
 def _batched(drawn: tuple[Any, tuple[Any, ...]]) -> bool:
@@ -98,6 +107,7 @@ def test_pass_keeps_its_contract_on_drawn_models(name):
     setup = PASS_SETUPS.get(name, PassSetup())
 
     @given(setup.strategy())
+    @_at_most(setup.max_examples)
     def contract(drawn):
         model, inputs = drawn
         result = check_pass(lambda: make_pass(name, inputs), model, inputs, atol=setup.atol, **setup.options(inputs))
