@@ -259,10 +259,12 @@ class PassManager:
         shared = _SharedWeights.of(gm) if isinstance(p, FxoptPass) and p.shares_weights else None
         candidate = _copy_graph_module(gm, shared)
         try:
-            with use_context(context):
-                res = _as_result(p(candidate), candidate)
-            if shared is not None:
-                shared.check_untouched(name)
+            try:
+                with use_context(context):
+                    res = _as_result(p(candidate), candidate)
+            finally:  # also when the pass failed: a rollback goes back to the graph before it, which must be intact
+                if shared is not None:
+                    shared.check_untouched(name)
             new_gm = res.graph_module
             if not res.modified:
                 if str(new_gm.graph) != str(gm.graph):
@@ -286,11 +288,6 @@ class PassManager:
         except _WroteSharedWeight as exc:  # the graph before the pass is damaged: nothing to roll back to
             raise PassError(name, str(exc), ran_before=[r.name for r in result.records if r.status == "applied"]) from None
         except Exception as exc:  # noqa: BLE001 - every pass failure is reported, then rolled back or raised
-            if shared is not None:
-                try:
-                    shared.check_untouched(name)  # a failed pass rolls back onto the graph before it: that must be intact
-                except _WroteSharedWeight as wrote:
-                    raise PassError(name, str(wrote), ran_before=[r.name for r in result.records if r.status == "applied"]) from None
             if isinstance(exc, InputError) and pass_attr(p, "raises_input_errors", False):
                 raise  # the user's data or loss is wrong: a rollback would hide it
             reason = str(exc) if isinstance(exc, _ContractBroken) else f"{type(exc).__name__}: {exc}"
