@@ -49,7 +49,7 @@ from fxopt.passinfra.pass_manager import (
 from fxopt.passinfra.registry import create_pass
 from fxopt.targets import TargetProfile, get_target
 from fxopt.targets.host import host_cpu
-from fxopt.verification.numerics import run_model
+from fxopt.verification.numerics import run_model, update_digest
 
 __all__ = ["compile", "CompiledModel", "default_pipeline", "state_dict_sha256"]
 
@@ -70,9 +70,7 @@ def state_dict_sha256(model: nn.Module) -> str:
     for key, value in sorted(model.state_dict().items()):
         digest.update(key.encode())
         if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous()
-            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")  # no copy of the bytes
+            update_digest(digest, value)
     return digest.hexdigest()
 
 

@@ -64,7 +64,12 @@ from fxopt.passes.slim_space import (
 from fxopt.passinfra.pass_base import FxoptPass, PassResult, current_context
 from fxopt.passinfra.pass_manager import FILES_META, INPUT_SHAPES_META
 from fxopt.passinfra.registry import register_pass
-from fxopt.verification.numerics import flatten_outputs, recalibrate_batchnorm, run_model
+from fxopt.verification.numerics import (
+    flatten_outputs,
+    recalibrate_batchnorm,
+    run_model,
+    update_digest,
+)
 
 __all__ = ["OutputMatch", "Slim", "SlimCandidate", "SlimSettings", "latency_range", "output_divergence", "recalibrate_batchnorm"]
 
@@ -724,10 +729,7 @@ class _Search:
         digest = hashlib.sha256(f"{self.space.fingerprint()}|{self.target.name}|{self.precision}|{self.budget_asked}".encode())
         for t in [*self.space.gm.state_dict().values(), *(x for b in self.batches for x in b)]:
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                t = t.detach().cpu().contiguous()
-                digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-                if t.numel():
-                    digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                update_digest(digest, t)
         return digest.hexdigest()[:16]
 
     # the search space as Optuna parameters

@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt.frontend.inputs import copy_inputs
 
-__all__ = ["Deviation", "TOLERANCES", "flatten_outputs", "compare_outputs", "recalibrate_batchnorm", "run_model"]
+__all__ = ["Deviation", "TOLERANCES", "flatten_outputs", "compare_outputs", "recalibrate_batchnorm", "run_model", "update_digest"]
 
 # (atol, rtol) per compute precision: a check passes when max_abs <= atol + rtol * max|reference|.
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -83,6 +83,22 @@ def compare_outputs(candidate: Any, reference: Any) -> Deviation:
         max_rel = max(max_rel, float((diff / r64.abs().clamp_min(1e-12)).max()))
         scale = max(scale, float(r64.abs().max()))
     return Deviation(max_abs, max_rel, scale, True)
+
+
+def update_digest(digest: Any, t: torch.Tensor) -> None:
+    """Fold a strided tensor's dtype, shape and bytes into a ``hashlib`` digest, without copying its bytes.
+
+    Example:
+        >>> import hashlib
+        >>> a, b = hashlib.sha256(), hashlib.sha256()
+        >>> update_digest(a, torch.ones(2)); update_digest(b, torch.ones(2, dtype=torch.float64))
+        >>> a.hexdigest() == b.hexdigest()
+        False
+    """
+    t = t.detach().cpu().contiguous()
+    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def run_model(model: Any, inputs: tuple[Any, ...]) -> Any:
