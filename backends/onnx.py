@@ -7,7 +7,6 @@ and cannot always convert down, while TensorRT 8.5 (Xavier) parses opsets up to 
 from __future__ import annotations
 
 import copy
-import gc
 import io
 import linecache
 import re
@@ -23,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import ExportError, VerificationError
 from fxopt.frontend.inputs import check_tensor_outputs, copy_inputs
+from fxopt.passinfra.collector import collect_young, young_objects_only
 from fxopt.targets import TargetProfile, get_target
 from fxopt.verification.numerics import TOLERANCES, compare_outputs, flatten_outputs, run_model
 
@@ -110,6 +110,7 @@ def export_onnx(
     cleanup: bool = True,
     tensorrt_version: str | None = None,
     dynamic_batch: bool = False,
+    outputs: Any = None,
 ) -> OnnxExport:
     """Export `module` to an in-memory ONNX model at `opset`, cleaned and checked.
 
@@ -121,6 +122,8 @@ def export_onnx(
         tensorrt_version: the TensorRT release that will parse the file (``"8.5"``): the clean-up
             rewrites ops that release lacks (`fxopt.backends.onnx_rewrites`); ``None`` rewrites nothing.
         dynamic_batch: make dim 0 of every input and output a symbolic ``batch`` axis.
+        outputs: `module`'s outputs on `example_inputs` where already computed (they name the
+            file's outputs); None runs `module` once.
 
     Returns:
         An `OnnxExport` (not yet verified: see `verify_onnx`).
@@ -129,7 +132,8 @@ def export_onnx(
         ExportError: the module returns something other than tensors (None, a string), the
             exporter failed, wrote another opset, or the checker rejected the file.
     """
-    outputs = run_model(module, example_inputs)
+    if outputs is None:
+        outputs = run_model(module, example_inputs)
     check_tensor_outputs(outputs, error=ExportError)  # None fails in ONNX Runtime's C++, a string is dropped
     input_names = [f"input_{i}" for i in range(len(example_inputs))] if len(example_inputs) > 1 else ["input"]
     output_names = _output_names(outputs)
@@ -166,11 +170,12 @@ def export_onnx(
     del data  # the weights live on in `model`: one copy of them at a time
     rewrites: list[str] = []
     if cleanup:
-        try:
-            model = _cleanup(model, tensorrt_version, rewrites)
-        except Exception as exc:
-            raise ExportError(f"ONNX clean-up (onnx-graphsurgeon) failed: {type(exc).__name__}: {exc}") from exc
-        gc.collect()  # onnx-graphsurgeon's graph holds a copy of every weight in reference cycles
+        with young_objects_only():  # the clean-up's collections need not walk the caller's objects
+            try:
+                model = _cleanup(model, tensorrt_version, rewrites)
+            except Exception as exc:
+                raise ExportError(f"ONNX clean-up (onnx-graphsurgeon) failed: {type(exc).__name__}: {exc}") from exc
+            collect_young()  # onnx-graphsurgeon's graph holds a copy of every weight in reference cycles
     written = opset_of(model)
     if written > opset:
         raise ExportError(f"the exporter wrote opset {written}, above the requested {opset}")
@@ -664,8 +669,9 @@ def lower(
             the graph has baked in, e.g. ``x.view(1, -1)``).
     """
     profile = get_target(target)
+    known = {id(inputs): outputs for inputs, outputs in known_outputs}
     exported = export_onnx(module, example_inputs, opset=profile.max_onnx_opset, tensorrt_version=profile.tensorrt_version,
-                           dynamic_batch=dynamic_batch is not None)
+                           dynamic_batch=dynamic_batch is not None, outputs=known.get(id(example_inputs)))
     if not verify:
         return exported
     atol, rtol = TOLERANCES["int8"] if "QuantizeLinear" in exported.op_types() else (ATOL, RTOL)

@@ -31,10 +31,11 @@ from fxopt.frontend.inputs import (
     verification_inputs,
 )
 from fxopt.frontend.stages import Stages, split_stages
-from fxopt.frontend.tracing import leaves_of, normalize_inputs, trace
+from fxopt.frontend.tracing import leaves_of, normalize_inputs, trace_with_outputs
 from fxopt.output.output_folder import MANIFEST, check_output_folder, write_output_folder
 from fxopt.output.progress import Phases
 from fxopt.output.report import CompileReport, layer_rows, report_tables
+from fxopt.passinfra.collector import young_objects_only
 from fxopt.passinfra.pass_base import CompileContext, pass_attr, pass_name
 from fxopt.passinfra.pass_manager import (
     FILES_META,
@@ -307,24 +308,25 @@ def compile(  # noqa: A001 - the public name the design asks for
         17
     """
     start = time.perf_counter()
-    request = _request(model, target, example_inputs, passes=passes, precision=precision, strict=strict, export=export,
-                       progress=progress, leaf_modules=leaf_modules, save_to=save_to, safety=safety, stages=stages,
-                       tuning=_Tuning(train_data, loss, finetune_steps, finetune_lr, finetune_seed, qat_steps, distill, recipe, eval_fn,
-                                      device),
-                       dynamic_batch=dynamic_batch, options=options)
-    phases = Phases(request.phase_names(), enabled=progress)
-    try:
-        with phases("trace"):
-            traced = _trace(request, start)
-        ran = _run_pipeline(request, traced, phases)
-        with phases("export"):
-            lowered = _lower(request, ran)
-    finally:
-        phases.close()
-    compiled = _assemble(request, traced, ran, lowered, start)
-    if save_to is not None:
-        compiled.save(save_to)
-    return compiled
+    with young_objects_only():  # the collector walks the compile's own objects, not the user's model and torch's
+        request = _request(model, target, example_inputs, passes=passes, precision=precision, strict=strict, export=export,
+                           progress=progress, leaf_modules=leaf_modules, save_to=save_to, safety=safety, stages=stages,
+                           tuning=_Tuning(train_data, loss, finetune_steps, finetune_lr, finetune_seed, qat_steps, distill, recipe, eval_fn,
+                                          device),
+                           dynamic_batch=dynamic_batch, options=options)
+        phases = Phases(request.phase_names(), enabled=progress)
+        try:
+            with phases("trace"):
+                traced = _trace(request, start)
+            ran = _run_pipeline(request, traced, phases)
+            with phases("export"):
+                lowered = _lower(request, ran)
+        finally:
+            phases.close()
+        compiled = _assemble(request, traced, ran, lowered, start)
+        if save_to is not None:
+            compiled.save(save_to)
+        return compiled
 
 
 @dataclass(frozen=True)
@@ -444,17 +446,20 @@ class _Traced:
     seconds: float  # from compile's start
     cost_before: Any
     context: CompileContext
+    known_outputs: list[tuple[tuple[Any, ...], Any]] = field(default_factory=list)  # (the example inputs, the graph's outputs on them)
 
 
 def _trace(request: _Request, start: float) -> _Traced:
     """Step 2: trace (a deep copy of) the model; check before the passes what would fail later."""
     context = CompileContext.create(request.profile, request.inputs, request.precision, check_inputs=request.check_inputs, **request.options)
-    gm = trace(request.model if request.split is None else request.split.root, request.inputs, leaf_modules=request.leaf_modules)
+    gm, outputs = trace_with_outputs(request.model if request.split is None else request.split.root, request.inputs,
+                                     leaf_modules=request.leaf_modules)
     if request.export:  # before the passes: the exporter would fail on them, or silently drop them
-        check_tensor_outputs(run_model(gm, request.inputs))
+        check_tensor_outputs(outputs)
     if request.tuning.any and request.tuning.loss is not None:
         _check_loss(gm, request.tuning.train_data, request.tuning.loss)
-    return _Traced(gm, time.perf_counter() - start, estimate_costs(gm, request.profile, context.precision), context)
+    return _Traced(gm, time.perf_counter() - start, estimate_costs(gm, request.profile, context.precision), context,
+                   [(request.inputs, outputs)])
 
 
 @dataclass
@@ -494,7 +499,7 @@ def _run_pipeline(request: _Request, traced: _Traced, phases: Phases) -> _Pipeli
             pipeline.append(create_pass("qat", steps=tuning.qat_steps, progress=request.progress, **_fields(tune)))
     with phases("passes"):
         result = PassManager(pipeline, strict=request.strict, progress=request.progress, on_applied=summary.after_pass).run(
-            gm, context, cost=traced.cost_before)
+            gm, context, cost=traced.cost_before, known_outputs=traced.known_outputs)
     summary.flush()
     context, final = result.context or context, result.graph_module
     notes: list[str] = list(final.meta.get(NOTES_META, ()))

@@ -38,7 +38,7 @@ from fxopt.frontend.module_state import (
     judge_state_writes,
 )
 
-__all__ = ["Leaf", "trace", "propagate_shapes", "normalize_inputs", "leaves_of", "specialisations_of"]
+__all__ = ["Leaf", "trace", "trace_with_outputs", "propagate_shapes", "normalize_inputs", "leaves_of", "specialisations_of"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MAX_RETRIES = 64
@@ -339,6 +339,10 @@ def propagate_shapes(gm: GraphModule, example_inputs: tuple[Any, ...]) -> None:
         _ShapeRecorder(gm).run(*copy_inputs(example_inputs))
 
 
+class _NodeFailed(RuntimeError):
+    """A node failed while `_ShapeRecorder` ran it (the cause is chained)."""
+
+
 class _ShapeRecorder(torch.fx.Interpreter):
     """An interpreter that leaves ``meta["tensor_meta"]`` and ``meta["type"]`` on every node it runs."""
 
@@ -346,7 +350,7 @@ class _ShapeRecorder(torch.fx.Interpreter):
         try:
             result = super().run_node(n)
         except Exception as exc:
-            raise RuntimeError(f"shape propagation failed at {n.format_node()[:200]}: {_reason(exc)}") from exc
+            raise _NodeFailed(f"shape propagation failed at {n.format_node()[:200]}: {_reason(exc)}") from exc
         found = False
 
         def record(obj: Any) -> Any:
@@ -392,9 +396,11 @@ def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
     return TensorMetadata(t.shape, t.dtype, t.requires_grad, () if sparse else t.stride(), memory_format, t.is_quantized, qparams)
 
 
-def _run_failure_module(gm: GraphModule, example_inputs: tuple[Any, ...]) -> tuple[str | None, Exception | None]:
-    """Run `gm` node by node; on failure return the module path owning the failing node."""
-    interp = torch.fx.Interpreter(gm)
+def _run_failure_module(gm: GraphModule, example_inputs: tuple[Any, ...]) -> tuple[str | None, Exception | None, Any]:
+    """Run `gm` node by node once, recording every node's ``tensor_meta`` (as `propagate_shapes`);
+    returns (None, None, the outputs), or on failure (the module path owning the failing node, the
+    exception, None)."""
+    interp = _ShapeRecorder(gm)
     current: list[str | None] = [None]
     run_node = interp.run_node
 
@@ -406,10 +412,11 @@ def _run_failure_module(gm: GraphModule, example_inputs: tuple[Any, ...]) -> tup
     interp.run_node = tracking_run_node  # type: ignore[method-assign]
     try:
         with torch.no_grad():
-            interp.run(*copy_inputs(example_inputs))
+            outputs = interp.run(*copy_inputs(example_inputs))
     except Exception as exc:  # noqa: BLE001 - any failure of the traced program is reported
-        return current[0], exc
-    return None, None
+        cause = exc.__cause__ if isinstance(exc, _NodeFailed) and isinstance(exc.__cause__, Exception) else exc
+        return current[0], cause, None
+    return None, None, outputs
 
 
 def trace(
@@ -448,6 +455,12 @@ def trace(
         >>> [n.op for n in gm.graph.nodes]
         ['placeholder', 'call_module', 'call_module', 'output']
     """
+    return trace_with_outputs(model, example_inputs, leaf_modules=leaf_modules)[0]
+
+
+def trace_with_outputs(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable[str] = ()) -> tuple[GraphModule, Any]:
+    """`trace`, and the graph's outputs on `example_inputs` from the run that checked it (the same
+    values a later ``gm(*example_inputs)`` returns: every run starts from the model's state)."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
@@ -486,7 +499,7 @@ def trace(
         gm = GraphModule(tracer.root, graph, type(root).__name__)
         if dropped:
             drop_state_writes(gm, dropped)
-        failed_path, exc = _run_failure_module(gm, inputs)
+        failed_path, exc, outputs = _run_failure_module(gm, inputs)  # also records every node's shapes
         if exc is None:
             break
         if not failed_path or failed_path in leaves:
@@ -496,11 +509,10 @@ def trace(
         leaves[failed_path] = Leaf(failed_path, _type_of(root, failed_path), f"traced graph fails to run: {_reason(exc)}")
     else:  # pragma: no cover - a model with more than _MAX_RETRIES untraceable blocks
         raise TraceError(f"gave up after {_MAX_RETRIES} automatic leaves")
-    propagate_shapes(gm, inputs)
     state.restore(root)  # the graph shares root's tensors: they hold the model's values, not those of fxopt's runs
     gm.meta["fxopt_leaves"] = tuple(leaves.values())
     gm.meta["fxopt_specialisations"] = tuple(dict.fromkeys(tracer.specialisations))
-    return gm
+    return gm, outputs
 
 
 def leaves_of(gm: GraphModule) -> tuple[Leaf, ...]:

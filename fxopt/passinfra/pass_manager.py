@@ -212,11 +212,21 @@ class PassManager:
         """Pass names in run order."""
         return [pass_name(p) for p in self.passes]
 
-    def run(self, gm: GraphModule, context: CompileContext, *, cost: Any = None) -> PipelineResult:
+    def run(
+        self,
+        gm: GraphModule,
+        context: CompileContext,
+        *,
+        cost: Any = None,
+        known_outputs: Sequence[tuple[tuple[Any, ...], Any]] = (),
+    ) -> PipelineResult:
         """Run the pipeline on a copy of `gm`; `gm` itself is left intact. `cost`: `gm`'s
-        `estimate_costs` at the context's target and precision, when the caller has it."""
+        `estimate_costs` at the context's target and precision, when the caller has it;
+        `known_outputs`: (input set, `gm`'s outputs on it) pairs already computed (the trace's run,
+        `fxopt.frontend.tracing.trace_with_outputs`): a verification set given here, the same
+        object, is not run again."""
         current = gm
-        reference = _run_all(current, context) if context.verification_inputs else None
+        reference = _run_all(current, context, known_outputs) if context.verification_inputs else None
         result = PipelineResult(current)
         result.cost = cost if cost is not None else estimate_costs(current, context.target, context.precision)
         stats = GraphStats.of(current, context, result.cost)
@@ -327,8 +337,9 @@ def with_input_shapes(context: CompileContext, shapes: Sequence[Any]) -> Compile
     )
 
 
-def _run_all(gm: GraphModule, context: CompileContext) -> list[Any]:
-    return [run_model(gm, inputs) for inputs in context.verification_inputs]
+def _run_all(gm: GraphModule, context: CompileContext, known_outputs: Sequence[tuple[tuple[Any, ...], Any]] = ()) -> list[Any]:
+    known = {id(inputs): outputs for inputs, outputs in known_outputs}
+    return [known[id(inputs)] if id(inputs) in known else run_model(gm, inputs) for inputs in context.verification_inputs]
 
 
 def _worst_deviation(outputs: list[Any], references: list[Any], lossy: bool) -> Any:

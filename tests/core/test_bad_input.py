@@ -47,7 +47,7 @@ def no_work(monkeypatch):
     def trace(*args, **kwargs):
         raise AssertionError("compile started work (tracing) before refusing the request")
 
-    monkeypatch.setattr(fxopt.compiler, "trace", trace)
+    monkeypatch.setattr(fxopt.compiler, "trace_with_outputs", trace)
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:

@@ -102,6 +102,18 @@ def test_exact_pass_that_changes_numerics_is_rolled_back():
     assert torch.equal(gm(*x), reference)  # the input graph is intact
 
 
+def test_known_outputs_stand_in_for_a_run_of_the_input_graph():
+    # given the trace's outputs on the example inputs, the manager takes them as the reference there
+    _, x, gm, ctx = small()
+    exact = fxopt.PassManager([make_pass("exact", action=lambda g: PassResult(g, True))])
+    truth = gm(*x)
+    assert exact.run(gm, ctx, known_outputs=[(ctx.example_inputs, truth)]).records[0].status == "applied"
+    wrong = exact.run(gm, ctx, known_outputs=[(ctx.example_inputs, truth + 1)]).records[0]
+    assert wrong.status == "rolled_back" and "changed the outputs" in wrong.reason
+    other_set = exact.run(gm, ctx, known_outputs=[((x[0].clone(),), truth + 1)]).records[0]  # not the same object: not used
+    assert other_set.status == "applied"
+
+
 def test_lossy_pass_reports_its_deviation():
     _, _, gm, ctx = small()
     record = fxopt.PassManager([make_pass("honest", lossy=True, action=perturb_weight)]).run(gm, ctx).records[0]

@@ -1,0 +1,87 @@
+"""fxopt.passinfra.collector: collections during a compile scan only the compile's objects."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import torch
+
+import fxopt
+from fxopt.passinfra.collector import collect_young, young_objects_only
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: object = self
+
+
+def test_a_cycle_made_inside_is_freed_and_older_objects_are_given_back() -> None:
+    before = _Node()  # alive before the block: frozen while it runs
+    with young_objects_only():
+        assert gc.get_freeze_count() > 0
+        made = _Node()
+        ref = weakref.ref(made)
+        del made
+        collect_young()
+        assert ref() is None
+    assert gc.get_freeze_count() == 0
+    assert gc.is_tracked(before)
+
+
+def test_nested_blocks_give_the_objects_back_once_at_the_outermost_end() -> None:
+    with young_objects_only():
+        frozen = gc.get_freeze_count()
+        with young_objects_only():
+            assert gc.get_freeze_count() == frozen  # not frozen twice
+        assert gc.get_freeze_count() == frozen  # the inner end gave nothing back
+    assert gc.get_freeze_count() == 0
+
+
+def test_another_owners_freeze_is_left_alone() -> None:
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with young_objects_only():
+            collect_young()  # a full collection: nothing of ours is frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
+def test_threads_in_blocks_at_once_leave_nothing_frozen() -> None:
+    # the first thread in froze; it leaves first, and the objects stay frozen until the last one leaves
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def first() -> None:
+        with young_objects_only():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(5)
+        with young_objects_only():
+            second_in.set()
+            first_out.wait(5)
+            seen.append(gc.get_freeze_count())
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen and seen[0] > 0
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_failing_compile_leaves_nothing_frozen() -> None:
+    try:
+        fxopt.compile(torch.nn.Linear(4, 4), "cpu", example_inputs=(torch.randn(2, 5),))
+    except fxopt.FxoptError:
+        pass
+    else:  # pragma: no cover - the shapes do not match
+        raise AssertionError("expected an InputError")
+    assert gc.get_freeze_count() == 0
