@@ -250,7 +250,7 @@ def placement_markdown(rows: list[Placement], target: str, precision: str, times
         ms = 1e3
         freed = times.gpu_only_s - times.dla_gpu_busy_s
         lines += [
-            "Estimated engine time (the xavier latency model, bench/results/xavier_latency.md; DLA fitted to two published figures, see there):",
+            "Estimated engine time (the xavier latency model, bench/results/xavier_latency.md; DLA fitted to the published DLA/GPU pairs, see there):",
             "",
             "| placement | end to end ms | GPU busy ms | GPU time freed ms |",
             "|---|---|---|---|",
