@@ -277,7 +277,7 @@ def _cleanup(model: onnx.ModelProto, tensorrt_version: str | None = None, rewrit
 
     graph = gs.import_onnx(model)
     try:
-        graph.fold_constants()
+        _fold_constants(graph)
     except Exception as exc:  # noqa: BLE001 - folding is an optimisation; the unfolded graph is valid
         warnings.warn(f"onnx-graphsurgeon constant folding skipped: {exc}", stacklevel=2)
     if tensorrt_version is not None:
@@ -294,6 +294,58 @@ def _cleanup(model: onnx.ModelProto, tensorrt_version: str | None = None, rewrit
     if tensorrt_version is None:  # int32 Q/DQ is ONNX Runtime's; TensorRT 8.5 parses int8 only
         _quantize_gemm_bias(cleaned)
     return cleaned
+
+
+# ops onnx-graphsurgeon's fold changes beyond evaluating nodes of constant inputs: shapes of static tensors,
+# shape-tensor cast elision, branches of a constant condition
+_FOLDED_BEYOND_CONSTANTS = frozenset({"Shape", "Size", "Cast", "If", "Loop", "Scan"})
+_NEVER_FOLDED = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})  # as onnx-graphsurgeon
+_CONSTANT_ATTRS = frozenset({"value", "value_float", "value_floats", "value_int", "value_ints"})
+
+
+def _fold_constants(graph: Any) -> None:
+    """onnx-graphsurgeon's ``fold_constants``, called only where it has something to fold.
+
+    Its first step turns Constant nodes into constant tensors in place; every later step works on a
+    copy of the whole graph, which is most of a large file's clean-up. The exporter has already folded
+    what torch could, so after the first step (done here the same way) a graph often has no node whose
+    inputs are all constant and nothing else the fold changes (`_FOLDED_BEYOND_CONSTANTS`); the fold
+    would leave it as it is, and it is not run. The one such node the exporter leaves, an Identity of a
+    weight (a weight used twice), becomes the same constant here without running the fold."""
+    import onnx_graphsurgeon as gs
+
+    for tensor in graph.tensors().values():
+        if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant":
+            continue
+        node = tensor.inputs[0]
+        if len(node.attrs) != 1 or next(iter(node.attrs)) not in _CONSTANT_ATTRS:
+            continue  # onnx-graphsurgeon leaves these too (with a warning)
+        value = next(iter(node.attrs.values()))
+        if isinstance(value, gs.Node.AttributeRef):
+            continue
+        tensor.to_constant(value._values if isinstance(value, gs.Constant) else np.array(value))
+        tensor.inputs.clear()
+    for node in list(graph.nodes):  # the exporter's Identity of a shared weight: the fold would copy it through ONNX Runtime
+        if node.op == "Identity" and len(node.inputs) == 1 and isinstance(node.inputs[0], gs.Constant) and len(node.outputs) == 1:
+            node.outputs[0].to_constant(node.inputs[0]._values)
+            node.outputs[0].inputs.clear()
+    if _has_foldable(graph):
+        graph.fold_constants()
+
+
+def _has_foldable(graph: Any) -> bool:
+    import onnx_graphsurgeon as gs
+
+    if graph.functions:
+        return True
+    for node in graph.nodes:
+        if not node.outputs:
+            continue  # a node lowered above (its outputs are constants now), or dead: the clean-up drops it
+        if node.op in _FOLDED_BEYOND_CONSTANTS or any(True for _ in node.subgraphs()):
+            return True
+        if node.op not in _NEVER_FOLDED and all(t.is_empty() or isinstance(t, gs.Constant) for t in node.inputs):
+            return True
+    return False
 
 
 def _scalar_quant_params(model: onnx.ModelProto) -> int:

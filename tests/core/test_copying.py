@@ -114,3 +114,44 @@ def test_a_graph_module_copied_through_its_children():
     assert next(c.parameters()) is next(gm.parameters())
     assert not {id(m) for m in gm.modules()} & {id(m) for m in c.modules()}
     assert str(c.graph) == str(gm.graph)
+
+
+class _OwnState(nn.Module):
+    """A module with its own __getstate__/__setstate__ (as _ConvNd and LSTM have): both run, as under deepcopy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.cache = torch.ones(3)  # not state: dropped by __getstate__
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__().copy()
+        state.pop("cache", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.cache = torch.zeros(3)  # rebuilt on load
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.cache[:2]
+
+
+class _NewArgs(nn.Module):
+    """A class that needs constructor arguments to be rebuilt: left to deepcopy."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def __getnewargs__(self) -> tuple[int]:
+        return (self.width,)
+
+
+def test_a_class_with_its_own_state_methods_is_copied_through_them_like_deepcopy():
+    model = nn.Sequential(_OwnState(), nn.Conv1d(2, 2, 1), _NewArgs(5))
+    ours, theirs = copy_module(model), copy.deepcopy(model)
+    assert torch.equal(ours[0].cache, theirs[0].cache) and torch.equal(ours[0].cache, torch.zeros(3))
+    assert ours[1].padding_mode == theirs[1].padding_mode == "zeros"
+    assert ours[2].width == 5 and ours[2] is not model[2]
+    assert ours[0].lin.weight is not model[0].lin.weight and torch.equal(ours[0].lin.weight, model[0].lin.weight)

@@ -139,3 +139,32 @@ def test_parity_is_a_value_the_check_returns_and_verify_records():
     assert verify_onnx(exported, model, x).max_abs_error == onnx_parity(exported, model, x).max_abs_error
     a, b = Parity(0.1, 0.2, 1.0, None, None, 4), Parity(0.3, 0.1, None, 0.5, 2.0, 9)
     assert a.worst_with(b) == Parity(0.3, 0.2, 1.0, 0.5, 2.0, 4)  # per figure the worse; the first's input count
+
+
+def _fold_cases() -> list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]]:
+    import torchvision
+
+    from fxopt import models
+
+    torch.manual_seed(0)
+    cases = [(n, models.create(n).eval(), models.example_inputs(n)) for n in ("camera_multitask", "pointpillars", "safety_supervisor")]
+    return cases + [("mobilenet_v3_small", torchvision.models.mobilenet_v3_small().eval(), (torch.randn(1, 3, 64, 64),))]
+
+
+def test_the_fold_runs_only_where_it_changes_the_file(monkeypatch):
+    # onnx-graphsurgeon's fold copies the whole graph: the clean-up skips it where it would fold nothing, and the
+    # file is byte for byte the one the fold writes (pointpillars and mobilenet_v3_small have the exporter's
+    # Identity nodes of weights, which the clean-up makes constants itself)
+    import fxopt.backends.onnx as onnx_backend
+
+    decided: dict[str, bool] = {}
+    real = onnx_backend._has_foldable
+    for name, model, inputs in _fold_cases():
+        gm = fxopt.trace(model, inputs)
+        monkeypatch.setattr(onnx_backend, "_has_foldable", lambda g, name=name: decided.setdefault(name, real(g)))
+        ours = export_onnx(gm, inputs, tensorrt_version="8.5").model.SerializeToString()
+        monkeypatch.setattr(onnx_backend, "_has_foldable", lambda g: True)
+        folded = export_onnx(gm, inputs, tensorrt_version="8.5").model.SerializeToString()
+        assert ours == folded, name
+    assert not decided["mobilenet_v3_small"] and not decided["camera_multitask"]  # the skip was taken ...
+    assert decided["safety_supervisor"]  # ... and the fold still runs where it has work
