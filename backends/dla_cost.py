@@ -11,7 +11,7 @@ point, the GPU the rest).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -164,6 +164,29 @@ def _run_s(profile: TargetProfile, precision: str, layers: Sequence[Layer], on_d
     return total, busy
 
 
+def _split_runs(profile: TargetProfile, precision: str, layers: Sequence[Layer], on_dla: Sequence[bool],
+                gpu_s: Sequence[float], dla_s: Sequence[float | None]) -> Iterator[tuple[int, float, float]]:
+    """(i, end-to-end, GPU-busy) seconds of every split at a DLA layer i: `on_dla` up to layer i, the GPU
+    after it; what `_run_s` gives for each such mask, in one pass over the layers instead of one per split."""
+    n = len(layers)
+    after = [0.0] * (n + 1)  # GPU seconds of layers i.. n-1
+    for j in range(n - 1, -1, -1):
+        after[j] = after[j + 1] + gpu_s[j]
+    total = busy = profile.engine.inference_overhead_s if profile.engine else 0.0
+    previous = False
+    for i, (layer, dla) in enumerate(zip(layers, on_dla)):
+        if dla != previous:
+            switch, copy = _switch_s(profile, precision, layer.elements - layer.out_elements)
+            total, busy = total + switch, busy + copy
+        total += dla_s[i] if dla else gpu_s[i]
+        busy += 0.0 if dla else gpu_s[i]
+        previous = dla
+        if dla:  # back to the GPU: into layer i + 1, or with the output
+            crossing = layers[i + 1].elements - layers[i + 1].out_elements if i + 1 < n else layer.out_elements
+            switch, copy = _switch_s(profile, precision, crossing)
+            yield i, total + switch + after[i + 1], busy + copy + after[i + 1]
+
+
 def placement_times(model: onnx.ModelProto, devices: Mapping[str, str], shapes: Mapping[str, list[int]],
                     profile: TargetProfile, precision: str) -> PlacementTimes | None:
     """Estimated times of the GPU alone, DLA0 with fallback (`devices`: ONNX node -> "DLA"/"GPU") and the best split.
@@ -189,11 +212,7 @@ def placement_times(model: onnx.ModelProto, devices: Mapping[str, str], shapes: 
     # splits: DLA (with fallback) up to layer i, the GPU after it; the best frees the most GPU time per ms of latency added
     best = (gpu_only, gpu_only, "")
     best_score = 0.0
-    for i in range(len(dla_layers)):
-        if not on_dla[i]:
-            continue
-        mask = [on_dla[j] if j <= i else False for j in range(len(dla_layers))]
-        total, busy = _run_s(profile, precision, dla_layers, mask, g, d)
+    for i, total, busy in _split_runs(profile, precision, dla_layers, on_dla, g, d):
         freed, added = gpu_only - busy, max(total - gpu_only, 1e-9)
         if freed > 0 and freed / added > best_score:
             best_score, best = freed / added, (total, busy, dla_layers[i].head)

@@ -331,3 +331,24 @@ def test_scale_rules_carry_a_scale_as_tensorrt_fuses_and_no_further():
     model = helper.make_model(helper.make_graph(nodes, "g", [], []))
     found = propagated_scales(model, {"r": 0.1, "s": 0.2, "cat": 0.3, "mp": 0.4})
     assert found == {"r": 0.1, "s": 0.2, "cat": 0.3, "mp": 0.4, "c": 0.2, "y": 0.2, "p": 0.3, "m": 0.4}
+
+
+def test_every_split_costs_what_running_its_placement_costs():
+    # the one-pass split walk gives, for each DLA layer i, what _run_s gives for "on_dla up to i, the GPU after"
+    import random
+
+    from fxopt.backends.dla_cost import Layer, _run_s, _split_runs
+
+    rng = random.Random(0)
+    xavier = fxopt.get_target("xavier")
+    for _ in range(20):
+        n = rng.randint(1, 12)
+        layers = [Layer(f"n{i}", (f"n{i}",), "conv", 1e6, rng.uniform(1e3, 1e6), 1e3, 9.0, rng.uniform(1e2, 1e5)) for i in range(n)]
+        on_dla = [rng.random() < 0.6 for _ in range(n)]
+        g = [rng.uniform(1e-5, 1e-3) for _ in range(n)]
+        d = [rng.uniform(1e-5, 1e-3) if dla else None for dla in on_dla]
+        splits = list(_split_runs(xavier, "fp16", layers, on_dla, g, d))
+        assert [i for i, _, _ in splits] == [i for i in range(n) if on_dla[i]]
+        for i, total, busy in splits:
+            mask = [on_dla[j] and j <= i for j in range(n)]
+            assert (total, busy) == pytest.approx(_run_s(xavier, "fp16", layers, mask, g, d), rel=1e-12)
