@@ -118,6 +118,11 @@ def remove_noops(gm: GraphModule) -> dict[str, int]:
     return fired
 
 
+def has_noops(gm: GraphModule) -> bool:
+    """Whether `remove_noops` would change `gm` (reads it only)."""
+    return any(node.args and isinstance(node.args[0], Node) and matches(gm, node) for node in gm.graph.nodes for _, matches in NOOP_RULES)
+
+
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
 
@@ -149,6 +154,28 @@ def eliminate_dead_code(gm: GraphModule) -> bool:
     return changed or len(list(gm.named_modules())) != before
 
 
+def has_dead_code(gm: GraphModule) -> bool:
+    """Whether `eliminate_dead_code` would change `gm` (reads it only): an unused node without side
+    effects, a submodule no node reaches (torch.fx's ``delete_all_unused_submodules`` rule), or a
+    graph-module attribute (its own dead code is eliminated too)."""
+    used: set[str] = set()
+    for node in gm.graph.nodes:
+        if not node.users and not (node.is_impure() or mutates_input(gm, node)):
+            return True
+        if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
+            parts = node.target.split(".")
+            used.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+            try:
+                target = gm.get_submodule(node.target) if node.op == "call_module" else getattr(gm, node.target, None)
+            except AttributeError:
+                continue
+            if node.op == "get_attr" and isinstance(target, GraphModule):
+                return True
+            if node.op == "call_module":
+                used.update(f"{node.target}.{name}" for name, _ in target.named_modules() if name)
+    return any(name and name not in used for name, _ in gm.named_modules())
+
+
 @register_pass
 class Canonicalize(FxoptPass):
     """Drop dropout, identities and no-op views/arithmetic, then eliminate dead code.
@@ -169,6 +196,9 @@ class Canonicalize(FxoptPass):
         super().__init__()
         self.fired: dict[str, int] = {}
 
+    def finds_work(self, graph_module: GraphModule) -> bool:
+        return has_noops(graph_module) or has_dead_code(graph_module)
+
     def call(self, graph_module: GraphModule) -> PassResult:
         self.fired = remove_noops(graph_module)
         dead = eliminate_dead_code(graph_module)
@@ -182,6 +212,9 @@ class EliminateDeadCode(FxoptPass):
     name = "eliminate_dead_code"
     lossy = False
     shares_weights = True  # replaces what it changes, never writes into a weight
+
+    def finds_work(self, graph_module: GraphModule) -> bool:
+        return has_dead_code(graph_module)
 
     def call(self, graph_module: GraphModule) -> PassResult:
         return PassResult(graph_module, eliminate_dead_code(graph_module))

@@ -154,6 +154,14 @@ class FxoptPass(PassBase):
         (the `TargetProfile`; raise `fxopt.InputError`); `compile` calls it for every pass in the
         pipeline. Default: accept."""
 
+    def finds_work(self, graph_module: torch.fx.GraphModule) -> bool:
+        """Whether `call` would change `graph_module`, decided by reading it only. The pass manager
+        asks before it copies the graph for the pass: False records the pass "unchanged" without a
+        copy, a run or a check (on a large graph the copy is most of an idle pass's cost). Default:
+        True. Override only with a test that is never False where `call` would change the graph
+        (`fxopt.testing.check_pass` holds a pass to it)."""
+        return True
+
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__}.call")
 

@@ -266,6 +266,9 @@ class PassManager:
         options = p.options() if hasattr(p, "options") else {}
         base = {"name": name, "lossy": lossy, "options": options, "before": stats}
         start = time.perf_counter()
+        if isinstance(p, FxoptPass) and _idle(p, gm, context):  # nothing to copy, run or check
+            why = p.unchanged_reason or "the pass found nothing to change"
+            return PassRecord(**base, status="unchanged", reason=why, time_s=time.perf_counter() - start, after=stats), gm, reference, stats
         shared = _SharedWeights.of(gm) if isinstance(p, FxoptPass) and p.shares_weights else None
         candidate = _copy_graph_module(gm, shared)
         try:
@@ -401,6 +404,14 @@ class _SharedWeights:
                     f"wrote into '{name}' in place, a tensor its copy shares with the graph before it (the graph it would roll "
                     f"back to is changed too); replace the tensor instead (module.weight = nn.Parameter(new)), or leave "
                     f"shares_weights False on the pass ({pass_label}) to get its own copy of every weight")
+
+
+def _idle(p: FxoptPass, gm: GraphModule, context: CompileContext) -> bool:
+    try:
+        with use_context(context):
+            return not p.finds_work(gm)
+    except Exception:  # noqa: BLE001 - a failing test decides nothing: the pass runs, and its own failure is reported
+        return False
 
 
 def _mark(t: Any) -> tuple[int, int]:

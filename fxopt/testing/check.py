@@ -8,6 +8,7 @@ graph are untouched; the result lowers to ONNX and runs in ONNX Runtime with par
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from torch.utils import _pytree as pytree
 from fxopt.compiler import state_dict_sha256
 from fxopt.errors import ExportError, FxoptError
 from fxopt.frontend.tracing import normalize_inputs, propagate_shapes, trace
-from fxopt.passinfra.pass_base import CompileContext, pass_attr, pass_name
+from fxopt.passinfra.pass_base import CompileContext, FxoptPass, pass_attr, pass_name, use_context
 from fxopt.passinfra.pass_manager import PassManager, PassRecord
 from fxopt.passinfra.registry import create_pass
 from fxopt.testing.reproducer import reproducer, spec_of
@@ -232,6 +233,24 @@ def check_pass(
         problems += onnx_problems
         if isinstance(onnx_export, str):
             skipped, onnx_export = onnx_export, None
+    problems += _idle_claim_problems(pass_or_factory, gm, context)
     if problems:
         _raise(name, model, inputs, problems)
     return PassCheck(record, final, deviation, onnx_export, skipped)
+
+
+def _idle_claim_problems(pass_or_factory: Any, gm: GraphModule, context: CompileContext) -> list[str]:
+    """A pass whose `finds_work` says False on `gm` (the pass manager then skips it) must leave a
+    copy of `gm` unchanged when it does run."""
+    probe_pass = _instantiate(pass_or_factory)
+    if not isinstance(probe_pass, FxoptPass):
+        return []
+    with use_context(context):
+        if probe_pass.finds_work(gm):
+            return []
+        probe = copy.deepcopy(gm)
+        result = probe_pass(probe)
+    if result.modified or str(result.graph_module.graph) != str(gm.graph):
+        return ["finds_work() said the pass would change nothing here, but call() changed the graph (the pass manager skips "
+                "a pass on that answer)"]
+    return []

@@ -114,6 +114,39 @@ def test_known_outputs_stand_in_for_a_run_of_the_input_graph():
     assert other_set.status == "applied"
 
 
+class _Idle(FxoptPass):
+    name = "idle"
+
+    def __init__(self, answer) -> None:
+        super().__init__()
+        self.answer, self.calls = answer, 0
+
+    def finds_work(self, gm):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def call(self, gm):
+        self.calls += 1
+        return PassResult(gm, False)
+
+
+def test_a_pass_that_finds_no_work_is_neither_copied_nor_run():
+    _, x, gm, ctx = small()
+    idle = _Idle(False)
+    result = fxopt.PassManager([idle]).run(gm, ctx)
+    assert result.records[0].status == "unchanged" and idle.calls == 0
+    assert result.graph_module is gm  # no copy was made
+    busy = _Idle(True)
+    assert fxopt.PassManager([busy]).run(gm, ctx).records[0].status == "unchanged" and busy.calls == 1
+
+
+def test_a_failing_work_test_decides_nothing_and_the_pass_runs():
+    _, x, gm, ctx = small()
+    broken = _Idle(RuntimeError("no idea"))
+    assert fxopt.PassManager([broken]).run(gm, ctx).records[0].status == "unchanged" and broken.calls == 1
+
+
 def test_lossy_pass_reports_its_deviation():
     _, _, gm, ctx = small()
     record = fxopt.PassManager([make_pass("honest", lossy=True, action=perturb_weight)]).run(gm, ctx).records[0]

@@ -28,7 +28,9 @@ def run_pass(model: nn.Module, x: torch.Tensor) -> tuple[GraphModule, GraphModul
     torch.manual_seed(0)
     before = fxopt.trace(model, x)
     the_pass = Canonicalize()
+    claimed = the_pass.finds_work(before)  # the pass manager's question before it copies the graph
     result = the_pass(copy.deepcopy(before))
+    assert claimed == result.modified
     result.graph_module.recompile()  # the PassManager's step after every pass
     after = result.graph_module
     expected_out, out = before(x.clone()), after(x.clone())

@@ -178,6 +178,22 @@ def test_broken_contract_is_caught_with_its_reason(bad_pass, expected):
         check_pass(bad_pass, model, inputs)
 
 
+class ClaimsIdleButFolds(FoldBatchNorm):
+    """Says it would change nothing, then folds the BatchNorm all the same."""
+
+    name = "claims_idle_but_folds"
+
+    def finds_work(self, gm):
+        return False
+
+
+def test_a_pass_whose_work_test_says_no_but_changes_the_graph_is_caught():
+    model, inputs = small_model()
+    with pytest.raises(AssertionError, match=r"finds_work\(\) said the pass would change nothing"):
+        check_pass(ClaimsIdleButFolds, model, inputs)
+    assert check_pass(FoldBatchNorm, model, inputs).modified  # the honest pass passes
+
+
 def test_pass_that_writes_to_the_users_model_is_caught():
     model, inputs = small_model()
     with pytest.raises(AssertionError, match="the user's model: its state_dict changed"):
