@@ -327,8 +327,9 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
-def propagate_shapes(gm: GraphModule, example_inputs: tuple[Any, ...]) -> None:
-    """Record `tensor_meta` (shape, dtype) on every node by running `gm` on the inputs.
+def propagate_shapes(gm: GraphModule, example_inputs: tuple[Any, ...]) -> Any:
+    """Record `tensor_meta` (shape, dtype) on every node by running `gm` on the inputs; returns
+    the outputs of that run (what ``gm(*example_inputs)`` returns).
 
     The same record as torch.fx's ``ShapeProp`` (`tensor_metadata`), in a fraction of its time.
 
@@ -336,7 +337,7 @@ def propagate_shapes(gm: GraphModule, example_inputs: tuple[Any, ...]) -> None:
         RuntimeError: a node fails; the message names it and the cause, in one line.
     """
     with torch.no_grad():
-        _ShapeRecorder(gm).run(*copy_inputs(example_inputs))
+        return _ShapeRecorder(gm).run(*copy_inputs(example_inputs))
 
 
 class _NodeFailed(RuntimeError):

@@ -245,8 +245,8 @@ class PassManager:
             shapes = current.meta.pop(INPUT_SHAPES_META, None)
             if shapes is not None and record.status == "applied":
                 context = with_input_shapes(context, shapes)
-                propagate_shapes(current, context.example_inputs)
-                reference = _run_all(current, context) if context.verification_inputs else None
+                shaped = propagate_shapes(current, context.example_inputs)
+                reference = _run_all(current, context, [(context.example_inputs, shaped)]) if context.verification_inputs else None
                 result.cost = estimate_costs(current, context.target, context.precision)
                 stats = GraphStats.of(current, context, result.cost)
         result.graph_module, result.context = current, context
@@ -290,11 +290,10 @@ class PassManager:
             _carry_meta(gm, new_gm)
             new_gm.graph.lint()
             new_gm.recompile()
-            if context.example_inputs:
-                propagate_shapes(new_gm, context.example_inputs)
+            shaped = [(context.example_inputs, propagate_shapes(new_gm, context.example_inputs))] if context.example_inputs else []
             outputs, deviation = reference, None
             if self.check_numerics and reference is not None:
-                outputs = _run_all(new_gm, context)
+                outputs = _run_all(new_gm, context, shaped)  # the shapes' run gave the example inputs' outputs
                 deviation = _worst_deviation(outputs, reference, lossy)
             new_cost = estimate_costs(new_gm, context.target, context.precision)
             new_stats = GraphStats.of(new_gm, context, new_cost)
