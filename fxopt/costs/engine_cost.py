@@ -8,9 +8,10 @@ costed by `kernel_latency_s`. The grouping rules are tables below; the numbers a
 from __future__ import annotations
 
 import contextvars
+import itertools
 import math
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,10 +228,19 @@ def _pointwise(gm: GraphModule, node: Node, facts: NodeFacts) -> bool:
     shapes = [_single_tensor(a) for a in node.all_input_nodes]
     if out is None or not shapes or any(s is None for s in shapes):
         return False
-    try:
-        return tuple(torch.broadcast_shapes(*shapes)) == out  # a pool, resize or reduction changes the shape
-    except RuntimeError:
-        return False
+    return _broadcast(shapes) == out  # a pool, resize or reduction changes the shape
+
+
+def _broadcast(shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The broadcast of static shapes (`torch.broadcast_shapes`'s result, without its symbolic-shape
+    machinery: a tenth of its time), or None where they do not broadcast."""
+    out: list[int] = []
+    for dims in itertools.zip_longest(*(reversed(s) for s in shapes), fillvalue=1):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            return None
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(reversed(out))
 
 
 def _epilogue(gm: GraphModule, node: Node, facts: NodeFacts, producer: Node) -> str | None:

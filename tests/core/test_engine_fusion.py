@@ -106,3 +106,18 @@ def test_a_functional_pool_costs_like_the_module():
     assert sorted(c.kind for c in fn.per_node.values() if c.latency_s > 0) == ["elementwise", "pool", "pool", "pool"]
     assert fn.latency_s == pytest.approx(mod.latency_s, rel=0.01)
     assert fn.flops == mod.flops
+
+
+def test_static_broadcast_is_torchs():
+    import random
+
+    from fxopt.costs.engine_cost import _broadcast
+
+    rng = random.Random(0)
+    for _ in range(5000):
+        shapes = [tuple(rng.choice([0, 1, 1, 2, 3]) for _ in range(rng.randint(0, 4))) for _ in range(rng.randint(1, 3))]
+        try:
+            expected = tuple(torch.broadcast_shapes(*shapes))
+        except RuntimeError:
+            expected = None
+        assert _broadcast(shapes) == expected, shapes
