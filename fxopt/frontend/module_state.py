@@ -143,9 +143,10 @@ class StateSnapshot:
 
     def restore(self, module: nn.Module) -> None:
         """Put every saved tensor back in its place, with its saved value."""
+        owners = dict(module.named_modules(remove_duplicate=False))  # one walk of the tree, not one per tensor
         for name, (obj, version, value) in self.saved.items():
             owner_path, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_path)
+            owner = owners[owner_path] if owner_path in owners else module.get_submodule(owner_path)
             table = owner._parameters if self.kinds[name] == "parameter" else owner._buffers
             if table.get(attr) is not obj:
                 table[attr] = obj  # type: ignore[assignment]
