@@ -196,13 +196,15 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
-def dla_placement(model: onnx.ModelProto, target: str | TargetProfile = "xavier", precision: str = "fp16") -> list[Placement]:
+def dla_placement(model: onnx.ModelProto, target: str | TargetProfile = "xavier", precision: str = "fp16",
+                  shapes: Mapping[str, list[int]] | None = None) -> list[Placement]:
     """Predict, per ONNX node, whether TensorRT will place its layer on DLA or fall back to GPU.
 
     Args:
         model: the exported ONNX model (static shapes).
         target: a target with DLA cores.
         precision: ``fp16`` or ``int8`` (DLA runs no fp32).
+        shapes: the model's static tensor shapes (ONNX shape inference) where the caller has them.
 
     Returns:
         One `Placement` per node, in graph order.
@@ -215,7 +217,7 @@ def dla_placement(model: onnx.ModelProto, target: str | TargetProfile = "xavier"
     rules = dict(DLA_RULES)
     if profile.name == "orin":
         rules.update(ORIN_EXTRA_RULES)
-    shapes = _shapes(model)
+    shapes = _shapes(model) if shapes is None else shapes
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     rows = []
     for node in model.graph.node:
@@ -678,9 +680,10 @@ def plan_deployment(model: onnx.ModelProto, target: str | TargetProfile, precisi
             how += f" (static batch {dynamic_batch[1]}: DLA takes no dynamic shapes)"
         files["build_engine.sh"] += f"# DLA core 0 with GPU fallback{how}\n{dla.command_line}\n"
         calls.append(dla.call)
-        placement = dla_placement(dla_model, profile, precision)
+        inferred = _shapes(dla_model)  # one shape inference for the placement and its times
+        placement = dla_placement(dla_model, profile, precision, inferred)
         dla_precision = "fp16" if "fp16" in how else precision
-        times = placement_times(dla_model, {r.node: r.device for r in placement}, _shapes(dla_model), profile, dla_precision)
+        times = placement_times(dla_model, {r.node: r.device for r in placement}, inferred, profile, dla_precision)
         files["placement.md"] = placement_markdown(placement, profile.name, precision, times)
         s = placement_summary(placement)
         timing = (f"; estimated {times.dla_s * 1e3:.2f} ms on DLA0 vs {times.gpu_only_s * 1e3:.2f} ms on the GPU, "

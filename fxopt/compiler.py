@@ -373,6 +373,7 @@ class _Request:
     options: dict[str, Any]
     check_inputs: list[tuple[Any, ...]]
     input_sha: str
+    input_marks: dict[str, tuple[int, int, int]]
 
     def phase_names(self) -> list[str]:
         return ["trace", "passes", "export"]  # fine-tune and QAT are passes
@@ -417,7 +418,15 @@ def _request(model: Any, target: Any, example_inputs: Any, *, passes: Any, preci
     summary_eval = tuning.eval_fn if tuning.eval_fn is not None else getattr(tuning.recipe, "evaluate", None)  # every metric of the recipe
     return _Request(model, profile, precision, inputs, input_notes, split, leaf_modules, pipeline, policy, strict, export, progress,
                     passes, tuning, summary_eval, dynamic_batch, options, verification_inputs(inputs, options.get("calib_data")),
-                    state_dict_sha256(model))
+                    state_dict_sha256(model), _state_marks(model))
+
+
+def _state_marks(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """Each state tensor's identity, storage and version counter: a tensor replaced, swapped or written in place
+    changes its mark (the invariant check at the end of a compile; hashing the bytes again costs as much as the
+    input digest, seconds on a large model)."""
+    return {name: (id(t), t.data_ptr() if t.layout == torch.strided else 0, t._version)
+            for name, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
 
 
 def _check_tuning(tuning: _Tuning, options: dict[str, Any], precision: str, staged_or_strict: bool) -> None:
@@ -600,7 +609,7 @@ def _assemble(request: _Request, traced: _Traced, ran: _PipelineRun, lowered: _L
         "host": host_cpu().to_dict(),
         **final.meta.get(MANIFEST_META, {}),
     } | ({"stages": request.split.cut()} if request.split is not None else {})
-    if state_dict_sha256(request.model) != request.input_sha:  # pragma: no cover - an internal invariant
+    if _state_marks(request.model) != request.input_marks:  # pragma: no cover - an internal invariant
         raise AssertionError("fxopt modified the user's model")
     staged = request.split.runner(final) if request.split is not None else None
     return CompiledModel(final, report, context, lowered.onnx_model, manifest, staged)
