@@ -191,6 +191,7 @@ class Canonicalize(FxoptPass):
     name = "canonicalize"
     lossy = False
     shares_weights = True  # replaces what it changes, never writes into a weight
+    shares_buffers = True  # nor into a buffer, and runs no module
 
     def __init__(self) -> None:
         super().__init__()
@@ -212,6 +213,7 @@ class EliminateDeadCode(FxoptPass):
     name = "eliminate_dead_code"
     lossy = False
     shares_weights = True  # replaces what it changes, never writes into a weight
+    shares_buffers = True  # nor into a buffer, and runs no module
 
     def finds_work(self, graph_module: GraphModule) -> bool:
         return has_dead_code(graph_module)

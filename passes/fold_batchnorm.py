@@ -83,6 +83,7 @@ class FoldBatchNorm(FxoptPass):
     name = "fold_batchnorm"
     lossy = False
     shares_weights = True  # replaces what it changes, never writes into a weight
+    shares_buffers = True  # nor into a buffer, and runs no module
     after = ("prune", "slim", "canonicalize")
     before = ("quantize",)
 

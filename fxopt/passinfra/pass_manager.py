@@ -269,7 +269,7 @@ class PassManager:
         if isinstance(p, FxoptPass) and _idle(p, gm, context):  # nothing to copy, run or check
             why = p.unchanged_reason or "the pass found nothing to change"
             return PassRecord(**base, status="unchanged", reason=why, time_s=time.perf_counter() - start, after=stats), gm, reference, stats
-        shared = _SharedWeights.of(gm) if isinstance(p, FxoptPass) and p.shares_weights else None
+        shared = _SharedWeights.of(gm, p.shares_buffers) if isinstance(p, FxoptPass) and p.shares_weights else None
         candidate = _copy_graph_module(gm, shared)
         try:
             try:
@@ -386,9 +386,12 @@ class _SharedWeights:
     marks: dict[str, tuple[int, int]]
 
     @classmethod
-    def of(cls, gm: GraphModule) -> _SharedWeights:
-        # parameters only: buffers are small, and a leaf module may write its own buffer every run (calibration runs)
+    def of(cls, gm: GraphModule, buffers: bool = False) -> _SharedWeights:
+        # parameters; buffers only for a pass that runs no module (a leaf may write its own buffer every run:
+        # calibration runs)
         tensors = dict(gm.named_parameters(remove_duplicate=False))
+        if buffers:
+            tensors.update(gm.named_buffers(remove_duplicate=False))
         return cls(tensors, {name: _mark(t) for name, t in tensors.items()})
 
     def memo(self) -> dict[int, Any]:

@@ -272,12 +272,38 @@ def test_a_sharing_pass_that_swaps_a_weights_data_is_refused():
         fxopt.PassManager([_sharing("swapper", swap)]).run(gm, ctx)
 
 
+def test_buffers_are_shared_only_by_a_pass_that_says_so():
+    _, x, gm, ctx = small()
+    mean = gm.get_submodule("1").running_mean
+    copying = fxopt.PassManager([_sharing("replacer", replace_weight)]).run(gm, ctx).graph_module
+    assert copying.get_submodule("1").running_mean is not mean
+    sharing = _sharing("replacer_b", replace_weight)
+    type(sharing).shares_buffers = True
+    assert fxopt.PassManager([sharing]).run(gm, ctx).graph_module.get_submodule("1").running_mean is mean
+
+
+def test_a_buffer_sharing_pass_that_writes_into_a_buffer_is_refused():
+    def write_stats(gm):
+        gm.get_submodule("1").running_mean.add_(1.0)
+        return PassResult(gm, True)
+
+    _, x, gm, ctx = small()
+    writer = _sharing("stats_writer", write_stats)
+    type(writer).shares_buffers = True
+    before = gm.get_submodule("1").running_mean.clone()
+    with pytest.raises(fxopt.PassError, match=r"'1\.running_mean' in place"):
+        fxopt.PassManager([writer]).run(gm, ctx)
+    assert not torch.equal(gm.get_submodule("1").running_mean, before)  # why it is refused, not rolled back: shared
+
+
 def test_fxopts_own_structural_passes_share_weights():
     from fxopt.passinfra.registry import create_pass
 
     assert {n for n in ("canonicalize", "fold_batchnorm", "prune", "quantize") if create_pass(n).shares_weights} == {
         "canonicalize", "fold_batchnorm", "prune", "quantize"}
     assert not create_pass("slim").shares_weights  # it re-estimates BatchNorm statistics in place
+    assert {n for n in ("canonicalize", "fold_batchnorm", "prune", "quantize") if create_pass(n).shares_buffers} == {
+        "canonicalize", "fold_batchnorm"}  # prune's importance and quantize's calibration run modules
 
 
 def _refusing(flag):
