@@ -27,9 +27,16 @@ def _version_now() -> str:
                                capture_output=True, text=True, check=True).stdout.rstrip()  # " M path": keep the status column
     except (OSError, subprocess.CalledProcessError):
         return "unknown commit"
-    changed = sorted({line[3:].split(" -> ")[-1] for line in dirty.splitlines()})
+    changed = sorted({line[3:].split(" -> ")[-1] for line in dirty.splitlines() if not _own_link(line)})
     more = " ..." if len(changed) > 4 else ""
     return f"commit {head}" + (f" (uncommitted changes in the tree: {', '.join(changed[:4])}{more})" if changed else "")
+
+
+def _own_link(status_line: str) -> bool:
+    # an untracked link to one of the tree's own folders (a worktree made importable as fxopt/backends ->
+    # ../backends) adds no code
+    path = ROOT / status_line[3:].rstrip("/")
+    return status_line.startswith("?? ") and path.is_symlink() and path.resolve().is_relative_to(ROOT.resolve())
 
 
 _AT_START = _version_now()
