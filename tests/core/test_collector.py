@@ -31,11 +31,12 @@ def test_a_cycle_made_inside_is_freed_and_older_objects_are_given_back() -> None
 
 
 def test_nested_blocks_give_the_objects_back_once_at_the_outermost_end() -> None:
+    # (a frozen object freed by its reference count leaves the count: it can only go down while frozen)
     with young_objects_only():
         frozen = gc.get_freeze_count()
         with young_objects_only():
-            assert gc.get_freeze_count() == frozen  # not frozen twice
-        assert gc.get_freeze_count() == frozen  # the inner end gave nothing back
+            assert 0 < gc.get_freeze_count() <= frozen  # not frozen twice
+        assert 0 < gc.get_freeze_count() <= frozen  # the inner end gave nothing back
     assert gc.get_freeze_count() == 0
 
 
@@ -45,7 +46,7 @@ def test_another_owners_freeze_is_left_alone() -> None:
         frozen = gc.get_freeze_count()
         with young_objects_only():
             collect_young()  # a full collection: nothing of ours is frozen
-        assert gc.get_freeze_count() == frozen
+        assert 0 < gc.get_freeze_count() <= frozen  # still frozen (a frozen object freed by refcount leaves the count)
     finally:
         gc.unfreeze()
 
