@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import threading
 from typing import Any
 
 from fxopt.errors import FxoptError
@@ -39,7 +38,6 @@ EXTENSION_POINTS: dict[str, str] = {
 
 _ENTRIES: dict[tuple[str, str], Any] = {}
 _LOADED: set[str] = set()
-_LOAD_LOCK = threading.RLock()
 _MISSING = object()
 
 
@@ -66,9 +64,8 @@ def extension(point: str, name: str, default: Any = _MISSING) -> Any:
         raise ExtensionError(f"unknown extension point {point!r}; known: {', '.join(sorted(EXTENSION_POINTS))}")
     package = EXTENSION_POINTS[point]
     if package not in _LOADED:
-        with _LOAD_LOCK:  # another thread waits until the package has registered its entries
-            importlib.import_module(package)  # registers its entries
-            _LOADED.add(package)
+        importlib.import_module(package)  # registers its entries (another thread importing it meanwhile waits on Python's import lock)
+        _LOADED.add(package)  # only once they are all registered
     if (point, name) in _ENTRIES:
         return _ENTRIES[(point, name)]
     if default is not _MISSING:

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import threading
 from typing import Any, TypeVar
 
 from fxopt.errors import PassRegistryError
 from fxopt.passinfra.pass_base import FxoptPass
 
 _PASSES: dict[str, type[FxoptPass]] = {}
-_BUILTINS_LOADED = False  # every built-in pass is registered
-_BUILTINS_STARTED = False  # the import that registers them has begun
-_LOAD_LOCK = threading.RLock()
 P = TypeVar("P", bound=type[FxoptPass])
 
 
@@ -49,18 +45,12 @@ def _qualified(cls: type) -> str:
 
 
 def _load_builtins() -> None:
-    # Importing fxopt.passes registers the built-in passes; the core names none of them.
-    # Done before any lookup or registration, so no user pass can shadow a built-in. Another thread
-    # waits on the lock until every built-in is registered; the importing thread itself re-enters
-    # here from each registration and goes on.
-    global _BUILTINS_LOADED, _BUILTINS_STARTED
-    if _BUILTINS_LOADED:
-        return
-    with _LOAD_LOCK:
-        if not _BUILTINS_STARTED:
-            _BUILTINS_STARTED = True
-            importlib.import_module("fxopt.passes")
-            _BUILTINS_LOADED = True
+    # Importing fxopt.passes registers the built-in passes; the core names none of them. Done before any lookup or
+    # registration, so no user pass can shadow a built-in. Python's import lock makes another thread wait until the
+    # package has finished importing (every built-in registered); the importing thread re-enters here from each
+    # registration and goes on (the package is in sys.modules, partly imported). A lock of our own here could
+    # deadlock against that import lock.
+    importlib.import_module("fxopt.passes")
 
 
 def pass_class(name: str) -> type[FxoptPass]:
