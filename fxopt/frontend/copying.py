@@ -2,19 +2,20 @@
 
 ``copy.deepcopy`` handles each module through the generic pickle protocol (``__reduce_ex__``, then
 a rebuild of every attribute); a model of thousands of small modules spends most of a trace or of
-a pass manager's copy there. `copy_module` copies a module whose class keeps Python's default copy
-protocol (no ``__deepcopy__``, ``__reduce__`` or ``__getnewargs__``) attribute by attribute, through
-its own ``__getstate__``/``__setstate__`` as deepcopy would: modules recursively, dicts, lists and sets as new
+a pass manager's copy there. `copy_module` copies a module whose class keeps ``nn.Module``'s state
+(its ``__getstate__``; no ``__deepcopy__``, ``__reduce__``, ``__getnewargs__`` or copyreg entry)
+attribute by attribute, through its own ``__setstate__`` where it has one, as deepcopy would: modules recursively, dicts, lists and sets as new
 containers, immutable values as they are, and anything else (tensors, parameters, user objects)
 by ``copy.deepcopy`` with the same memo, so a tensor shared inside the tree stays shared in the
 copy and a tensor in the memo (weights a caller shares on purpose) is not copied at all. A module
-class with its own ``__deepcopy__`` or ``__reduce__`` (a GraphModule, a scripted module) is copied by
-``copy.deepcopy`` itself.
+class with its own ``__deepcopy__``, ``__reduce__`` or ``__getstate__`` (a GraphModule, a scripted module,
+an RNN) is copied by ``copy.deepcopy`` itself.
 """
 
 from __future__ import annotations
 
 import copy
+import copyreg
 import functools
 import types
 from collections import OrderedDict
@@ -53,11 +54,13 @@ def copy_children(module: nn.Module, memo: dict[int, Any]) -> None:
 
 @functools.cache
 def _plain(cls: type) -> bool:
-    # copied as deepcopy's default protocol would: a new object without arguments (no __getnewargs__), then
-    # __setstate__ of a copy of __getstate__()'s dict (a class's own pair, such as _ConvNd's defaults for old
-    # pickles, runs as it would under deepcopy); a class that reduces or copies itself is left to deepcopy
+    # nn.Module's own state (__getstate__ gives the live __dict__), copied as deepcopy's default protocol would: a
+    # new object without arguments, then __setstate__ of a copy of that dict; a class's own __setstate__ (_ConvNd's
+    # defaults for old pickles) runs as it would under deepcopy. A class with its own __getstate__, reduction, copy or
+    # copyreg entry is left to deepcopy (its state may be built on the fly, or not be a dict).
     return (isinstance(cls, type) and issubclass(cls, nn.Module) and getattr(cls, "__deepcopy__", None) is None
             and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+            and cls.__getstate__ is nn.Module.__getstate__
             and not hasattr(cls, "__getnewargs_ex__") and not hasattr(cls, "__getnewargs__")
             and not any("__slots__" in vars(c) for c in cls.__mro__ if c is not object))
 
@@ -70,7 +73,7 @@ def _copy(value: Any, memo: dict[int, Any]) -> Any:
     if found is not memo:
         return found
     if isinstance(value, nn.Module):
-        if not _plain(kind):
+        if not _plain(kind) or kind in copyreg.dispatch_table:  # a reducer registered at any time wins, as in deepcopy
             return copy.deepcopy(value, memo)
         new = kind.__new__(kind)
         memo[id(value)] = new

@@ -4,6 +4,7 @@ original, the aliasing inside the tree kept, and weights in the memo shared."""
 from __future__ import annotations
 
 import copy
+import copyreg
 
 import pytest
 import torch
@@ -117,7 +118,7 @@ def test_a_graph_module_copied_through_its_children():
 
 
 class _OwnState(nn.Module):
-    """A module with its own __getstate__/__setstate__ (as _ConvNd and LSTM have): both run, as under deepcopy."""
+    """A module with its own __getstate__/__setstate__ (as LSTM has): left to deepcopy, so both run as under it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,6 +147,41 @@ class _NewArgs(nn.Module):
 
     def __getnewargs__(self) -> tuple[int]:
         return (self.width,)
+
+
+class _Derived(nn.Module):
+    """A __getstate__ that builds part of the state on the fly (a new list per call)."""
+
+    def __init__(self, i: int) -> None:
+        super().__init__()
+        self.i = i
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__().copy()
+        state["derived"] = [self.i]
+        return state
+
+
+class _Reduced(nn.Module):
+    """Copied through a copyreg reducer, which re-creates a handle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handle = "live"
+
+
+def _reduce(m: _Reduced) -> tuple:
+    return copyreg._reconstructor, (_Reduced, object, None), {**m.__dict__, "handle": "re-created"}
+
+
+def test_state_built_on_the_fly_and_copyreg_reducers_copy_as_under_deepcopy():
+    ours = copy_module(nn.Sequential(*[_Derived(i) for i in range(50)]))
+    assert [m.derived[0] for m in ours] == list(range(50))  # no memo entry of a dead temporary reused
+    copyreg.pickle(_Reduced, _reduce)
+    try:
+        assert copy_module(nn.Sequential(_Reduced()))[0].handle == copy.deepcopy(nn.Sequential(_Reduced()))[0].handle == "re-created"
+    finally:
+        copyreg.dispatch_table.pop(_Reduced, None)
 
 
 def test_a_class_with_its_own_state_methods_is_copied_through_them_like_deepcopy():
