@@ -373,7 +373,7 @@ class _Request:
     options: dict[str, Any]
     check_inputs: list[tuple[Any, ...]]
     input_sha: str
-    input_marks: dict[str, tuple[int, int, int]]
+    input_marks: dict[str, tuple[Any, ...]]
 
     def phase_names(self) -> list[str]:
         return ["trace", "passes", "export"]  # fine-tune and QAT are passes
@@ -421,12 +421,23 @@ def _request(model: Any, target: Any, example_inputs: Any, *, passes: Any, preci
                     state_dict_sha256(model), _state_marks(model))
 
 
-def _state_marks(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+def _state_marks(model: nn.Module) -> dict[str, tuple[Any, ...]]:
     """Each state tensor's identity, storage and version counter: a tensor replaced, swapped or written in place
     changes its mark (the invariant check at the end of a compile; hashing the bytes again costs as much as the
-    input digest, seconds on a large model)."""
-    return {name: (id(t), t.data_ptr() if t.layout == torch.strided else 0, t._version)
-            for name, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+    input digest, seconds on a large model). An inference tensor, which has no version counter, is marked by its
+    bytes. Not seen: a write through ``.data`` or a numpy view, which bumps no version counter (the pass manager's
+    copy-on-write check has the same blind spot)."""
+    marks: dict[str, tuple[Any, ...]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.is_inference():
+            digest = hashlib.sha256()
+            update_digest(digest, t)
+            marks[name] = (id(t), digest.hexdigest())
+        else:
+            marks[name] = (id(t), t.data_ptr() if t.layout == torch.strided else 0, t._version)
+    return marks
 
 
 def _check_tuning(tuning: _Tuning, options: dict[str, Any], precision: str, staged_or_strict: bool) -> None:

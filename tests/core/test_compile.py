@@ -136,3 +136,13 @@ def test_fxopt_warnings_point_at_the_users_call_not_at_fxopt():
         fxopt.compile(model, "cpu", example_inputs=(torch.ones(1, 4),), export=False)  # a constant input: warned
     ours = [w for w in caught if issubclass(w.category, fxopt.FxoptWarning)]
     assert ours and all(w.filename == __file__ for w in ours), [(w.filename, str(w.message)) for w in ours]
+
+
+def test_a_model_built_in_inference_mode_compiles_and_is_left_alone():
+    # its tensors have no version counter: the end-of-compile check marks them by their bytes
+    with torch.inference_mode():
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = fxopt.compile(model, "cpu", example_inputs=(torch.randn(2, 4),))
+    assert compiled.report.onnx["opset"] == 17
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
