@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import io
 import linecache
+import os
 import re
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -313,6 +315,7 @@ def _fold_constants(graph: Any) -> None:
     would leave it as it is, and it is not run. The one such node the exporter leaves, an Identity of a
     weight (a weight used twice), becomes the same constant here without running the fold."""
     import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.ir.tensor import LazyValues
 
     for tensor in graph.tensors().values():
         if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant":
@@ -327,7 +330,10 @@ def _fold_constants(graph: Any) -> None:
         tensor.inputs.clear()
     for node in list(graph.nodes):  # the exporter's Identity of a shared weight: the fold would copy it through ONNX Runtime
         if node.op == "Identity" and len(node.inputs) == 1 and isinstance(node.inputs[0], gs.Constant) and len(node.outputs) == 1:
-            node.outputs[0].to_constant(node.inputs[0]._values)
+            source = node.inputs[0]._values
+            # its own values, as the fold's run gives: a weight still in the imported file is one TensorProto, which
+            # the exporter renames in place for each constant holding it (two initializers of one name)
+            node.outputs[0].to_constant(source.load() if isinstance(source, LazyValues) else source)
             node.outputs[0].inputs.clear()
     if _has_foldable(graph):
         graph.fold_constants()
@@ -438,12 +444,18 @@ def _uniform_constants_to_constant_of_shape(graph: Any) -> int:
     canvas becomes tens of MB of zeros in the file. Returns how many constants were replaced.
     """
     import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.ir.tensor import LazyValues
 
     replaced = 0
     for tensor in list(graph.tensors().values()):
-        if not isinstance(tensor, gs.Constant) or tensor.values.nbytes < UNIFORM_CONSTANT_MIN_BYTES:
+        if not isinstance(tensor, gs.Constant):
             continue
-        values = tensor.values
+        lazy = tensor._values if isinstance(tensor._values, LazyValues) else None
+        if (lazy.nbytes if lazy is not None else tensor.values.nbytes) < UNIFORM_CONSTANT_MIN_BYTES:
+            continue
+        # a weight still in the imported file is read for the test only: `Constant.values` would keep a numpy copy of
+        # it, and of every other weight, until the clean-up ends (the exporter writes a lazy one's own TensorProto)
+        values = lazy.load() if lazy is not None else tensor.values
         first = values.reshape(-1)[:1]
         if not (values == first[0]).all():
             continue
@@ -457,11 +469,17 @@ def _uniform_constants_to_constant_of_shape(graph: Any) -> int:
 
 
 def _session(model: onnx.ModelProto) -> Any:
+    """An ONNX Runtime session of `model`, loaded from a temporary file: handed the serialised bytes, ONNX Runtime
+    holds its own parse of them beside them, one more copy of every weight at the session's start."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="fxopt-ort-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())  # the bytes are freed once written
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(exported: OnnxExport, example_inputs: tuple[Any, ...]) -> list[np.ndarray]:

@@ -168,3 +168,29 @@ def test_the_fold_runs_only_where_it_changes_the_file(monkeypatch):
         assert ours == folded, name
     assert not decided["mobilenet_v3_small"] and not decided["camera_multitask"]  # the skip was taken ...
     assert decided["safety_supervisor"]  # ... and the fold still runs where it has work
+
+
+def test_an_identity_of_a_weight_becomes_its_own_initializer():
+    # the exporter's Identity of a weight used twice: the clean-up makes its output a constant of its own (one
+    # TensorProto held by two constants would be written twice under one name)
+    import onnx.helper as helper
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from fxopt.backends.onnx import _cleanup
+
+    w = np.random.default_rng(0).random((4, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["W"], ["W_shared"]), helper.make_node("MatMul", ["x", "W"], ["y1"]),
+         helper.make_node("MatMul", ["y1", "W_shared"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    cleaned = _cleanup(model)
+    assert sorted(i.name for i in cleaned.graph.initializer) == ["W", "W_shared"]
+    assert [n.op_type for n in cleaned.graph.node] == ["MatMul", "MatMul"]
+    onnx.checker.check_model(cleaned, full_check=True)
+    x = np.random.default_rng(1).random((1, 4)).astype(np.float32)
+    got = ort.InferenceSession(cleaned.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ w @ w, rtol=1e-5)
