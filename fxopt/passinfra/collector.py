@@ -19,15 +19,17 @@ __all__ = ["young_objects_only", "collect_young"]
 
 _lock = threading.Lock()
 _depth = 0
-_froze = False  # this module froze the objects (and so gives them back)
+_frozen_by_us = 0  # the freeze count right after this module froze (0: it did not)
 
 
 @contextlib.contextmanager
 def young_objects_only() -> Iterator[None]:
     """While the block runs, a collection scans only the objects made since the outermost such
-    block began. Nests and may be entered from several threads (the last to leave gives the objects
-    back); does nothing where other code froze objects (`gc.get_freeze_count`), whose freeze it
-    must not undo.
+    block began. That block first collects everything (garbage from before it would otherwise
+    outlive it), then freezes what is alive. Nests and may be entered from several threads (the
+    last to leave gives the objects back); does nothing where other code froze objects
+    (`gc.get_freeze_count`), and gives nothing back where other code froze more meanwhile: that
+    code's freeze is not undone.
 
     Example:
         >>> import gc
@@ -36,24 +38,25 @@ def young_objects_only() -> Iterator[None]:
         >>> frozen, gc.get_freeze_count()
         (True, 0)
     """
-    global _depth, _froze
+    global _depth, _frozen_by_us
     with _lock:
         if _depth == 0 and gc.get_freeze_count() == 0:
+            gc.collect()
             gc.freeze()
-            _froze = True
+            _frozen_by_us = gc.get_freeze_count()
         _depth += 1
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0 and _froze:
-                gc.unfreeze()
-                _froze = False
+            if _depth == 0 and _frozen_by_us:
+                if gc.get_freeze_count() <= _frozen_by_us:  # frozen objects only leave (freed); more: someone froze too
+                    gc.unfreeze()
+                _frozen_by_us = 0
 
 
 def collect_young() -> None:
-    """Free now the reference cycles made inside the current `young_objects_only` block (a full
-    collection where there is none)."""
-    with young_objects_only():
-        gc.collect()
+    """Free now the reference cycles made inside the current `young_objects_only` block (outside
+    one, a full collection)."""
+    gc.collect()

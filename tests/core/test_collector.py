@@ -86,3 +86,21 @@ def test_a_failing_compile_leaves_nothing_frozen() -> None:
     else:  # pragma: no cover - the shapes do not match
         raise AssertionError("expected an InputError")
     assert gc.get_freeze_count() == 0
+
+
+def test_garbage_from_before_the_block_is_freed_when_it_begins() -> None:
+    made = _Node()
+    ref = weakref.ref(made)
+    del made  # a cycle: only a collection frees it
+    with young_objects_only():
+        assert ref() is None
+
+
+def test_a_freeze_made_inside_the_block_by_other_code_is_kept() -> None:
+    try:
+        with young_objects_only():
+            _ = [_Node() for _ in range(100)]
+            gc.freeze()  # other code (an eval_fn) freezes too
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
