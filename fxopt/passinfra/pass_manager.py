@@ -29,6 +29,7 @@ from fxopt.costs.cost_model import estimate_costs
 from fxopt.errors import InputError, PassError, PassOrderError
 from fxopt.frontend.copying import copy_children
 from fxopt.frontend.inputs import resize_inputs
+from fxopt.frontend.module_state import state_writes_of
 from fxopt.frontend.tracing import propagate_shapes
 from fxopt.passinfra.pass_base import CompileContext, FxoptPass, pass_attr, pass_name, use_context
 from fxopt.passinfra.registry import create_pass
@@ -220,7 +221,8 @@ class PassManager:
         cost: Any = None,
         known_outputs: Sequence[tuple[tuple[Any, ...], Any]] = (),
     ) -> PipelineResult:
-        """Run the pipeline on a copy of `gm`; `gm` itself is left intact. `cost`: `gm`'s
+        """Run the pipeline; each pass works on a copy, so `gm` itself is left intact (the result's graph is
+        `gm` itself where no pass changed anything). `cost`: `gm`'s
         `estimate_costs` at the context's target and precision, when the caller has it;
         `known_outputs`: (input set, `gm`'s outputs on it) pairs already computed (the trace's run,
         `fxopt.frontend.tracing.trace_with_outputs`): a verification set given here, the same
@@ -245,8 +247,8 @@ class PassManager:
             shapes = current.meta.pop(INPUT_SHAPES_META, None)
             if shapes is not None and record.status == "applied":
                 context = with_input_shapes(context, shapes)
-                shaped = propagate_shapes(current, context.example_inputs)
-                reference = _run_all(current, context, [(context.example_inputs, shaped)]) if context.verification_inputs else None
+                shaped = _shape_run(current, context)
+                reference = _run_all(current, context, shaped) if context.verification_inputs else None
                 result.cost = estimate_costs(current, context.target, context.precision)
                 stats = GraphStats.of(current, context, result.cost)
         result.graph_module, result.context = current, context
@@ -290,7 +292,7 @@ class PassManager:
             _carry_meta(gm, new_gm)
             new_gm.graph.lint()
             new_gm.recompile()
-            shaped = [(context.example_inputs, propagate_shapes(new_gm, context.example_inputs))] if context.example_inputs else []
+            shaped = _shape_run(new_gm, context)
             outputs, deviation = reference, None
             if self.check_numerics and reference is not None:
                 outputs = _run_all(new_gm, context, shaped)  # the shapes' run gave the example inputs' outputs
@@ -337,6 +339,15 @@ def with_input_shapes(context: CompileContext, shapes: Sequence[Any]) -> Compile
         check_inputs=tuple(resize_inputs(c, shapes) for c in context.check_inputs),
         options=MappingProxyType(options),
     )
+
+
+def _shape_run(gm: GraphModule, context: CompileContext) -> list[tuple[tuple[Any, ...], Any]]:
+    """Record `gm`'s shapes on the example inputs; the run's outputs there, as known outputs for `_run_all`
+    (none where the root has hooks, which a node-by-node run skips)."""
+    if not context.example_inputs:
+        return []
+    outputs = propagate_shapes(gm, context.example_inputs)
+    return [] if gm._forward_hooks or gm._forward_pre_hooks else [(context.example_inputs, outputs)]
 
 
 def _run_all(gm: GraphModule, context: CompileContext, known_outputs: Sequence[tuple[tuple[Any, ...], Any]] = ()) -> list[Any]:
@@ -387,11 +398,19 @@ class _SharedWeights:
 
     @classmethod
     def of(cls, gm: GraphModule, buffers: bool = False) -> _SharedWeights:
-        # parameters; buffers only for a pass that runs no module (a leaf may write its own buffer every run:
-        # calibration runs)
+        # parameters; buffers only for a pass that runs no module, and not those a run may write (the manager's own
+        # checks run the copy): a buffer whose write the trace left out, or any buffer of a module that is not
+        # torch's own (a leaf counting its calls, an observer)
         tensors = dict(gm.named_parameters(remove_duplicate=False))
         if buffers:
-            tensors.update(gm.named_buffers(remove_duplicate=False))
+            written = {w.name for w in state_writes_of(gm)}
+            for path, module in gm.named_modules(remove_duplicate=False):
+                if not type(module).__module__.startswith("torch."):
+                    continue
+                for name, buffer in module.named_buffers(recurse=False):
+                    full = f"{path}.{name}" if path else name
+                    if full not in written:
+                        tensors[full] = buffer
         return cls(tensors, {name: _mark(t) for name, t in tensors.items()})
 
     def memo(self) -> dict[int, Any]:

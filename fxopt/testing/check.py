@@ -249,7 +249,10 @@ def _idle_claim_problems(pass_or_factory: Any, gm: GraphModule, context: Compile
         if probe_pass.finds_work(gm):
             return []
         probe = copy.deepcopy(gm)
-        result = probe_pass(probe)
+        try:
+            result = probe_pass(probe)
+        except Exception as exc:  # noqa: BLE001 - reported as a broken contract
+            return [f"finds_work() said the pass would change nothing here, and call() then failed: {type(exc).__name__}: {exc}"]
     if result.modified or str(result.graph_module.graph) != str(gm.graph):
         return ["finds_work() said the pass would change nothing here, but call() changed the graph (the pass manager skips "
                 "a pass on that answer)"]

@@ -282,6 +282,27 @@ def test_buffers_are_shared_only_by_a_pass_that_says_so():
     assert fxopt.PassManager([sharing]).run(gm, ctx).graph_module.get_submodule("1").running_mean is mean
 
 
+class _Counter(nn.Module):
+    """A leaf that counts its calls in a buffer (the count reaches no output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def test_a_buffer_a_run_may_write_is_never_shared():
+    # the manager's own checks run the copy: a leaf's buffer (not torch's module) keeps its own copy
+    model, x = nn.Sequential(_Counter(), nn.Dropout(0.1), nn.Linear(4, 4)).eval(), (torch.randn(1, 4),)
+    gm = fxopt.trace(model, x, leaf_modules=["0"])
+    result = fxopt.PassManager(["canonicalize"]).run(gm, fxopt.CompileContext.create("cpu", x))
+    assert result.records[0].status == "applied"
+    assert result.graph_module.get_buffer("0.calls") is not gm.get_buffer("0.calls")
+
+
 def test_a_buffer_sharing_pass_that_writes_into_a_buffer_is_refused():
     def write_stats(gm):
         gm.get_submodule("1").running_mean.add_(1.0)
