@@ -104,3 +104,4 @@ def test_a_freeze_made_inside_the_block_by_other_code_is_kept() -> None:
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+

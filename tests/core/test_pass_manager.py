@@ -380,3 +380,34 @@ def test_a_leaf_writing_its_own_buffer_still_compiles_to_int8():
         compiled = fxopt.compile(model, "cpu", example_inputs=(x,), leaf_modules=["1"], precision="int8",
                                  calib_data=[(torch.randn(1, 3, 16, 16),) for _ in range(2)], export=False)
     assert [r.status for r in compiled.report.passes if r.name == "quantize"] in (["applied"], ["unchanged"])
+
+
+_IMPORT_RACE = r"""
+import sys, threading, time, importlib.abc
+import fxopt
+assert "fxopt.passes" not in sys.modules
+class Slow(importlib.abc.MetaPathFinder):  # thread B is inside `import fxopt.passes` for a while
+    def find_spec(self, name, path, target=None):
+        if name == "fxopt.passes.distill" and threading.current_thread().name == "B":
+            time.sleep(1.0)
+        return None
+sys.meta_path.insert(0, Slow())
+found = []
+b = threading.Thread(target=lambda: __import__("fxopt.passes.prune"), name="B", daemon=True)
+a = threading.Thread(target=lambda: found.append(len(fxopt.pass_names())), name="A", daemon=True)
+b.start(); time.sleep(0.3); a.start()
+a.join(20); b.join(1)
+print("alive", a.is_alive() or b.is_alive(), "passes", found)
+"""
+
+
+def test_a_lookup_while_another_thread_imports_the_passes_waits_for_all_of_them() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _IMPORT_RACE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("alive False"), line  # no deadlock
+    count = int(line.split("[")[1].rstrip("]"))
+    assert count >= 10, line  # every built-in pass, not the half-imported package's first few
