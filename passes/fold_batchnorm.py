@@ -5,12 +5,11 @@ Runs after pruning and slimming (they read BatchNorm scales) and before quantisa
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxopt.frontend.copying import copy_module
 from fxopt.passinfra.pass_base import FxoptPass, PassResult
 from fxopt.passinfra.registry import register_pass
 
@@ -30,7 +29,8 @@ def fold_bn_into(producer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn
     Returns:
         The folded module (the inputs are not modified).
     """
-    fused = copy.deepcopy(producer)
+    # the copy shares the weight and bias it is about to replace: they are not copied first
+    fused = copy_module(producer, {id(t): t for t in (producer.weight, producer.bias) if t is not None})
     with torch.no_grad():
         var, mean = bn.running_var.double(), bn.running_mean.double()
         gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)

@@ -207,6 +207,11 @@ def test_fold_bn_into_leaves_its_inputs_alone():
     x = torch.randn(2, 3, 5, 5)
     torch.testing.assert_close(fused(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
     assert torch.equal(conv.weight, weight) and fused is not conv
+    assert fused.weight is not conv.weight and fused.bias is not conv.bias  # new tensors, the old ones untouched
+    bias_free = nn.Conv2d(3, 4, 3, bias=False)
+    folded = fold_bn_into(bias_free, bn)
+    assert bias_free.bias is None and folded.bias is not None
+    torch.testing.assert_close(folded(x), bn(bias_free(x)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", [*FOLDABLE, *NOT_FOLDABLE])
