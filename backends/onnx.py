@@ -468,13 +468,18 @@ def _uniform_constants_to_constant_of_shape(graph: Any) -> int:
     return replaced
 
 
+_SESSION_FROM_FILE_BYTES = 64 << 20  # a model this large is handed to ONNX Runtime as a file
+
+
 def _session(model: onnx.ModelProto) -> Any:
-    """An ONNX Runtime session of `model`, loaded from a temporary file: handed the serialised bytes, ONNX Runtime
-    holds its own parse of them beside them, one more copy of every weight at the session's start."""
+    """An ONNX Runtime session of `model`; a large one is loaded from a temporary file: handed the serialised
+    bytes, ONNX Runtime holds its own parse of them beside them, one more copy of every weight at the start."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if model.ByteSize() < _SESSION_FROM_FILE_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="fxopt-ort-") as folder:
         path = os.path.join(folder, "model.onnx")
         with open(path, "wb") as f:

@@ -194,3 +194,15 @@ def test_an_identity_of_a_weight_becomes_its_own_initializer():
     x = np.random.default_rng(1).random((1, 4)).astype(np.float32)
     got = ort.InferenceSession(cleaned.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, x @ w @ w, rtol=1e-5)
+
+
+def test_a_large_model_reaches_onnx_runtime_through_a_file(monkeypatch):
+    import fxopt.backends.onnx as onnx_backend
+
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(), (torch.randn(2, 8),)
+    exported = export_onnx(fxopt.trace(model, x), x)
+    small = onnx_backend.run_onnx(exported, x)
+    monkeypatch.setattr(onnx_backend, "_SESSION_FROM_FILE_BYTES", 0)  # every model counts as large
+    through_file = onnx_backend.run_onnx(exported, x)
+    np.testing.assert_array_equal(small[0], through_file[0])
+    np.testing.assert_allclose(small[0], model(x[0]).detach().numpy(), rtol=1e-5, atol=1e-6)
