@@ -182,7 +182,7 @@ def export_onnx(
     if written > opset:
         raise ExportError(f"the exporter wrote opset {written}, above the requested {opset}")
     try:
-        onnx.checker.check_model(model, full_check=True)
+        _check_model(model)
     except Exception as exc:
         raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
     graph_inputs = [i.name for i in model.graph.input]
@@ -468,7 +468,20 @@ def _uniform_constants_to_constant_of_shape(graph: Any) -> int:
     return replaced
 
 
-_SESSION_FROM_FILE_BYTES = 64 << 20  # a model this large is handed to ONNX Runtime as a file
+_SESSION_FROM_FILE_BYTES = 64 << 20  # a model this large is handed to ONNX Runtime (and the checker) as a file
+
+
+def _check_model(model: onnx.ModelProto) -> None:
+    """`onnx.checker.check_model` with shape inference; a large model is checked from a temporary file (handed the
+    model, the checker serialises it and parses the bytes again, two more copies of every weight at once)."""
+    if model.ByteSize() < _SESSION_FROM_FILE_BYTES:
+        onnx.checker.check_model(model, full_check=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="fxopt-check-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())
+        onnx.checker.check_model(path, full_check=True)
 
 
 def _session(model: onnx.ModelProto) -> Any:

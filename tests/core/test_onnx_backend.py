@@ -206,3 +206,19 @@ def test_a_large_model_reaches_onnx_runtime_through_a_file(monkeypatch):
     through_file = onnx_backend.run_onnx(exported, x)
     np.testing.assert_array_equal(small[0], through_file[0])
     np.testing.assert_allclose(small[0], model(x[0]).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_large_model_is_checked_from_a_file_as_strictly(monkeypatch):
+    import onnx.helper as helper
+
+    import fxopt.backends.onnx as onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "_SESSION_FROM_FILE_BYTES", 0)  # every model counts as large
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(), (torch.randn(2, 8),)
+    good = export_onnx(fxopt.trace(model, x), x).model  # the checker passed it from a file
+    onnx_backend._check_model(good)
+    bad = onnx.ModelProto()
+    bad.CopyFrom(good)
+    bad.graph.node.append(helper.make_node("Relu", ["no_such_tensor"], ["dangling"]))
+    with pytest.raises(Exception, match="no_such_tensor"):
+        onnx_backend._check_model(bad)
