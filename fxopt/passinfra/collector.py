@@ -5,7 +5,8 @@ exporter's objects), and each of Python's full collections walks every object of
 user's model, its modules, torch's own. `young_objects_only` moves everything alive when a compile
 starts out of the collector's sight (`gc.freeze`) and gives it back at the end, so a collection
 during the compile walks the compile's own objects alone. Cycles the compile makes are collected as
-before; garbage that existed before it waits for the next collection after it.
+before; garbage that existed before it is collected once, as the outermost block begins (one full
+walk per compile instead of many).
 """
 
 from __future__ import annotations

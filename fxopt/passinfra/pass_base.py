@@ -119,13 +119,15 @@ class FxoptPass(PassBase):
             report shows it; default "the pass found nothing to change").
         shares_weights: True when the pass never writes into the graph's existing parameters or
             buffers in place, only replaces those it changes (``module.weight = nn.Parameter(new)``):
-            the copy it works on then shares every parameter with the graph before it instead of copying
-            them (time and memory; buffers are copied unless `shares_buffers`), and the pass manager refuses, with a
-            `PassError`, a pass that writes into one all the same (through ``.data`` it cannot see). False (the default, safe for any pass): its own copy of every
+            the copy it works on then shares every parameter with the graph before it instead of
+            copying them (time and memory; buffers are copied unless `shares_buffers`), and the pass
+            manager refuses, with a `PassError`, a pass that writes into one all the same (through
+            ``.data`` it cannot see). False (the default, safe for any pass): its own copy of every
             weight, so it may re-estimate BatchNorm statistics or train in place.
         shares_buffers: with `shares_weights`, True when the pass also never writes a buffer in place
             and runs no module (a run may write a module's own buffer: an observer's statistics): its
-            copy shares the buffers too, under the same check. False (the default): buffers are copied.
+            copy shares the buffers of torch's own modules too, under the same check, except those the
+            trace saw written (the manager's checks run the copy). False (the default): buffers are copied.
 
     Example:
         >>> import torch
