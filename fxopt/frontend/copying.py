@@ -4,12 +4,13 @@
 a rebuild of every attribute); a model of thousands of small modules spends most of a trace or of
 a pass manager's copy there. `copy_module` copies a module whose class keeps ``nn.Module``'s state
 (its ``__getstate__``; no ``__deepcopy__``, ``__reduce__``, ``__getnewargs__`` or copyreg entry)
-attribute by attribute, through its own ``__setstate__`` where it has one, as deepcopy would: modules recursively, dicts, lists and sets as new
-containers, immutable values as they are, and anything else (tensors, parameters, user objects)
-by ``copy.deepcopy`` with the same memo, so a tensor shared inside the tree stays shared in the
-copy and a tensor in the memo (weights a caller shares on purpose) is not copied at all. A module
-class with its own ``__deepcopy__``, ``__reduce__`` or ``__getstate__`` (a GraphModule, a scripted module,
-an RNN) is copied by ``copy.deepcopy`` itself.
+attribute by attribute, through its own ``__setstate__`` where it has one, as deepcopy would:
+modules recursively, dicts, lists and sets as new containers, immutable values as they are, and
+anything else (tensors, parameters, user objects) by ``copy.deepcopy`` with the same memo, so a
+tensor shared inside the tree stays shared in the copy and a tensor in the memo (weights a caller
+shares on purpose) is not copied at all. A module class with its own ``__deepcopy__``,
+``__reduce__`` or ``__getstate__`` (a GraphModule, a scripted module, an RNN) is copied by
+``copy.deepcopy`` itself.
 """
 
 from __future__ import annotations
