@@ -172,7 +172,7 @@ def export_onnx(
     del data  # the weights live on in `model`: one copy of them at a time
     rewrites: list[str] = []
     if cleanup:
-        with young_objects_only():  # the clean-up's collections need not walk the caller's objects
+        with young_objects_only(collect_first=False):  # the clean-up's collections need not walk the caller's objects
             try:
                 model = _cleanup(model, tensorrt_version, rewrites)
             except Exception as exc:

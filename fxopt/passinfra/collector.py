@@ -24,10 +24,11 @@ _frozen_by_us = 0  # the freeze count right after this module froze (0: it did n
 
 
 @contextlib.contextmanager
-def young_objects_only() -> Iterator[None]:
+def young_objects_only(collect_first: bool = True) -> Iterator[None]:
     """While the block runs, a collection scans only the objects made since the outermost such
     block began. That block first collects everything (garbage from before it would otherwise
-    outlive it), then freezes what is alive. Nests and may be entered from several threads (the
+    outlive it; ``collect_first=False`` skips that full walk for a short block, such as one export
+    in a loop of them), then freezes what is alive. Nests and may be entered from several threads (the
     last to leave gives the objects back); does nothing where other code froze objects
     (`gc.get_freeze_count`), and gives nothing back where other code froze more meanwhile: that
     code's freeze is not undone.
@@ -42,7 +43,8 @@ def young_objects_only() -> Iterator[None]:
     global _depth, _frozen_by_us
     with _lock:
         if _depth == 0 and gc.get_freeze_count() == 0:
-            gc.collect()
+            if collect_first:
+                gc.collect()
             gc.freeze()
             _frozen_by_us = gc.get_freeze_count()
         _depth += 1

@@ -105,3 +105,15 @@ def test_a_freeze_made_inside_the_block_by_other_code_is_kept() -> None:
     finally:
         gc.unfreeze()
 
+
+
+def test_a_short_block_may_skip_the_first_full_collection() -> None:
+    made = _Node()
+    ref = weakref.ref(made)
+    del made
+    with young_objects_only(collect_first=False):
+        assert ref() is not None  # frozen, not collected: it waits for a collection after the block
+        collect_young()
+        assert ref() is not None
+    gc.collect()
+    assert ref() is None
