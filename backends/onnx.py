@@ -6,6 +6,7 @@ and cannot always convert down, while TensorRT 8.5 (Xavier) parses opsets up to 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import linecache
@@ -468,35 +469,38 @@ def _uniform_constants_to_constant_of_shape(graph: Any) -> int:
     return replaced
 
 
-_SESSION_FROM_FILE_BYTES = 64 << 20  # a model this large is handed to ONNX Runtime (and the checker) as a file
+_LARGE_MODEL_BYTES = 64 << 20  # a model this large reaches the checker and ONNX Runtime as a file
 
 
-def _check_model(model: onnx.ModelProto) -> None:
-    """`onnx.checker.check_model` with shape inference; a large model is checked from a temporary file (handed the
-    model, the checker serialises it and parses the bytes again, two more copies of every weight at once)."""
-    if model.ByteSize() < _SESSION_FROM_FILE_BYTES:
-        onnx.checker.check_model(model, full_check=True)
-        return
-    with tempfile.TemporaryDirectory(prefix="fxopt-check-") as folder:
+@contextlib.contextmanager
+def _as_file(model: onnx.ModelProto) -> Iterator[str]:
+    """`model` written to a temporary file (the serialised bytes are freed once written), for a reader that would
+    otherwise hold its own parse of the bytes beside them: one more copy of every weight at once."""
+    with tempfile.TemporaryDirectory(prefix="fxopt-onnx-") as folder:
         path = os.path.join(folder, "model.onnx")
         with open(path, "wb") as f:
             f.write(model.SerializeToString())
+        yield path
+
+
+def _check_model(model: onnx.ModelProto) -> None:
+    """`onnx.checker.check_model` with shape inference; a large model from a file (`_as_file`)."""
+    if model.ByteSize() < _LARGE_MODEL_BYTES:
+        onnx.checker.check_model(model, full_check=True)
+        return
+    with _as_file(model) as path:
         onnx.checker.check_model(path, full_check=True)
 
 
 def _session(model: onnx.ModelProto) -> Any:
-    """An ONNX Runtime session of `model`; a large one is loaded from a temporary file: handed the serialised
-    bytes, ONNX Runtime holds its own parse of them beside them, one more copy of every weight at the start."""
+    """An ONNX Runtime session of `model`; a large one loaded from a file (`_as_file`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if model.ByteSize() < _SESSION_FROM_FILE_BYTES:
+    if model.ByteSize() < _LARGE_MODEL_BYTES:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory(prefix="fxopt-ort-") as folder:
-        path = os.path.join(folder, "model.onnx")
-        with open(path, "wb") as f:
-            f.write(model.SerializeToString())  # the bytes are freed once written
+    with _as_file(model) as path:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 

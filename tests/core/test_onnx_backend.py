@@ -202,7 +202,7 @@ def test_a_large_model_reaches_onnx_runtime_through_a_file(monkeypatch):
     model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(), (torch.randn(2, 8),)
     exported = export_onnx(fxopt.trace(model, x), x)
     small = onnx_backend.run_onnx(exported, x)
-    monkeypatch.setattr(onnx_backend, "_SESSION_FROM_FILE_BYTES", 0)  # every model counts as large
+    monkeypatch.setattr(onnx_backend, "_LARGE_MODEL_BYTES", 0)  # every model counts as large
     through_file = onnx_backend.run_onnx(exported, x)
     np.testing.assert_array_equal(small[0], through_file[0])
     np.testing.assert_allclose(small[0], model(x[0]).detach().numpy(), rtol=1e-5, atol=1e-6)
@@ -213,7 +213,7 @@ def test_a_large_model_is_checked_from_a_file_as_strictly(monkeypatch):
 
     import fxopt.backends.onnx as onnx_backend
 
-    monkeypatch.setattr(onnx_backend, "_SESSION_FROM_FILE_BYTES", 0)  # every model counts as large
+    monkeypatch.setattr(onnx_backend, "_LARGE_MODEL_BYTES", 0)  # every model counts as large
     model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(), (torch.randn(2, 8),)
     good = export_onnx(fxopt.trace(model, x), x).model  # the checker passed it from a file
     onnx_backend._check_model(good)
