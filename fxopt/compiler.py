@@ -50,7 +50,7 @@ from fxopt.passinfra.pass_manager import (
 from fxopt.passinfra.registry import create_pass
 from fxopt.targets import TargetProfile, get_target
 from fxopt.targets.host import host_cpu
-from fxopt.verification.numerics import run_model, update_digest
+from fxopt.verification.numerics import run_model, tensor_mark, update_digest
 
 __all__ = ["compile", "CompiledModel", "default_pipeline", "state_dict_sha256"]
 
@@ -422,22 +422,10 @@ def _request(model: Any, target: Any, example_inputs: Any, *, passes: Any, preci
 
 
 def _state_marks(model: nn.Module) -> dict[str, tuple[Any, ...]]:
-    """Each state tensor's identity, storage and version counter: a tensor replaced, swapped or written in place
-    changes its mark (the invariant check at the end of a compile; hashing the bytes again costs as much as the
-    input digest, seconds on a large model). An inference tensor, which has no version counter, is marked by its
-    bytes. Not seen: a write through ``.data`` or a numpy view, which bumps no version counter (the pass manager's
-    copy-on-write check has the same blind spot)."""
-    marks: dict[str, tuple[Any, ...]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        if t.is_inference():
-            digest = hashlib.sha256()
-            update_digest(digest, t)
-            marks[name] = (id(t), digest.hexdigest())
-        else:
-            marks[name] = (id(t), t.data_ptr() if t.layout == torch.strided else 0, t._version)
-    return marks
+    """Each state tensor's identity and `tensor_mark`: the invariant check at the end of a compile (hashing every
+    byte again costs as much as the input digest, seconds on a large model). Not seen: a write through ``.data``
+    or a numpy view (the pass manager's copy-on-write check has the same blind spot)."""
+    return {name: (id(t), *tensor_mark(t)) for name, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
 
 
 def _check_tuning(tuning: _Tuning, options: dict[str, Any], precision: str, staged_or_strict: bool) -> None:

@@ -20,7 +20,6 @@ from types import MappingProxyType
 from typing import Any
 
 import networkx as nx
-import torch
 from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -33,7 +32,13 @@ from fxopt.frontend.module_state import state_writes_of
 from fxopt.frontend.tracing import propagate_shapes
 from fxopt.passinfra.pass_base import CompileContext, FxoptPass, pass_attr, pass_name, use_context
 from fxopt.passinfra.registry import create_pass
-from fxopt.verification.numerics import TOLERANCES, compare_outputs, output_signature, run_model
+from fxopt.verification.numerics import (
+    TOLERANCES,
+    compare_outputs,
+    output_signature,
+    run_model,
+    tensor_mark,
+)
 
 __all__ = ["FILES_META", "INPUT_SHAPES_META", "MANIFEST_META", "NOTES_META", "PRECISION_META", "SUMMARY_ROW_META", "PassManager", "PassRecord", "PipelineResult", "order_passes", "resolve_passes"]
 
@@ -394,7 +399,7 @@ class _SharedWeights:
     (every in-place op bumps it) and the storage (``.data = ...`` swaps it)."""
 
     tensors: dict[str, Any]
-    marks: dict[str, tuple[int, int]]
+    marks: dict[str, tuple[Any, ...]]
 
     @classmethod
     def of(cls, gm: GraphModule, buffers: bool = False) -> _SharedWeights:
@@ -411,7 +416,7 @@ class _SharedWeights:
                     full = f"{path}.{name}" if path else name
                     if full not in written:
                         tensors[full] = buffer
-        return cls(tensors, {name: _mark(t) for name, t in tensors.items()})
+        return cls(tensors, {name: tensor_mark(t) for name, t in tensors.items()})
 
     def memo(self) -> dict[int, Any]:
         return {id(t): t for t in self.tensors.values()}
@@ -420,7 +425,7 @@ class _SharedWeights:
         """Raise where a shared tensor was written in place. Not seen: a write through ``.data``
         (``p.data.mul_(2)``), which bumps no version counter of the parameter itself."""
         for name, t in self.tensors.items():
-            if _mark(t) != self.marks[name]:
+            if tensor_mark(t) != self.marks[name]:
                 raise _WroteSharedWeight(
                     f"wrote into '{name}' in place, a tensor its copy shares with the graph before it (the graph it would roll "
                     f"back to is changed too); replace the tensor instead (module.weight = nn.Parameter(new)), or leave "
@@ -433,12 +438,6 @@ def _idle(p: FxoptPass, gm: GraphModule, context: CompileContext) -> bool:
             return not p.finds_work(gm)
     except Exception:  # noqa: BLE001 - a failing test decides nothing: the pass runs, and its own failure is reported
         return False
-
-
-def _mark(t: Any) -> tuple[int, int]:
-    # the version counter (every in-place op bumps it) and the storage (``.data = ...`` swaps it); a tensor without
-    # strided storage (sparse) by its identity
-    return t._version, t.data_ptr() if t.layout == torch.strided else id(t)
 
 
 def _copy_graph_module(gm: GraphModule, shared: _SharedWeights | None = None) -> GraphModule:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt.frontend.inputs import copy_inputs
 
-__all__ = ["Deviation", "TOLERANCES", "flatten_outputs", "compare_outputs", "recalibrate_batchnorm", "run_model", "update_digest"]
+__all__ = ["Deviation", "TOLERANCES", "flatten_outputs", "compare_outputs", "recalibrate_batchnorm", "run_model", "tensor_mark", "update_digest"]
 
 # (atol, rtol) per compute precision: a check passes when max_abs <= atol + rtol * max|reference|.
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -83,6 +84,26 @@ def compare_outputs(candidate: Any, reference: Any) -> Deviation:
         max_rel = max(max_rel, float((diff / r64.abs().clamp_min(1e-12)).max()))
         scale = max(scale, float(r64.abs().max()))
     return Deviation(max_abs, max_rel, scale, True)
+
+
+def tensor_mark(t: torch.Tensor) -> tuple[Any, ...]:
+    """What changes when `t` is written in place or given other storage: its version counter (every in-place op
+    bumps it) and its storage (``.data = ...`` swaps it); a tensor without strided storage (sparse) by its
+    identity, an inference tensor (no version counter) by its bytes. Not seen: a write through ``.data`` or a
+    numpy view, which bumps no version counter of `t` itself.
+
+    Example:
+        >>> t = torch.zeros(2)
+        >>> before = tensor_mark(t)
+        >>> _ = t.add_(1)
+        >>> tensor_mark(t) == before
+        False
+    """
+    if t.is_inference():
+        digest = hashlib.sha256()
+        update_digest(digest, t)
+        return ("bytes", digest.hexdigest())
+    return t._version, t.data_ptr() if t.layout == torch.strided else id(t)
 
 
 def update_digest(digest: Any, t: torch.Tensor) -> None:
