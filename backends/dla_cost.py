@@ -15,9 +15,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx
-from onnx import numpy_helper
 
 from fxopt.costs.engine_cost import dla_kernel_latency_s, kernel_latency_s
+from fxopt.output.onnx_weights import tensor_values
 from fxopt.targets import BYTES_PER_ELEMENT, TargetProfile
 
 __all__ = ["Layer", "PlacementTimes", "onnx_layers", "placement_times"]
@@ -96,7 +96,7 @@ def _product_facts(node: onnx.NodeProto, shapes: Mapping[str, list[int]], inits:
 def onnx_layers(model: onnx.ModelProto, shapes: Mapping[str, list[int]], device: Mapping[str, str] | None = None) -> list[Layer]:
     """Group the ONNX nodes into engine layers; a node fuses only into a layer on its own device."""
     device = device or {}
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    inits = {i.name: tensor_values(i) for i in model.graph.initializer}
     consumers: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import linecache
 import os
@@ -25,6 +26,15 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import ExportError, VerificationError
 from fxopt.frontend.inputs import check_tensor_outputs, copy_inputs
+from fxopt.output.onnx_weights import (
+    alias,
+    checked,
+    is_lean,
+    is_stored,
+    serialize,
+    session,
+    tensor_values,
+)
 from fxopt.passinfra.collector import collect_young, young_objects_only
 from fxopt.targets import TargetProfile, get_target
 from fxopt.verification.numerics import TOLERANCES, compare_outputs, flatten_outputs, run_model
@@ -61,9 +71,12 @@ class OnnxExport:
     max_error_steps: float | None = None  # int8 files: the worst error in output quantisation steps (`output_steps`)
     int8_error: float | None = None  # int8 files: the fake-quant graph's own max abs error vs its float twin
     int8_error_steps: float | None = None  # ... in output int8 steps
+    # a lean model's stores (`fxopt.output.onnx_weights`): `model` reads its weights from them while this export lives
+    weights: list[Any] = field(default_factory=list, repr=False)
 
     def serialized(self) -> bytes:
-        return self.model.SerializeToString()
+        """The bytes of the self-contained file (a lean model's weights written in: `onnx_weights.serialize`)."""
+        return serialize(self.model)
 
     def op_types(self) -> set[str]:
         return {n.op_type for n in self.model.graph.node}
@@ -114,6 +127,7 @@ def export_onnx(
     tensorrt_version: str | None = None,
     dynamic_batch: bool = False,
     outputs: Any = None,
+    keep_weights_out: bool | None = None,
 ) -> OnnxExport:
     """Export `module` to an in-memory ONNX model at `opset`, cleaned and checked.
 
@@ -127,6 +141,10 @@ def export_onnx(
         dynamic_batch: make dim 0 of every input and output a symbolic ``batch`` axis.
         outputs: `module`'s outputs on `example_inputs` where already computed (they name the
             file's outputs); None runs `module` once.
+        keep_weights_out: export a lean model (`fxopt.output.onnx_weights`): its weights stay in
+            `module`'s tensors, read in place by the clean-up, the checker and ONNX Runtime, and are
+            copied into the file only when it is written. None: when `module`'s weights take
+            `LEAN_MIN_BYTES` or more (then the export holds one copy of the weights instead of four).
 
     Returns:
         An `OnnxExport` (not yet verified: see `verify_onnx`).
@@ -141,10 +159,14 @@ def export_onnx(
     input_names = [f"input_{i}" for i in range(len(example_inputs))] if len(example_inputs) > 1 else ["input"]
     output_names = _output_names(outputs)
 
+    lean = keep_weights_out if keep_weights_out is not None else _weight_bytes(module) >= LEAN_MIN_BYTES
+    weights: dict[str, torch.Tensor] = {}
+
     def export(m: torch.nn.Module) -> tuple[bytes, list[warnings.WarningMessage]]:
         buffer = io.BytesIO()
+        weights.clear()
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, _exported_weights(weights if lean else None) as captured:
                 warnings.simplefilter("always")
                 torch.onnx.export(
                     m,
@@ -156,6 +178,7 @@ def export_onnx(
                     do_constant_folding=True,
                     dynamic_axes={name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None,
                     dynamo=False,
+                    export_params=not captured,
                 )
         except Exception as exc:
             raise ExportError(f"ONNX export at opset {opset} failed: {type(exc).__name__}: {exc}") from exc
@@ -171,6 +194,13 @@ def export_onnx(
         data, findings, lowered_by = _export_scripted(module, export, branches)
     model = onnx.load_from_string(data)
     del data  # the weights live on in `model`: one copy of them at a time
+    store = None
+    if weights:
+        store = _attach_weights(model, weights, input_names)
+        weights.clear()
+        if store is None:  # a weight only the file can hold (bfloat16, quantized): the usual export
+            return export_onnx(module, example_inputs, opset=opset, cleanup=cleanup, tensorrt_version=tensorrt_version,
+                               dynamic_batch=dynamic_batch, outputs=outputs, keep_weights_out=False)
     rewrites: list[str] = []
     if cleanup:
         with young_objects_only(collect_first=False):  # the clean-up's collections need not walk the caller's objects
@@ -189,8 +219,71 @@ def export_onnx(
     graph_inputs = [i.name for i in model.graph.input]
     return OnnxExport(
         model, written, graph_inputs, [o.name for o in model.graph.output], node_count=len(model.graph.node),
-        findings=findings, lowered_by=lowered_by, rewrites=rewrites,
+        findings=findings, lowered_by=lowered_by, rewrites=rewrites, weights=[store] if store is not None and is_lean(model) else [],
     )
+
+
+LEAN_MIN_BYTES = 64 << 20  # a module with this many bytes of weights is exported lean (`export_onnx`'s keep_weights_out)
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@contextlib.contextmanager
+def _exported_weights(into: dict[str, torch.Tensor] | None) -> Iterator[bool]:
+    """While the TorchScript exporter runs, record the weights it would write (after its constant
+    folding) into `into`; yields whether it can be asked to leave them out (``export_params=False``).
+
+    The exporter keeps them in a dict that ``_model_to_graph`` returns and no public call exposes;
+    where that function is not found (another torch), nothing is recorded and the weights are
+    exported as usual."""
+    utils = None
+    if into is not None:
+        try:
+            from torch.onnx._internal.torchscript_exporter import utils
+        except ImportError:  # pragma: no cover - another torch
+            utils = None
+    original = getattr(utils, "_model_to_graph", None)
+    if original is None:
+        yield False
+        return
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        graph, params, out = original(*args, **kwargs)
+        into.update(params)
+        return graph, params, out
+
+    utils._model_to_graph = recording
+    try:
+        yield True
+    finally:
+        utils._model_to_graph = original
+
+
+def _attach_weights(model: onnx.ModelProto, weights: dict[str, torch.Tensor], input_names: list[str]) -> Any:
+    """Turn the weight inputs of a model exported with ``export_params=False`` into initializers:
+    stored (`WeightStore`, no copy) from `EXTERNAL_MIN_BYTES` on, written into the model below.
+    Returns the store, or None, with `model` unchanged, when a weight is missing or of a kind a store cannot hold."""
+    from onnx import numpy_helper
+
+    from fxopt.output.onnx_weights import EXTERNAL_MIN_BYTES, WeightStore, storable
+
+    inputs = [i for i in model.graph.input if i.name not in input_names]
+    if any(i.name not in weights or not storable(weights[i.name]) for i in inputs):
+        return None
+    store = WeightStore()
+    for value_info in inputs:
+        tensor = weights[value_info.name].detach()
+        if tensor.numel() * tensor.element_size() >= EXTERNAL_MIN_BYTES:
+            model.graph.initializer.append(store.add(value_info.name, tensor))
+        else:
+            model.graph.initializer.append(numpy_helper.from_array(tensor.cpu().contiguous().numpy().copy(), value_info.name))
+    kept = [i for i in model.graph.input if i.name in input_names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return store
 
 
 def _is_branch(w: warnings.WarningMessage, module: torch.nn.Module) -> bool:
@@ -279,6 +372,7 @@ def _cleanup(model: onnx.ModelProto, tensorrt_version: str | None = None, rewrit
     from fxopt.backends.onnx_rewrites import rewrite_for_tensorrt
 
     graph = gs.import_onnx(model)
+    _read_stored_in_place(graph)
     try:
         _fold_constants(graph)
     except Exception as exc:  # noqa: BLE001 - folding is an optimisation; the unfolded graph is valid
@@ -329,15 +423,56 @@ def _fold_constants(graph: Any) -> None:
             continue
         tensor.to_constant(value._values if isinstance(value, gs.Constant) else np.array(value))
         tensor.inputs.clear()
+    stored = _stored_values_type()
     for node in list(graph.nodes):  # the exporter's Identity of a shared weight: the fold would copy it through ONNX Runtime
         if node.op == "Identity" and len(node.inputs) == 1 and isinstance(node.inputs[0], gs.Constant) and len(node.outputs) == 1:
             source = node.inputs[0]._values
-            # its own values, as the fold's run gives: a weight still in the imported file is one TensorProto, which
-            # the exporter renames in place for each constant holding it (two initializers of one name)
-            node.outputs[0].to_constant(source.load() if isinstance(source, LazyValues) else source)
+            if isinstance(source, stored):  # a lean model's weight: a second reference to the same array
+                node.outputs[0].to_constant(stored(alias(source.tensor, node.outputs[0].name)))
+            else:
+                # its own values, as the fold's run gives: a weight still in the imported file is one TensorProto, which
+                # the exporter renames in place for each constant holding it (two initializers of one name)
+                node.outputs[0].to_constant(source.load() if isinstance(source, LazyValues) else source)
             node.outputs[0].inputs.clear()
     if _has_foldable(graph):
+        _load_fold_inputs(graph)
         graph.fold_constants()
+
+
+@functools.cache
+def _stored_values_type() -> type:
+    """onnx-graphsurgeon's lazy values of a stored weight (`fxopt.output.onnx_weights`): read from the store in place,
+    and exported as the same external reference."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    class StoredValues(LazyValues):
+        def load(self) -> np.ndarray:
+            return tensor_values(self.tensor)
+
+    return StoredValues
+
+
+def _read_stored_in_place(graph: Any) -> None:
+    import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    stored = _stored_values_type()
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and type(tensor._values) is LazyValues and is_stored(tensor._values.tensor):
+            tensor._values = stored(tensor._values.tensor)
+
+
+def _load_fold_inputs(graph: Any) -> None:
+    """Give the stored weights a node to be folded reads their values: the fold runs that node in ONNX Runtime on a
+    model of its own, which has no store (a weight the exporter could not fold itself is rare and small)."""
+    import onnx_graphsurgeon as gs
+
+    stored = _stored_values_type()
+    for node in graph.nodes:
+        if all(isinstance(t, gs.Constant) or t.is_empty() for t in node.inputs):
+            for t in node.inputs:
+                if isinstance(t, gs.Constant) and isinstance(t._values, stored):
+                    t._values, t.data_location = np.array(t._values.load()), None  # the values now live in the proto
 
 
 def _has_foldable(graph: Any) -> bool:
@@ -401,9 +536,9 @@ def _quantize_gemm_bias(model: onnx.ModelProto) -> int:
         node = producers.get(name)
         if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in initializers:
             return None
-        if len(node.input) > 2 and node.input[2] in initializers and numpy_helper.to_array(initializers[node.input[2]]).any():
+        if len(node.input) > 2 and node.input[2] in initializers and tensor_values(initializers[node.input[2]]).any():
             return None  # a non-zero zero point
-        return numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64), node
+        return tensor_values(initializers[node.input[1]]).astype(np.float64), node
 
     done = 0
     for node in list(graph.node):
@@ -413,7 +548,7 @@ def _quantize_gemm_bias(model: onnx.ModelProto) -> int:
         a, b = dequantised(node.input[0]), dequantised(node.input[1])
         if a is None or b is None or a[0].size != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             continue
-        bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
+        bias = tensor_values(initializers[node.input[2]]).astype(np.float64)
         b_axis = next((x.i for x in b[1].attribute if x.name == "axis"), 1)
         columns_axis = 0 if attrs.get("transB", 0) else 1
         if bias.ndim != 1 or (b[0].size > 1 and (b_axis != columns_axis or b[0].size != bias.size)):
@@ -484,7 +619,11 @@ def _as_file(model: onnx.ModelProto) -> Iterator[str]:
 
 
 def _check_model(model: onnx.ModelProto) -> None:
-    """`onnx.checker.check_model` with shape inference; a large model from a file (`_as_file`)."""
+    """`onnx.checker.check_model` with shape inference; a large model from a file (`_as_file`), a lean one beside
+    placeholders of its weights (`fxopt.output.onnx_weights.checked`)."""
+    if is_lean(model):
+        checked(model)
+        return
     if model.ByteSize() < _LARGE_MODEL_BYTES:
         onnx.checker.check_model(model, full_check=True)
         return
@@ -493,11 +632,14 @@ def _check_model(model: onnx.ModelProto) -> None:
 
 
 def _session(model: onnx.ModelProto) -> Any:
-    """An ONNX Runtime session of `model`; a large one loaded from a file (`_as_file`)."""
+    """An ONNX Runtime session of `model`; a large one loaded from a file (`_as_file`), a lean one reading its
+    weights in place (`fxopt.output.onnx_weights.session`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if is_lean(model):
+        return session(model, options)
     if model.ByteSize() < _LARGE_MODEL_BYTES:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     with _as_file(model) as path:
@@ -520,7 +662,6 @@ def output_steps(model: onnx.ModelProto) -> list[float | None]:
     """Per graph output, the int8 step it is measured in: the scale of the DequantizeLinear that
     produces it (a quantised output), else ``None``: `error_in_steps` then takes the step a
     symmetric int8 tensor of the output's range would have, ``max|reference| / 127``."""
-    from onnx import numpy_helper
 
     initializers = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -528,7 +669,7 @@ def output_steps(model: onnx.ModelProto) -> list[float | None]:
     for output in model.graph.output:
         node = producers.get(output.name)
         scale = initializers.get(node.input[1]) if node is not None and node.op_type == "DequantizeLinear" else None
-        values = numpy_helper.to_array(scale) if scale is not None else None
+        values = tensor_values(scale) if scale is not None else None
         steps.append(float(values.reshape(-1)[0]) if values is not None and values.size == 1 else None)
     return steps
 

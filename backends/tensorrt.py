@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from fxopt.backends.dla_cost import PlacementTimes, placement_times
 from fxopt.errors import TargetError
+from fxopt.output.onnx_weights import serialize, tensor_values
 from fxopt.targets import TargetProfile, get_target
 
 __all__ = [
@@ -218,7 +219,7 @@ def dla_placement(model: onnx.ModelProto, target: str | TargetProfile = "xavier"
     if profile.name == "orin":
         rules.update(ORIN_EXTRA_RULES)
     shapes = _shapes(model) if shapes is None else shapes
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    inits = {i.name: tensor_values(i) for i in model.graph.initializer}
     rows = []
     for node in model.graph.node:
         rule = rules.get(node.op_type)
@@ -289,7 +290,7 @@ _SCALE_KEEPING = {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze
 
 def _values(graph: onnx.GraphProto) -> dict[str, object]:
     constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant" and n.attribute}
-    return {i.name: numpy_helper.to_array(i) for i in graph.initializer} | constants
+    return {i.name: tensor_values(i) for i in graph.initializer} | constants
 
 
 def strip_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, float]]:
@@ -709,7 +710,7 @@ def _dla_build(
         notes.append("int8 DLA: the ONNX file has no Q/DQ (nothing was quantised), so the DLA engine is built in fp16")
         return model, build_plan(profile, "fp16", engine_file="engine_dla0.plan", dla_core=0, shapes=shapes), " (fp16: no Q/DQ to take scales from)"
     cache = propagated_scales(implicit, scales)
-    files[DLA_ONNX] = implicit.SerializeToString()
+    files[DLA_ONNX] = serialize(implicit)  # a lean model with its weights written in
     files[CALIBRATION_CACHE] = calibration_cache(cache)
     notes.append(
         f"int8: the GPU engine is built from the Q/DQ file (model.onnx, explicit quantisation); DLA on TensorRT "

@@ -13,9 +13,10 @@ process, each arm once to warm up, then alternately `--repeat` times; medians:
   verification input set, the TensorRT build plan).
 
 Peak memory: a child process per case builds an MLP of `--mlp-width` x `--mlp-depth` linear
-layers (weights well above the activations), compiles it for "cpu" with and without export, and
-reports the high-water mark of its resident memory above the baseline (model built and run once),
-as a multiple of the weights' bytes. Figures go to bench/results/compile_cost.md; nothing here
+layers (weights well above the activations), compiles it for "cpu" without export, with export, and
+with export and then `save()`, and reports the high-water mark of its resident memory above the
+baseline (model built and run once), as a multiple of the weights' bytes; the save case also gives
+the peak of `save()` alone. Figures go to bench/results/compile_cost.md; nothing here
 asserts a time.
 """
 
@@ -122,7 +123,7 @@ def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
-width, depth, export = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+width, depth, export, save = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] != "0", sys.argv[3] == "save"
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())]).eval()
@@ -134,18 +135,29 @@ gc.collect()
 base = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # restart the high-water mark here
-fxopt.compile(model, "cpu", example_inputs=(x,), export=export)
-print(json.dumps({"weights": weights, "peak": status("VmHWM") - base}))
+compiled = fxopt.compile(model, "cpu", example_inputs=(x,), export=export)
+peak = status("VmHWM") - base
+save_peak = None
+if save:
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        compiled.save(folder + "/out")
+        save_peak = status("VmHWM") - base
+print(json.dumps({"weights": weights, "peak": peak, "save_peak": save_peak}))
 '''
 
 
-def peak_memory(width: int, depth: int, export: bool) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(width), str(depth), "1" if export else "0"],
-                         capture_output=True, text=True, check=True)
+def peak_memory(width: int, depth: int, case: str) -> dict[str, Any]:
+    """`case`: "0" (no export), "1" (export) or "save" (export, then save)."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(width), str(depth), case], capture_output=True, text=True, check=True)
     found = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = found["peak"] / found["weights"]
-    print(f"MLP {depth} x {width}: weights {found['weights'] / 2**20:.0f} MiB, export={export}: peak {ratio:.2f}x the weights", flush=True)
-    return {"weights_mib": found["weights"] / 2**20, "ratio": ratio, "export": export}
+    save = found["save_peak"] / found["weights"] if found["save_peak"] is not None else None
+    print(f"MLP {depth} x {width}: weights {found['weights'] / 2**20:.0f} MiB, case {case}: compile peak {ratio:.2f}x the weights"
+          + (f", save() peak {save:.2f}x" if save is not None else ""), flush=True)
+    return {"weights_mib": found["weights"] / 2**20, "ratio": ratio, "export": case != "0", "save_ratio": save}
 
 
 def render(timing: dict[str, Any], memory: list[dict[str, float]], repeat: int, width: int, depth: int) -> str:
@@ -169,10 +181,11 @@ def render(timing: dict[str, Any], memory: list[dict[str, float]], repeat: int, 
         "",
         f"Peak resident memory above the baseline during `fxopt.compile(..., \"cpu\")`, MLP of {depth} linear layers {width} wide:",
         "",
-        "| export | weights (MiB) | peak / weights |",
-        "|---|---|---|",
+        "| export | weights (MiB) | compile peak / weights | then `save()`: its peak / weights |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {'yes' if m['export'] else 'no'} | {m['weights_mib']:.0f} | {m['ratio']:.2f}x |" for m in memory]
+    lines += [f"| {'yes' if m['export'] else 'no'} | {m['weights_mib']:.0f} | {m['ratio']:.2f}x | "
+              f"{'' if m['save_ratio'] is None else format(m['save_ratio'], '.2f') + 'x'} |" for m in memory]
     return "\n".join(lines) + "\n"
 
 
@@ -185,7 +198,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     timing = time_arms(args.blocks, args.repeat)
-    memory = [peak_memory(args.mlp_width, args.mlp_depth, export) for export in (False, True)]
+    memory = [peak_memory(args.mlp_width, args.mlp_depth, case) for case in ("0", "1", "save")]
     text = render(timing, memory, args.repeat, args.mlp_width, args.mlp_depth)
     print()
     print(text)

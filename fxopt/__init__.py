@@ -23,6 +23,7 @@ from fxopt.errors import (
     TensorRTCompatError,
     TraceError,
     VerificationError,
+    WeightsChangedError,
 )
 from fxopt.frontend.stages import Stages
 from fxopt.frontend.tracing import Leaf, leaves_of, trace
@@ -35,7 +36,7 @@ from fxopt.targets import TargetProfile, get_target, register_target, target_nam
 __all__ = [
     "CompileContext", "CompileReport", "CompiledModel", "CostSummary", "ExportError", "FxoptError", "FxoptWarning",
     "FxoptPass", "InputError", "Leaf", "NodeCost", "PassError", "PassManager", "PassOrderError",
-    "PassRecord", "PassRegistryError", "SafetyPolicyError", "PassResult", "Stages", "StateWriteError", "TargetError", "TargetProfile", "TensorRTCompatError", "TraceError",
+    "PassRecord", "PassRegistryError", "SafetyPolicyError", "PassResult", "Stages", "StateWriteError", "TargetError", "TargetProfile", "TensorRTCompatError", "TraceError", "WeightsChangedError",
     "VerificationError", "compile", "create_pass", "current_context", "default_pipeline",
     "estimate_costs", "get_target", "leaves_of", "pass_names", "register_pass", "register_target",
     "target_names", "trace", "__version__",

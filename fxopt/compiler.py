@@ -32,6 +32,7 @@ from fxopt.frontend.inputs import (
 )
 from fxopt.frontend.stages import Stages, split_stages
 from fxopt.frontend.tracing import leaves_of, normalize_inputs, trace_with_outputs
+from fxopt.output.onnx_weights import chunks, full_model, stores
 from fxopt.output.output_folder import MANIFEST, check_output_folder, write_output_folder
 from fxopt.output.progress import Phases
 from fxopt.output.report import CompileReport, layer_rows, report_tables
@@ -95,8 +96,18 @@ class CompiledModel(nn.Module):
         self.staged = staged  # a staged compile: the model's eager stages around graph_module
         self.report = report
         self.context = context
-        self.onnx_model = onnx_model
+        self._onnx = onnx_model  # lean when large (fxopt.output.onnx_weights): its stores are held here
+        self._onnx_weights = stores(onnx_model) if onnx_model is not None else []
         self.manifest = manifest
+
+    @property
+    def onnx_model(self) -> Any:
+        """The ONNX model (`onnx.ModelProto`, self-contained), or None without export.
+
+        A model with 64 MiB of weights or more is kept lean during and after the compile (its weights are the graph
+        module's tensors, `fxopt.output.onnx_weights`): each read of this property then builds a full copy, and
+        `save` writes the file without one."""
+        return full_model(self._onnx) if self._onnx is not None else None
 
     @property
     def target(self) -> TargetProfile:
@@ -163,10 +174,10 @@ class CompiledModel(nn.Module):
         """
         if not isinstance(directory, (str, os.PathLike)):
             raise InputError(f"save() needs a folder path (a str or os.PathLike), got {type(directory).__name__}")
-        files: dict[str, bytes | str] = {}
+        files: dict[str, Any] = {}  # bytes, text, or byte chunks (write_output_folder)
         kinds: dict[str, str] = {}
-        if self.onnx_model is not None:
-            files["model.onnx"], kinds["onnx"] = self.onnx_model.SerializeToString(), "model.onnx"
+        if self._onnx is not None:
+            files["model.onnx"], kinds["onnx"] = chunks(self._onnx), "model.onnx"  # a lean model one weight at a time
         for extra_name, extra_text in self.report.extras.get("files", {}).items():
             files[extra_name], kinds[extra_name] = extra_text, extra_name
         files["report.md"], kinds["report_md"] = self.report.to_markdown(), "report.md"
@@ -532,6 +543,7 @@ class _Lowered:
     check_inputs: list[tuple[Any, ...]]
     onnx_info: dict[str, Any] | None = None
     onnx_model: Any = None
+    onnx_weights: list[Any] = field(default_factory=list)  # a lean onnx_model's stores, held while it is
     notes: list[str] = field(default_factory=list)
     files: dict[str, Any] = field(default_factory=dict)
     placement: dict[str, str] | None = None
@@ -555,7 +567,7 @@ def _lower(request: _Request, ran: _PipelineRun) -> _Lowered:
     if request.export:
         exported = extension("lower", "onnx")(final, lowered.inputs, profile, check_inputs=lowered.check_inputs, dynamic_batch=request.dynamic_batch,
                          float_module=_float_twin(final), known_outputs=ran.known_outputs)
-        lowered.onnx_info, lowered.onnx_model = exported.to_dict(), exported.model
+        lowered.onnx_info, lowered.onnx_model, lowered.onnx_weights = exported.to_dict(), exported.model, exported.weights
         lowered.notes += [f"ONNX export: {finding}" for finding in exported.findings]
         if request.policy.strict:
             lowered.safety_evidence = request.policy.checks(request.model, final, exported.model, lowered.inputs, profile)

@@ -75,6 +75,11 @@ class TensorRTCompatError(ExportError):
         super().__init__(message)
 
 
+class WeightsChangedError(ExportError):
+    """A large model's ONNX file reads its weights from the compiled graph's tensors (`fxopt.output.onnx_weights`),
+    and one of them was written after the export: the file would no longer be the one verified."""
+
+
 class VerificationError(FxoptError):
     """A lowered model does not reproduce the torch graph within tolerance."""
 

@@ -351,8 +351,8 @@ def _ort_latencies_ms(graphs: Mapping[str, nn.Module], inputs: tuple[Any, ...], 
     `fxopt.verification.ort_timing.isolated_latencies_ms` (fixed thread count, runs interleaved, in a child process)."""
     from fxopt.backends.onnx import export_onnx
 
-    models = [export_onnx(gm, inputs, opset=opset).model for gm in graphs.values()]
-    return dict(zip(graphs, isolated_latencies_ms(models, inputs, runs, threads=threads)))
+    exports = [export_onnx(gm, inputs, opset=opset) for gm in graphs.values()]  # held while timed (a large model's store)
+    return dict(zip(graphs, isolated_latencies_ms([e.model for e in exports], inputs, runs, threads=threads)))
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,8 @@ class _Space:
             from fxopt.verification.ort_timing import ort_latencies_ms
 
             gm, inputs = self.build(c)
-            return ort_latencies_ms([export_onnx(gm, inputs).model], inputs, runs=ORT_RUNS)[0] / 1e3
+            exported = export_onnx(gm, inputs)  # held while timed: a large model's weights stay in its store
+            return ort_latencies_ms([exported.model], inputs, runs=ORT_RUNS)[0] / 1e3
         v = self._variant_of(c)
         removed = self._plan(v, c)
         blocks = self._blocks(c)

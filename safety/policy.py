@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fxopt.errors import InputError, SafetyPolicyError
+from fxopt.output.onnx_weights import serialize
 from fxopt.targets import TargetProfile, get_target
 
 __all__ = [
@@ -191,7 +192,7 @@ def check_determinism(
 
     if repeats < 1 or not threads:
         raise InputError(f"check_determinism needs repeats >= 1 and at least one thread count, got {repeats}, {threads}")
-    data = onnx_model.SerializeToString()
+    data = serialize(onnx_model)
     reference: list[np.ndarray] | None = None
     names: list[str] = []
     for count in threads:
@@ -234,7 +235,7 @@ def _onnx_runner(onnx_model: Any) -> Callable[..., dict[str, np.ndarray]]:
 
     from fxopt.safety.verify import run_onnx_batched
 
-    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(serialize(onnx_model), providers=["CPUExecutionProvider"])
     return lambda *inputs: run_onnx_batched(session, inputs)
 
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from fxopt.compiler import state_dict_sha256
 from fxopt.errors import InputError
 from fxopt.output.files import write_atomic
+from fxopt.output.onnx_weights import serialize
 from fxopt.safety.supervisor import (
     INTERVENTION_BITS,
     SafetySupervisor,
@@ -228,7 +229,7 @@ def check_equivalence(
 
     if not isinstance(model, SafetySupervisor):
         raise InputError(f"check_equivalence needs a SafetySupervisor, got {type(model).__name__}")
-    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(serialize(onnx_model), providers=["CPUExecutionProvider"])
     batch = session.get_inputs()[0].shape[0]
     if not isinstance(batch, int):
         raise InputError("the ONNX model must have a static batch dimension (fxopt exports static shapes)")
@@ -272,7 +273,7 @@ def safety_manifest(model: SafetySupervisor, onnx_model: onnx.ModelProto, report
     The ONNX hash is over its serialised bytes, the weights hash is fxopt's state_dict SHA-256,
     so the manifest ties the verified file to the exact supervisor it came from.
     """
-    data = onnx_model.SerializeToString()
+    data = serialize(onnx_model)
     return {
         "model": "safety_supervisor",
         "config": asdict(model.config),

@@ -115,7 +115,7 @@ _PRODUCTS = ("conv", "conv_depthwise", "conv_transpose", "linear", "matmul")
 def onnx_layer_work(path: str | Path) -> dict[str, _NodeWork]:
     """Per ONNX node name: op kind, FLOPs (2 x MACs for products), elements read/written, depth."""
     import onnx
-    from onnx import numpy_helper, shape_inference
+    from onnx import shape_inference
 
     try:
         model = shape_inference.infer_shapes(onnx.load(str(path)))
@@ -126,7 +126,7 @@ def onnx_layer_work(path: str | Path) -> dict[str, _NodeWork]:
         dims = vi.type.tensor_type.shape.dim
         if all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = tuple(d.dim_value for d in dims)
-    weights = {t.name: numpy_helper.to_array(t).shape for t in model.graph.initializer}
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
     work: dict[str, _NodeWork] = {}
     for node in model.graph.node:
         if node.op_type in _FREE or not node.name:

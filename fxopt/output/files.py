@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 
 __all__ = ["current_umask", "write_atomic"]
 
@@ -15,8 +16,9 @@ def current_umask() -> int:
     return mask
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, executable: bool = False) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and `os.replace`.
+def write_atomic(path: str | os.PathLike[str], data: bytes | str | Iterable[bytes], *, executable: bool = False) -> None:
+    """Write `data` (bytes, text, or an iterable of byte chunks written one after the other, so a large file need not
+    be in memory at once) to `path` via a temporary file in the same folder and `os.replace`.
 
     A crash or error midway leaves either the old file or none, never half a file. The file
     gets the usual permissions (0644 under the common umask; 0755 when `executable`).
@@ -24,11 +26,12 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, executable:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+    chunks = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fxopt-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            for chunk in chunks:
+                f.write(chunk)
         os.chmod(tmp, (0o777 if executable else 0o666) & ~current_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:

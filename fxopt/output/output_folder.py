@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from fxopt.errors import InputError
@@ -115,8 +115,18 @@ def _manifest_text(manifest: Mapping[str, Any]) -> str:
     return json.dumps({**content, MANIFEST_DIGEST: manifest_digest(content)}, indent=2)
 
 
-def write_output_folder(directory: str | os.PathLike[str], files: Mapping[str, bytes | str], manifest: dict) -> dict[str, str]:
+def _hashed(chunks: Iterable[bytes], digest: Any, size: list[int]) -> Iterator[bytes]:
+    for chunk in chunks:
+        digest.update(chunk)
+        size[0] += len(chunk)
+        yield chunk
+
+
+def write_output_folder(directory: str | os.PathLike[str], files: Mapping[str, bytes | str | Iterable[bytes]], manifest: dict) -> dict[str, str]:
     """Write `files` and `manifest.json` (with every file's SHA-256 and size, and its own) as one folder.
+
+    A file given as an iterable of byte chunks (a large model: `fxopt.output.onnx_weights.chunks`) is written and
+    hashed chunk by chunk, never whole in memory.
 
     The files go into a temporary folder beside `directory`, which then replaces it; an
     interruption leaves the old folder (or, between the two renames, none), never a mix.
@@ -135,9 +145,10 @@ def write_output_folder(directory: str | os.PathLike[str], files: Mapping[str, b
     try:
         listed = {}
         for name, data in files.items():
-            payload = data.encode("utf-8") if isinstance(data, str) else data
-            write_atomic(os.path.join(staging, name), payload, executable=name in EXECUTABLE)
-            listed[name] = {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+            payload = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, bytes) else data
+            digest, size = hashlib.sha256(), [0]
+            write_atomic(os.path.join(staging, name), _hashed(payload, digest, size), executable=name in EXECUTABLE)
+            listed[name] = {"sha256": digest.hexdigest(), "bytes": size[0]}
         write_atomic(os.path.join(staging, MANIFEST), _manifest_text({**manifest, "files": listed}))
         os.chmod(staging, 0o777 & ~current_umask())
         _swap_in(staging, directory)

@@ -54,6 +54,14 @@ class OrtCrashed(RuntimeError):
     """ONNX Runtime died (a native abort or an error) while loading or running a model in the child."""
 
 
+def _serialize(onnx_model: Any) -> bytes:
+    from fxopt.output.onnx_weights import (
+        serialize,  # not at the top: the child loads this file alone
+    )
+
+    return serialize(onnx_model)
+
+
 def ort_session(onnx_model: Any, threads: int = 1) -> Any:
     """A CPU `onnxruntime.InferenceSession` of `onnx_model` with `threads` intra-op threads, one inter-op."""
     import onnxruntime as ort
@@ -62,7 +70,7 @@ def ort_session(onnx_model: Any, threads: int = 1) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    data = onnx_model if isinstance(onnx_model, bytes) else onnx_model.SerializeToString()
+    data = onnx_model if isinstance(onnx_model, bytes) else _serialize(onnx_model)
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
@@ -116,7 +124,7 @@ def isolated_latencies_ms(
         OrtCrashed: the child died or failed; the message gives its exit status and last output.
     """
     arrays = [x.detach().cpu().numpy() if hasattr(x, "detach") else x for x in inputs if hasattr(x, "shape")]
-    models = [m if isinstance(m, bytes) else m.SerializeToString() for m in onnx_models]
+    models = [m if isinstance(m, bytes) else _serialize(m) for m in onnx_models]
     return list(_in_child(_CHILD, (models, arrays, runs, warmup, threads), "ONNX Runtime timing", timeout_s))
 
 
@@ -163,7 +171,7 @@ def isolated_outputs(onnx_model: Any, input_sets: Sequence[tuple[Any, ...]], tim
         [[0.0, 0.0, 2.0]]
     """
     sets = [[x.detach().cpu().numpy() if hasattr(x, "detach") else x for x in inputs if hasattr(x, "shape")] for inputs in input_sets]
-    model = onnx_model if isinstance(onnx_model, bytes) else onnx_model.SerializeToString()
+    model = onnx_model if isinstance(onnx_model, bytes) else _serialize(onnx_model)
     result = _in_child(_CHILD_RUN, (model, sets), "ONNX Runtime", timeout_s)
     if result[0] == "error":
         raise OrtFailed(result[1], result[2])
