@@ -127,7 +127,7 @@ def export_onnx(
     tensorrt_version: str | None = None,
     dynamic_batch: bool = False,
     outputs: Any = None,
-    keep_weights_out: bool | None = None,
+    keep_weights_out: bool | None = False,
 ) -> OnnxExport:
     """Export `module` to an in-memory ONNX model at `opset`, cleaned and checked.
 
@@ -143,8 +143,12 @@ def export_onnx(
             file's outputs); None runs `module` once.
         keep_weights_out: export a lean model (`fxopt.output.onnx_weights`): its weights stay in
             `module`'s tensors, read in place by the clean-up, the checker and ONNX Runtime, and are
-            copied into the file only when it is written. None: when `module`'s weights take
-            `LEAN_MIN_BYTES` or more (then the export holds one copy of the weights instead of four).
+            copied into the file only when it is written (`onnx_weights.chunks`, `serialize`). The
+            model is then readable only while this `OnnxExport` lives (it holds the store), and
+            ``onnx.save`` of it writes references, not weights: a caller opts in. None: lean when
+            `module`'s weights take `LEAN_MIN_BYTES` or more (`compile` does so: the export then holds
+            one copy of the weights instead of four). A graph lowered by scripting (an ONNX If) is
+            exported as usual: with its weights left out the exporter names its nodes differently.
 
     Returns:
         An `OnnxExport` (not yet verified: see `verify_onnx`).
@@ -162,11 +166,11 @@ def export_onnx(
     lean = keep_weights_out if keep_weights_out is not None else _weight_bytes(module) >= LEAN_MIN_BYTES
     weights: dict[str, torch.Tensor] = {}
 
-    def export(m: torch.nn.Module) -> tuple[bytes, list[warnings.WarningMessage]]:
+    def export(m: torch.nn.Module, lean_ok: bool = True) -> tuple[bytes, list[warnings.WarningMessage]]:
         buffer = io.BytesIO()
         weights.clear()
         try:
-            with warnings.catch_warnings(record=True) as caught, _exported_weights(weights if lean else None) as captured:
+            with warnings.catch_warnings(record=True) as caught, _exported_weights(weights if lean and lean_ok else None) as captured:
                 warnings.simplefilter("always")
                 torch.onnx.export(
                     m,
@@ -196,7 +200,7 @@ def export_onnx(
     del data  # the weights live on in `model`: one copy of them at a time
     store = None
     if weights:
-        store = _attach_weights(model, weights, input_names)
+        store = _attach_weights(model, weights, input_names, module)
         weights.clear()
         if store is None:  # a weight only the file can hold (bfloat16, quantized): the usual export
             return export_onnx(module, example_inputs, opset=opset, cleanup=cleanup, tensorrt_version=tensorrt_version,
@@ -262,7 +266,7 @@ def _exported_weights(into: dict[str, torch.Tensor] | None) -> Iterator[bool]:
         utils._model_to_graph = original
 
 
-def _attach_weights(model: onnx.ModelProto, weights: dict[str, torch.Tensor], input_names: list[str]) -> Any:
+def _attach_weights(model: onnx.ModelProto, weights: dict[str, torch.Tensor], input_names: list[str], module: torch.nn.Module) -> Any:
     """Turn the weight inputs of a model exported with ``export_params=False`` into initializers:
     stored (`WeightStore`, no copy) from `EXTERNAL_MIN_BYTES` on, written into the model below.
     Returns the store, or None, with `model` unchanged, when a weight is missing or of a kind a store cannot hold."""
@@ -274,6 +278,7 @@ def _attach_weights(model: onnx.ModelProto, weights: dict[str, torch.Tensor], in
     if any(i.name not in weights or not storable(weights[i.name]) for i in inputs):
         return None
     store = WeightStore()
+    store.track(module.state_dict(keep_vars=True).items())  # what the exporter's folded weights were computed from
     for value_info in inputs:
         tensor = weights[value_info.name].detach()
         if tensor.numel() * tensor.element_size() >= EXTERNAL_MIN_BYTES:
@@ -353,7 +358,7 @@ def _export_scripted(module: torch.nn.Module, export: Any, branches: list[str]) 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             scripted = torch.jit.script(_scriptable_copy(module))
-        data, tracer_warnings = export(scripted)
+        data, tracer_warnings = export(scripted, False)
     except Exception as exc:  # noqa: BLE001 - any scripting failure leaves only the refusal
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         raise ExportError(
@@ -463,16 +468,32 @@ def _read_stored_in_place(graph: Any) -> None:
 
 
 def _load_fold_inputs(graph: Any) -> None:
-    """Give the stored weights a node to be folded reads their values: the fold runs that node in ONNX Runtime on a
-    model of its own, which has no store (a weight the exporter could not fold itself is rare and small)."""
+    """Give the stored weights the fold evaluates their values: it runs those nodes in ONNX Runtime on a model of its
+    own, which has no store. The fold evaluates every node whose inputs are constants or outputs of such nodes,
+    in subgraphs too (a weight the exporter could not fold itself is rare and small)."""
     import onnx_graphsurgeon as gs
 
     stored = _stored_values_type()
-    for node in graph.nodes:
-        if all(isinstance(t, gs.Constant) or t.is_empty() for t in node.inputs):
-            for t in node.inputs:
-                if isinstance(t, gs.Constant) and isinstance(t._values, stored):
-                    t._values, t.data_location = np.array(t._values.load()), None  # the values now live in the proto
+    folded: set[int] = set()
+
+    def nodes(g: Any) -> Iterator[Any]:
+        for node in g.nodes:
+            yield node
+            for sub in node.subgraphs():
+                yield from nodes(sub)
+
+    grew = True
+    while grew:  # to a fixed point: the graph need not be in order here
+        grew = False
+        for node in nodes(graph):
+            if node.op in _NEVER_FOLDED or all(id(t) in folded for t in node.outputs):
+                continue
+            if all(isinstance(t, gs.Constant) or t.is_empty() or id(t) in folded for t in node.inputs):
+                folded.update(id(t) for t in node.outputs)
+                grew = True
+                for t in node.inputs:
+                    if isinstance(t, gs.Constant) and isinstance(t._values, stored):
+                        t._values, t.data_location = np.array(t._values.load()), None  # the values now live in the proto
 
 
 def _has_foldable(graph: Any) -> bool:
@@ -883,6 +904,7 @@ def lower(
     dynamic_batch: tuple[int, int, int] | None = None,
     float_module: torch.nn.Module | None = None,
     known_outputs: Sequence[tuple[tuple[Any, ...], Any]] = (),
+    keep_weights_out: bool | None = False,
 ) -> OnnxExport:
     """Export at the target's highest opset, rewritten for its TensorRT release where it has one, and
     verify in ONNX Runtime on the example inputs and every set in `check_inputs`.
@@ -893,6 +915,7 @@ def lower(
     kernels whose rounding can move a value by a step.
 
     `known_outputs`: `module`'s outputs already computed on some of these input sets (see `onnx_parity`).
+    `keep_weights_out`: see `export_onnx` (`compile` passes None: lean from `LEAN_MIN_BYTES` on).
 
     With ``dynamic_batch=(min, opt, max)`` dim 0 of every input and output is a symbolic batch axis,
     and the file is also verified at each of the three batch sizes (`batch_inputs`).
@@ -904,7 +927,7 @@ def lower(
     profile = get_target(target)
     known = {id(inputs): outputs for inputs, outputs in known_outputs}
     exported = export_onnx(module, example_inputs, opset=profile.max_onnx_opset, tensorrt_version=profile.tensorrt_version,
-                           dynamic_batch=dynamic_batch is not None, outputs=known.get(id(example_inputs)))
+                           dynamic_batch=dynamic_batch is not None, outputs=known.get(id(example_inputs)), keep_weights_out=keep_weights_out)
     if not verify:
         return exported
     atol, rtol = TOLERANCES["int8"] if "QuantizeLinear" in exported.op_types() else (ATOL, RTOL)

@@ -32,7 +32,7 @@ from fxopt.frontend.inputs import (
 )
 from fxopt.frontend.stages import Stages, split_stages
 from fxopt.frontend.tracing import leaves_of, normalize_inputs, trace_with_outputs
-from fxopt.output.onnx_weights import chunks, full_model, stores
+from fxopt.output.onnx_weights import PROTOBUF_LIMIT, chunks, external_data, file_size, full_model, is_lean, stores
 from fxopt.output.output_folder import MANIFEST, check_output_folder, write_output_folder
 from fxopt.output.progress import Phases
 from fxopt.output.report import CompileReport, layer_rows, report_tables
@@ -164,11 +164,16 @@ class CompiledModel(nn.Module):
         mixed in); the manifest lists every file's SHA-256 (`fxopt verify DIR` checks them).
         A folder holding files no fxopt compile wrote is refused rather than replaced.
 
+        A lean model (64 MiB of weights or more) is written one weight at a time, byte for byte the file a usual
+        export gives; one above protobuf's 2 GiB is written as ONNX external data, model.onnx with its weights in
+        model.onnx.data beside it (kind ``onnx_data``), which onnx, ONNX Runtime and TensorRT read from the model's path.
+
         Returns:
-            The paths written, by kind (``onnx``, ``report_md``, ``report_json``, ``manifest``,
-            and the build-plan file names).
+            The paths written, by kind (``onnx``, ``onnx_data`` for a model above 2 GiB, ``report_md``,
+            ``report_json``, ``manifest``, and the build-plan file names).
 
         Raises:
+            WeightsChangedError: a lean model's weight was written after the compile (nothing is written).
             InputError: `directory` is not a path, is a file, lies under a file, holds foreign
                 files, or cannot be written.
         """
@@ -176,7 +181,11 @@ class CompiledModel(nn.Module):
             raise InputError(f"save() needs a folder path (a str or os.PathLike), got {type(directory).__name__}")
         files: dict[str, Any] = {}  # bytes, text, or byte chunks (write_output_folder)
         kinds: dict[str, str] = {}
-        if self._onnx is not None:
+        if self._onnx is not None and is_lean(self._onnx) and file_size(self._onnx) > PROTOBUF_LIMIT:
+            # above protobuf's 2 GiB: the weights go to a data file beside model.onnx, which readers find from its path
+            files["model.onnx"], files["model.onnx.data"] = external_data(self._onnx, "model.onnx.data")
+            kinds["onnx"], kinds["onnx_data"] = "model.onnx", "model.onnx.data"
+        elif self._onnx is not None:
             files["model.onnx"], kinds["onnx"] = chunks(self._onnx), "model.onnx"  # a lean model one weight at a time
         for extra_name, extra_text in self.report.extras.get("files", {}).items():
             files[extra_name], kinds[extra_name] = extra_text, extra_name
@@ -566,7 +575,7 @@ def _lower(request: _Request, ran: _PipelineRun) -> _Lowered:
         lowered.inputs, lowered.check_inputs = context.example_inputs, context.verification_inputs
     if request.export:
         exported = extension("lower", "onnx")(final, lowered.inputs, profile, check_inputs=lowered.check_inputs, dynamic_batch=request.dynamic_batch,
-                         float_module=_float_twin(final), known_outputs=ran.known_outputs)
+                         float_module=_float_twin(final), known_outputs=ran.known_outputs, keep_weights_out=None)
         lowered.onnx_info, lowered.onnx_model, lowered.onnx_weights = exported.to_dict(), exported.model, exported.weights
         lowered.notes += [f"ONNX export: {finding}" for finding in exported.findings]
         if request.policy.strict:

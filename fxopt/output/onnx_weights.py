@@ -34,7 +34,7 @@ import os
 import tempfile
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,7 @@ from fxopt.errors import ExportError, WeightsChangedError
 from fxopt.verification.numerics import tensor_mark
 
 __all__ = [
-    "EXTERNAL_MIN_BYTES", "WeightStore", "alias", "chunks", "WeightsChangedError", "checked", "full_model", "full_tensor", "is_lean",
+    "EXTERNAL_MIN_BYTES", "PROTOBUF_LIMIT", "WeightStore", "alias", "chunks", "external_data", "file_size", "WeightsChangedError", "checked", "full_model", "full_tensor", "is_lean",
     "FedSession", "is_stored", "serialize", "session", "storable", "stores", "tensor_values",
 ]
 
@@ -82,6 +82,7 @@ class WeightStore:
         self.size = 0
         self._arrays: dict[int, np.ndarray] = {}
         self._types: dict[int, int] = {}
+        self._sources: list[tuple[str, torch.Tensor, Any]] = []
         self._tensors: dict[int, tuple[str, torch.Tensor, Any]] = {}
         _STORES[self.location] = self
 
@@ -127,9 +128,21 @@ class WeightStore:
         view.flags.writeable = False
         return view
 
-    def arrays(self) -> Iterator[tuple[int, np.ndarray]]:
-        for offset in self._arrays:
-            yield offset, self.array(offset)
+    def track(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Also watch `tensors` (the exported module's own weights, by name): a weight the exporter folded is a new
+        tensor computed from them, which a write into them does not change."""
+        self._sources += [(name, t, tensor_mark(t)) for name, t in tensors if isinstance(t, torch.Tensor)]
+
+    def verify(self) -> None:
+        """Raise `WeightsChangedError` if any tensor behind this store was written since the export."""
+        for offset in self._tensors:
+            self.array(offset)
+        for name, tensor, mark in self._sources:
+            if tensor_mark(tensor) != mark:
+                raise WeightsChangedError(
+                    f"the exported module's weight '{name}' was changed in place after the model was exported; the ONNX model "
+                    "(whose weights were computed from it) no longer matches its verified figures: compile again to export the "
+                    "changed weights")
 
 
 def _offset(tensor: TensorProto) -> int:
@@ -216,6 +229,8 @@ def full_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A self-contained copy of a lean `model` (`model` itself when it is not lean)."""
     if not is_lean(model):
         return model
+    for store in stores(model):
+        store.verify()
     full = onnx.ModelProto()
     full.CopyFrom(model)  # no weight bytes to copy yet
     for graph, index, tensor in list(_stored(full)):
@@ -223,31 +238,134 @@ def full_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return full
 
 
-def chunks(model: onnx.ModelProto) -> Iterator[bytes]:
-    """The bytes of `model`'s self-contained file (lean or not), in pieces of at most one weight each.
+PROTOBUF_LIMIT = 2**31 - 1  # no protobuf reader parses a message larger: such a model is saved with external data
 
-    A lean model is written as its weightless part followed by one message per stored weight:
-    protobuf merges repeated messages of a field, so every reader parses the concatenation as one
-    model, and only one weight at a time is copied (`serialize` joins them; `CompiledModel.save`
-    writes them one by one).
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _key(number: int, length: int) -> bytes:
+    return _varint(number << 3 | 2) + _varint(length)  # a length-delimited field's tag and length
+
+
+def _fields(message: Any, keep: Any) -> bytes:
+    """`message` serialised with only the fields whose number `keep` accepts (in field order, as protobuf writes)."""
+    part = type(message)()
+    for descriptor, value in message.ListFields():
+        if not keep(descriptor.number):
+            continue
+        if descriptor.is_repeated:
+            getattr(part, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(part, descriptor.name).CopyFrom(value)
+        else:
+            setattr(part, descriptor.name, value)
+    return part.SerializeToString()
+
+
+_GRAPH_FIELD, _INITIALIZER_FIELD, _RAW_DATA_FIELD = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+
+
+def _initializer_parts(tensor: TensorProto) -> list[Any]:
+    """One initializer as GraphProto field bytes: a stored one's values as a view of its array (no copy)."""
+    if not is_stored(tensor):
+        data = tensor.SerializeToString()
+        return [_key(_INITIALIZER_FIELD, len(data)), data]
+    values = np.ascontiguousarray(tensor_values(tensor))
+    head = TensorProto(dims=tensor.dims, data_type=tensor.data_type, name=tensor.name).SerializeToString()  # fields 1, 2, 8
+    raw = memoryview(values.reshape(-1)).cast("B") if values.size else memoryview(b"")
+    body = head + _key(_RAW_DATA_FIELD, raw.nbytes)
+    return [_key(_INITIALIZER_FIELD, len(body) + raw.nbytes), body, raw]
+
+
+def chunks(model: onnx.ModelProto) -> Iterator[Any]:
+    """The bytes of `model`'s self-contained file (lean or not), in pieces: a stored weight's values are
+    a view of its array, so nothing but one small header at a time is built beside the model.
+
+    The pieces are the serialisation protobuf itself gives the full model (fields in order, each
+    weight's TensorProto as `numpy_helper.from_array` writes it): the file is byte for byte the
+    usual one. `serialize` joins them; `CompiledModel.save` writes and hashes them one by one.
+
+    Raises:
+        ExportError: the file would exceed protobuf's 2 GiB (`PROTOBUF_LIMIT`; `external_data` writes it).
+        WeightsChangedError: a tensor behind a stored weight was written since the export.
     """
     if not is_lean(model):
         yield model.SerializeToString()
         return
     if any(graph is not model.graph for graph, _, _ in _stored(model)):
-        yield full_model(model).SerializeToString()  # a subgraph's initializer: no field to append it to
+        yield full_model(model).SerializeToString()  # a subgraph's initializer: built whole
         return
-    rest = onnx.ModelProto()
-    rest.CopyFrom(model)
-    stored = [t for t in rest.graph.initializer if is_stored(t)]
-    kept = [t for t in rest.graph.initializer if not is_stored(t)]
-    del rest.graph.initializer[:]
-    rest.graph.initializer.extend(kept)
-    for tensor in stored:
-        tensor_values(tensor)  # a weight changed since the export fails here, before any byte is written
-    yield rest.SerializeToString()
-    for tensor in stored:
-        yield onnx.ModelProto(graph=onnx.GraphProto(initializer=[full_tensor(tensor)])).SerializeToString()
+    for store in stores(model):
+        store.verify()
+    graph = model.graph
+    initializers = [_initializer_parts(t) for t in graph.initializer]  # checks every weight before a byte is written
+    before, after = _fields(graph, lambda n: n < _INITIALIZER_FIELD), _fields(graph, lambda n: n > _INITIALIZER_FIELD)
+    graph_size = len(before) + len(after) + sum(len(p) if isinstance(p, bytes) else p.nbytes for parts in initializers for p in parts)
+    head, tail = _fields(model, lambda n: n < _GRAPH_FIELD), _fields(model, lambda n: n > _GRAPH_FIELD)
+    key = _key(_GRAPH_FIELD, graph_size)
+    if len(head) + len(key) + graph_size + len(tail) > PROTOBUF_LIMIT:
+        raise ExportError(f"the ONNX model with its weights is {(graph_size + len(head) + len(tail)) / 2**30:.2f} GiB, above protobuf's "
+                          "2 GiB: it can only be written with its weights in a data file beside it (CompiledModel.save does so)")
+    yield head + key + before
+    for parts in initializers:
+        yield from parts
+    yield after + tail
+
+
+def file_size(model: onnx.ModelProto) -> int:
+    """The size in bytes of `model`'s self-contained file (`chunks`), without building it."""
+    if not is_lean(model):
+        return model.ByteSize()
+    stored = [t for _, _, t in _stored(model)]
+    return model.ByteSize() + sum(tensor_values(t).nbytes + 16 for t in stored)  # an upper bound of the tags and lengths
+
+
+def external_data(model: onnx.ModelProto, data_name: str) -> tuple[bytes, Iterator[Any]]:
+    """`model` as a file of ONNX external data: the model's bytes, each stored weight a reference into `data_name`
+    (a file beside it, as `onnx.save(..., save_as_external_data=True)` writes: relative location, offsets on a page),
+    and the data file's pieces (views of the arrays, zero padding between them).
+
+    For a model above protobuf's 2 GiB; onnx, ONNX Runtime and TensorRT's parser read the pair from the model's path."""
+    for store in stores(model):
+        store.verify()
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    places: dict[tuple[str, int], int] = {}
+    order: list[TensorProto] = []
+    size = 0
+    for _, _, tensor in _stored(out):
+        key = (next(e.value for e in tensor.external_data if e.key == "location"), _offset(tensor))
+        if key not in places:
+            places[key] = size
+            order.append(TensorProto())
+            order[-1].CopyFrom(tensor)
+            size += -(-max(int(next(e.value for e in tensor.external_data if e.key == "length")), 1) // _ALIGN) * _ALIGN
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+            elif entry.key == "offset":
+                entry.value = str(places[key])
+
+    def pieces() -> Iterator[Any]:
+        written = 0
+        for tensor in order:
+            key = (next(e.value for e in tensor.external_data if e.key == "location"), _offset(tensor))
+            if places[key] > written:
+                yield bytes(places[key] - written)
+                written = places[key]
+            values = np.ascontiguousarray(tensor_values(tensor))
+            raw = memoryview(values.reshape(-1)).cast("B") if values.size else memoryview(b"")
+            yield raw
+            written += raw.nbytes
+
+    return out.SerializeToString(), pieces()
 
 
 def serialize(model: onnx.ModelProto) -> bytes:
@@ -294,6 +412,8 @@ def session(model: onnx.ModelProto, options: Any = None, providers: tuple[str, .
         return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
     if any(graph is not model.graph for graph, _, _ in _stored(model)):
         return ort.InferenceSession(serialize(model), options, providers=list(providers))
+    for store in stores(model):
+        store.verify()
     fed = onnx.ModelProto()
     fed.CopyFrom(model)
     weights = [t for t in fed.graph.initializer if is_stored(t)]

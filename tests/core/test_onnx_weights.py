@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 
 import numpy as np
 import onnx
@@ -34,9 +35,11 @@ def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _same_file(lean: onnx.ModelProto, usual: onnx.ModelProto) -> None:
-    """The lean model, written out, is the usual export: the same nodes and the same initializers, bit for bit."""
+    """The lean model, written out, is the usual export byte for byte (and so the same nodes and initializers)."""
     assert is_lean(lean) and not is_lean(usual)
-    written = onnx.load_from_string(serialize(lean))
+    data = serialize(lean)
+    assert data == usual.SerializeToString()
+    written = onnx.load_from_string(data)
     assert not is_lean(written)
     assert [(n.op_type, list(n.input), list(n.output)) for n in written.graph.node] == \
            [(n.op_type, list(n.input), list(n.output)) for n in usual.graph.node]
@@ -119,11 +122,15 @@ def test_a_lean_export_writes_the_usual_file(case):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_only_large_modules_are_exported_lean(monkeypatch):
+def test_lean_is_chosen_by_size_where_the_caller_lets_it(monkeypatch):
+    # export_onnx's own model is self-contained unless asked (onnx.save of a lean one would write references);
+    # compile lets it choose by size
     model, x = nn.Sequential(nn.Linear(64, 64), nn.ReLU()).eval(), (torch.randn(2, 64),)
-    assert not is_lean(export_onnx(model, x).model)
+    assert not is_lean(export_onnx(model, x, keep_weights_out=None).model)
     monkeypatch.setattr(onnx_backend, "LEAN_MIN_BYTES", 64 * 65 * 4)
-    assert is_lean(export_onnx(model, x).model)
+    assert not is_lean(export_onnx(model, x).model)
+    assert is_lean(export_onnx(model, x, keep_weights_out=None).model)
+    assert is_lean(fxopt.compile(model, "cpu", example_inputs=x)._onnx)
 
 
 def test_a_weight_no_store_holds_is_exported_as_usual():
@@ -211,3 +218,69 @@ def test_a_lean_dynamic_batch_and_scripted_branch_compile(monkeypatch):
     for sign in (1.0, -1.0):
         probe = sign * torch.rand(3, 32) + sign
         np.testing.assert_allclose(session.run(None, {"input": probe.numpy()})[0], model(probe).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+class FoldedHead(nn.Module):
+    """Weights the exporter folds into new tensors (a cosine classifier's normalised weight, a scaled one) and a
+    chain onnx-graphsurgeon folds further (exp(w1) + w2): the stored weights it evaluates are loaded for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 64))
+        self.g = nn.Parameter(torch.rand(64))
+        self.w1, self.w2 = nn.Parameter(torch.randn(64, 64) * 0.1), nn.Parameter(torch.randn(64, 64))
+
+    def forward(self, x):
+        y = x @ nn.functional.normalize(self.w, dim=1).t()
+        return y @ (self.w * self.g) + x @ (torch.exp(self.w1) + self.w2)
+
+
+def test_weights_the_exporter_or_the_fold_computes_give_the_usual_file():
+    torch.manual_seed(0)
+    model, x = FoldedHead().eval(), (torch.randn(2, 64),)
+    usual = export_onnx(model, x, keep_weights_out=False)
+    lean = export_onnx(model, x, keep_weights_out=True)
+    _same_file(lean.model, usual.model)
+
+
+def test_a_write_into_a_weight_the_exporter_folded_is_seen(monkeypatch, tmp_path):
+    # the file holds w * g, a tensor of the exporter's own: training g after the compile must not pass unseen
+    torch.manual_seed(0)
+    _lean_everywhere(monkeypatch)
+    compiled = fxopt.compile(FoldedHead().eval(), "cpu", example_inputs=(torch.randn(2, 64),))
+    with torch.no_grad():
+        dict(compiled.graph_module.named_parameters())["g"].mul_(2)
+    with pytest.raises(WeightsChangedError, match="'g'"):
+        compiled.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_above_protobufs_limit_is_saved_with_external_data(monkeypatch, tmp_path):
+    # the limit lowered to below this model's size: the weights go to model.onnx.data, which every reader finds
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8)).eval(), torch.randn(2, 256)
+    _lean_everywhere(monkeypatch)
+    compiled = fxopt.compile(model, "xavier", example_inputs=(x,))
+    with pytest.raises(ExportError, match="above protobuf's 2 GiB"):
+        monkeypatch.setattr(onnx_weights, "PROTOBUF_LIMIT", 64 * 1024)
+        serialize(compiled._onnx)
+    import fxopt.compiler as compiler_module
+
+    monkeypatch.setattr(compiler_module, "PROTOBUF_LIMIT", 64 * 1024)
+    paths = compiled.save(tmp_path / "big")
+    assert set(paths) >= {"onnx", "onnx_data"} and os.path.getsize(paths["onnx"]) < 8 * 1024
+    onnx.checker.check_model(paths["onnx"], full_check=True)
+    loaded = onnx.load(paths["onnx"])  # external data read from beside it
+    monkeypatch.setattr(onnx_weights, "PROTOBUF_LIMIT", 2**31 - 1)
+    assert {k: v.tobytes() for k, v in _initializers(loaded).items()} == {k: v.tobytes() for k, v in _initializers(compiled._onnx).items()}
+    got = ort.InferenceSession(paths["onnx"], providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    manifest = json.loads((tmp_path / "big" / "manifest.json").read_text())["files"]
+    assert manifest["model.onnx.data"]["bytes"] == os.path.getsize(tmp_path / "big" / "model.onnx.data")
+
+
+def test_a_scripted_graph_is_exported_with_its_weights():
+    # with its weights left out the exporter names a scripted module's nodes differently: the usual export instead
+    torch.manual_seed(0)
+    exported = export_onnx(fxopt.trace(WithLeaf().eval(), (torch.randn(2, 32),)), (torch.randn(2, 32),), keep_weights_out=True)
+    assert exported.lowered_by == "script" and not is_lean(exported.model) and not exported.weights
