@@ -32,7 +32,15 @@ from fxopt.frontend.inputs import (
 )
 from fxopt.frontend.stages import Stages, split_stages
 from fxopt.frontend.tracing import leaves_of, normalize_inputs, trace_with_outputs
-from fxopt.output.onnx_weights import PROTOBUF_LIMIT, chunks, external_data, file_size, full_model, is_lean, stores
+from fxopt.output.onnx_weights import (
+    PROTOBUF_LIMIT,
+    chunks,
+    external_data,
+    file_size,
+    full_model,
+    is_lean,
+    stores,
+)
 from fxopt.output.output_folder import MANIFEST, check_output_folder, write_output_folder
 from fxopt.output.progress import Phases
 from fxopt.output.report import CompileReport, layer_rows, report_tables
