@@ -7,10 +7,12 @@ burst of load then hits one candidate and not the other.
 
 from __future__ import annotations
 
+import os
 import pickle
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -62,15 +64,28 @@ def _serialize(onnx_model: Any) -> bytes:
     return serialize(onnx_model)
 
 
+def _as_path(onnx_model: Any, folder: str) -> str | None:
+    """A lean model written to `folder` (its path), else None."""
+    from fxopt.output.files import write_atomic
+    from fxopt.output.onnx_weights import chunks, is_lean
+
+    if not is_lean(onnx_model):
+        return None
+    path = os.path.join(folder, "model.onnx")
+    write_atomic(path, chunks(onnx_model))
+    return path
+
+
 def ort_session(onnx_model: Any, threads: int = 1) -> Any:
-    """A CPU `onnxruntime.InferenceSession` of `onnx_model` with `threads` intra-op threads, one inter-op."""
+    """A CPU `onnxruntime.InferenceSession` of `onnx_model` (a model, its bytes or its path) with `threads` intra-op
+    threads, one inter-op."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    data = onnx_model if isinstance(onnx_model, bytes) else _serialize(onnx_model)
+    data = onnx_model if isinstance(onnx_model, (bytes, str)) else _serialize(onnx_model)
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
@@ -171,8 +186,11 @@ def isolated_outputs(onnx_model: Any, input_sets: Sequence[tuple[Any, ...]], tim
         [[0.0, 0.0, 2.0]]
     """
     sets = [[x.detach().cpu().numpy() if hasattr(x, "detach") else x for x in inputs if hasattr(x, "shape")] for inputs in input_sets]
-    model = onnx_model if isinstance(onnx_model, bytes) else _serialize(onnx_model)
-    result = _in_child(_CHILD_RUN, (model, sets), "ONNX Runtime", timeout_s)
+    with tempfile.TemporaryDirectory(prefix="fxopt-ort-") as folder:
+        # a lean model (fxopt.output.onnx_weights) reaches the child as a file written one weight at a time, not as its
+        # bytes pickled beside their copy
+        model = onnx_model if isinstance(onnx_model, bytes) else _as_path(onnx_model, folder) or _serialize(onnx_model)
+        result = _in_child(_CHILD_RUN, (model, sets), "ONNX Runtime", timeout_s)
     if result[0] == "error":
         raise OrtFailed(result[1], result[2])
     return result[1]
