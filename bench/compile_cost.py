@@ -1,6 +1,6 @@
 """What a whole compile costs beside the bare path, on a deep residual net (issue 24, item 5).
 
-    python bench/compile_cost.py [--blocks 343] [--repeat 5] [--no-write]
+    python bench/compile_cost.py [--blocks 343] [--repeat 5] [--large] [--no-write]
 
 The net: a stem conv, `--blocks` residual blocks (conv-BN-ReLU-conv-BN, add, ReLU; 16 channels)
 and a linear head, at 1x3x32x32; 343 blocks make 2,406 graph nodes. One thread. Measured in one
@@ -16,7 +16,9 @@ Peak memory: a child process per case builds an MLP of `--mlp-width` x `--mlp-de
 layers (weights well above the activations), compiles it for "cpu" without export, with export, and
 with export and then `save()`, and reports the high-water mark of its resident memory above the
 baseline (model built and run once), as a multiple of the weights' bytes; the save case also gives
-the peak of `save()` alone. Figures go to bench/results/compile_cost.md; nothing here
+the peak of `save()` alone. `--large` adds an MLP above protobuf's 2 GiB (10 x 8192: 2.5 GiB of
+weights, which the usual export refuses), compiled with export and saved (as ONNX external data);
+it needs about 3x its weights of memory and its size of disk. Figures go to bench/results/compile_cost.md; nothing here
 asserts a time.
 """
 
@@ -114,7 +116,7 @@ def time_arms(blocks: int, repeat: int) -> dict[str, Any]:
 
 
 _MEMORY_CHILD = r'''
-import gc, json, sys
+import gc, json, os, sys
 import torch
 from torch import nn
 import fxopt
@@ -145,7 +147,8 @@ if save:
             f.write("5")
         compiled.save(folder + "/out")
         save_peak = status("VmHWM") - base
-print(json.dumps({"weights": weights, "peak": peak, "save_peak": save_peak}))
+        files = sorted(os.listdir(folder + "/out"))
+print(json.dumps({"weights": weights, "peak": peak, "save_peak": save_peak, "files": files if save else None}))
 '''
 
 
@@ -157,7 +160,8 @@ def peak_memory(width: int, depth: int, case: str) -> dict[str, Any]:
     save = found["save_peak"] / found["weights"] if found["save_peak"] is not None else None
     print(f"MLP {depth} x {width}: weights {found['weights'] / 2**20:.0f} MiB, case {case}: compile peak {ratio:.2f}x the weights"
           + (f", save() peak {save:.2f}x" if save is not None else ""), flush=True)
-    return {"weights_mib": found["weights"] / 2**20, "ratio": ratio, "export": case != "0", "save_ratio": save}
+    return {"weights_mib": found["weights"] / 2**20, "ratio": ratio, "export": case != "0", "save_ratio": save,
+            "shape": f"{depth} x {width}", "onnx_files": [f for f in found["files"] or [] if f.startswith("model.onnx")]}
 
 
 def render(timing: dict[str, Any], memory: list[dict[str, float]], repeat: int, width: int, depth: int) -> str:
@@ -179,13 +183,13 @@ def render(timing: dict[str, Any], memory: list[dict[str, float]], repeat: int, 
         "CPU time counts this process's own work (every thread), so it holds where other work shares the cores; wall time is what a "
         "user waits on an idle machine.",
         "",
-        f"Peak resident memory above the baseline during `fxopt.compile(..., \"cpu\")`, MLP of {depth} linear layers {width} wide:",
+        "Peak resident memory above the baseline during `fxopt.compile(..., \"cpu\")` of an MLP (linear layers, ReLU between), then during `save()`:",
         "",
-        "| export | weights (MiB) | compile peak / weights | then `save()`: its peak / weights |",
-        "|---|---|---|---|",
+        "| MLP (depth x width) | export | weights (MiB) | compile peak / weights | then `save()`: its peak / weights | ONNX files |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {'yes' if m['export'] else 'no'} | {m['weights_mib']:.0f} | {m['ratio']:.2f}x | "
-              f"{'' if m['save_ratio'] is None else format(m['save_ratio'], '.2f') + 'x'} |" for m in memory]
+    lines += [f"| {m['shape']} | {'yes' if m['export'] else 'no'} | {m['weights_mib']:.0f} | {m['ratio']:.2f}x | "
+              f"{'' if m['save_ratio'] is None else format(m['save_ratio'], '.2f') + 'x'} | {', '.join(m['onnx_files'])} |" for m in memory]
     return "\n".join(lines) + "\n"
 
 
@@ -195,10 +199,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--mlp-width", type=int, default=4096)
     parser.add_argument("--mlp-depth", type=int, default=8)
+    parser.add_argument("--large", action="store_true", help="also a 2.5 GiB MLP (above protobuf's limit), saved as external data")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     timing = time_arms(args.blocks, args.repeat)
     memory = [peak_memory(args.mlp_width, args.mlp_depth, case) for case in ("0", "1", "save")]
+    if args.large:
+        memory.append(peak_memory(8192, 10, "save"))
     text = render(timing, memory, args.repeat, args.mlp_width, args.mlp_depth)
     print()
     print(text)
