@@ -165,10 +165,12 @@ def export_onnx(
 
     lean = keep_weights_out if keep_weights_out is not None else _weight_bytes(module) >= LEAN_MIN_BYTES
     weights: dict[str, torch.Tensor] = {}
+    left_out = [False]  # whether the last export left its weights out
 
     def export(m: torch.nn.Module, lean_ok: bool = True) -> tuple[bytes, list[warnings.WarningMessage]]:
         buffer = io.BytesIO()
         weights.clear()
+        left_out[0] = False
         try:
             with warnings.catch_warnings(record=True) as caught, _exported_weights(weights if lean and lean_ok else None) as captured:
                 warnings.simplefilter("always")
@@ -184,6 +186,7 @@ def export_onnx(
                     dynamo=False,
                     export_params=not captured,
                 )
+                left_out[0] = captured
         except Exception as exc:
             raise ExportError(f"ONNX export at opset {opset} failed: {type(exc).__name__}: {exc}") from exc
         return buffer.getvalue(), [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
@@ -199,10 +202,10 @@ def export_onnx(
     model = onnx.load_from_string(data)
     del data  # the weights live on in `model`: one copy of them at a time
     store = None
-    if weights:
+    if left_out[0]:
         store = _attach_weights(model, weights, input_names, module)
         weights.clear()
-        if store is None:  # a weight only the file can hold (bfloat16, quantized): the usual export
+        if store is None:  # a weight only the file can hold (bfloat16, quantized), or none recorded: the usual export
             return export_onnx(module, example_inputs, opset=opset, cleanup=cleanup, tensorrt_version=tensorrt_version,
                                dynamic_batch=dynamic_batch, outputs=outputs, keep_weights_out=False)
     rewrites: list[str] = []

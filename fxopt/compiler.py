@@ -113,9 +113,14 @@ class CompiledModel(nn.Module):
         """The ONNX model (`onnx.ModelProto`, self-contained), or None without export.
 
         A model with 64 MiB of weights or more is kept lean during and after the compile (its weights are the graph
-        module's tensors, `fxopt.output.onnx_weights`): each read of this property then builds a full copy, and
-        `save` writes the file without one."""
+        module's tensors, `fxopt.output.onnx_weights`): each read of this property then builds a full copy (an edit of
+        it reaches `save` only when the copy is set back), and `save` writes the file without one."""
         return full_model(self._onnx) if self._onnx is not None else None
+
+    @onnx_model.setter
+    def onnx_model(self, model: Any) -> None:
+        """Replace the ONNX model `save` writes (a model edited by hand: edit the copy this property gives, then set it)."""
+        self._onnx, self._onnx_weights = model, stores(model) if model is not None else []
 
     @property
     def target(self) -> TargetProfile:

@@ -284,3 +284,15 @@ def test_a_scripted_graph_is_exported_with_its_weights():
     torch.manual_seed(0)
     exported = export_onnx(fxopt.trace(WithLeaf().eval(), (torch.randn(2, 32),)), (torch.randn(2, 32),), keep_weights_out=True)
     assert exported.lowered_by == "script" and not is_lean(exported.model) and not exported.weights
+
+
+def test_an_edited_onnx_model_set_back_is_what_save_writes(monkeypatch, tmp_path):
+    _lean_everywhere(monkeypatch)
+    model, x = nn.Sequential(nn.Linear(32, 32), nn.ReLU()).eval(), torch.randn(2, 32)
+    compiled = fxopt.compile(model, "cpu", example_inputs=(x,))
+    edited = compiled.onnx_model  # a self-contained copy: editing it alone changes nothing saved
+    edited.doc_string = "edited"
+    assert is_lean(compiled._onnx) and compiled.onnx_model.doc_string != "edited"
+    compiled.onnx_model = edited
+    assert not is_lean(compiled._onnx)
+    assert onnx.load(compiled.save(tmp_path / "out")["onnx"]).doc_string == "edited"
