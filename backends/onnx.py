@@ -11,9 +11,7 @@ import copy
 import functools
 import io
 import linecache
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from fxopt.output.onnx_weights import (
     serialize,
     session,
     tensor_values,
+    written,
 )
 from fxopt.passinfra.collector import collect_young, young_objects_only
 from fxopt.targets import TargetProfile, get_target
@@ -631,19 +630,8 @@ def _uniform_constants_to_constant_of_shape(graph: Any) -> int:
 _LARGE_MODEL_BYTES = 64 << 20  # a model this large reaches the checker and ONNX Runtime as a file
 
 
-@contextlib.contextmanager
-def _as_file(model: onnx.ModelProto) -> Iterator[str]:
-    """`model` written to a temporary file (the serialised bytes are freed once written), for a reader that would
-    otherwise hold its own parse of the bytes beside them: one more copy of every weight at once."""
-    with tempfile.TemporaryDirectory(prefix="fxopt-onnx-") as folder:
-        path = os.path.join(folder, "model.onnx")
-        with open(path, "wb") as f:
-            f.write(model.SerializeToString())
-        yield path
-
-
 def _check_model(model: onnx.ModelProto) -> None:
-    """`onnx.checker.check_model` with shape inference; a large model from a file (`_as_file`), a lean one beside
+    """`onnx.checker.check_model` with shape inference; a large model from a file (`onnx_weights.written`), a lean one beside
     placeholders of its weights (`fxopt.output.onnx_weights.checked`)."""
     if is_lean(model):
         checked(model)
@@ -651,12 +639,12 @@ def _check_model(model: onnx.ModelProto) -> None:
     if model.ByteSize() < _LARGE_MODEL_BYTES:
         onnx.checker.check_model(model, full_check=True)
         return
-    with _as_file(model) as path:
+    with written(model) as path:
         onnx.checker.check_model(path, full_check=True)
 
 
 def _session(model: onnx.ModelProto) -> Any:
-    """An ONNX Runtime session of `model`; a large one loaded from a file (`_as_file`), a lean one reading its
+    """An ONNX Runtime session of `model`; a large one loaded from a file (`onnx_weights.written`), a lean one reading its
     weights in place (`fxopt.output.onnx_weights.session`)."""
     import onnxruntime as ort
 
@@ -666,7 +654,7 @@ def _session(model: onnx.ModelProto) -> Any:
         return session(model, options)
     if model.ByteSize() < _LARGE_MODEL_BYTES:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    with _as_file(model) as path:
+    with written(model) as path:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 

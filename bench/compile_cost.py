@@ -164,7 +164,7 @@ def peak_memory(width: int, depth: int, case: str) -> dict[str, Any]:
             "shape": f"{depth} x {width}", "onnx_files": [f for f in found["files"] or [] if f.startswith("model.onnx")]}
 
 
-def render(timing: dict[str, Any], memory: list[dict[str, float]], repeat: int, width: int, depth: int) -> str:
+def render(timing: dict[str, Any], memory: list[dict[str, Any]], repeat: int) -> str:
     ratio = timing["fxopt"] / timing["bare"]
     lines = [
         "# Compile cost beside the bare path",
@@ -206,7 +206,7 @@ def main() -> None:
     memory = [peak_memory(args.mlp_width, args.mlp_depth, case) for case in ("0", "1", "save")]
     if args.large:
         memory.append(peak_memory(8192, 10, "save"))
-    text = render(timing, memory, args.repeat, args.mlp_width, args.mlp_depth)
+    text = render(timing, memory, args.repeat)
     print()
     print(text)
     if not args.no_write:

@@ -6,7 +6,7 @@ import os
 import tempfile
 from collections.abc import Iterable
 
-__all__ = ["current_umask", "write_atomic"]
+__all__ = ["byte_chunks", "current_umask", "write_atomic"]
 
 
 def current_umask() -> int:
@@ -14,6 +14,13 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def byte_chunks(data: bytes | str | Iterable[bytes]) -> Iterable[bytes]:
+    """`data` as pieces of bytes: text encoded as UTF-8, bytes as one piece, an iterable of pieces as it is."""
+    if isinstance(data, str):
+        return [data.encode("utf-8")]
+    return [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | str | Iterable[bytes], *, executable: bool = False) -> None:
@@ -26,11 +33,10 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str | Iterable[byte
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    chunks = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fxopt-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
+            for chunk in byte_chunks(data):
                 f.write(chunk)
         os.chmod(tmp, (0o777 if executable else 0o666) & ~current_umask())  # mkstemp makes 0600
         os.replace(tmp, path)

@@ -47,13 +47,20 @@ from fxopt.verification.numerics import tensor_mark
 
 __all__ = [
     "EXTERNAL_MIN_BYTES", "PROTOBUF_LIMIT", "WeightStore", "alias", "chunks", "external_data", "file_size", "WeightsChangedError", "checked", "full_model", "full_tensor", "is_lean",
-    "FedSession", "is_stored", "serialize", "session", "storable", "stores", "tensor_values",
+    "FedSession", "is_stored", "serialize", "session", "storable", "stores", "tensor_values", "written",
 ]
 
 EXTERNAL_MIN_BYTES = 1024  # a smaller weight is written into the model itself (as onnx.save's size threshold)
 PREFIX = "fxopt-weights-"
 _ALIGN = 4096  # offsets in the placeholder (and in a data file written from it) start on a page
 _STORES: weakref.WeakValueDictionary[str, WeightStore] = weakref.WeakValueDictionary()
+
+
+_ONNX_TYPES = {
+    torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.float64: TensorProto.DOUBLE,
+    torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8, torch.int16: TensorProto.INT16,
+    torch.int32: TensorProto.INT32, torch.int64: TensorProto.INT64, torch.bool: TensorProto.BOOL,
+}
 
 
 def storable(tensor: torch.Tensor) -> bool:
@@ -63,11 +70,9 @@ def storable(tensor: torch.Tensor) -> bool:
     return tensor.dtype in _ONNX_TYPES
 
 
-_ONNX_TYPES = {
-    torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.float64: TensorProto.DOUBLE,
-    torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8, torch.int16: TensorProto.INT16,
-    torch.int32: TensorProto.INT32, torch.int64: TensorProto.INT64, torch.bool: TensorProto.BOOL,
-}
+def _aligned(nbytes: int) -> int:
+    """`nbytes` rounded up to whole pages (at least one): the room an array takes in a data file."""
+    return -(-max(nbytes, 1) // _ALIGN) * _ALIGN
 
 
 class WeightStore:
@@ -89,9 +94,6 @@ class WeightStore:
     def __deepcopy__(self, memo: dict[int, Any]) -> WeightStore:
         return self
 
-    def __len__(self) -> int:
-        return len(self._arrays)
-
     def add(self, name: str, tensor: torch.Tensor) -> TensorProto:
         """A `TensorProto` named `name` that refers to `tensor` (kept, not copied; see `storable`)."""
         if not storable(tensor):
@@ -101,7 +103,7 @@ class WeightStore:
         offset = self.size
         self._arrays[offset], self._types[offset] = array, _ONNX_TYPES[tensor.dtype]
         self._tensors[offset] = (name, tensor, tensor_mark(tensor))
-        self.size = offset + -(-max(array.nbytes, 1) // _ALIGN) * _ALIGN
+        self.size = offset + _aligned(array.nbytes)
         return self._proto(name, offset)
 
     def alias(self, name: str, source: TensorProto) -> TensorProto:
@@ -145,16 +147,19 @@ class WeightStore:
                     "changed weights")
 
 
+def _entry(tensor: TensorProto, key: str) -> str:
+    """An external-data entry of `tensor` ("location", "offset", "length"); '' if it has none."""
+    return next((e.value for e in tensor.external_data if e.key == key), "")
+
+
 def _offset(tensor: TensorProto) -> int:
-    return int(next(e.value for e in tensor.external_data if e.key == "offset"))
+    return int(_entry(tensor, "offset"))
 
 
 def _store_of(tensor: TensorProto) -> WeightStore | None:
-    if tensor.data_location != TensorProto.EXTERNAL:
+    if not is_stored(tensor):
         return None
-    location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-    if not location.startswith(PREFIX):
-        return None
+    location = _entry(tensor, "location")
     store = _STORES.get(location)
     if store is None:
         raise ExportError(f"ONNX initializer '{tensor.name}' refers to weights ({location}) that are no longer held; "
@@ -164,8 +169,7 @@ def _store_of(tensor: TensorProto) -> WeightStore | None:
 
 def is_stored(tensor: TensorProto) -> bool:
     """Whether `tensor` refers to a `WeightStore`'s array."""
-    return tensor.data_location == TensorProto.EXTERNAL and any(
-        e.key == "location" and e.value.startswith(PREFIX) for e in tensor.external_data)
+    return tensor.data_location == TensorProto.EXTERNAL and _entry(tensor, "location").startswith(PREFIX)
 
 
 def alias(tensor: TensorProto, name: str) -> TensorProto:
@@ -225,12 +229,25 @@ def is_lean(model: onnx.ModelProto) -> bool:
     return any(True for _ in _stored(model))
 
 
+def _verified(model: onnx.ModelProto) -> bool:
+    """Raise `WeightsChangedError` if a tensor behind `model`'s weights was written since the export; True when a
+    stored weight sits in a subgraph's initializers (then the model is only ever built whole)."""
+    for store in stores(model):
+        store.verify()
+    return any(graph is not model.graph for graph, _, _ in _stored(model))
+
+
+def _raw(tensor: TensorProto) -> memoryview:
+    """A stored weight's bytes: a view of its array, no copy."""
+    values = np.ascontiguousarray(tensor_values(tensor))
+    return memoryview(values.reshape(-1)).cast("B") if values.size else memoryview(b"")
+
+
 def full_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A self-contained copy of a lean `model` (`model` itself when it is not lean)."""
     if not is_lean(model):
         return model
-    for store in stores(model):
-        store.verify()
+    _verified(model)
     full = onnx.ModelProto()
     full.CopyFrom(model)  # no weight bytes to copy yet
     for graph, index, tensor in list(_stored(full)):
@@ -277,9 +294,8 @@ def _initializer_parts(tensor: TensorProto) -> list[Any]:
     if not is_stored(tensor):
         data = tensor.SerializeToString()
         return [_key(_INITIALIZER_FIELD, len(data)), data]
-    values = np.ascontiguousarray(tensor_values(tensor))
     head = TensorProto(dims=tensor.dims, data_type=tensor.data_type, name=tensor.name).SerializeToString()  # fields 1, 2, 8
-    raw = memoryview(values.reshape(-1)).cast("B") if values.size else memoryview(b"")
+    raw = _raw(tensor)
     body = head + _key(_RAW_DATA_FIELD, raw.nbytes)
     return [_key(_INITIALIZER_FIELD, len(body) + raw.nbytes), body, raw]
 
@@ -299,11 +315,9 @@ def chunks(model: onnx.ModelProto) -> Iterator[Any]:
     if not is_lean(model):
         yield model.SerializeToString()
         return
-    if any(graph is not model.graph for graph, _, _ in _stored(model)):
+    if _verified(model):
         yield full_model(model).SerializeToString()  # a subgraph's initializer: built whole
         return
-    for store in stores(model):
-        store.verify()
     graph = model.graph
     initializers = [_initializer_parts(t) for t in graph.initializer]  # checks every weight before a byte is written
     before, after = _fields(graph, lambda n: n < _INITIALIZER_FIELD), _fields(graph, lambda n: n > _INITIALIZER_FIELD)
@@ -323,8 +337,7 @@ def file_size(model: onnx.ModelProto) -> int:
     """The size in bytes of `model`'s self-contained file (`chunks`), without building it."""
     if not is_lean(model):
         return model.ByteSize()
-    stored = [t for _, _, t in _stored(model)]
-    return model.ByteSize() + sum(tensor_values(t).nbytes + 16 for t in stored)  # an upper bound of the tags and lengths
+    return model.ByteSize() + sum(int(_entry(t, "length")) + 16 for _, _, t in _stored(model))  # 16: more than the tags and lengths
 
 
 def external_data(model: onnx.ModelProto, data_name: str) -> tuple[bytes, Iterator[Any]]:
@@ -333,39 +346,35 @@ def external_data(model: onnx.ModelProto, data_name: str) -> tuple[bytes, Iterat
     and the data file's pieces (views of the arrays, zero padding between them).
 
     For a model above protobuf's 2 GiB; onnx, ONNX Runtime and TensorRT's parser read the pair from the model's path."""
-    for store in stores(model):
-        store.verify()
+    _verified(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    places: dict[tuple[str, int], int] = {}
-    order: list[TensorProto] = []
+    places: dict[tuple[str, int], int] = {}  # (store, offset) -> offset in the data file; an alias shares its source's
+    pieces: list[tuple[int, TensorProto]] = []
     size = 0
     for _, _, tensor in _stored(out):
-        key = (next(e.value for e in tensor.external_data if e.key == "location"), _offset(tensor))
+        key = (_entry(tensor, "location"), _offset(tensor))
         if key not in places:
             places[key] = size
-            order.append(TensorProto())
-            order[-1].CopyFrom(tensor)
-            size += -(-max(int(next(e.value for e in tensor.external_data if e.key == "length")), 1) // _ALIGN) * _ALIGN
+            pieces.append((size, TensorProto()))
+            pieces[-1][1].CopyFrom(tensor)  # still referring to its store, for its values
+            size += _aligned(int(_entry(tensor, "length")))
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = data_name
             elif entry.key == "offset":
                 entry.value = str(places[key])
 
-    def pieces() -> Iterator[Any]:
+    def data() -> Iterator[Any]:
         written = 0
-        for tensor in order:
-            key = (next(e.value for e in tensor.external_data if e.key == "location"), _offset(tensor))
-            if places[key] > written:
-                yield bytes(places[key] - written)
-                written = places[key]
-            values = np.ascontiguousarray(tensor_values(tensor))
-            raw = memoryview(values.reshape(-1)).cast("B") if values.size else memoryview(b"")
+        for offset, tensor in pieces:
+            if offset > written:
+                yield bytes(offset - written)
+            raw = _raw(tensor)
             yield raw
-            written += raw.nbytes
+            written = offset + raw.nbytes
 
-    return out.SerializeToString(), pieces()
+    return out.SerializeToString(), data()
 
 
 def serialize(model: onnx.ModelProto) -> bytes:
@@ -374,18 +383,26 @@ def serialize(model: onnx.ModelProto) -> bytes:
 
 
 @contextlib.contextmanager
+def written(model: onnx.ModelProto) -> Iterator[str]:
+    """`model`'s self-contained file in a temporary folder, written piece by piece (`chunks`); yields its path. For a
+    reader that would otherwise hold its own parse of the bytes beside them (ONNX Runtime, the checker, a child
+    process): one more copy of every weight at once."""
+    with tempfile.TemporaryDirectory(prefix="fxopt-onnx-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        with open(path, "wb") as f:
+            for piece in chunks(model):
+                f.write(piece)
+        yield path
+
+
+@contextlib.contextmanager
 def checked_path(model: onnx.ModelProto) -> Iterator[str]:
     """A lean `model` written (weightless) to a temporary folder beside a sparse placeholder file of
     each store's size, so a reader that checks external data finds them; yields the model's path."""
     with tempfile.TemporaryDirectory(prefix="fxopt-onnx-") as folder:
-        sizes: dict[str, int] = {}
-        for _, _, tensor in _stored(model):
-            store = _store_of(tensor)
-            assert store is not None
-            sizes[store.location] = store.size
-        for location, size in sizes.items():
-            with open(os.path.join(folder, location), "wb") as f:
-                f.truncate(size)
+        for store in stores(model):
+            with open(os.path.join(folder, store.location), "wb") as f:
+                f.truncate(store.size)
         path = os.path.join(folder, "model.onnx")
         with open(path, "wb") as f:
             f.write(model.SerializeToString())
@@ -410,10 +427,8 @@ def session(model: onnx.ModelProto, options: Any = None, providers: tuple[str, .
     options = options if options is not None else ort.SessionOptions()
     if not is_lean(model):
         return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
-    if any(graph is not model.graph for graph, _, _ in _stored(model)):
+    if _verified(model):  # a weight in a subgraph: no input to feed it through
         return ort.InferenceSession(serialize(model), options, providers=list(providers))
-    for store in stores(model):
-        store.verify()
     fed = onnx.ModelProto()
     fed.CopyFrom(model)
     weights = [t for t in fed.graph.initializer if is_stored(t)]

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from fxopt.errors import InputError
-from fxopt.output.files import current_umask, write_atomic
+from fxopt.output.files import byte_chunks, current_umask, write_atomic
 
 __all__ = ["FXOPT_FILES", "MANIFEST", "MANIFEST_DIGEST", "manifest_digest", "verify_output_folder", "write_output_folder"]
 
@@ -145,9 +145,8 @@ def write_output_folder(directory: str | os.PathLike[str], files: Mapping[str, b
     try:
         listed = {}
         for name, data in files.items():
-            payload = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, bytes) else data
             digest, size = hashlib.sha256(), [0]
-            write_atomic(os.path.join(staging, name), _hashed(payload, digest, size), executable=name in EXECUTABLE)
+            write_atomic(os.path.join(staging, name), _hashed(byte_chunks(data), digest, size), executable=name in EXECUTABLE)
             listed[name] = {"sha256": digest.hexdigest(), "bytes": size[0]}
         write_atomic(os.path.join(staging, MANIFEST), _manifest_text({**manifest, "files": listed}))
         os.chmod(staging, 0o777 & ~current_umask())

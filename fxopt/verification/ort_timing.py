@@ -7,12 +7,11 @@ burst of load then hits one candidate and not the other.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import pickle
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -57,23 +56,10 @@ class OrtCrashed(RuntimeError):
 
 
 def _serialize(onnx_model: Any) -> bytes:
-    from fxopt.output.onnx_weights import (
-        serialize,  # not at the top: the child loads this file alone
-    )
+    # imported here, not at the top: the child loads this file alone
+    from fxopt.output.onnx_weights import serialize
 
     return serialize(onnx_model)
-
-
-def _as_path(onnx_model: Any, folder: str) -> str | None:
-    """A lean model written to `folder` (its path), else None."""
-    from fxopt.output.files import write_atomic
-    from fxopt.output.onnx_weights import chunks, is_lean
-
-    if not is_lean(onnx_model):
-        return None
-    path = os.path.join(folder, "model.onnx")
-    write_atomic(path, chunks(onnx_model))
-    return path
 
 
 def ort_session(onnx_model: Any, threads: int = 1) -> Any:
@@ -165,6 +151,14 @@ class OrtFailed(RuntimeError):
         self.stage = stage
 
 
+def _for_child(onnx_model: Any, stack: contextlib.ExitStack) -> bytes | str:
+    """What the child gets of a model: a lean one (`fxopt.output.onnx_weights`) as the path of its file written piece by
+    piece (`written`, removed when `stack` closes), not as its bytes pickled beside their copy; any other its bytes."""
+    from fxopt.output.onnx_weights import is_lean, written
+
+    return stack.enter_context(written(onnx_model)) if is_lean(onnx_model) else _serialize(onnx_model)
+
+
 def isolated_outputs(onnx_model: Any, input_sets: Sequence[tuple[Any, ...]], timeout_s: float = 600.0) -> list[list[Any]]:
     """Run `onnx_model` in ONNX Runtime (CPU, one thread) on each input set, in a child process.
 
@@ -186,10 +180,8 @@ def isolated_outputs(onnx_model: Any, input_sets: Sequence[tuple[Any, ...]], tim
         [[0.0, 0.0, 2.0]]
     """
     sets = [[x.detach().cpu().numpy() if hasattr(x, "detach") else x for x in inputs if hasattr(x, "shape")] for inputs in input_sets]
-    with tempfile.TemporaryDirectory(prefix="fxopt-ort-") as folder:
-        # a lean model (fxopt.output.onnx_weights) reaches the child as a file written one weight at a time, not as its
-        # bytes pickled beside their copy
-        model = onnx_model if isinstance(onnx_model, bytes) else _as_path(onnx_model, folder) or _serialize(onnx_model)
+    with contextlib.ExitStack() as stack:
+        model = onnx_model if isinstance(onnx_model, bytes) else _for_child(onnx_model, stack)
         result = _in_child(_CHILD_RUN, (model, sets), "ONNX Runtime", timeout_s)
     if result[0] == "error":
         raise OrtFailed(result[1], result[2])

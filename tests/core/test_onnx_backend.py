@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 from torch import nn
+from verification_models import export_cases
 
 import fxopt
 from fxopt.backends.onnx import export_onnx, lower, opset_of, run_onnx, verify_onnx
@@ -141,16 +142,6 @@ def test_parity_is_a_value_the_check_returns_and_verify_records():
     assert a.worst_with(b) == Parity(0.3, 0.2, 1.0, 0.5, 2.0, 4)  # per figure the worse; the first's input count
 
 
-def _fold_cases() -> list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]]:
-    import torchvision
-
-    from fxopt import models
-
-    torch.manual_seed(0)
-    cases = [(n, models.create(n).eval(), models.example_inputs(n)) for n in ("camera_multitask", "pointpillars", "safety_supervisor")]
-    return cases + [("mobilenet_v3_small", torchvision.models.mobilenet_v3_small().eval(), (torch.randn(1, 3, 64, 64),))]
-
-
 def test_the_fold_runs_only_where_it_changes_the_file(monkeypatch):
     # onnx-graphsurgeon's fold copies the whole graph: the clean-up skips it where it would fold nothing, and the
     # file is byte for byte the one the fold writes (pointpillars and mobilenet_v3_small have the exporter's
@@ -159,7 +150,7 @@ def test_the_fold_runs_only_where_it_changes_the_file(monkeypatch):
 
     decided: dict[str, bool] = {}
     real = onnx_backend._has_foldable
-    for name, model, inputs in _fold_cases():
+    for name, model, inputs in export_cases():
         gm = fxopt.trace(model, inputs)
         monkeypatch.setattr(onnx_backend, "_has_foldable", lambda g, name=name: decided.setdefault(name, real(g)))
         ours = export_onnx(gm, inputs, tensorrt_version="8.5").model.SerializeToString()

@@ -14,6 +14,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
+from verification_models import export_cases
 
 import fxopt
 import fxopt.backends.onnx as onnx_backend
@@ -94,21 +95,11 @@ def test_the_written_file_is_one_model_to_every_reader():
     onnx_weights.checked(model)
 
 
-def _bundled() -> list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]]:
-    import torchvision
-
-    from fxopt import models
-
-    torch.manual_seed(0)
-    cases = [(n, models.create(n).eval(), models.example_inputs(n)) for n in ("camera_multitask", "pointpillars", "safety_supervisor")]
-    return cases + [("mobilenet_v3_small", torchvision.models.mobilenet_v3_small().eval(), (torch.randn(1, 3, 64, 64),))]
-
-
 @pytest.mark.parametrize("case", range(4))
 def test_a_lean_export_writes_the_usual_file(case):
     # the bundled models and a torchvision net (its Identity nodes of shared weights): the weights left out of the
     # exporter and attached from its own dict give the file the exporter writes, and ONNX Runtime's outputs match
-    name, model, inputs = _bundled()[case]
+    name, model, inputs = export_cases()[case]
     gm = fxopt.trace(model, inputs)
     usual = export_onnx(gm, inputs, tensorrt_version="8.5", keep_weights_out=False)
     lean = export_onnx(gm, inputs, tensorrt_version="8.5", keep_weights_out=True)

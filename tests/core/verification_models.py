@@ -48,3 +48,16 @@ class InPlaceInput(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x.mul_(2)
         return self.bn(self.conv(x))
+
+
+def export_cases() -> list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]]:
+    """Models whose ONNX export the clean-up tests compare: the bundled camera_multitask, pointpillars and
+    safety_supervisor (random weights, seeded) and torchvision's mobilenet_v3_small (the exporter's Identity of
+    shared weights)."""
+    import torchvision
+
+    from fxopt import models
+
+    torch.manual_seed(0)
+    cases = [(n, models.create(n).eval(), models.example_inputs(n)) for n in ("camera_multitask", "pointpillars", "safety_supervisor")]
+    return cases + [("mobilenet_v3_small", torchvision.models.mobilenet_v3_small().eval(), (torch.randn(1, 3, 64, 64),))]
