@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import onnx
 
 from fxopt.costs.engine_cost import dla_kernel_latency_s, kernel_latency_s
-from fxopt.output.onnx_weights import tensor_values
 from fxopt.targets import BYTES_PER_ELEMENT, TargetProfile
 
 __all__ = ["Layer", "PlacementTimes", "onnx_layers", "placement_times"]
@@ -75,11 +74,11 @@ def _numel(shapes: Mapping[str, list[int]], name: str) -> float:
     return float(math.prod(shapes[name])) if name in shapes else 0.0
 
 
-def _product_facts(node: onnx.NodeProto, shapes: Mapping[str, list[int]], inits: Mapping[str, object]) -> tuple[str, float, float]:
-    """(kind, FLOPs, reduction depth) of a Conv / ConvTranspose / Gemm / MatMul."""
+def _product_facts(node: onnx.NodeProto, shapes: Mapping[str, list[int]], inits: Mapping[str, tuple[int, ...]]) -> tuple[str, float, float]:
+    """(kind, FLOPs, reduction depth) of a Conv / ConvTranspose / Gemm / MatMul; `inits`: the initializers' shapes."""
     out = _numel(shapes, node.output[0])
     w = inits.get(node.input[1]) if len(node.input) > 1 else None
-    wshape = list(w.shape) if w is not None else shapes.get(node.input[1], [])
+    wshape = list(w) if w is not None else shapes.get(node.input[1], [])
     if node.op_type in ("Conv", "ConvTranspose") and len(wshape) >= 3:
         groups = next((a.i for a in node.attribute if a.name == "group"), 1)
         area = math.prod(wshape[2:])
@@ -96,7 +95,7 @@ def _product_facts(node: onnx.NodeProto, shapes: Mapping[str, list[int]], inits:
 def onnx_layers(model: onnx.ModelProto, shapes: Mapping[str, list[int]], device: Mapping[str, str] | None = None) -> list[Layer]:
     """Group the ONNX nodes into engine layers; a node fuses only into a layer on its own device."""
     device = device or {}
-    inits = {i.name: tensor_values(i) for i in model.graph.initializer}
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}  # shapes only: no weight is read
     consumers: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -123,7 +122,7 @@ def onnx_layers(model: onnx.ModelProto, shapes: Mapping[str, list[int]], device:
             continue
         if op in _PRODUCTS:
             kind, flops, depth = _product_facts(node, shapes, inits)
-            params = sum(float(inits[i].size) for i in node.input if i in inits)
+            params = sum(float(math.prod(inits[i])) for i in node.input if i in inits)
             layer = dict(kind=kind, flops=flops, depth=depth, elements=ins + outs + params)
         elif op in _COPIES:
             layer = dict(kind="copy", flops=0.0, depth=1.0, elements=2 * outs)

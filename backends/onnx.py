@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import ExportError, VerificationError
 from fxopt.frontend.inputs import check_tensor_outputs, copy_inputs
+from fxopt.frontend.module_state import state_bytes
 from fxopt.output.onnx_weights import (
     alias,
     checked,
@@ -162,7 +163,7 @@ def export_onnx(
     input_names = [f"input_{i}" for i in range(len(example_inputs))] if len(example_inputs) > 1 else ["input"]
     output_names = _output_names(outputs)
 
-    lean = keep_weights_out if keep_weights_out is not None else _weight_bytes(module) >= LEAN_MIN_BYTES
+    lean = keep_weights_out if keep_weights_out is not None else state_bytes(module) >= LEAN_MIN_BYTES
     weights: dict[str, torch.Tensor] = {}
     left_out = [False]  # whether the last export left its weights out
 
@@ -214,7 +215,8 @@ def export_onnx(
                 model = _cleanup(model, tensorrt_version, rewrites)
             except Exception as exc:
                 raise ExportError(f"ONNX clean-up (onnx-graphsurgeon) failed: {type(exc).__name__}: {exc}") from exc
-            collect_young()  # onnx-graphsurgeon's graph holds a copy of every weight in reference cycles
+            if lean:  # onnx-graphsurgeon's graph holds a copy of every weight in reference cycles: free it before verification
+                collect_young()
     written = opset_of(model)
     if written > opset:
         raise ExportError(f"the exporter wrote opset {written}, above the requested {opset}")
@@ -230,11 +232,6 @@ def export_onnx(
 
 
 LEAN_MIN_BYTES = 64 << 20  # a module with this many bytes of weights is exported lean (`export_onnx`'s keep_weights_out)
-
-
-def _weight_bytes(module: torch.nn.Module) -> int:
-    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from fxopt.frontend.inputs import (
     validate_inputs,
     verification_inputs,
 )
+from fxopt.frontend.module_state import state_bytes
 from fxopt.frontend.stages import Stages, split_stages
 from fxopt.frontend.tracing import leaves_of, normalize_inputs, trace_with_outputs
 from fxopt.output.onnx_weights import (
@@ -44,7 +45,7 @@ from fxopt.output.onnx_weights import (
 from fxopt.output.output_folder import MANIFEST, check_output_folder, write_output_folder
 from fxopt.output.progress import Phases
 from fxopt.output.report import CompileReport, layer_rows, report_tables
-from fxopt.passinfra.collector import young_objects_only
+from fxopt.passinfra import collector
 from fxopt.passinfra.pass_base import CompileContext, pass_attr, pass_name
 from fxopt.passinfra.pass_manager import (
     FILES_META,
@@ -341,7 +342,8 @@ def compile(  # noqa: A001 - the public name the design asks for
         17
     """
     start = time.perf_counter()
-    with young_objects_only():  # the collector walks the compile's own objects, not the user's model and torch's
+    large = isinstance(model, nn.Module) and state_bytes(model) >= collector.COLLECT_FIRST_MIN_BYTES
+    with collector.young_objects_only(collect_first=large):  # collections walk the compile's own objects, not the user's model and torch's
         request = _request(model, target, example_inputs, passes=passes, precision=precision, strict=strict, export=export,
                            progress=progress, leaf_modules=leaf_modules, save_to=save_to, safety=safety, stages=stages,
                            tuning=_Tuning(train_data, loss, finetune_steps, finetune_lr, finetune_seed, qat_steps, distill, recipe, eval_fn,

@@ -37,6 +37,7 @@ __all__ = [
     "find_state_writes",
     "judge_state_writes",
     "preserved_state",
+    "state_bytes",
     "state_writes_of",
 ]
 
@@ -82,6 +83,17 @@ class StateWrite:
 
 # ---------------------------------------------------------------------------------------------
 # the model's own state, kept and put back
+
+
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of `module`'s parameters and buffers, each tensor counted once.
+
+    Example:
+        >>> state_bytes(torch.nn.Linear(4, 2))  # 8 weights and 2 biases of 4 bytes
+        40
+    """
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _named_state(module: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:

@@ -133,6 +133,7 @@ class _LeafTracer(Tracer):
         self._static: set[Node] = set()
         self._value_shaped: set[Node] = set()
         self._eager_depth = 0  # > 0 while `_evaluate` runs real code on the example values
+        self._all_known = True  # every node's value so far is known
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaf_paths or super().is_leaf_module(
@@ -173,7 +174,34 @@ class _LeafTracer(Tracer):
             self._values[proxy.node] = self._placeholder_values.pop(0) if self._placeholder_values else _UNKNOWN
         else:
             self._track(proxy.node, kind, target, args, kwargs)
+        value = self._values[proxy.node]
+        if value is _UNKNOWN:
+            self._all_known = False
+        else:
+            _record_meta(proxy.node, value)  # at once, as a run of the graph does (a later in-place op changes no record)
         return proxy
+
+    def outputs_of(self, graph: torch.fx.Graph) -> Any:
+        """The outputs of `graph` (this trace's) on the example inputs, from the value of every node the
+        trace evaluated: a run of the graph node by node, done while tracing; its nodes' ``tensor_meta``
+        and ``type`` are recorded as `propagate_shapes` does. `_UNKNOWN` where a node's value is not
+        known (its evaluation failed): the graph is then run."""
+        if not self._all_known:
+            return _UNKNOWN
+        output = None
+        for node in graph.nodes:
+            if node.op == "output":
+                output = node
+            elif node not in self._values:
+                if node.op != "get_attr":  # pragma: no cover - every other node is made through create_proxy
+                    return _UNKNOWN
+                self._values[node] = value = functools.reduce(getattr, str(node.target).split("."), self.root)  # a tensor constant
+                _record_meta(node, value)
+        if output is None:  # pragma: no cover - a traced graph always ends in its output
+            return _UNKNOWN
+        outputs = map_aggregate(output.args[0], lambda a: self._values[a] if isinstance(a, Node) else a)
+        _record_meta(output, outputs)
+        return outputs
 
     # --- values of nodes on the example inputs -------------------------------------------
 
@@ -352,20 +380,25 @@ class _ShapeRecorder(torch.fx.Interpreter):
             result = super().run_node(n)
         except Exception as exc:
             raise _NodeFailed(f"shape propagation failed at {n.format_node()[:200]}: {_reason(exc)}") from exc
-        found = False
-
-        def record(obj: Any) -> Any:
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return tensor_metadata(obj)
-            return obj
-
-        meta = map_aggregate(result, record)
-        if found:
-            n.meta["tensor_meta"] = meta
-        n.meta["type"] = type(result)
+        _record_meta(n, result)
         return result
+
+
+def _record_meta(n: Node, result: Any) -> None:
+    """Leave ``meta["tensor_meta"]`` (where `result` holds a tensor) and ``meta["type"]`` on `n`."""
+    found = False
+
+    def record(obj: Any) -> Any:
+        nonlocal found
+        if isinstance(obj, torch.Tensor):
+            found = True
+            return tensor_metadata(obj)
+        return obj
+
+    meta = map_aggregate(result, record)
+    if found:
+        n.meta["tensor_meta"] = meta
+    n.meta["type"] = type(result)
 
 
 _MEMORY_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -500,6 +533,9 @@ def trace_with_outputs(model: nn.Module, example_inputs: Any, *, leaf_modules: I
         gm = GraphModule(tracer.root, graph, type(root).__name__)
         if dropped:
             drop_state_writes(gm, dropped)
+        outputs = _UNKNOWN if dropped else tracer.outputs_of(graph)  # the trace evaluated every node: the graph ran
+        if outputs is not _UNKNOWN:
+            break
         failed_path, exc, outputs = _run_failure_module(gm, inputs)  # also records every node's shapes
         if exc is None:
             break

@@ -117,3 +117,29 @@ def test_a_short_block_may_skip_the_first_full_collection() -> None:
         assert ref() is not None
     gc.collect()
     assert ref() is None
+
+
+def test_a_compile_collects_older_garbage_first_only_for_a_large_model(monkeypatch) -> None:
+    from fxopt.passinfra import collector
+
+    model, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    seen: list[bool] = []
+    ref: list[weakref.ref] = []
+    monkeypatch.setattr(fxopt.compiler, "_trace", _recording(fxopt.compiler._trace, lambda: seen.append(ref[0]() is None)))
+    for threshold, freed in ((1 << 40, False), (0, True)):  # the Linear's 80 bytes: small, then large
+        monkeypatch.setattr(collector, "COLLECT_FIRST_MIN_BYTES", threshold)
+        made = _Node()
+        ref[:], seen[:] = [weakref.ref(made)], []
+        del made
+        fxopt.compile(model, "cpu", example_inputs=(x,), export=False)
+        assert seen == [freed]
+        gc.collect()
+        assert ref[0]() is None  # a small model's compile leaves it to the next full collection
+
+
+def _recording(fn, probe):
+    def wrapped(*args, **kwargs):
+        probe()
+        return fn(*args, **kwargs)
+
+    return wrapped

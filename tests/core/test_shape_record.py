@@ -90,3 +90,66 @@ def test_a_failing_node_is_named_in_one_line() -> None:
     gm = torch.fx.symbolic_trace(Bad())
     with pytest.raises(RuntimeError, match=r"shape propagation failed at .*matmul.*RuntimeError"):
         propagate_shapes(gm, (torch.randn(2, 3),))
+
+
+class _Constants(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = self.conv(x) + torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)  # a tensor constant: a get_attr of the trace's own
+        return [y, x.flatten(1), y.shape[1] * x]
+
+
+@pytest.mark.parametrize("model", [_Layouts(), _Constants()], ids=["layouts", "constants"])
+def test_the_trace_evaluates_every_node_and_needs_no_run_of_the_graph(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fxopt.frontend.tracing as tracing
+
+    def no_run(*args: object) -> None:
+        raise AssertionError("the graph was run again")
+
+    monkeypatch.setattr(tracing, "_run_failure_module", no_run)
+    inputs = (torch.randn(2, 3, 4, 5),)
+    gm, outputs = trace_with_outputs(model, inputs)
+    assert _records(gm) == _torch_records(gm, inputs)
+    with torch.no_grad():
+        again = gm(*inputs)
+    assert type(outputs) in (type(again), torch.fx.immutable_collections.immutable_list)
+    assert [torch.equal(a, b) for a, b in zip(flatten_outputs(outputs), flatten_outputs(again))] == [True] * len(flatten_outputs(again))
+
+
+class _FailsOnce(nn.Module):
+    """A custom leaf whose first call fails: the trace cannot evaluate it, so the graph is run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 2:  # the first call checks the model runs; the second is the trace's evaluation
+            raise RuntimeError("not yet")
+        return x * 2
+
+
+class _WithFailsOnce(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaf = _FailsOnce()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.leaf(x) + 1
+
+
+def test_a_node_the_trace_could_not_evaluate_makes_it_run_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fxopt.frontend.tracing as tracing
+
+    runs: list[int] = []
+    real = tracing._run_failure_module
+    monkeypatch.setattr(tracing, "_run_failure_module", lambda *a: (runs.append(1), real(*a))[1])
+    x = torch.randn(2, 3)
+    gm, outputs = trace_with_outputs(_WithFailsOnce(), (x,), leaf_modules=("leaf",))
+    assert runs == [1]
+    assert torch.equal(outputs, x * 2 + 1)
+    assert _records(gm) == _torch_records(gm, (x,))
