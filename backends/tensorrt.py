@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 
 from fxopt.backends.dla_cost import PlacementTimes, placement_times
 from fxopt.errors import TargetError
-from fxopt.output.onnx_weights import serialize, tensor_values
+from fxopt.output.onnx_weights import InitializerValues, serialize, tensor_values
 from fxopt.targets import TargetProfile, get_target
 
 __all__ = [
@@ -49,6 +49,8 @@ class Placement:
 def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
     for a in node.attribute:
         if a.name == name:
+            if a.type == onnx.AttributeProto.INTS:  # the usual case, read without onnx.helper's chain of type tests
+                return list(a.ints)
             return helper.get_attribute_value(a)
     return default
 
@@ -76,12 +78,17 @@ def _check_conv(node: onnx.NodeProto, shapes: dict[str, list[int]], inits: dict[
         return f"padding {pads} outside [0, 31]"
     if not all(1 <= d <= 32 for d in dil or [1]):
         return f"dilation {dil} outside [1, 32]"
-    weight = inits.get(node.input[1]) if len(node.input) > 1 else None
-    if weight is None:
+    if len(node.input) < 2 or node.input[1] not in inits:
         return "weights are not constant"
-    if not 1 <= weight.shape[0] <= MAX_DLA_DIM:
-        return f"{weight.shape[0]} output channels outside [1, 8192]"
+    channels = _init_shape(inits, node.input[1])[0]
+    if not 1 <= channels <= MAX_DLA_DIM:
+        return f"{channels} output channels outside [1, 8192]"
     return ""
+
+
+def _init_shape(inits: Mapping[str, Any], name: str) -> list[int]:
+    """The shape of initializer `name`, without reading its values where `inits` can tell it."""
+    return inits.shape(name) if isinstance(inits, InitializerValues) else list(inits[name].shape)
 
 
 def _check_deconv(node: onnx.NodeProto, shapes: dict[str, list[int]], inits: dict[str, object]) -> str:
@@ -122,7 +129,7 @@ def _check_elementwise(node: onnx.NodeProto, shapes: dict[str, list[int]], inits
         return reason
     out = shapes.get(node.output[0])
     for name in node.input:
-        shape = shapes.get(name) or (list(inits[name].shape) if name in inits else None)
+        shape = shapes.get(name) or (_init_shape(inits, name) if name in inits else None)
         if shape is None:
             return "operand shape unknown"
         padded = [1] * (4 - len(shape)) + list(shape)
@@ -219,7 +226,7 @@ def dla_placement(model: onnx.ModelProto, target: str | TargetProfile = "xavier"
     if profile.name == "orin":
         rules.update(ORIN_EXTRA_RULES)
     shapes = _shapes(model) if shapes is None else shapes
-    inits = {i.name: tensor_values(i) for i in model.graph.initializer}
+    inits = InitializerValues(model.graph)  # a rule reads a weight's shape, rarely its values
     rows = []
     for node in model.graph.node:
         rule = rules.get(node.op_type)

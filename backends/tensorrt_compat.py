@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fxopt.backends.tensorrt_ops import SupportMatrix, parse_version, support_matrix
 from fxopt.errors import TargetError, TensorRTCompatError
-from fxopt.output.onnx_weights import tensor_values
+from fxopt.output.onnx_weights import InitializerValues
 from fxopt.targets import TargetProfile, get_target
 
 __all__ = ["CompatFinding", "CompatReport", "check_tensorrt_compat", "torch_source_names"]
@@ -403,7 +403,7 @@ def _graph_facts(model: onnx.ModelProto, matrix: SupportMatrix) -> _Graph:
         dtypes[vi.name] = t.elem_type
         if t.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
-    constants = {i.name: tensor_values(i) for i in model.graph.initializer}
+    constants = InitializerValues(model.graph)  # read where a check needs a weight's values
     for i in model.graph.initializer:
         dtypes[i.name] = i.data_type
         shapes[i.name] = list(i.dims)

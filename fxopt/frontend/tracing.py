@@ -538,6 +538,7 @@ def trace_with_outputs(model: nn.Module, example_inputs: Any, *, leaf_modules: I
             break
         failed_path, exc, outputs = _run_failure_module(gm, inputs)  # also records every node's shapes
         if exc is None:
+            state.restore(root)  # the graph shares root's tensors: they hold the model's values, not those of this run
             break
         if not failed_path or failed_path in leaves:
             raise TraceError(
@@ -546,7 +547,6 @@ def trace_with_outputs(model: nn.Module, example_inputs: Any, *, leaf_modules: I
         leaves[failed_path] = Leaf(failed_path, _type_of(root, failed_path), f"traced graph fails to run: {_reason(exc)}")
     else:  # pragma: no cover - a model with more than _MAX_RETRIES untraceable blocks
         raise TraceError(f"gave up after {_MAX_RETRIES} automatic leaves")
-    state.restore(root)  # the graph shares root's tensors: they hold the model's values, not those of fxopt's runs
     gm.meta["fxopt_leaves"] = tuple(leaves.values())
     gm.meta["fxopt_specialisations"] = tuple(dict.fromkeys(tracer.specialisations))
     return gm, outputs

@@ -34,7 +34,7 @@ import os
 import tempfile
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,7 @@ from fxopt.verification.numerics import tensor_mark
 
 __all__ = [
     "EXTERNAL_MIN_BYTES", "PROTOBUF_LIMIT", "WeightStore", "alias", "chunks", "external_data", "file_size", "WeightsChangedError", "checked", "full_model", "full_tensor", "is_lean",
-    "FedSession", "is_stored", "serialize", "session", "storable", "stores", "tensor_values", "written",
+    "FedSession", "InitializerValues", "is_stored", "serialize", "session", "storable", "stores", "tensor_values", "written",
 ]
 
 EXTERNAL_MIN_BYTES = 1024  # a smaller weight is written into the model itself (as onnx.save's size threshold)
@@ -186,6 +186,52 @@ def tensor_values(tensor: TensorProto) -> np.ndarray:
     if store is None:
         return numpy_helper.to_array(tensor)
     return store.array(_offset(tensor))
+
+
+class InitializerValues(MutableMapping[str, Any]):
+    """The values of `graph`'s initializers by name, each read (`tensor_values`) on its first lookup: a
+    check that needs a few weights' values, or only their shapes, converts no other. Entries can be added
+    (a Constant node's value).
+
+    Example:
+        >>> from onnx import helper
+        >>> g = helper.make_graph([], "g", [], [], [numpy_helper.from_array(np.ones(2, np.float32), "w")])
+        >>> values = InitializerValues(g)
+        >>> "w" in values, values["w"].tolist(), values.get("b")
+        (True, [1.0, 1.0], None)
+    """
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self._protos = {t.name: t for t in graph.initializer}
+        self._values: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._values:
+            self._values[name] = tensor_values(self._protos[name])
+        return self._values[name]
+
+    def shape(self, name: str) -> list[int]:
+        """The shape of `name`'s values, read from the initializer's dims where it is one (no values read)."""
+        proto = self._protos.get(name)
+        return list(proto.dims) if proto is not None and name not in self._values else list(self[name].shape)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._values[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        self._protos.pop(name, None)
+        self._values.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values or name in self._protos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys([*self._protos, *self._values]))
+
+    def __len__(self) -> int:
+        return len(self._protos.keys() | self._values.keys())
 
 
 def full_tensor(tensor: TensorProto) -> TensorProto:

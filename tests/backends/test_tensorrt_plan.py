@@ -352,3 +352,27 @@ def test_every_split_costs_what_running_its_placement_costs():
         for i, total, busy in splits:
             mask = [on_dla[j] and j <= i for j in range(n)]
             assert (total, busy) == pytest.approx(_run_s(xavier, "fp16", layers, mask, g, d), rel=1e-12)
+
+
+def test_placement_and_the_compatibility_check_read_weight_shapes_not_weight_values(monkeypatch):
+    import fxopt.output.onnx_weights as onnx_weights
+    from fxopt.backends.tensorrt_compat import check_tensorrt_compat
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 64, 4))
+    exported = export_onnx(model.eval(), (torch.randn(1, 3, 8, 8),), opset=17)
+    read: list[str] = []
+    real = onnx_weights.tensor_values
+    monkeypatch.setattr(onnx_weights, "tensor_values", lambda t: (read.append(t.name), real(t))[1])
+    rows = dla_placement(exported.model, "xavier", "fp16")
+    assert check_tensorrt_compat(exported.model, "xavier").ok
+    assert [r.device for r in rows if r.op_type == "Conv"] == ["DLA", "DLA"]
+    float_weights = {i.name for i in exported.model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert len(float_weights) >= 6 and not float_weights & set(read)
+    values = onnx_weights.InitializerValues(exported.model.graph)
+    name = sorted(float_weights)[0]
+    assert name in values and np.array_equal(values[name], numpy_helper.to_array(next(
+        i for i in exported.model.graph.initializer if i.name == name)))
+    assert values.shape("0.weight") == [16, 3, 3, 3]
+    values["c"] = np.ones(1)
+    assert values.shape("c") == [1]
+    assert len(values) == len(exported.model.graph.initializer) + 1 and "c" in set(values)
