@@ -142,30 +142,72 @@ class StateSnapshot:
     def changed(self, module: nn.Module) -> dict[str, str]:
         """Names whose tensor was replaced, written in place, or holds another value, and how."""
         current = {name: t for name, _, t in _named_state(module)}
-        found: dict[str, str] = {}
-        for name, (obj, version, value) in self.saved.items():
+        how: dict[str, str] = {}
+        for name, (obj, version, _) in self.saved.items():
             now = current.get(name)
             if now is not obj:
-                found[name] = "re-assigned" if now is not None else "removed"
+                how[name] = "re-assigned" if now is not None else "removed"
             elif obj._version != version:
-                found[name] = "written in place"
-            elif not _same_bits(obj, value):
-                found[name] = "changed"
-        return found
+                how[name] = "written in place"
+        unwritten = [name for name in self.saved if name not in how]  # a write through .data bumps no version: its bits tell
+        how.update((name, "changed") for name in _differing([(self.saved[n][0], self.saved[n][2]) for n in unwritten], unwritten))
+        return {name: how[name] for name in self.saved if name in how}
 
     def restore(self, module: nn.Module) -> None:
         """Put every saved tensor back in its place, with its saved value."""
         owners = dict(module.named_modules(remove_duplicate=False))  # one walk of the tree, not one per tensor
+        unwritten = [name for name, (obj, version, _) in self.saved.items() if obj._version == version]
+        changed = set(_differing([(self.saved[n][0], self.saved[n][2]) for n in unwritten], unwritten))
         for name, (obj, version, value) in self.saved.items():
             owner_path, _, attr = name.rpartition(".")
             owner = owners[owner_path] if owner_path in owners else module.get_submodule(owner_path)
             table = owner._parameters if self.kinds[name] == "parameter" else owner._buffers
             if table.get(attr) is not obj:
                 table[attr] = obj  # type: ignore[assignment]
-            if obj._version != version or not _same_bits(obj, value):
+            if obj._version != version or name in changed:
                 with torch.no_grad():
                     obj.copy_(value)
                 self.saved[name] = (obj, obj._version, value)  # the copy back is no write of the model's
+
+
+_COMPARE_CHUNK_BYTES = 16 << 20  # `_differing` compares this many bytes of state at a time
+
+
+def _differing(pairs: list[tuple[torch.Tensor, torch.Tensor]], names: list[str]) -> list[str]:
+    """The names of the pairs whose tensors differ in any bit (`_same_bits`), in order. Dense CPU
+    tensors are compared a chunk of bytes at a time, each chunk one comparison of their bytes laid end
+    to end (a model's thousands of small tensors cost a few comparisons, not one each); a chunk that
+    differs, and any other tensor, is compared pair by pair."""
+    found: set[int] = set()
+    chunk: list[int] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        if len(chunk) == 1 or (chunk and not torch.equal(*(torch.cat([_bytes(pairs[i][side]) for i in chunk]) for side in (0, 1)))):
+            found.update(i for i in chunk if not _same_bits(*pairs[i]))
+        chunk.clear()
+        size = 0
+
+    for i, (a, b) in enumerate(pairs):
+        if not (_plain(a) and _plain(b) and a.shape == b.shape and a.dtype == b.dtype):
+            if not _same_bits(a, b):
+                found.add(i)
+            continue
+        chunk.append(i)
+        size += a.numel() * a.element_size()
+        if size >= _COMPARE_CHUNK_BYTES:
+            flush()
+    flush()
+    return [names[i] for i in sorted(found)]
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return t.layout == torch.strided and t.device.type == "cpu" and not t.is_quantized and t.numel() > 0
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

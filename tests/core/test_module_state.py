@@ -338,3 +338,38 @@ def test_staged_compile_starts_from_the_models_state():
     for _ in range(2):  # the eager counter starts at the model's 0, not at the calibration runs' count
         torch.testing.assert_close(compiled(x.clone()), reference(x.clone()))
     assert float(model.calls) == 0.0
+
+
+class _ManyTensors(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(40)])
+        self.register_buffer("mask", torch.tensor([True, False, True]))
+        self.register_buffer("halves", torch.randn(3, 4).half())
+        self.register_buffer("steps", torch.tensor(7))
+        self.register_buffer("odd", torch.randn(4, 6).t())  # not contiguous
+        self.register_buffer("nan", torch.tensor([float("nan"), 1.0]))
+        self.register_buffer("empty", torch.zeros(0, 3))
+        self.register_buffer("sparse", torch.eye(3).to_sparse())
+
+
+@pytest.mark.parametrize("chunk_bytes", [16 << 20, 64, 1])  # one comparison, several chunks, one tensor per chunk
+def test_the_snapshot_finds_writes_that_bump_no_version_among_many_tensors(monkeypatch, chunk_bytes: int) -> None:
+    import fxopt.frontend.module_state as module_state
+
+    monkeypatch.setattr(module_state, "_COMPARE_CHUNK_BYTES", chunk_bytes)
+    model = _ManyTensors()
+    snapshot = StateSnapshot(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert snapshot.changed(model) == {}  # NaN equals itself bit for bit
+    model.layers[17].weight.data[3, 2] += 1.0  # through .data: no version bump
+    model.odd.data[1, 1] = 5.0
+    model.mask.data[1] = True
+    model.halves.data.zero_()
+    expected = ["layers.17.weight", "mask", "halves", "odd"]
+    assert snapshot.changed(model) == dict.fromkeys(expected, "changed")
+    snapshot.restore(model)
+    assert snapshot.changed(model) == {}
+    after = model.state_dict()
+    assert all(torch.equal(before[k].to_dense() if before[k].is_sparse else before[k], after[k].to_dense() if after[k].is_sparse else after[k])
+               or k == "nan" for k in before)
