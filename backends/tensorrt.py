@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from fxopt.backends.dla_cost import PlacementTimes, placement_times
 from fxopt.errors import TargetError
+from fxopt.frontend.inputs import submodule
 from fxopt.output.onnx_weights import InitializerValues, serialize, tensor_values
 from fxopt.targets import TargetProfile, get_target
 
@@ -746,7 +747,7 @@ def conv_placement(gm: Any, devices: list[str]) -> dict[str, str]:
     exporter emits one Conv per torch conv, in graph order, so the two sequences pair up ({} otherwise)."""
     from torch import nn
 
-    convs = [n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.modules.conv._ConvNd)]
+    convs = [n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(submodule(gm, str(n.target)), nn.modules.conv._ConvNd)]
     return dict(zip(convs, devices)) if len(convs) == len(devices) else {}
 
 

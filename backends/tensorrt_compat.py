@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fxopt.backends.tensorrt_ops import SupportMatrix, parse_version, support_matrix
 from fxopt.errors import TargetError, TensorRTCompatError
+from fxopt.frontend.inputs import submodule
 from fxopt.output.onnx_weights import InitializerValues
 from fxopt.targets import TargetProfile, get_target
 
@@ -379,7 +380,7 @@ def torch_source_names(graph_module: Any) -> dict[str, str]:
         count = seen.get(attr, 0)
         seen[attr] = count + 1
         scope = attr if count == 0 else f"{attr}_{count}"
-        module = graph_module.get_submodule(path)
+        module = submodule(graph_module, path)
         names.setdefault(scope, f"module '{path}' ({type(module).__name__}, fx node '{node.name}')")
     return names
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxopt.frontend.inputs import submodule
 from fxopt.passinfra.pass_base import FxoptPass, PassResult
 from fxopt.passinfra.registry import register_pass
 
@@ -21,7 +22,7 @@ _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_
 
 
 def _module(gm: GraphModule, node: Node) -> nn.Module | None:
-    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    return submodule(gm, str(node.target)) if node.op == "call_module" else None
 
 
 def _shape(value: object) -> tuple[int, ...] | None:
@@ -136,7 +137,7 @@ def mutates_input(gm: GraphModule, node: Node) -> bool:
             name.endswith("_") and not name.endswith("__")
         )
     if node.op == "call_module":
-        return getattr(gm.get_submodule(str(node.target)), "inplace", False) is True
+        return getattr(submodule(gm, str(node.target)), "inplace", False) is True
     return False
 
 
@@ -166,7 +167,7 @@ def has_dead_code(gm: GraphModule) -> bool:
             parts = node.target.split(".")
             used.update(".".join(parts[: i + 1]) for i in range(len(parts)))
             try:
-                target = gm.get_submodule(node.target) if node.op == "call_module" else getattr(gm, node.target, None)
+                target = submodule(gm, node.target) if node.op == "call_module" else getattr(gm, node.target, None)
             except AttributeError:
                 continue
             if node.op == "get_attr" and isinstance(target, GraphModule):

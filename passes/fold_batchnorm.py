@@ -10,6 +10,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxopt.frontend.copying import copy_module
+from fxopt.frontend.inputs import submodule
 from fxopt.passinfra.pass_base import FxoptPass, PassResult
 from fxopt.passinfra.registry import register_pass
 
@@ -50,13 +51,13 @@ def fold_bn_into(producer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn
 def _foldable(gm: GraphModule, bn_node: Node, calls: dict[str, int]) -> Node | None:
     if bn_node.op != "call_module":
         return None
-    bn = gm.get_submodule(str(bn_node.target))
+    bn = submodule(gm, str(bn_node.target))
     if not isinstance(bn, _BN) or bn.training or not bn.track_running_stats or bn.running_var is None:
         return None
     src = bn_node.args[0] if bn_node.args else None
     if not isinstance(src, Node) or src.op != "call_module" or len(src.users) != 1:
         return None
-    producer = gm.get_submodule(str(src.target))
+    producer = submodule(gm, str(src.target))
     if not isinstance(producer, _PRODUCERS) or calls[str(src.target)] != 1:
         return None  # a module called twice (tied weights) would change at its other call too
     if isinstance(producer, nn.modules.conv._ConvTransposeNd) and producer.groups != 1:
@@ -97,8 +98,8 @@ class FoldBatchNorm(FxoptPass):
             src = _foldable(graph_module, bn_node, calls)
             if src is None:
                 continue
-            bn = graph_module.get_submodule(str(bn_node.target))
-            producer = graph_module.get_submodule(str(src.target))
+            bn = submodule(graph_module, str(bn_node.target))
+            producer = submodule(graph_module, str(src.target))
             _set_submodule(graph_module, str(src.target), fold_bn_into(producer, bn))
             bn_node.replace_all_uses_with(src)
             graph_module.graph.erase_node(bn_node)

@@ -26,6 +26,7 @@ from fxopt.costs.engine_cost import (
 )
 from fxopt.costs.leaf_cost import measure_module, measure_on_values
 from fxopt.errors import InputError
+from fxopt.frontend.inputs import submodule
 from fxopt.targets import BYTES_PER_ELEMENT, TargetProfile, get_target
 
 __all__ = ["NodeCost", "CostSummary", "estimate_costs", "node_op_counts", "tensor_numels"]
@@ -235,7 +236,7 @@ def _module_counts(mod: nn.Module, node: Node, out_numel: int, in_numel: int) ->
 
 def _measured(gm: nn.Module, node: Node) -> _Count:
     # a module with no formula (an opaque leaf, an unknown layer) is run under a FLOP counter
-    measured = measure_module(gm.get_submodule(str(node.target)), node)
+    measured = measure_module(submodule(gm, str(node.target)), node)
     if isinstance(measured, str):
         return _Count("unknown", 0, uncosted=measured)
     return _Count("leaf", measured.flops, measured.matmul_flops)
@@ -331,7 +332,7 @@ def _count(gm: nn.Module, node: Node) -> tuple[_Count, int]:
             target = getattr(target, atom, None)
         return _Count("view", 0), target.numel() if isinstance(target, torch.Tensor) else 0
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
+        mod = submodule(gm, str(node.target))
         params = sum(p.numel() for p in mod.parameters())
         counted = _module_counts(mod, node, out_numel, _input_numel(node))
         return (counted if counted is not None else _measured(gm, node)), params

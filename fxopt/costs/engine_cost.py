@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxopt.frontend.inputs import submodule
 from fxopt.targets import TargetProfile
 
 __all__ = ["Kernel", "NodeFacts", "dla_kernel_latency_s", "engine_kernels", "kernel_latency_s", "roofline_s", "tensor_metas"]
@@ -163,7 +164,7 @@ def _module(gm: GraphModule, node: Node) -> nn.Module | None:
         return None
     cache = _LOOKUPS.get()
     if cache is None:
-        return gm.get_submodule(str(node.target))
+        return submodule(gm, str(node.target))
     modules = cache.get(("modules", id(gm)))
     if modules is None:
         modules = cache[("modules", id(gm))] = dict(gm.named_modules(remove_duplicate=False))

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import InputError, TraceError
 from fxopt.frontend.copying import copy_module
-from fxopt.frontend.inputs import copy_inputs, leaf_module_paths
+from fxopt.frontend.inputs import copy_inputs, leaf_module_paths, submodule
 from fxopt.frontend.module_state import (
     StateSnapshot,
     check_state_writes,
@@ -249,7 +249,7 @@ class _LeafTracer(Tracer):
         if kind == "call_method":
             return getattr(args[0], target)(*args[1:], **kwargs)
         if kind == "call_module":
-            return self.root.get_submodule(target)(*args, **kwargs)
+            return submodule(self.root, target)(*args, **kwargs)
         if kind == "get_attr":
             return functools.reduce(getattr, target.split("."), self.root)
         return _UNKNOWN
@@ -264,7 +264,7 @@ class _LeafTracer(Tracer):
 
     def _shape_depends_on_values(self, kind: str, target: Any, inputs: list[Node], args: Any) -> bool:
         if kind == "call_module":
-            return type(self.root.get_submodule(target)).__module__.split(".")[0] != "torch"
+            return type(submodule(self.root, target)).__module__.split(".")[0] != "torch"
         if any(n in self._value_shaped for n in inputs) or _op_name(target) in _VALUE_SHAPED_OPS:
             return True
         if _op_name(target) == "where" and len(args) == 1:

@@ -10,6 +10,7 @@ from typing import Any
 from torch.fx import GraphModule
 
 from fxopt.costs.cost_model import CostSummary, NodeCost, estimate_costs
+from fxopt.frontend.inputs import submodule
 from fxopt.frontend.tracing import Leaf
 from fxopt.passinfra.pass_manager import PassRecord
 
@@ -43,7 +44,7 @@ def layer_rows(gm: GraphModule, cost: CostSummary, placement: dict[str, str] | N
         if c is None or c.kind == "view":
             continue
         if node.op == "call_module":
-            op = type(gm.get_submodule(str(node.target))).__name__
+            op = type(submodule(gm, str(node.target))).__name__
         else:
             op = getattr(node.target, "__name__", str(node.target))
         rows.append(LayerRow(
@@ -293,7 +294,7 @@ def precision_layers(
         cost = fp.per_node.get(node.name)
         if cost is None or cost.kind == "view":
             continue
-        op = type(gm.get_submodule(str(node.target))).__name__ if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
+        op = type(submodule(gm, str(node.target))).__name__ if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
         rows.append(PrecisionLayer(node.name, op, cost, i8.per_node[node.name], precisions.get(node.name, higher), reasons.get(node.name, "")))
     return rows
 

@@ -191,3 +191,18 @@ def test_a_class_with_its_own_state_methods_is_copied_through_them_like_deepcopy
     assert ours[1].padding_mode == theirs[1].padding_mode == "zeros"
     assert ours[2].width == 5 and ours[2] is not model[2]
     assert ours[0].lin.weight is not model[0].lin.weight and torch.equal(ours[0].lin.weight, model[0].lin.weight)
+
+
+def test_submodule_reads_the_children_tables_and_falls_back_to_get_submodule() -> None:
+    import pytest
+
+    from fxopt.frontend.inputs import submodule
+
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.ReLU()))
+    model.extra = torch.nn.Linear(1, 1)
+    for path, module in model.named_modules():
+        assert submodule(model, path) is module is model.get_submodule(path)
+    with pytest.raises(AttributeError):
+        submodule(model, "0.9")
+    with pytest.raises(AttributeError):
+        submodule(model, "0.0.weight")  # a parameter, not a module: get_submodule's error
