@@ -163,7 +163,8 @@ def export_onnx(
     input_names = [f"input_{i}" for i in range(len(example_inputs))] if len(example_inputs) > 1 else ["input"]
     output_names = _output_names(outputs)
 
-    lean = keep_weights_out if keep_weights_out is not None else state_bytes(module) >= LEAN_MIN_BYTES
+    large = state_bytes(module) >= LEAN_MIN_BYTES
+    lean = keep_weights_out if keep_weights_out is not None else large
     weights: dict[str, torch.Tensor] = {}
     left_out = [False]  # whether the last export left its weights out
 
@@ -215,7 +216,7 @@ def export_onnx(
                 model = _cleanup(model, tensorrt_version, rewrites)
             except Exception as exc:
                 raise ExportError(f"ONNX clean-up (onnx-graphsurgeon) failed: {type(exc).__name__}: {exc}") from exc
-            if lean:  # onnx-graphsurgeon's graph holds a copy of every weight in reference cycles: free it before verification
+            if lean or large:  # onnx-graphsurgeon's graph holds a copy of every weight in reference cycles: free it before verification
                 collect_young()
     written = opset_of(model)
     if written > opset:

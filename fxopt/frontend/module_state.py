@@ -174,10 +174,11 @@ _COMPARE_CHUNK_BYTES = 16 << 20  # `_differing` compares this many bytes of stat
 
 
 def _differing(pairs: list[tuple[torch.Tensor, torch.Tensor]], names: list[str]) -> list[str]:
-    """The names of the pairs whose tensors differ in any bit (`_same_bits`), in order. Dense CPU
-    tensors are compared a chunk of bytes at a time, each chunk one comparison of their bytes laid end
-    to end (a model's thousands of small tensors cost a few comparisons, not one each); a chunk that
-    differs, and any other tensor, is compared pair by pair."""
+    """The names of the pairs whose tensors differ in any bit (`_same_bits`), in order. Small dense CPU
+    tensors are compared a chunk of at most `_COMPARE_CHUNK_BYTES` at a time, each chunk one comparison
+    of their bytes laid end to end (a model's thousands of small tensors cost a few comparisons, not one
+    each; the copies take two chunks of memory at most); a chunk that differs, and every other tensor
+    (a quarter of a chunk or more: compared in place), is compared pair by pair."""
     found: set[int] = set()
     chunk: list[int] = []
     size = 0
@@ -190,14 +191,15 @@ def _differing(pairs: list[tuple[torch.Tensor, torch.Tensor]], names: list[str])
         size = 0
 
     for i, (a, b) in enumerate(pairs):
-        if not (_plain(a) and _plain(b) and a.shape == b.shape and a.dtype == b.dtype):
-            if not _same_bits(a, b):
+        nbytes = a.numel() * a.element_size()
+        if nbytes * 4 > _COMPARE_CHUNK_BYTES or not (_plain(a) and _plain(b) and a.shape == b.shape and a.dtype == b.dtype):
+            if not _same_bits(a, b):  # a large tensor alone, in place: no copy of it (nor memory beside the model's)
                 found.add(i)
             continue
-        chunk.append(i)
-        size += a.numel() * a.element_size()
-        if size >= _COMPARE_CHUNK_BYTES:
+        if size + nbytes > _COMPARE_CHUNK_BYTES:
             flush()
+        chunk.append(i)
+        size += nbytes
     flush()
     return [names[i] for i in sorted(found)]
 

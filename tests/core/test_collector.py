@@ -143,3 +143,16 @@ def _recording(fn, probe):
         return fn(*args, **kwargs)
 
     return wrapped
+
+
+def test_an_export_frees_the_clean_ups_cycles_at_once_only_for_a_large_model(monkeypatch) -> None:
+    import fxopt.backends.onnx as onnx_backend
+
+    calls: list[int] = []
+    monkeypatch.setattr(onnx_backend, "collect_young", lambda: calls.append(1))
+    model, x = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), torch.randn(2, 4)
+    for threshold, keep_out, expected in ((1 << 40, False, []), (0, False, [1]), (1 << 40, True, [1])):
+        monkeypatch.setattr(onnx_backend, "LEAN_MIN_BYTES", threshold)
+        calls.clear()
+        onnx_backend.export_onnx(model.eval(), (x,), keep_weights_out=keep_out)
+        assert calls == expected, (threshold, keep_out)

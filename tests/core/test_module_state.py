@@ -353,11 +353,14 @@ class _ManyTensors(nn.Module):
         self.register_buffer("sparse", torch.eye(3).to_sparse())
 
 
-@pytest.mark.parametrize("chunk_bytes", [16 << 20, 64, 1])  # one comparison, several chunks, one tensor per chunk
+@pytest.mark.parametrize("chunk_bytes", [16 << 20, 4096, 64, 1])  # one comparison, several chunks, (almost) one tensor per chunk
 def test_the_snapshot_finds_writes_that_bump_no_version_among_many_tensors(monkeypatch, chunk_bytes: int) -> None:
     import fxopt.frontend.module_state as module_state
 
     monkeypatch.setattr(module_state, "_COMPARE_CHUNK_BYTES", chunk_bytes)
+    joined: list[int] = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda ts, *a, **k: (joined.append(sum(t.numel() * t.element_size() for t in ts)), real_cat(ts, *a, **k))[1])
     model = _ManyTensors()
     snapshot = StateSnapshot(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -370,6 +373,8 @@ def test_the_snapshot_finds_writes_that_bump_no_version_among_many_tensors(monke
     assert snapshot.changed(model) == dict.fromkeys(expected, "changed")
     snapshot.restore(model)
     assert snapshot.changed(model) == {}
+    assert max(joined, default=0) <= chunk_bytes  # no copy beyond a chunk: a large tensor is compared in place
+    assert (len(joined) > 0) == (chunk_bytes > 1)  # small tensors share a comparison wherever two fit in a chunk
     after = model.state_dict()
     assert all(torch.equal(before[k].to_dense() if before[k].is_sparse else before[k], after[k].to_dense() if after[k].is_sparse else after[k])
                or k == "nan" for k in before)
