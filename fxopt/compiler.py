@@ -343,7 +343,7 @@ def compile(  # noqa: A001 - the public name the design asks for
     """
     start = time.perf_counter()
     large = isinstance(model, nn.Module) and state_bytes(model) >= collector.COLLECT_FIRST_MIN_BYTES
-    with collector.young_objects_only(collect_first=large):  # collections walk the compile's own objects, not the user's model and torch's
+    with collector.young_objects_only(collect_first=True if large else None):  # collections walk the compile's own objects, not the user's model and torch's
         request = _request(model, target, example_inputs, passes=passes, precision=precision, strict=strict, export=export,
                            progress=progress, leaf_modules=leaf_modules, save_to=save_to, safety=safety, stages=stages,
                            tuning=_Tuning(train_data, loss, finetune_steps, finetune_lr, finetune_seed, qat_steps, distill, recipe, eval_fn,

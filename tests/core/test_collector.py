@@ -119,22 +119,31 @@ def test_a_short_block_may_skip_the_first_full_collection() -> None:
     assert ref() is None
 
 
-def test_a_compile_collects_older_garbage_first_only_for_a_large_model(monkeypatch) -> None:
+def test_a_compile_collects_older_garbage_first_unless_a_collection_ran_since_the_last_and_the_model_is_small(monkeypatch) -> None:
     from fxopt.passinfra import collector
 
     model, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
     seen: list[bool] = []
     ref: list[weakref.ref] = []
     monkeypatch.setattr(fxopt.compiler, "_trace", _recording(fxopt.compiler._trace, lambda: seen.append(ref[0]() is None)))
-    for threshold, freed in ((1 << 40, False), (0, True)):  # the Linear's 80 bytes: small, then large
+
+    def compile_beside_garbage(threshold: int, collect_before: bool) -> bool:
         monkeypatch.setattr(collector, "COLLECT_FIRST_MIN_BYTES", threshold)
+        if collect_before:
+            gc.collect()  # a full collection since the last compile: an earlier compile's garbage is gone
         made = _Node()
         ref[:], seen[:] = [weakref.ref(made)], []
         del made
         fxopt.compile(model, "cpu", example_inputs=(x,), export=False)
-        assert seen == [freed]
-        gc.collect()
-        assert ref[0]() is None  # a small model's compile leaves it to the next full collection
+        return seen[0]
+
+    small, large = 1 << 40, 0  # the Linear's 80 bytes against the threshold
+    assert compile_beside_garbage(small, collect_before=True) is False  # left to the next full collection
+    gc.collect()
+    assert ref[0]() is None
+    fxopt.compile(model, "cpu", example_inputs=(x,), export=False)  # no collection after it
+    assert compile_beside_garbage(small, collect_before=False) is True  # compiles in a loop: the last one's garbage is freed
+    assert compile_beside_garbage(large, collect_before=True) is True  # a large model: its memory matters, always
 
 
 def _recording(fn, probe):
