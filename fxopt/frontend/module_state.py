@@ -170,7 +170,8 @@ class StateSnapshot:
                 self.saved[name] = (obj, obj._version, value)  # the copy back is no write of the model's
 
 
-_COMPARE_CHUNK_BYTES = 16 << 20  # `_differing` compares this many bytes of state at a time
+_COMPARE_CHUNK_BYTES = 16 << 20  # `_differing` compares this many bytes of small tensors at a time
+_JOIN_MAX_BYTES = 64 << 10  # a tensor this small is joined to others for one comparison: one call costs more than copying it
 
 
 def _differing(pairs: list[tuple[torch.Tensor, torch.Tensor]], names: list[str]) -> list[str]:
@@ -178,7 +179,8 @@ def _differing(pairs: list[tuple[torch.Tensor, torch.Tensor]], names: list[str])
     tensors are compared a chunk of at most `_COMPARE_CHUNK_BYTES` at a time, each chunk one comparison
     of their bytes laid end to end (a model's thousands of small tensors cost a few comparisons, not one
     each; the copies take two chunks of memory at most); a chunk that differs, and every other tensor
-    (a quarter of a chunk or more: compared in place), is compared pair by pair."""
+    (above 64 KiB, or a quarter of a chunk: compared in place, as copying it would cost more than the
+    call it saves), is compared pair by pair."""
     found: set[int] = set()
     chunk: list[int] = []
     size = 0
@@ -192,8 +194,8 @@ def _differing(pairs: list[tuple[torch.Tensor, torch.Tensor]], names: list[str])
 
     for i, (a, b) in enumerate(pairs):
         nbytes = a.numel() * a.element_size()
-        if nbytes * 4 > _COMPARE_CHUNK_BYTES or not (_plain(a) and _plain(b) and a.shape == b.shape and a.dtype == b.dtype):
-            if not _same_bits(a, b):  # a large tensor alone, in place: no copy of it (nor memory beside the model's)
+        if nbytes > min(_JOIN_MAX_BYTES, _COMPARE_CHUNK_BYTES // 4) or not (_plain(a) and _plain(b) and a.shape == b.shape and a.dtype == b.dtype):
+            if not _same_bits(a, b):  # a larger tensor alone, in place: no copy of it (nor memory beside the model's)
                 found.add(i)
             continue
         if size + nbytes > _COMPARE_CHUNK_BYTES:
