@@ -150,14 +150,17 @@ class StateSnapshot:
             elif obj._version != version:
                 how[name] = "written in place"
         unwritten = [name for name in self.saved if name not in how]  # a write through .data bumps no version: its bits tell
-        how.update((name, "changed") for name in _differing([(self.saved[n][0], self.saved[n][2]) for n in unwritten], unwritten))
+        how.update((name, "changed") for name in self._other_bits(unwritten))
         return {name: how[name] for name in self.saved if name in how}
+
+    def _other_bits(self, names: list[str]) -> list[str]:
+        """Those of `names` whose tensor's bits differ from the saved value's (`_differing`)."""
+        return _differing([(self.saved[n][0], self.saved[n][2]) for n in names], names)
 
     def restore(self, module: nn.Module) -> None:
         """Put every saved tensor back in its place, with its saved value."""
         owners = dict(module.named_modules(remove_duplicate=False))  # one walk of the tree, not one per tensor
-        unwritten = [name for name, (obj, version, _) in self.saved.items() if obj._version == version]
-        changed = set(_differing([(self.saved[n][0], self.saved[n][2]) for n in unwritten], unwritten))
+        changed = set(self._other_bits([name for name, (obj, version, _) in self.saved.items() if obj._version == version]))
         for name, (obj, version, value) in self.saved.items():
             owner_path, _, attr = name.rpartition(".")
             owner = owners[owner_path] if owner_path in owners else module.get_submodule(owner_path)
@@ -222,7 +225,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         return True
     if a.is_quantized:  # no byte view (it crashes); its integer values and parameters compare exactly
         return torch.equal(a, b)
-    return torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    return torch.equal(_bytes(a), _bytes(b))
 
 
 @contextlib.contextmanager

@@ -195,7 +195,7 @@ class _LeafTracer(Tracer):
             elif node not in self._values:
                 if node.op != "get_attr":  # pragma: no cover - every other node is made through create_proxy
                     return _UNKNOWN
-                self._values[node] = value = functools.reduce(getattr, str(node.target).split("."), self.root)  # a tensor constant
+                self._values[node] = value = self._run("get_attr", str(node.target), (), {})  # a tensor constant
                 _record_meta(node, value)
         if output is None:  # pragma: no cover - a traced graph always ends in its output
             return _UNKNOWN
